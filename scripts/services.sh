@@ -42,12 +42,13 @@ TANSU_LOCK=$CACHE_DIR/tansu.lock
 SERVICES_LOCK=$CACHE_DIR/services.lock
 APT_LOG=$CACHE_DIR/apt.log
 ENV_FILE=$CACHE_DIR/services.env
-TANSU_INSTALL_CMD=(cargo install tansu --locked --features "dynostore,postgres,libsql" --root "$TANSU_ROOT")
+TANSU_INSTALL_CMD=(cargo install tansu --version 0.6.0 --locked --features "dynostore,postgres,libsql" --root "$TANSU_ROOT")
 
 # File descriptors 8 (services.lock) and 9 (tansu.lock) hold flock locks. Every
 # command that may leave a daemon behind (apt-get, pg_ctlcluster, redis-server,
-# tansu, cargo) is run with `8>&- 9>&-`, otherwise the daemon would inherit the
-# descriptor and hold the lock forever.
+# cargo, tansu) is run without inherited descriptors beyond 0-2 (run_clean),
+# otherwise the daemon would hold our locks, or a caller's pipe (`$(...)`,
+# `| tee`, make's jobserver), forever.
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
@@ -77,6 +78,27 @@ show_tail() {
 }
 
 have() { command -v "$1" >/dev/null 2>&1; }
+
+# close_extra_fds: close every descriptor above 2 (our locks, a caller's pipes).
+# Only for a subshell that is about to exec a command.
+close_extra_fds() {
+    local fd
+    for fd in /proc/"$BASHPID"/fd/*; do
+        fd=${fd##*/}
+        if [[ $fd =~ ^[0-9]+$ ]] && ((fd > 2)); then
+            eval "exec $fd>&-"
+        fi
+    done
+    exec 8>&- 9>&- # in case /proc is not mounted
+}
+
+# run_clean CMD...: run CMD with only descriptors 0-2 (see close_extra_fds).
+run_clean() {
+    (
+        close_extra_fds
+        exec "$@"
+    )
+}
 
 # tcp_open HOST PORT: does something accept TCP connections there?
 tcp_open() {
@@ -142,14 +164,14 @@ apt_install() {
     local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -q)
     if ((!APT_UPDATED)); then
         log "running apt-get update (log: $APT_LOG)"
-        if ! "${apt[@]}" update </dev/null >>"$APT_LOG" 2>&1 8>&- 9>&-; then
+        if ! run_clean "${apt[@]}" update </dev/null >>"$APT_LOG" 2>&1; then
             show_tail "$APT_LOG"
             fail "apt-get update failed" "see $APT_LOG; check network access and /etc/apt/sources.list*"
         fi
         APT_UPDATED=1
     fi
     log "installing $* with apt-get (log: $APT_LOG)"
-    if ! "${apt[@]}" install -y "$@" </dev/null >>"$APT_LOG" 2>&1 8>&- 9>&-; then
+    if ! run_clean "${apt[@]}" install -y "$@" </dev/null >>"$APT_LOG" 2>&1; then
         show_tail "$APT_LOG"
         fail "apt-get install -y $* failed" "see $APT_LOG; fix the cause and re-run"
     fi
@@ -225,7 +247,7 @@ pg_cluster_log() {
 
 pg_ctl_cluster() { # ACTION
     local out=$CACHE_DIR/pg_ctlcluster.log
-    if ! pg_ctlcluster --skip-systemctl-redirect "$PG_VER" main "$1" </dev/null >"$out" 2>&1 8>&- 9>&-; then
+    if ! run_clean pg_ctlcluster --skip-systemctl-redirect "$PG_VER" main "$1" </dev/null >"$out" 2>&1; then
         show_tail "$out" 20
         show_tail "$(pg_cluster_log)"
         fail "'pg_ctlcluster --skip-systemctl-redirect $PG_VER main $1' failed" \
@@ -285,7 +307,7 @@ setup_postgres() {
                     "reinstall it: apt-get install --reinstall postgresql"
             fi
             log "postgres: creating cluster $ver/main on port $PG_PORT"
-            if ! pg_createcluster --port "$PG_PORT" "$ver" main </dev/null >>"$APT_LOG" 2>&1 8>&- 9>&-; then
+            if ! run_clean pg_createcluster --port "$PG_PORT" "$ver" main </dev/null >>"$APT_LOG" 2>&1; then
                 show_tail "$APT_LOG"
                 fail "pg_createcluster --port $PG_PORT $ver main failed" "see the output above"
             fi
@@ -370,9 +392,9 @@ start_redis() {
         logfile=$CACHE_DIR/redis.log
     fi
     log "redis: starting redis-server on 127.0.0.1:$REDIS_PORT (log: $logfile)"
-    if ! redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
+    if ! run_clean redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
         --save "" --appendonly no --dir "$dir" --logfile "$logfile" \
-        </dev/null >"$out" 2>&1 8>&- 9>&-; then
+        </dev/null >"$out" 2>&1; then
         if [[ -s $out ]]; then
             show_tail "$out"
         fi
@@ -521,7 +543,7 @@ ensure_tansu_built() {
     log "tansu: not installed; building it now with: ${TANSU_INSTALL_CMD[*]}"
     log "tansu: this takes ~10 minutes; progress goes to $TANSU_BUILD_LOG"
     local started=$SECONDS
-    if ! "${TANSU_INSTALL_CMD[@]}" </dev/null >"$TANSU_BUILD_LOG" 2>&1 8>&- 9>&-; then
+    if ! run_clean "${TANSU_INSTALL_CMD[@]}" </dev/null >"$TANSU_BUILD_LOG" 2>&1; then
         show_tail "$TANSU_BUILD_LOG"
         fail "building tansu failed: ${TANSU_INSTALL_CMD[*]}" \
             "see $TANSU_BUILD_LOG (missing system packages such as a C compiler, pkg-config or" \
@@ -538,15 +560,17 @@ start_tansu() {
     local url=tcp://127.0.0.1:$KAFKA_PORT pid
     log "tansu: starting broker on 127.0.0.1:$KAFKA_PORT (log: $TANSU_LOG, pid file: $TANSU_PID_FILE)"
     printf '===== %s: services.sh starts tansu broker on %s =====\n' "$(date '+%F %T')" "$url" >>"$TANSU_LOG"
-    # setsid + nohup: own session, survives this script and make; all fds redirected
-    # so nobody waits on our stdout/stderr. Run from the cache dir: tansu reads ./.env.
+    # setsid + nohup: own session, survives this script and make; no inherited fds
+    # beyond 0-2 (redirected), so nobody waits on it. The subshell execs, so $! is
+    # tansu's pid. Run from the cache dir because tansu loads ./.env if present.
     (
         cd "$CACHE_DIR"
+        close_extra_fds
         exec setsid nohup "$TANSU_BIN" broker \
             --listener-url "$url" \
             --advertised-listener-url "$url" \
             --storage-engine memory://tansu/ \
-            </dev/null >>"$TANSU_LOG" 2>&1 8>&- 9>&-
+            </dev/null >>"$TANSU_LOG" 2>&1
     ) &
     pid=$!
     printf '%s\n' "$pid" >"$TANSU_PID_FILE"

@@ -8,7 +8,7 @@ use sluice_proto::declarative::{self, Format};
 
 /// Sluice's command line: check declarative files and inspect the config format.
 #[derive(Debug, Parser)]
-#[command(name = "sluicectl", version, about, long_about = None)]
+#[command(name = "sluicectl", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,34 @@
+# Sluice: the two commands of the quickstart, and the rest of the project's checks.
+#   make test      everything the project checks (services are started first)
+#   make services  Postgres, Redis and a Kafka-protocol broker on loopback, for the tests
+#   make lint      formatting and clippy only
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+
+.PHONY: test services lint fmt build check-schema
+
+test: services lint build
+	@# The service URLs come from scripts/services.sh (exported lines it prints).
+	eval "$$(bash scripts/services.sh)"; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --all-targets --locked --no-fail-fast; \
+	  $(CARGO) test --workspace --doc --locked; \
+	else \
+	  $(CARGO) test --workspace --locked --no-fail-fast; \
+	fi
+
+services:
+	bash scripts/services.sh
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+build:
+	@# The end-to-end tests start the real binaries; build them before the tests run.
+	$(CARGO) build --workspace --bins --locked
+
+fmt:
+	$(CARGO) fmt --all
