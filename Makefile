@@ -10,8 +10,9 @@ CARGO ?= cargo
 .PHONY: test services lint fmt build check-schema
 
 test: services lint build
-	@# The service URLs come from scripts/services.sh (exported lines it prints).
-	eval "$$(bash scripts/services.sh)"; \
+	@# The service URLs come from scripts/services.sh (the export lines it prints); the
+	@# assignment, unlike a bare eval "$$(...)", fails the recipe when the script fails.
+	service_env=$$(bash scripts/services.sh); eval "$$service_env"; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --all-targets --locked --no-fail-fast; \
 	  $(CARGO) test --workspace --doc --locked; \

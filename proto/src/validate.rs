@@ -328,7 +328,7 @@ struct Checker<'a> {
 impl<'a> Checker<'a> {
     fn new(config: &'a ConfigSet, locate: &'a dyn Locate) -> Self {
         let mut by_id = HashMap::new();
-        for_each_meta(config, |kind, meta| {
+        for_each_meta(config, |kind, _, meta| {
             by_id
                 .entry(meta.id.as_str())
                 .or_insert((kind, meta.group.as_str()));
@@ -390,14 +390,11 @@ impl<'a> Checker<'a> {
     /// Every resource has a well-formed, unique id and a name unique in its kind and group.
     fn check_identities(&mut self, config: &'a ConfigSet) {
         let mut metas = Vec::new();
-        for_each_meta(config, |kind, meta| metas.push((kind, meta)));
+        for_each_meta(config, |kind, i, meta| metas.push((kind, i, meta)));
         let mut ids: HashMap<&str, String> = HashMap::new();
         let mut names: HashMap<(ResourceKind, &str, &str), String> = HashMap::new();
-        let mut position: HashMap<ResourceKind, usize> = HashMap::new();
-        for (kind, meta) in metas {
-            let i = position.entry(kind).or_default();
-            let base = self.locate.locate(kind, *i);
-            *i += 1;
+        for (kind, i, meta) in metas {
+            let base = self.locate.locate(kind, i);
             self.current = Some(resource_ref(kind, &meta.id));
             self.check(|| format!("{base}.group"), check_name(&meta.group));
             let mut name_clash = false;
@@ -1074,12 +1071,18 @@ impl<'a> Checker<'a> {
     }
 }
 
-/// Calls `f` with the kind and meta of every resource that has a meta, in list order.
-pub fn for_each_meta<'a>(config: &'a ConfigSet, mut f: impl FnMut(ResourceKind, &'a pb::Meta)) {
+/// Calls `f` with the kind, list position and meta of every resource that has a meta, in
+/// list order.
+pub fn for_each_meta<'a>(
+    config: &'a ConfigSet,
+    mut f: impl FnMut(ResourceKind, usize, &'a pb::Meta),
+) {
     macro_rules! each {
         ($list:ident, $kind:expr) => {
-            for meta in config.$list.iter().filter_map(|r| r.meta.as_ref()) {
-                f($kind, meta);
+            for (i, resource) in config.$list.iter().enumerate() {
+                if let Some(meta) = resource.meta.as_ref() {
+                    f($kind, i, meta);
+                }
             }
         };
     }

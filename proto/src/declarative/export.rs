@@ -13,7 +13,7 @@ use crate::pb::{self, ConfigSet};
 pub fn export(config: &ConfigSet) -> doc::Document {
     let names: HashMap<&str, &str> = {
         let mut names = HashMap::new();
-        crate::validate::for_each_meta(config, |_, meta| {
+        crate::validate::for_each_meta(config, |_, _, meta| {
             names.insert(meta.id.as_str(), meta.name.as_str());
         });
         names

@@ -376,3 +376,15 @@ fn the_published_schema_is_current() {
          cargo run -q --bin sluicectl -- schema > docs/declarative.schema.json"
     );
 }
+
+#[test]
+fn a_resource_without_meta_does_not_shift_the_paths_of_the_others() {
+    let mut config = load(EXAMPLE, Format::Yaml).unwrap();
+    config.brokers[0].meta = None;
+    if let Some(meta) = config.brokers[1].meta.as_mut() {
+        meta.name = "Not Valid".into();
+    }
+    let errors = crate::validate::config_set(&config).unwrap_err();
+    assert!(paths(&errors).contains(&"brokers[0]"), "{errors}");
+    assert!(paths(&errors).contains(&"brokers[1].name"), "{errors}");
+}
