@@ -14,8 +14,8 @@ test: services lint build
 	@# assignment, unlike a bare eval "$$(...)", fails the recipe when the script fails.
 	service_env=$$(bash scripts/services.sh); eval "$$service_env"; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run --workspace --all-targets --locked --no-fail-fast; \
 	  $(CARGO) test --workspace --doc --locked; \
+	  $(CARGO) nextest run --workspace --all-targets --locked --no-fail-fast; \
 	else \
 	  $(CARGO) test --workspace --locked --no-fail-fast; \
 	fi

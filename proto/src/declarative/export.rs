@@ -3,7 +3,6 @@
 //! left out.
 
 use std::collections::HashMap;
-use std::time::SystemTime;
 
 use super::model as doc;
 use super::normalize::{DEFAULT_GROUP, format_ms};
@@ -162,8 +161,9 @@ fn duration_s(s: u64) -> Option<String> {
 }
 
 fn format_time(ts: &prost_types::Timestamp) -> Option<String> {
-    let time = SystemTime::try_from(*ts).ok()?;
-    Some(humantime::format_rfc3339_nanos(time).to_string())
+    let nanos = u32::try_from(ts.nanos).ok()?;
+    let time = chrono::DateTime::from_timestamp(ts.seconds, nanos)?;
+    Some(time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
 }
 
 fn export_route(

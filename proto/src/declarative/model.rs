@@ -301,7 +301,8 @@ pub struct Target {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadBalancing {
-    /// Default: `round_robin` (weighted).
+    /// `round_robin` (weighted, the default), `least_request` or `consistent_hash`.
+    #[serde(default)]
     pub algorithm: LbAlgorithm,
     /// For `consistent_hash`: hash on this header...
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -47,6 +47,8 @@ fn the_annotated_example_loads() {
     );
     assert_eq!(sub.api_id, config.apis[0].meta.as_ref().unwrap().id);
     assert_eq!(sub.plan_id, config.plans[0].meta.as_ref().unwrap().id);
+    // Times keep their instant whatever offset they were written with.
+    assert_eq!(sub.expires_at.as_ref().unwrap().seconds, 1_893_456_000);
     // Durations are milliseconds in the contract.
     assert_eq!(
         config.upstreams[0].timeouts.as_ref().unwrap().total_ms,
