@@ -80,25 +80,16 @@ impl TestTopic {
 impl Drop for TestTopic {
     fn drop(&mut self) {
         let (bootstrap, name) = (self.bootstrap.clone(), self.name.clone());
-        let deleted = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let admin = admin(&bootstrap)?;
-                let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
-                tokio::time::timeout(
-                    Duration::from_secs(10),
-                    admin.delete_topics(&[&name], &options),
-                )
-                .await??;
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        if let Ok(Err(e)) = deleted {
-            eprintln!("warning: could not delete topic {}: {e:#}", self.name);
-        }
+        crate::clean_up(format!("topic {name}"), move || async move {
+            let admin = admin(&bootstrap)?;
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                admin.delete_topics(&[&name], &options),
+            )
+            .await??;
+            Ok(())
+        });
     }
 }
 

@@ -50,3 +50,24 @@ pub fn unique_name(prefix: &str) -> String {
     let random = uuid::Uuid::new_v4().simple().to_string();
     format!("{prefix}_{}_{n}_{}", std::process::id(), &random[..8])
 }
+
+/// Runs a test resource's async clean-up from its `Drop`. Drop cannot be async and the test's
+/// runtime may already be shutting down, so the clean-up gets a thread and a runtime of its
+/// own. A failure is reported on stderr: it must not mask the test's own result.
+pub(crate) fn clean_up<F>(what: String, make: impl FnOnce() -> F + Send + 'static)
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let done = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(make())
+    })
+    .join();
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("warning: could not clean up {what}: {e:#}"),
+        Err(_) => eprintln!("warning: clean-up of {what} panicked"),
+    }
+}
