@@ -5,3 +5,4 @@
 //! (registry → proto), `discovery` (the stream to data planes) and `api` (REST and gRPC).
 
 pub mod db;
+pub mod import;

@@ -1,0 +1,3 @@
+//! Turning other API descriptions into Sluice declarative documents.
+
+pub mod openapi;

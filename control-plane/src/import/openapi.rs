@@ -1,0 +1,1 @@
+//! OpenAPI 3 import (being written).
