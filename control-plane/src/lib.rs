@@ -6,3 +6,5 @@
 
 pub mod db;
 pub mod import;
+pub mod registry;
+pub mod versions;

@@ -11,6 +11,7 @@
 pub mod declarative;
 pub mod error;
 pub mod hash;
+pub mod resource;
 pub mod validate;
 
 pub use error::{ConfigErrors, FieldError};

@@ -516,3 +516,34 @@ fn export_policy(p: &pb::Policy) -> doc::Policy {
     }
     out
 }
+
+/// One resource in the document's vocabulary, as JSON: what diffs and the REST API show.
+/// References appear as the ids they hold (no other resource is at hand to name them); a
+/// credential carries its `consumer` id.
+pub fn export_resource(resource: &pb::Resource) -> serde_json::Value {
+    use pb::resource::Kind;
+    let to_value = |v: Result<serde_json::Value, serde_json::Error>| v.unwrap_or_default();
+    if let Some(Kind::Credential(credential)) = &resource.kind {
+        let mut value = to_value(serde_json::to_value(export_credential(credential)));
+        if let serde_json::Value::Object(map) = &mut value {
+            map.insert("consumer".into(), credential.consumer_id.clone().into());
+            let group = credential
+                .meta
+                .as_ref()
+                .map(|m| m.group.clone())
+                .unwrap_or_default();
+            if let Some(group) = group_of(&group) {
+                map.insert("group".into(), group.into());
+            }
+        }
+        return value;
+    }
+    let set: ConfigSet = std::iter::once(resource.clone()).collect();
+    let list = crate::validate::list_name(resource.kind());
+    let document = to_value(serde_json::to_value(export(&set)));
+    document
+        .get(list)
+        .and_then(|items| items.get(0))
+        .cloned()
+        .unwrap_or_default()
+}

@@ -1,0 +1,409 @@
+//! The registry against real Postgres: concurrency, versions, rollback, diff, constraints.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sluice_control_plane::registry::{Plan, Registry, RegistryError, StateHash, Write};
+use sluice_control_plane::versions::Op;
+use sluice_proto::declarative::{self, Format};
+use sluice_proto::pb::{self, Resource, ResourceKind};
+use sluice_tests::postgres::TestDatabase;
+
+const EXAMPLE: &str = include_str!("../../deploy/examples/sluice.yaml");
+
+async fn registry(database: &TestDatabase, retention: u64) -> anyhow::Result<Registry> {
+    let pool = sluice_control_plane::db::connect(&database.url, std::time::Duration::from_secs(10))
+        .await?;
+    sluice_control_plane::db::migrate(&pool).await?;
+    Ok(Registry::new(pool, retention))
+}
+
+fn consumer(name: &str) -> Resource {
+    pb::Consumer {
+        meta: Some(pb::Meta {
+            id: declarative::normalize::derived_id(ResourceKind::Consumer, "default", name),
+            group: "default".into(),
+            name: name.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .into()
+}
+
+fn example() -> pb::ConfigSet {
+    declarative::load(EXAMPLE, Format::Yaml).unwrap()
+}
+
+/// The export of a state, without resource versions: what "equal states" means.
+fn export_of(mut set: pb::ConfigSet) -> String {
+    sluice_proto::hash::canonicalize(&mut set);
+    declarative::to_yaml(&declarative::export(&set))
+}
+
+#[tokio::test]
+async fn twenty_concurrent_writers_lose_nothing_and_versions_are_contiguous() -> anyhow::Result<()>
+{
+    let database = TestDatabase::create().await?;
+    let registry = Arc::new(registry(&database, 10_000).await?);
+    registry
+        .commit(
+            "setup",
+            "shared",
+            vec![Write::Put {
+                resource: consumer("shared"),
+                if_match: None,
+            }],
+        )
+        .await?;
+
+    const WRITERS: usize = 20;
+    const ROUNDS: usize = 5;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let registry = registry.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..ROUNDS {
+                // Own resource: create then update.
+                let mut own = consumer(&format!("writer-{w}"));
+                if let Some(pb::resource::Kind::Consumer(c)) = &mut own.kind {
+                    c.custom_id = format!("round-{round}");
+                }
+                registry
+                    .commit(
+                        &format!("w{w}"),
+                        "own",
+                        vec![Write::Put {
+                            resource: own,
+                            if_match: None,
+                        }],
+                    )
+                    .await?;
+                // Shared resource: read-modify-write with If-Match, retried on conflict.
+                loop {
+                    let current = registry
+                        .get(ResourceKind::Consumer, consumer("shared").id())
+                        .await?;
+                    let version = current.meta().unwrap().resource_version;
+                    let mut next = current.clone();
+                    if let Some(pb::resource::Kind::Consumer(c)) = &mut next.kind {
+                        let n: u64 = c.custom_id.parse().unwrap_or(0);
+                        c.custom_id = (n + 1).to_string();
+                    }
+                    match registry
+                        .commit(
+                            &format!("w{w}"),
+                            "increment",
+                            vec![Write::Put {
+                                resource: next,
+                                if_match: Some(version),
+                            }],
+                        )
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(RegistryError::PreconditionFailed { .. }) => continue,
+                        Err(e) => return Err(anyhow::Error::from(e)),
+                    }
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+
+    // No lost update: every increment is there.
+    let shared = registry
+        .get(ResourceKind::Consumer, consumer("shared").id())
+        .await?;
+    let Some(pb::resource::Kind::Consumer(c)) = &shared.kind else {
+        unreachable!()
+    };
+    assert_eq!(c.custom_id, (WRITERS * ROUNDS).to_string());
+
+    // Versions are contiguous: 1 + 2 commits per writer per round.
+    let expected = 1 + 2 * WRITERS * ROUNDS;
+    let (versions, next) = registry.list_versions(None, 1000).await?;
+    assert!(next.is_none());
+    let numbers: Vec<u64> = versions.iter().map(|v| v.number).collect();
+    assert_eq!(numbers, (1..=expected as u64).rev().collect::<Vec<_>>());
+
+    // Every version's hash matches a recomputation from its state.
+    for version in &versions {
+        let state = registry.state_at(version.number, None).await?;
+        let resources = state.into_resources();
+        assert_eq!(
+            StateHash::of(&resources).hex(),
+            version.content_hash,
+            "version {}",
+            version.number
+        );
+    }
+    let (head, hash) = registry.head().await?;
+    assert_eq!(head, expected as u64);
+    assert_eq!(hash.hex(), versions[0].content_hash);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rolling_back_to_each_version_restores_its_export() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 1000).await?;
+    let mut exports = vec![export_of(pb::ConfigSet::default())];
+
+    // A history of creates, updates and deletes.
+    let mut config = example();
+    registry
+        .commit_plan("t", "apply example", Plan::Apply(config.clone()), false)
+        .await?;
+    exports.push(export_of(config.clone()));
+    config.upstreams[0].targets[0].weight = 5;
+    config.plans[0].monthly_quota = 7;
+    registry
+        .commit_plan("t", "tune", Plan::Apply(config.clone()), false)
+        .await?;
+    exports.push(export_of(config.clone()));
+    config.subscriptions.clear();
+    config.credentials.remove(1);
+    registry
+        .commit_plan(
+            "t",
+            "drop subscription and a credential",
+            Plan::Apply(config.clone()),
+            false,
+        )
+        .await?;
+    exports.push(export_of(config.clone()));
+    registry
+        .commit(
+            "t",
+            "add",
+            vec![Write::Put {
+                resource: consumer("late"),
+                if_match: None,
+            }],
+        )
+        .await?;
+    config.consumers.push(match consumer("late").kind {
+        Some(pb::resource::Kind::Consumer(c)) => c,
+        _ => unreachable!(),
+    });
+    exports.push(export_of(config.clone()));
+
+    let head = registry.head().await?.0;
+    assert_eq!(head, 4);
+    for target in [2, 0, 3, 1, 4] {
+        let before = registry.head().await?.0;
+        let committed = registry
+            .commit_plan(
+                "t",
+                &format!("rollback to {target}"),
+                Plan::RollbackTo(target),
+                false,
+            )
+            .await?;
+        let (_, state) = registry.state(None).await?;
+        assert_eq!(
+            export_of(state),
+            exports[target as usize],
+            "after rollback to {target}"
+        );
+        let version = committed
+            .version
+            .expect("a rollback to another state makes a version");
+        assert_eq!(version.number, before + 1, "a rollback is a new version");
+        let hash_at_target = if target == 0 {
+            StateHash::default().hex()
+        } else {
+            registry.version(target).await?.content_hash
+        };
+        assert_eq!(
+            version.content_hash, hash_at_target,
+            "same state, same hash"
+        );
+    }
+    // Reading a past version's state needs no rollback.
+    assert_eq!(export_of(registry.state_at(2, None).await?), exports[2]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn diffs_name_fields_and_dry_runs_commit_nothing() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 1000).await?;
+    let mut config = example();
+    registry
+        .commit_plan("t", "v1", Plan::Apply(config.clone()), false)
+        .await?;
+    config.upstreams[0].targets[1].url = "http://127.0.0.1:9999".into();
+    config
+        .brokers
+        .retain(|b| b.meta.as_ref().unwrap().name != "local");
+    config
+        .apis
+        .retain(|a| a.meta.as_ref().unwrap().name != "status");
+
+    let dry = registry
+        .commit_plan("t", "dry", Plan::Apply(config.clone()), true)
+        .await?;
+    assert!(dry.version.is_none());
+    assert_eq!(registry.head().await?.0, 1, "a dry run commits nothing");
+    assert_eq!(
+        dry.changes.len(),
+        3,
+        "the upstream changed, an api and a broker removed"
+    );
+
+    registry
+        .commit_plan("t", "v2", Plan::Apply(config), false)
+        .await?;
+    let diff = registry.diff(1, 2).await?;
+    let upstream = diff.iter().find(|d| d.kind == "upstream").unwrap();
+    assert_eq!(upstream.op, Op::Changed);
+    assert_eq!(upstream.fields.len(), 1);
+    assert_eq!(upstream.fields[0].path, "targets[1].url");
+    assert_eq!(
+        upstream.fields[0].after,
+        Some("http://127.0.0.1:9999".into())
+    );
+    let removed: HashSet<&str> = diff
+        .iter()
+        .filter(|d| d.op == Op::Removed)
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(removed, HashSet::from(["local", "status"]));
+    // The other direction is the inverse.
+    let back = registry.diff(2, 1).await?;
+    assert!(back.iter().any(|d| d.name == "local" && d.op == Op::Added));
+    Ok(())
+}
+
+#[tokio::test]
+async fn retention_bounds_rollback_with_a_clear_error() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 3).await?;
+    for i in 0..6 {
+        registry
+            .commit(
+                "t",
+                "add",
+                vec![Write::Put {
+                    resource: consumer(&format!("c{i}")),
+                    if_match: None,
+                }],
+            )
+            .await?;
+    }
+    let (versions, _) = registry.list_versions(None, 100).await?;
+    assert_eq!(
+        versions.iter().map(|v| v.number).collect::<Vec<_>>(),
+        [6, 5, 4]
+    );
+    match registry
+        .commit_plan("t", "too far", Plan::RollbackTo(2), false)
+        .await
+    {
+        Err(RegistryError::VersionNotRetained {
+            requested: 2,
+            oldest: 3,
+        }) => {}
+        other => panic!("expected VersionNotRetained, got {other:?}"),
+    }
+    registry
+        .commit_plan("t", "ok", Plan::RollbackTo(3), false)
+        .await?;
+    assert_eq!(registry.state(None).await?.1.consumers.len(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn constraints_become_clear_errors() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 1000).await?;
+    let config = example();
+    registry
+        .commit_plan("t", "v1", Plan::Apply(config.clone()), false)
+        .await?;
+
+    // If-Match on a stale version.
+    let upstream: Resource = config.upstreams[0].clone().into();
+    match registry
+        .commit(
+            "t",
+            "stale",
+            vec![Write::Put {
+                resource: upstream.clone(),
+                if_match: Some(7),
+            }],
+        )
+        .await
+    {
+        Err(RegistryError::PreconditionFailed {
+            expected: 7,
+            actual: 1,
+            ..
+        }) => {}
+        other => panic!("expected PreconditionFailed, got {other:?}"),
+    }
+    // Deleting what a route still uses.
+    match registry
+        .commit(
+            "t",
+            "delete",
+            vec![Write::Delete {
+                kind: ResourceKind::Upstream,
+                id: upstream.id().into(),
+                if_match: None,
+            }],
+        )
+        .await
+    {
+        Err(RegistryError::Conflict(message)) => {
+            assert!(message.contains("still referenced"), "{message}")
+        }
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    // A second resource with a taken name.
+    let mut twin = consumer("acme");
+    twin.meta_mut().unwrap().id = uuid::Uuid::new_v4().to_string();
+    match registry
+        .commit(
+            "t",
+            "twin",
+            vec![Write::Put {
+                resource: twin,
+                if_match: None,
+            }],
+        )
+        .await
+    {
+        Err(RegistryError::Conflict(message)) => {
+            assert!(message.contains("already exists"), "{message}")
+        }
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    // A reference to nothing, judged by the shared validator with its path.
+    let mut subscription = config.subscriptions[0].clone();
+    subscription.plan_id = uuid::Uuid::new_v4().to_string();
+    match registry
+        .commit(
+            "t",
+            "dangling",
+            vec![Write::Put {
+                resource: subscription.into(),
+                if_match: None,
+            }],
+        )
+        .await
+    {
+        Err(RegistryError::Invalid(errors)) => {
+            assert_eq!(errors.0[0].path, "subscriptions[0].plan", "{errors}");
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    // Nothing above made a version.
+    assert_eq!(registry.head().await?.0, 1);
+    Ok(())
+}
