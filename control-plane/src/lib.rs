@@ -7,4 +7,5 @@
 pub mod db;
 pub mod import;
 pub mod registry;
+pub mod snapshot;
 pub mod versions;

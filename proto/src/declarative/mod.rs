@@ -22,7 +22,7 @@ use schemars::generate::SchemaSettings;
 
 pub use export::export;
 pub use model::{Document, FORMAT_VERSION};
-pub use normalize::{DEFAULT_GROUP, normalize};
+pub use normalize::{DEFAULT_GROUP, ExternalNames, normalize, normalize_with};
 
 use crate::error::{ConfigErrors, FieldError};
 use crate::pb;

@@ -60,7 +60,25 @@ impl Locate for DocumentLocator {
 /// Normalises a document. Returns the config set (complete as far as it could be built), the
 /// locator for its resources, and the errors found on the way.
 pub fn normalize(document: &doc::Document) -> (pb::ConfigSet, DocumentLocator, Vec<FieldError>) {
+    normalize_with(document, &ExternalNames::new())
+}
+
+/// Names of resources outside the document, as `(kind, group, name) → id`.
+pub type ExternalNames = HashMap<(ResourceKind, String, String), String>;
+
+/// Normalises a document whose references may also name resources it does not contain (an
+/// API written alone through the admin API refers to upstreams already in the registry).
+/// The document's own resources win over `external` ones of the same name.
+pub fn normalize_with(
+    document: &doc::Document,
+    external: &ExternalNames,
+) -> (pb::ConfigSet, DocumentLocator, Vec<FieldError>) {
     let mut n = Normalizer::new(document);
+    for ((kind, group, name), id) in external {
+        n.external
+            .entry((*kind, group.clone(), name.clone()))
+            .or_insert_with(|| id.clone());
+    }
     let config = pb::ConfigSet {
         apis: enumerate(&document.apis, |i, api| n.api(i, api)),
         upstreams: enumerate(&document.upstreams, |i, u| n.upstream(i, u)),
@@ -86,6 +104,8 @@ struct Normalizer<'a> {
     default_group: &'a str,
     /// (kind, group, name) → id, for resolving references.
     ids: HashMap<(ResourceKind, &'a str, &'a str), String>,
+    /// Resources outside the document that references may name.
+    external: ExternalNames,
     locator: DocumentLocator,
     errors: Vec<FieldError>,
 }
@@ -96,6 +116,7 @@ impl<'a> Normalizer<'a> {
         let mut n = Self {
             default_group,
             ids: HashMap::new(),
+            external: ExternalNames::new(),
             locator: DocumentLocator::default(),
             errors: Vec::new(),
         };
@@ -158,7 +179,11 @@ impl<'a> Normalizer<'a> {
 
     /// Resolves the name of a `kind` in `group` to its id; reports an unknown name.
     fn resolve(&mut self, path: String, kind: ResourceKind, group: &str, name: &str) -> String {
-        match self.ids.get(&(kind, group, name)) {
+        let found = self.ids.get(&(kind, group, name)).or_else(|| {
+            self.external
+                .get(&(kind, group.to_owned(), name.to_owned()))
+        });
+        match found {
             Some(id) => id.clone(),
             None => {
                 let what = crate::validate::kind_name(kind);

@@ -1,0 +1,71 @@
+//! The snapshot compiler: a group's registry state as the discovery protocol's snapshot, and
+//! the delta between two versions of it, read from the change log.
+
+use sluice_proto::hash::{canonicalize, content_hash};
+use sluice_proto::pb::{self, ConfigSet, Resource};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::registry::rows::{self, kind_from_name};
+use crate::registry::{Registry, RegistryError};
+
+/// A group's whole configuration at one version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupSnapshot {
+    pub version: u64,
+    /// [`content_hash`] of `resources`: the same state always gives the same bytes and hash.
+    pub content_hash: String,
+    /// Every list sorted by id.
+    pub resources: ConfigSet,
+}
+
+impl Registry {
+    /// The current snapshot of `group`.
+    pub async fn snapshot(&self, group: &str) -> Result<GroupSnapshot, RegistryError> {
+        let (version, mut resources) = self.state(Some(group)).await?;
+        canonicalize(&mut resources);
+        Ok(GroupSnapshot {
+            version,
+            content_hash: content_hash(&resources),
+            resources,
+        })
+    }
+
+    /// What changed in `group` from version `from` to version `to`: each resource changed in
+    /// between, whole as it is at `to`, or its ref when it no longer exists.
+    pub async fn delta(&self, group: &str, from: u64, to: u64) -> Result<pb::Delta, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT ON (resource_id) kind, resource_id, after FROM changes \
+             WHERE version > $1 AND version <= $2 AND grp = $3 \
+             ORDER BY resource_id, version DESC, seq DESC",
+        )
+        .bind(i64::try_from(from).unwrap_or(i64::MAX))
+        .bind(i64::try_from(to).unwrap_or(i64::MAX))
+        .bind(group)
+        .fetch_all(self.pool())
+        .await
+        .map_err(RegistryError::from_db)?;
+        let mut upserted: Vec<Resource> = Vec::new();
+        let mut removed = Vec::new();
+        for row in rows {
+            let kind_text: String = row.get("kind");
+            let kind = kind_from_name(&kind_text).ok_or_else(|| {
+                RegistryError::Corrupt(format!("change log has an unknown kind {kind_text:?}"))
+            })?;
+            match row.get::<Option<Vec<u8>>, _>("after") {
+                Some(body) => upserted.push(rows::decode(kind, &body)?),
+                None => removed.push(pb::ResourceRef {
+                    kind: kind as i32,
+                    id: row.get::<Uuid, _>("resource_id").to_string(),
+                }),
+            }
+        }
+        let mut upserted: ConfigSet = upserted.into_iter().collect();
+        canonicalize(&mut upserted);
+        Ok(pb::Delta {
+            base_version: from,
+            upserted: Some(upserted),
+            removed,
+        })
+    }
+}
