@@ -4,6 +4,7 @@
 //! planes. Its folders follow the flow: `registry` (the store), `versions`, `snapshot`
 //! (registry → proto), `discovery` (the stream to data planes) and `api` (REST and gRPC).
 
+pub mod api;
 pub mod db;
 pub mod import;
 pub mod registry;

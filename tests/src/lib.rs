@@ -71,3 +71,5 @@ where
         Err(_) => eprintln!("warning: clean-up of {what} panicked"),
     }
 }
+
+pub mod control_plane;

@@ -4,13 +4,15 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing::get;
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sluice_control_plane::api::auth::Authenticator;
+use sluice_control_plane::api::{grpc, rest};
 use sluice_control_plane::db;
+use sluice_control_plane::registry::{DEFAULT_RETENTION, Registry};
 
-/// The Sluice control plane: keeps the registry in Postgres, versions every change and
-/// streams configuration to data planes.
+/// The Sluice control plane: keeps the registry in Postgres, versions every change and serves
+/// the admin API over REST and gRPC.
 ///
 /// With no subcommand it applies the registry migrations, then serves.
 #[derive(Debug, Parser)]
@@ -22,6 +24,21 @@ struct Cli {
     /// REST admin API listener.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7080")]
     http_addr: SocketAddr,
+    /// gRPC listener (registry admin API, reflection, health).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7090")]
+    grpc_addr: SocketAddr,
+    /// Bootstrap admin token: an admin credential that needs no database row. Use it to create
+    /// the first stored tokens.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+    /// Versions kept for diffs and rollback; older ones are pruned at each commit.
+    #[arg(long, env = "SLUICE_VERSION_RETENTION", value_name = "N", default_value_t = DEFAULT_RETENTION)]
+    version_retention: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -42,8 +59,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
-    match run(cli).await {
+    match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sluice-cp: {e:#}");
@@ -53,7 +69,6 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    use anyhow::Context;
     let url = cli
         .database_url
         .context("no registry database: set --database-url or DATABASE_URL")?;
@@ -67,21 +82,60 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Migrate) = cli.command {
         return Ok(());
     }
-    let listener = tokio::net::TcpListener::bind(cli.http_addr)
+    if cli.admin_token.as_deref().is_none_or(str::is_empty) {
+        tracing::warn!(
+            "no --admin-token / SLUICE_ADMIN_TOKEN: only tokens already stored can call the admin API"
+        );
+    }
+    let registry = Registry::new(pool.clone(), cli.version_retention);
+    let auth = Authenticator::new(pool, cli.admin_token.as_deref());
+
+    let http = tokio::net::TcpListener::bind(cli.http_addr)
         .await
         .with_context(|| format!("cannot listen on {} (REST)", cli.http_addr))?;
-    tracing::info!(addr = %cli.http_addr, "REST listener up");
-    let health = Router::new().route("/healthz", get(|| async { "ok\n" }));
-    axum::serve(listener, health)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("a SIGTERM handler can be installed");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
+    let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_addr)
         .await
-        .context("REST listener failed")
+        .with_context(|| format!("cannot listen on {} (gRPC)", cli.grpc_addr))?;
+    tracing::info!(rest = %cli.http_addr, grpc = %cli.grpc_addr, "admin API listening");
+
+    let shutdown = shutdown_signal();
+    let rest_server = axum::serve(
+        http,
+        rest::router(rest::AppState {
+            registry: registry.clone(),
+            auth: auth.clone(),
+        }),
+    )
+    .with_graceful_shutdown(shutdown.clone().wait());
+    let grpc_server = grpc::serve(grpc_listener, registry, auth, shutdown.wait());
+    tokio::try_join!(
+        async { rest_server.await.context("REST listener failed") },
+        async { grpc_server.await.context("gRPC listener failed") },
+    )?;
+    Ok(())
+}
+
+/// A shutdown signal (SIGTERM or Ctrl-C) that several servers can wait on.
+fn shutdown_signal() -> Shutdown {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler can be installed");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    Shutdown(rx)
+}
+
+#[derive(Debug, Clone)]
+struct Shutdown(tokio::sync::watch::Receiver<bool>);
+
+impl Shutdown {
+    async fn wait(mut self) {
+        let _ = self.0.wait_for(|stopped| *stopped).await;
+    }
 }

@@ -356,6 +356,8 @@ impl Registry {
             ResourceKind::Subscription => matches!(column, "consumer_id" | "api_id" | "plan_id"),
             _ => false,
         };
+        // Every query binds the same six parameters; a filter a kind does not have is
+        // refused above, so its condition only checks that it is unset.
         let mut conditions = vec![
             "($1::text IS NULL OR grp = $1)".to_owned(),
             "($2::uuid IS NULL OR id > $2)".to_owned(),
@@ -368,39 +370,27 @@ impl Registry {
         .into_iter()
         .enumerate()
         {
-            if value.is_some() && !has(column) {
+            let placeholder = n + 3;
+            if has(column) {
+                conditions.push(format!(
+                    "(${placeholder}::uuid IS NULL OR {column} = ${placeholder})"
+                ));
+            } else if value.is_some() {
                 let filter_name = column.trim_end_matches("_id");
                 return Err(RegistryError::invalid(
                     filter_name,
                     format!("{} cannot be filtered by {filter_name}", table(kind)),
                 ));
-            }
-            if has(column) {
-                conditions.push(format!(
-                    "(${}::uuid IS NULL OR {column} = ${})",
-                    n + 3,
-                    n + 3
-                ));
+            } else {
+                conditions.push(format!("${placeholder}::uuid IS NULL"));
             }
         }
         let limit = limit.clamp(1, MAX_PAGE);
-        let mut sql = format!(
+        let sql = format!(
             "SELECT id, body FROM {} WHERE {} ORDER BY id LIMIT $6",
             table(kind),
             conditions.join(" AND ")
         );
-        if !has("consumer_id") {
-            // Keep the placeholders numbered the same for every kind.
-            sql = sql.replace(
-                "LIMIT $6",
-                "AND $3::uuid IS NULL AND $4::uuid IS NULL AND $5::uuid IS NULL LIMIT $6",
-            );
-        } else if kind == ResourceKind::Credential {
-            sql = sql.replace(
-                "LIMIT $6",
-                "AND $4::uuid IS NULL AND $5::uuid IS NULL LIMIT $6",
-            );
-        }
         let rows = sqlx::query(&sql)
             .bind(filter.group.as_deref())
             .bind(after)

@@ -132,6 +132,11 @@ pub fn parse(text: &str, format: Format) -> Result<Document, ConfigErrors> {
         })?,
     }
     .0;
+    parse_value(value)
+}
+
+/// Checks the shape of a document already read into JSON (a REST body, say).
+pub fn parse_value(value: serde_json::Value) -> Result<Document, ConfigErrors> {
     check_shape(&value)?;
     let document: Document = serde_path_to_error::deserialize(value).map_err(|e| {
         // The schema is generated from the same types, so this is only reached if the two

@@ -1,0 +1,148 @@
+//! The one place errors become responses: RFC 9457 problem documents on REST, statuses on
+//! gRPC. Nothing internal (SQL, stack traces) reaches a client; database failures are logged
+//! and answered with a generic 500/UNAVAILABLE.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use sluice_proto::ConfigErrors;
+
+use crate::registry::RegistryError;
+
+/// An admin API error.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    /// Well-formed but invalid: every problem with its field.
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// The version asked for is gone (past retention).
+    #[error("{0}")]
+    Gone(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// (status, stable problem type, title).
+    fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition-failed"),
+            Self::Gone(_) => (StatusCode::GONE, "version-not-retained"),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// Errors of a single-resource body: paths relative to the body.
+    pub fn invalid_in_body(errors: ConfigErrors, prefix: &str) -> Self {
+        let errors = errors
+            .0
+            .into_iter()
+            .map(|mut e| {
+                if let Some(rest) = e.path.strip_prefix(prefix) {
+                    e.path = rest.trim_start_matches('.').to_owned();
+                }
+                e
+            })
+            .collect();
+        Self::Invalid(ConfigErrors(errors))
+    }
+
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self {
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::Forbidden(_) => Code::PermissionDenied,
+            Self::NotFound(_) => Code::NotFound,
+            Self::BadRequest(_) | Self::Invalid(_) | Self::PayloadTooLarge(_) => {
+                Code::InvalidArgument
+            }
+            Self::Conflict(_) => Code::AlreadyExists,
+            Self::PreconditionFailed(_) => Code::Aborted,
+            Self::Gone(_) => Code::OutOfRange,
+            Self::Internal(_) => Code::Internal,
+        };
+        tonic::Status::new(code, self.to_string())
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound { .. } | RegistryError::VersionNotFound(_) => {
+                Self::NotFound(e.to_string())
+            }
+            RegistryError::PreconditionFailed { .. } => Self::PreconditionFailed(e.to_string()),
+            RegistryError::Invalid(errors) => Self::Invalid(errors),
+            RegistryError::Conflict(message) => Self::Conflict(message),
+            RegistryError::VersionNotRetained { .. } => Self::Gone(e.to_string()),
+            RegistryError::Database(_) | RegistryError::Corrupt(_) => {
+                tracing::error!(error = %e, "registry failure");
+                Self::Internal(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        e.to_status()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = self.parts();
+        let detail = match &self {
+            Self::Internal(_) => {
+                "the control plane could not complete the request; see its logs".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut body = json!({
+            "type": format!("https://sluice.dev/problems/{kind}"),
+            "title": status.canonical_reason().unwrap_or_default(),
+            "status": status.as_u16(),
+            "detail": detail,
+        });
+        if let Self::Invalid(errors) = &self {
+            body["errors"] = errors
+                .iter()
+                .map(|e| json!({ "path": e.path, "reason": e.reason }))
+                .collect();
+        }
+        let mut response = (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"sluice-admin\""),
+            );
+        }
+        response
+    }
+}

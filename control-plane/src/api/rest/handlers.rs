@@ -1,0 +1,897 @@
+//! REST handlers. Each checks the caller's role first, then does one registry operation.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use sluice_proto::declarative::{self, Format};
+use sluice_proto::pb::{self, Resource, ResourceKind};
+use sluice_proto::resource::kind_from_collection;
+use sluice_proto::validate::kind_name;
+
+use super::AppState;
+use crate::api::auth::{self, Caller, Role};
+use crate::api::convert::{from_json, to_json};
+use crate::api::error::ApiError;
+use crate::api::keys;
+use crate::registry::{ListFilter, Plan, Registry, RegistryError, VersionInfo, Write};
+use crate::versions::diff_changes;
+
+type Params = Query<HashMap<String, String>>;
+
+/// Query parameters, checked: unknown ones are refused rather than silently ignored.
+struct QueryArgs(HashMap<String, String>);
+
+impl QueryArgs {
+    fn new(Query(map): Params, allowed: &[&str]) -> Result<Self, ApiError> {
+        if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(ApiError::BadRequest(format!(
+                "unknown query parameter {unknown:?}; this endpoint takes {}",
+                if allowed.is_empty() {
+                    "none".to_owned()
+                } else {
+                    allowed.join(", ")
+                }
+            )));
+        }
+        Ok(Self(map))
+    }
+
+    fn text(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.text(name)
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "query parameter {name}={v:?} is not a whole number"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        match self.text(name) {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") => Ok(true),
+            Some(other) => Err(ApiError::BadRequest(format!(
+                "query parameter {name}={other:?} must be true or false"
+            ))),
+        }
+    }
+}
+
+fn json_body(bytes: &Bytes) -> Result<Value, ApiError> {
+    if bytes.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "the body is not JSON (line {}, column {}): {e}",
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+/// `If-Match: "5"` (or `W/"5"`, or `5`) → 5.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or_default().trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    text.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
+        .map(Some)
+        .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "If-Match {text:?} is not an ETag this API gave (\"<resource_version>\")"
+            ))
+        })
+}
+
+fn with_etag(status: StatusCode, resource: &Resource) -> Response {
+    let version = resource.meta().map_or(0, |m| m.resource_version);
+    let mut response = (status, axum::Json(to_json(resource))).into_response();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+fn collection(name: &str) -> Result<ResourceKind, ApiError> {
+    match kind_from_collection(name) {
+        Some(ResourceKind::Credential) => Err(ApiError::NotFound(
+            "credentials live under /v1/consumers/{consumer}/credentials".into(),
+        )),
+        Some(kind) => Ok(kind),
+        None => Err(ApiError::NotFound(format!("no collection /v1/{name}"))),
+    }
+}
+
+/// A resource by id, or by name in `group` (default "default").
+async fn resolve(
+    registry: &Registry,
+    kind: ResourceKind,
+    key: &str,
+    group: Option<&str>,
+) -> Result<Resource, ApiError> {
+    let found = if uuid::Uuid::parse_str(key).is_ok() {
+        registry.get(kind, key).await
+    } else {
+        registry
+            .find(kind, group.unwrap_or(declarative::DEFAULT_GROUP), key)
+            .await
+    };
+    Ok(found?)
+}
+
+async fn resolve_id(
+    registry: &Registry,
+    kind: ResourceKind,
+    key: Option<&str>,
+    group: Option<&str>,
+) -> Result<Option<uuid::Uuid>, ApiError> {
+    let Some(key) = key else { return Ok(None) };
+    let resource = resolve(registry, kind, key, group).await?;
+    Ok(uuid::Uuid::parse_str(resource.id()).ok())
+}
+
+fn message(args: &QueryArgs, default: String) -> String {
+    args.text("message").map_or(default, str::to_owned)
+}
+
+fn describe(resource: &Resource) -> String {
+    let name = resource.meta().map(|m| m.name.as_str()).unwrap_or_default();
+    format!("{} {name}", kind_name(resource.kind()))
+}
+
+fn version_json(version: Option<&VersionInfo>) -> Value {
+    version.map_or(Value::Null, |v| serde_json::to_value(v).unwrap_or_default())
+}
+
+/// Commits one write and returns the stored resource; a create that finds the resource
+/// already there is a conflict, not a precondition failure.
+async fn write_one(
+    registry: &Registry,
+    caller: &Caller,
+    message: String,
+    write: Write,
+    creating: bool,
+) -> Result<Option<Resource>, ApiError> {
+    let kind = match &write {
+        Write::Put { resource, .. } => resource.kind(),
+        Write::Delete { kind, .. } => *kind,
+    };
+    match registry.commit(&caller.name, &message, vec![write]).await {
+        Ok(mut committed) => Ok(committed.resources.pop().flatten()),
+        // The registry judged the resource first in its list; the client sent it alone.
+        Err(RegistryError::Invalid(errors)) => Err(ApiError::invalid_in_body(
+            errors,
+            &format!("{}[0]", sluice_proto::validate::list_name(kind)),
+        )),
+        Err(RegistryError::PreconditionFailed { kind, id, .. }) if creating => Err(
+            ApiError::Conflict(format!("{kind} {id} already exists; update it with PUT")),
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(super) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+pub(super) async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint; see /v1/openapi.json".into())
+}
+
+pub(super) async fn openapi() -> axum::Json<Value> {
+    axum::Json(super::endpoints::openapi_document())
+}
+
+// ---- resources ------------------------------------------------------------------------------
+
+pub(super) async fn list_resources(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let kind = collection(&name)?;
+    let args = QueryArgs::new(
+        params,
+        &["group", "limit", "after", "consumer", "api", "plan"],
+    )?;
+    let group = args.text("group");
+    let filter = ListFilter {
+        group: group.map(str::to_owned),
+        consumer_id: resolve_id(
+            &s.registry,
+            ResourceKind::Consumer,
+            args.text("consumer"),
+            group,
+        )
+        .await?,
+        api_id: resolve_id(&s.registry, ResourceKind::Api, args.text("api"), group).await?,
+        plan_id: resolve_id(&s.registry, ResourceKind::Plan, args.text("plan"), group).await?,
+    };
+    list(&s.registry, kind, &filter, &args).await
+}
+
+async fn list(
+    registry: &Registry,
+    kind: ResourceKind,
+    filter: &ListFilter,
+    args: &QueryArgs,
+) -> Result<Response, ApiError> {
+    let after = args
+        .text("after")
+        .map(|a| {
+            uuid::Uuid::parse_str(a).map_err(|_| {
+                ApiError::BadRequest(format!("after={a:?} is not a cursor this API gave"))
+            })
+        })
+        .transpose()?;
+    let limit = u32::try_from(args.number("limit")?.unwrap_or(100)).unwrap_or(u32::MAX);
+    let page = registry.list(kind, filter, after, limit).await?;
+    Ok(axum::Json(json!({
+        "items": page.items.iter().map(to_json).collect::<Vec<_>>(),
+        "next": page.next.map(|n| n.to_string()),
+    }))
+    .into_response())
+}
+
+pub(super) async fn create_resource(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    params: Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let kind = collection(&name)?;
+    let args = QueryArgs::new(params, &["group", "message"])?;
+    let resource = from_json(
+        &s.registry,
+        kind,
+        json_body(&body)?,
+        args.text("group"),
+        None,
+    )
+    .await?;
+    let message = message(&args, format!("create {}", describe(&resource)));
+    let stored = write_one(
+        &s.registry,
+        &caller,
+        message,
+        Write::Put {
+            resource,
+            if_match: Some(0),
+        },
+        true,
+    )
+    .await?;
+    let stored = stored.ok_or_else(|| ApiError::Internal("a create stored nothing".into()))?;
+    let mut response = with_etag(StatusCode::CREATED, &stored);
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/{name}/{}", stored.id())) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+pub(super) async fn get_resource(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((name, key)): Path<(String, String)>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let kind = collection(&name)?;
+    let args = QueryArgs::new(params, &["group"])?;
+    Ok(with_etag(
+        StatusCode::OK,
+        &resolve(&s.registry, kind, &key, args.text("group")).await?,
+    ))
+}
+
+pub(super) async fn update_resource(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((name, key)): Path<(String, String)>,
+    params: Params,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let kind = collection(&name)?;
+    let args = QueryArgs::new(params, &["group", "message"])?;
+    let current = resolve(&s.registry, kind, &key, args.text("group")).await?;
+    let mut body = json_body(&body)?;
+    match body.get("id").and_then(Value::as_str) {
+        Some(id) if id != current.id() => {
+            return Err(ApiError::BadRequest(format!(
+                "the body's id {id} is not the id of {key}"
+            )));
+        }
+        _ => body["id"] = current.id().into(),
+    }
+    let group = current.meta().map(|m| m.group.clone());
+    let resource = from_json(&s.registry, kind, body, group.as_deref(), None).await?;
+    let message = message(&args, format!("update {}", describe(&resource)));
+    let stored = write_one(
+        &s.registry,
+        &caller,
+        message,
+        Write::Put {
+            resource,
+            if_match: if_match(&headers)?,
+        },
+        false,
+    )
+    .await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        &stored.ok_or_else(|| ApiError::Internal("an update stored nothing".into()))?,
+    ))
+}
+
+pub(super) async fn delete_resource(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((name, key)): Path<(String, String)>,
+    params: Params,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let kind = collection(&name)?;
+    let args = QueryArgs::new(params, &["group", "message"])?;
+    let current = resolve(&s.registry, kind, &key, args.text("group")).await?;
+    let message = message(&args, format!("delete {}", describe(&current)));
+    let write = Write::Delete {
+        kind,
+        id: current.id().to_owned(),
+        if_match: if_match(&headers)?,
+    };
+    write_one(&s.registry, &caller, message, write, false).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ---- credentials and keys -------------------------------------------------------------------
+
+async fn owner(registry: &Registry, key: &str, args: &QueryArgs) -> Result<Resource, ApiError> {
+    resolve(registry, ResourceKind::Consumer, key, args.text("group")).await
+}
+
+async fn owned_credential(
+    registry: &Registry,
+    owner: &Resource,
+    key: &str,
+) -> Result<Resource, ApiError> {
+    let group = owner.meta().map(|m| m.group.as_str());
+    let credential = resolve(registry, ResourceKind::Credential, key, group).await?;
+    match &credential.kind {
+        Some(pb::resource::Kind::Credential(c)) if c.consumer_id == owner.id() => Ok(credential),
+        _ => Err(ApiError::NotFound(format!(
+            "consumer {} has no credential {key}",
+            owner.id()
+        ))),
+    }
+}
+
+pub(super) async fn list_credentials(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(consumer): Path<String>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let args = QueryArgs::new(params, &["group", "limit", "after"])?;
+    let owner = owner(&s.registry, &consumer, &args).await?;
+    let filter = ListFilter {
+        consumer_id: uuid::Uuid::parse_str(owner.id()).ok(),
+        ..Default::default()
+    };
+    list(&s.registry, ResourceKind::Credential, &filter, &args).await
+}
+
+pub(super) async fn create_credential(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(consumer): Path<String>,
+    params: Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let args = QueryArgs::new(params, &["group", "message"])?;
+    let owner = owner(&s.registry, &consumer, &args).await?;
+    let resource = from_json(
+        &s.registry,
+        ResourceKind::Credential,
+        json_body(&body)?,
+        None,
+        Some(&owner),
+    )
+    .await?;
+    let message = message(
+        &args,
+        format!("create {} of {}", describe(&resource), describe(&owner)),
+    );
+    let stored = write_one(
+        &s.registry,
+        &caller,
+        message,
+        Write::Put {
+            resource,
+            if_match: Some(0),
+        },
+        true,
+    )
+    .await?;
+    Ok(with_etag(
+        StatusCode::CREATED,
+        &stored.ok_or_else(|| ApiError::Internal("a create stored nothing".into()))?,
+    ))
+}
+
+pub(super) async fn get_credential(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((consumer, key)): Path<(String, String)>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let args = QueryArgs::new(params, &["group"])?;
+    let owner = owner(&s.registry, &consumer, &args).await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        &owned_credential(&s.registry, &owner, &key).await?,
+    ))
+}
+
+pub(super) async fn delete_credential(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((consumer, key)): Path<(String, String)>,
+    params: Params,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let args = QueryArgs::new(params, &["group", "message"])?;
+    let owner = owner(&s.registry, &consumer, &args).await?;
+    let credential = owned_credential(&s.registry, &owner, &key).await?;
+    let message = message(
+        &args,
+        format!("delete {} of {}", describe(&credential), describe(&owner)),
+    );
+    let write = Write::Delete {
+        kind: ResourceKind::Credential,
+        id: credential.id().to_owned(),
+        if_match: if_match(&headers)?,
+    };
+    write_one(&s.registry, &caller, message, write, false).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(super) async fn list_keys(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(consumer): Path<String>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let args = QueryArgs::new(params, &["group"])?;
+    let owner = owner(&s.registry, &consumer, &args).await?;
+    let filter = ListFilter {
+        consumer_id: uuid::Uuid::parse_str(owner.id()).ok(),
+        ..Default::default()
+    };
+    let mut found = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s
+            .registry
+            .list(
+                ResourceKind::Credential,
+                &filter,
+                after,
+                crate::registry::MAX_PAGE,
+            )
+            .await?;
+        found.extend(
+            page.items
+                .iter()
+                .filter(|r| keys::is_api_key(r))
+                .map(to_json),
+        );
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    Ok(axum::Json(json!({ "items": found })).into_response())
+}
+
+fn timestamp_arg(body: &Value, field: &str) -> Result<Option<prost_types::Timestamp>, ApiError> {
+    let Some(text) = body.get(field).and_then(Value::as_str) else {
+        return Ok(None);
+    };
+    let time = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| {
+        ApiError::Invalid(sluice_proto::ConfigErrors::single(
+            field,
+            format!("{text:?} is not an RFC 3339 time: {e}"),
+        ))
+    })?;
+    Ok(Some(prost_types::Timestamp {
+        seconds: time.timestamp(),
+        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
+    }))
+}
+
+fn only_fields(body: &Value, allowed: &[&str]) -> Result<(), ApiError> {
+    if let Some(map) = body.as_object()
+        && let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str()))
+    {
+        return Err(ApiError::Invalid(sluice_proto::ConfigErrors::single(
+            unknown.clone(),
+            "unknown field",
+        )));
+    }
+    Ok(())
+}
+
+pub(super) async fn create_key(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(consumer): Path<String>,
+    params: Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let args = QueryArgs::new(params, &["group", "message"])?;
+    let owner = owner(&s.registry, &consumer, &args).await?;
+    let body = json_body(&body)?;
+    only_fields(&body, &["name", "expires_at"])?;
+    let message = message(&args, format!("create API key for {}", describe(&owner)));
+    let name = body.get("name").and_then(Value::as_str);
+    let issued = keys::create(
+        &s.registry,
+        &caller,
+        &owner,
+        name,
+        timestamp_arg(&body, "expires_at")?,
+        &message,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "key": issued.plaintext,
+            "credential": to_json(&issued.credential),
+            "version": version_json(issued.committed.version.as_ref()),
+        })),
+    )
+        .into_response())
+}
+
+pub(super) async fn rotate_key(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((consumer, key)): Path<(String, String)>,
+    params: Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let args = QueryArgs::new(params, &["group", "message"])?;
+    let owner = owner(&s.registry, &consumer, &args).await?;
+    let old = owned_credential(&s.registry, &owner, &key).await?;
+    let body = json_body(&body)?;
+    only_fields(&body, &["grace_period"])?;
+    let grace = match body.get("grace_period").and_then(Value::as_str) {
+        None => std::time::Duration::ZERO,
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            ApiError::Invalid(sluice_proto::ConfigErrors::single(
+                "grace_period",
+                format!("{text:?} is not a duration: {e}"),
+            ))
+        })?,
+    };
+    let message = message(
+        &args,
+        format!("rotate API key {} of {}", describe(&old), describe(&owner)),
+    );
+    let issued = keys::rotate(&s.registry, &caller, &owner, &old, grace, &message).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({
+            "key": issued.plaintext,
+            "credential": to_json(&issued.credential),
+            "previous": issued.previous.as_ref().map(to_json),
+            "version": version_json(issued.committed.version.as_ref()),
+        })),
+    )
+        .into_response())
+}
+
+pub(super) async fn revoke_key(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((consumer, key)): Path<(String, String)>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let args = QueryArgs::new(params, &["group", "message"])?;
+    let owner = owner(&s.registry, &consumer, &args).await?;
+    let credential = owned_credential(&s.registry, &owner, &key).await?;
+    let message = message(
+        &args,
+        format!("revoke {} of {}", describe(&credential), describe(&owner)),
+    );
+    let committed = keys::revoke(&s.registry, &caller, &credential, &message).await?;
+    let stored = committed.resources.into_iter().next().flatten();
+    Ok(with_etag(
+        StatusCode::OK,
+        &stored.ok_or_else(|| ApiError::Internal("a revoke stored nothing".into()))?,
+    ))
+}
+
+// ---- versions -------------------------------------------------------------------------------
+
+pub(super) async fn list_versions(
+    State(s): State<AppState>,
+    caller: Caller,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let args = QueryArgs::new(params, &["limit", "before"])?;
+    let limit = u32::try_from(args.number("limit")?.unwrap_or(100)).unwrap_or(u32::MAX);
+    let (versions, next) = s
+        .registry
+        .list_versions(args.number("before")?, limit)
+        .await?;
+    Ok(axum::Json(json!({ "items": versions, "next": next })).into_response())
+}
+
+fn version_number(text: &str) -> Result<u64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::BadRequest(format!("{text:?} is not a version number")))
+}
+
+pub(super) async fn get_version(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(number): Path<String>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let args = QueryArgs::new(params, &["group"])?;
+    let number = version_number(&number)?;
+    let info = s.registry.version(number).await?;
+    let state = s.registry.state_at(number, args.text("group")).await?;
+    Ok(
+        axum::Json(json!({ "version": info, "snapshot": declarative::export(&state) }))
+            .into_response(),
+    )
+}
+
+pub(super) async fn diff_versions(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((from, to)): Path<(String, String)>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    QueryArgs::new(params, &[])?;
+    let (from, to) = (version_number(&from)?, version_number(&to)?);
+    let changes = s.registry.diff(from, to).await?;
+    Ok(axum::Json(json!({ "from": from, "to": to, "changes": changes })).into_response())
+}
+
+pub(super) async fn rollback(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(number): Path<String>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let args = QueryArgs::new(params, &["message", "dry_run"])?;
+    let number = version_number(&number)?;
+    let dry_run = args.flag("dry_run")?;
+    let message = message(&args, format!("rollback to {number}"));
+    let committed = s
+        .registry
+        .commit_plan(&caller.name, &message, Plan::RollbackTo(number), dry_run)
+        .await?;
+    Ok(axum::Json(json!({
+        "dry_run": dry_run,
+        "version": version_json(committed.version.as_ref()),
+        "changes": diff_changes(&committed.changes),
+    }))
+    .into_response())
+}
+
+// ---- declarative ----------------------------------------------------------------------------
+
+fn document_format(headers: &HeaderMap) -> Format {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if content_type.contains("json") {
+        Format::Json
+    } else {
+        Format::Yaml
+    }
+}
+
+fn text_body(body: &Bytes) -> Result<&str, ApiError> {
+    std::str::from_utf8(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not UTF-8: {e}")))
+}
+
+pub(super) async fn apply(
+    State(s): State<AppState>,
+    caller: Caller,
+    params: Params,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Editor)?;
+    let args = QueryArgs::new(params, &["dry_run", "message"])?;
+    let dry_run = args.flag("dry_run")?;
+    let config = declarative::load(text_body(&body)?, document_format(&headers))
+        .map_err(ApiError::Invalid)?;
+    let message = message(&args, "apply".into());
+    let committed = s
+        .registry
+        .commit_plan(&caller.name, &message, Plan::Apply(config), dry_run)
+        .await?;
+    Ok(axum::Json(json!({
+        "dry_run": dry_run,
+        "version": version_json(committed.version.as_ref()),
+        "changes": diff_changes(&committed.changes),
+    }))
+    .into_response())
+}
+
+pub(super) async fn export(
+    State(s): State<AppState>,
+    caller: Caller,
+    params: Params,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let args = QueryArgs::new(params, &["group", "version", "format"])?;
+    let group = args.text("group");
+    let (version, mut state) = match args.number("version")? {
+        Some(n) => (n, s.registry.state_at(n, group).await?),
+        None => s.registry.state(group).await?,
+    };
+    sluice_proto::hash::canonicalize(&mut state);
+    let document = declarative::export(&state);
+    let wants_json = args.text("format") == Some("json")
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("json"));
+    let (content_type, text) = if wants_json {
+        (
+            "application/json",
+            serde_json::to_string_pretty(&document).unwrap_or_default(),
+        )
+    } else {
+        ("application/yaml", declarative::to_yaml(&document))
+    };
+    let mut response =
+        (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], text).into_response();
+    if let Ok(value) = HeaderValue::from_str(&version.to_string()) {
+        response.headers_mut().insert("sluice-version", value);
+    }
+    Ok(response)
+}
+
+pub(super) async fn import_openapi(
+    State(s): State<AppState>,
+    caller: Caller,
+    params: Params,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use crate::import::openapi::{ImportOptions, import_openapi};
+    caller.require(Role::Editor)?;
+    let args = QueryArgs::new(params, &["dry_run", "message", "name", "group", "server"])?;
+    let dry_run = args.flag("dry_run")?;
+    let options = ImportOptions {
+        api_name: args.text("name").map(str::to_owned),
+        group: args.text("group").map(str::to_owned),
+        server_index: usize::try_from(args.number("server")?.unwrap_or(0)).unwrap_or(usize::MAX),
+    };
+    let document = import_openapi(text_body(&body)?, &options)
+        .map_err(|e| ApiError::Invalid(sluice_proto::ConfigErrors::single("", e.to_string())))?;
+    let config = declarative::load_document(&document).map_err(ApiError::Invalid)?;
+    // An import adds or replaces its API and upstream; it leaves the rest of the registry be.
+    let writes = config
+        .into_resources()
+        .into_iter()
+        .map(|resource| Write::Put {
+            resource,
+            if_match: None,
+        })
+        .collect();
+    let message = message(&args, "import openapi".into());
+    let committed = s
+        .registry
+        .commit_plan(&caller.name, &message, Plan::Writes(writes), dry_run)
+        .await?;
+    Ok(axum::Json(json!({
+        "dry_run": dry_run,
+        "version": version_json(committed.version.as_ref()),
+        "changes": diff_changes(&committed.changes),
+        "document": document,
+    }))
+    .into_response())
+}
+
+// ---- tokens ---------------------------------------------------------------------------------
+
+pub(super) async fn list_tokens(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    Ok(axum::Json(json!({ "items": auth::list_tokens(s.registry.pool()).await? })).into_response())
+}
+
+pub(super) async fn create_token(
+    State(s): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    let body = json_body(&body)?;
+    only_fields(&body, &["name", "role"])?;
+    let name = body.get("name").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::Invalid(sluice_proto::ConfigErrors::single("name", "is required"))
+    })?;
+    let role: Role = body
+        .get("role")
+        .map(|r| serde_json::from_value(r.clone()))
+        .transpose()
+        .map_err(|_| {
+            ApiError::Invalid(sluice_proto::ConfigErrors::single(
+                "role",
+                "must be viewer, editor or admin",
+            ))
+        })?
+        .ok_or_else(|| {
+            ApiError::Invalid(sluice_proto::ConfigErrors::single("role", "is required"))
+        })?;
+    let (token, info) = auth::create_token(s.registry.pool(), name, role, &caller.name).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "token": token, "info": info })),
+    )
+        .into_response())
+}
+
+pub(super) async fn delete_token(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    auth::delete_token(s.registry.pool(), &key).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,55 @@
+//! A real `sluice-cp` on its own database and ports, with a bootstrap admin token.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::ports::free_addr;
+use crate::postgres::TestDatabase;
+use crate::process::Process;
+
+/// The bootstrap admin token every test control plane gets.
+pub const ADMIN_TOKEN: &str = "test-bootstrap-admin-token";
+
+/// A running control plane. Dropping it stops the process, then drops its database.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub process: Process,
+    pub database: TestDatabase,
+}
+
+impl ControlPlane {
+    /// Starts `sluice-cp` with `extra` arguments and waits until it answers.
+    pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        let database = TestDatabase::create().await?;
+        let (http, grpc) = (free_addr(), free_addr());
+        let (http_arg, grpc_arg) = (http.to_string(), grpc.to_string());
+        let mut args = vec!["--http-addr", &http_arg, "--grpc-addr", &grpc_arg];
+        args.extend_from_slice(extra);
+        let mut process = Process::start(
+            "sluice-cp",
+            &args,
+            &[
+                ("DATABASE_URL", &database.url),
+                ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
+            ],
+        )?;
+        process.wait_ready(http, "/healthz", Duration::from_secs(30))?;
+        Ok(Self {
+            http,
+            grpc,
+            process,
+            database,
+        })
+    }
+
+    /// `http://<rest addr><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+}
