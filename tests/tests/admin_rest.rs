@@ -566,7 +566,7 @@ async fn consumer_credentials_and_api_keys() -> anyhow::Result<()> {
         &admin(
             &cp,
             Method::POST,
-            &format!("/v1/consumers/acme/keys/svc-jwt/rotate"),
+            "/v1/consumers/acme/keys/svc-jwt/rotate",
             None,
         )
         .await?,
