@@ -590,4 +590,66 @@ impl registry_server::Registry for RegistryService {
             "data-plane status is recorded by the discovery server, which this control plane does not run yet",
         ))
     }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.caller(&request, Role::Admin).await?;
+        let tokens = super::auth::list_tokens(self.registry.pool()).await?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.iter().map(token_pb).collect(),
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::TokenIssued>, Status> {
+        let caller = self.caller(&request, Role::Admin).await?;
+        let r = request.into_inner();
+        let role = match pb::AdminRole::try_from(r.role) {
+            Ok(pb::AdminRole::Viewer) => Role::Viewer,
+            Ok(pb::AdminRole::Editor) => Role::Editor,
+            Ok(pb::AdminRole::Admin) => Role::Admin,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "role must be viewer, editor or admin",
+                ));
+            }
+        };
+        let (token, info) =
+            super::auth::create_token(self.registry.pool(), &r.name, role, &caller.name).await?;
+        Ok(Response::new(pb::TokenIssued {
+            info: Some(token_pb(&info)),
+            token,
+        }))
+    }
+
+    async fn delete_token(
+        &self,
+        request: Request<pb::DeleteTokenRequest>,
+    ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
+        self.caller(&request, Role::Admin).await?;
+        super::auth::delete_token(self.registry.pool(), &request.into_inner().key).await?;
+        Ok(Response::new(pb::DeleteTokenResponse {}))
+    }
+}
+
+fn token_pb(info: &super::auth::TokenInfo) -> pb::AdminToken {
+    pb::AdminToken {
+        id: info.id.to_string(),
+        name: info.name.clone(),
+        role: match info.role {
+            Role::Viewer => pb::AdminRole::Viewer,
+            Role::Editor => pb::AdminRole::Editor,
+            Role::Admin => pb::AdminRole::Admin,
+        } as i32,
+        prefix: info.prefix.clone(),
+        created_at: Some(prost_types::Timestamp {
+            seconds: info.created_at.timestamp(),
+            nanos: i32::try_from(info.created_at.timestamp_subsec_nanos()).unwrap_or(0),
+        }),
+        created_by: info.created_by.clone(),
+    }
 }
