@@ -5,6 +5,7 @@
 //! (registry → proto), `discovery` (the stream to data planes) and `api` (REST and gRPC).
 
 pub mod api;
+pub mod cli;
 pub mod db;
 pub mod import;
 pub mod registry;

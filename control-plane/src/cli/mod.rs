@@ -1,0 +1,764 @@
+//! `sluicectl`, the command line of the admin API.
+
+pub mod client;
+pub mod output;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sluice_proto::declarative::{self, Format};
+
+use client::{Body, CliError, Client, DEFAULT_SERVER, read_config};
+use output::{Output, Shape, render};
+
+/// Sluice's command line: manage the registry of a control plane, and check declarative
+/// files offline.
+///
+/// The server and token come from --server/--token, else SLUICE_SERVER/SLUICE_TOKEN, else the
+/// config file (~/.config/sluice/sluicectl.yaml: `server:` and `token:`).
+#[derive(Debug, Parser)]
+#[command(name = "sluicectl", version)]
+pub struct Cli {
+    /// The control plane's REST address.
+    #[arg(long, global = true, env = "SLUICE_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// An admin API token.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// A config file other than ~/.config/sluice/sluicectl.yaml.
+    #[arg(long, global = true, env = "SLUICECTL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// How to show replies.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a declarative file offline: every error with its path, or a summary.
+    Validate {
+        /// YAML, or JSON when it ends in .json; `-` reads standard input as YAML.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Print the JSON Schema of declarative files.
+    Schema,
+    #[command(flatten)]
+    Online(Online),
+}
+
+/// The commands that call a control plane.
+#[derive(Debug, Subcommand)]
+enum Online {
+    /// APIs and their routes.
+    Apis(ResourceArgs),
+    /// Backends that routes proxy to.
+    Upstreams(ResourceArgs),
+    /// Clients of the APIs (their credentials: see `credentials` and `keys`).
+    Consumers(ResourceArgs),
+    /// Rate limits, quotas and scopes that subscriptions grant.
+    Plans(ResourceArgs),
+    /// A consumer's access to an API under a plan.
+    Subscriptions(ResourceArgs),
+    /// Reusable policies (auth, rate limits, CORS, IP rules, body size).
+    Policies(ResourceArgs),
+    /// Event brokers (Kafka, or the in-memory one).
+    Brokers(ResourceArgs),
+    /// A consumer's credentials (API keys, JWT subjects, client certificates).
+    Credentials {
+        /// The consumer (name or id).
+        #[arg(long)]
+        consumer: String,
+        #[command(subcommand)]
+        action: CredentialAction,
+    },
+    /// A consumer's API keys: generated here, shown once.
+    Keys {
+        /// The consumer (name or id).
+        #[arg(long)]
+        consumer: String,
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+    /// Make the registry equal a declarative file, as one version.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Show what would change; commit nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The version's message.
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// Print the registry (or a group, or a past version) as a declarative document.
+    Export {
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Import an API description.
+    Import {
+        #[command(subcommand)]
+        what: ImportWhat,
+    },
+    /// The history: list, show, diff and roll back versions.
+    Versions {
+        #[command(subcommand)]
+        action: VersionAction,
+    },
+    /// Admin API tokens (admin role).
+    Tokens {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ResourceArgs {
+    #[command(subcommand)]
+    action: ResourceAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum ResourceAction {
+    /// List them, a page at a time.
+    List {
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue after this cursor (printed under a page that has more).
+        #[arg(long)]
+        after: Option<String>,
+        /// Subscriptions or credentials of this consumer.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Subscriptions to this API.
+        #[arg(long)]
+        api: Option<String>,
+        /// Subscriptions under this plan.
+        #[arg(long)]
+        plan: Option<String>,
+    },
+    /// Show one, by name or id.
+    Get {
+        key: String,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Create one from a file (YAML or JSON) holding the resource.
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Replace one with the file's content.
+    Update {
+        key: String,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long)]
+        group: Option<String>,
+        /// Fail unless it is still at this resource version.
+        #[arg(long)]
+        if_match: Option<u64>,
+    },
+    /// Delete one.
+    Delete {
+        key: String,
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        if_match: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CredentialAction {
+    List,
+    Get {
+        key: String,
+    },
+    /// Add one from a file, e.g. `jwt: {issuer: ..., subject: ...}`.
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyAction {
+    List,
+    /// Generate a key; it is printed once.
+    Create {
+        #[arg(long)]
+        name: Option<String>,
+        /// RFC 3339 time after which the key is refused.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// Replace a key with a new one.
+    Rotate {
+        key: String,
+        /// How long the old key keeps working, e.g. 1h (default: revoked at once).
+        #[arg(long)]
+        grace_period: Option<String>,
+    },
+    Revoke {
+        key: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImportWhat {
+    /// An OpenAPI 3 spec: an API with a route per path and method, an upstream from servers.
+    Openapi {
+        file: PathBuf,
+        #[arg(long)]
+        dry_run: bool,
+        /// The API's name (default: from info.title).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VersionAction {
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        before: Option<u64>,
+    },
+    /// A version's metadata and the registry as it was.
+    Show {
+        number: u64,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// What changed between two versions, field by field.
+    Diff { from: u64, to: u64 },
+    /// Restore a version's state, committed as a new version.
+    Rollback {
+        number: u64,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenAction {
+    List,
+    /// Create a token; it is printed once.
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "editor", "admin"])]
+        role: String,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+/// Runs `sluicectl`.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(text) => {
+            if !text.is_empty() {
+                println!("{}", text.trim_end());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(CliError::Usage(message)) => {
+            eprintln!("sluicectl: {message}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("sluicectl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<String, CliError> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| CliError::Usage(format!("cannot read standard input: {e}")))?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))
+}
+
+/// A resource file (YAML or JSON) as JSON.
+fn resource_file(path: &Path) -> Result<Value, CliError> {
+    let text = read_file(path)?;
+    serde_yaml_ng::from_str(&text)
+        .map_err(|e| CliError::Usage(format!("{} is not YAML or JSON: {e}", path.display())))
+}
+
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+fn encode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+fn if_match(version: Option<u64>) -> Vec<(&'static str, String)> {
+    version
+        .map(|v| vec![("if-match", format!("\"{v}\""))])
+        .unwrap_or_default()
+}
+
+/// A spinner while a long request runs (on a terminal only).
+async fn with_progress<T>(label: String, work: impl Future<Output = T>) -> T {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_message(label);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let result = work.await;
+    bar.finish_and_clear();
+    result
+}
+
+async fn run(cli: Cli) -> Result<String, CliError> {
+    let output = cli.output;
+    let command = match cli.command {
+        Command::Validate { file } => return validate(&file),
+        Command::Schema => {
+            return Ok(serde_json::to_string_pretty(&declarative::json_schema()).unwrap_or_default());
+        }
+        Command::Online(command) => command,
+    };
+    let config = read_config(cli.config.as_ref())?;
+    let server = cli
+        .server
+        .or(config.server)
+        .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+    let client = Client::new(server, cli.token.or(config.token))?;
+    let show = |value: &Value, shape: Shape| render(value, output, shape);
+    match command {
+        Online::Apis(args) => resource(&client, "apis", args.action, output).await,
+        Online::Upstreams(args) => resource(&client, "upstreams", args.action, output).await,
+        Online::Consumers(args) => resource(&client, "consumers", args.action, output).await,
+        Online::Plans(args) => resource(&client, "plans", args.action, output).await,
+        Online::Subscriptions(args) => {
+            resource(&client, "subscriptions", args.action, output).await
+        }
+        Online::Policies(args) => resource(&client, "policies", args.action, output).await,
+        Online::Brokers(args) => resource(&client, "brokers", args.action, output).await,
+        Online::Credentials { consumer, action } => {
+            let base = format!("/v1/consumers/{}/credentials", encode(&consumer));
+            match action {
+                CredentialAction::List => Ok(show(
+                    &client.call(Method::GET, &base, Body::None, &[]).await?.body,
+                    Shape::Resources,
+                )),
+                CredentialAction::Get { key } => Ok(show(
+                    &client
+                        .call(
+                            Method::GET,
+                            &format!("{base}/{}", encode(&key)),
+                            Body::None,
+                            &[],
+                        )
+                        .await?
+                        .body,
+                    Shape::Resource,
+                )),
+                CredentialAction::Create { file } => Ok(show(
+                    &client
+                        .call(Method::POST, &base, Body::Json(resource_file(&file)?), &[])
+                        .await?
+                        .body,
+                    Shape::Resource,
+                )),
+                CredentialAction::Delete { key } => {
+                    client
+                        .call(
+                            Method::DELETE,
+                            &format!("{base}/{}", encode(&key)),
+                            Body::None,
+                            &[],
+                        )
+                        .await?;
+                    Ok(format!("deleted credential {key}"))
+                }
+            }
+        }
+        Online::Keys { consumer, action } => {
+            let base = format!("/v1/consumers/{}/keys", encode(&consumer));
+            let issued = |body: Value| -> String {
+                if output == Output::Table {
+                    let name = body["credential"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    format!(
+                        "key {name}: {}\nstore it now: it is not shown again",
+                        body["key"].as_str().unwrap_or_default()
+                    )
+                } else {
+                    render(&body, output, Shape::Other)
+                }
+            };
+            match action {
+                KeyAction::List => Ok(show(
+                    &client.call(Method::GET, &base, Body::None, &[]).await?.body,
+                    Shape::Resources,
+                )),
+                KeyAction::Create { name, expires_at } => {
+                    let mut body = json!({});
+                    if let Some(name) = name {
+                        body["name"] = name.into();
+                    }
+                    if let Some(at) = expires_at {
+                        body["expires_at"] = at.into();
+                    }
+                    Ok(issued(
+                        client
+                            .call(Method::POST, &base, Body::Json(body), &[])
+                            .await?
+                            .body,
+                    ))
+                }
+                KeyAction::Rotate { key, grace_period } => {
+                    let body =
+                        grace_period.map_or_else(|| json!({}), |g| json!({ "grace_period": g }));
+                    Ok(issued(
+                        client
+                            .call(
+                                Method::POST,
+                                &format!("{base}/{}/rotate", encode(&key)),
+                                Body::Json(body),
+                                &[],
+                            )
+                            .await?
+                            .body,
+                    ))
+                }
+                KeyAction::Revoke { key } => {
+                    client
+                        .call(
+                            Method::POST,
+                            &format!("{base}/{}/revoke", encode(&key)),
+                            Body::None,
+                            &[],
+                        )
+                        .await?;
+                    Ok(format!("revoked key {key}"))
+                }
+            }
+        }
+        Online::Apply {
+            file,
+            dry_run,
+            message,
+        } => {
+            let text = read_file(&file)?;
+            let content_type = if Format::from_path(&file) == Format::Json {
+                "application/json"
+            } else {
+                "application/yaml"
+            };
+            let path = format!(
+                "/v1/apply{}",
+                query(&[
+                    ("dry_run", dry_run.then(|| "true".into())),
+                    ("message", message)
+                ])
+            );
+            let label = format!("applying {} ({} bytes)", file.display(), text.len());
+            let reply = with_progress(
+                label,
+                client.call(Method::POST, &path, Body::Text(text, content_type), &[]),
+            )
+            .await?;
+            Ok(show(&reply.body, Shape::Changes))
+        }
+        Online::Export { group, version } => {
+            let format = (output == Output::Json).then(|| "json".to_owned());
+            let path = format!(
+                "/v1/export{}",
+                query(&[
+                    ("group", group),
+                    ("version", version.map(|v| v.to_string())),
+                    ("format", format)
+                ])
+            );
+            let reply = client.call(Method::GET, &path, Body::None, &[]).await?;
+            Ok(match reply.body {
+                Value::String(yaml) => yaml,
+                other => serde_json::to_string_pretty(&other).unwrap_or_default(),
+            })
+        }
+        Online::Import {
+            what:
+                ImportWhat::Openapi {
+                    file,
+                    dry_run,
+                    name,
+                    group,
+                },
+        } => {
+            let text = read_file(&file)?;
+            let path = format!(
+                "/v1/import/openapi{}",
+                query(&[
+                    ("dry_run", dry_run.then(|| "true".into())),
+                    ("name", name),
+                    ("group", group)
+                ])
+            );
+            let label = format!("importing {}", file.display());
+            let reply = with_progress(
+                label,
+                client.call(
+                    Method::POST,
+                    &path,
+                    Body::Text(text, "application/yaml"),
+                    &[],
+                ),
+            )
+            .await?;
+            Ok(show(&reply.body, Shape::Changes))
+        }
+        Online::Versions { action } => match action {
+            VersionAction::List { limit, before } => {
+                let path = format!(
+                    "/v1/versions{}",
+                    query(&[
+                        ("limit", Some(limit.to_string())),
+                        ("before", before.map(|b| b.to_string()))
+                    ])
+                );
+                Ok(show(
+                    &client.call(Method::GET, &path, Body::None, &[]).await?.body,
+                    Shape::Versions,
+                ))
+            }
+            VersionAction::Show { number, group } => {
+                let path = format!("/v1/versions/{number}{}", query(&[("group", group)]));
+                Ok(show(
+                    &client.call(Method::GET, &path, Body::None, &[]).await?.body,
+                    Shape::Other,
+                ))
+            }
+            VersionAction::Diff { from, to } => Ok(show(
+                &client
+                    .call(
+                        Method::GET,
+                        &format!("/v1/versions/{from}/diff/{to}"),
+                        Body::None,
+                        &[],
+                    )
+                    .await?
+                    .body,
+                Shape::Changes,
+            )),
+            VersionAction::Rollback { number, dry_run } => {
+                let path = format!(
+                    "/v1/versions/{number}/rollback{}",
+                    query(&[("dry_run", dry_run.then(|| "true".into()))])
+                );
+                let reply = with_progress(
+                    format!("rolling back to {number}"),
+                    client.call(Method::POST, &path, Body::None, &[]),
+                )
+                .await?;
+                Ok(show(&reply.body, Shape::Changes))
+            }
+        },
+        Online::Tokens { action } => match action {
+            TokenAction::List => Ok(show(
+                &client
+                    .call(Method::GET, "/v1/tokens", Body::None, &[])
+                    .await?
+                    .body,
+                Shape::Tokens,
+            )),
+            TokenAction::Create { name, role } => {
+                let reply = client
+                    .call(
+                        Method::POST,
+                        "/v1/tokens",
+                        Body::Json(json!({ "name": name, "role": role })),
+                        &[],
+                    )
+                    .await?;
+                Ok(if output == Output::Table {
+                    format!(
+                        "token {name} ({role}): {}\nstore it now: it is not shown again",
+                        reply.body["token"].as_str().unwrap_or_default()
+                    )
+                } else {
+                    render(&reply.body, output, Shape::Other)
+                })
+            }
+            TokenAction::Delete { key } => {
+                client
+                    .call(
+                        Method::DELETE,
+                        &format!("/v1/tokens/{}", encode(&key)),
+                        Body::None,
+                        &[],
+                    )
+                    .await?;
+                Ok(format!("deleted token {key}"))
+            }
+        },
+    }
+}
+
+async fn resource(
+    client: &Client,
+    collection: &str,
+    action: ResourceAction,
+    output: Output,
+) -> Result<String, CliError> {
+    let show = |value: &Value, shape: Shape| render(value, output, shape);
+    match action {
+        ResourceAction::List {
+            group,
+            limit,
+            after,
+            consumer,
+            api,
+            plan,
+        } => {
+            let path = format!(
+                "/v1/{collection}{}",
+                query(&[
+                    ("group", group),
+                    ("limit", Some(limit.to_string())),
+                    ("after", after),
+                    ("consumer", consumer),
+                    ("api", api),
+                    ("plan", plan)
+                ])
+            );
+            Ok(show(
+                &client.call(Method::GET, &path, Body::None, &[]).await?.body,
+                Shape::Resources,
+            ))
+        }
+        ResourceAction::Get { key, group } => {
+            let path = format!(
+                "/v1/{collection}/{}{}",
+                encode(&key),
+                query(&[("group", group)])
+            );
+            Ok(show(
+                &client.call(Method::GET, &path, Body::None, &[]).await?.body,
+                Shape::Resource,
+            ))
+        }
+        ResourceAction::Create { file, group } => {
+            let path = format!("/v1/{collection}{}", query(&[("group", group)]));
+            Ok(show(
+                &client
+                    .call(Method::POST, &path, Body::Json(resource_file(&file)?), &[])
+                    .await?
+                    .body,
+                Shape::Resource,
+            ))
+        }
+        ResourceAction::Update {
+            key,
+            file,
+            group,
+            if_match: version,
+        } => {
+            let path = format!(
+                "/v1/{collection}/{}{}",
+                encode(&key),
+                query(&[("group", group)])
+            );
+            Ok(show(
+                &client
+                    .call(
+                        Method::PUT,
+                        &path,
+                        Body::Json(resource_file(&file)?),
+                        &if_match(version),
+                    )
+                    .await?
+                    .body,
+                Shape::Resource,
+            ))
+        }
+        ResourceAction::Delete {
+            key,
+            group,
+            if_match: version,
+        } => {
+            let path = format!(
+                "/v1/{collection}/{}{}",
+                encode(&key),
+                query(&[("group", group)])
+            );
+            client
+                .call(Method::DELETE, &path, Body::None, &if_match(version))
+                .await?;
+            Ok(format!("deleted {collection} {key}"))
+        }
+    }
+}
+
+fn validate(file: &Path) -> Result<String, CliError> {
+    let text = read_file(file)?;
+    let format = if file.as_os_str() == "-" {
+        Format::Yaml
+    } else {
+        Format::from_path(file)
+    };
+    match declarative::load(&text, format) {
+        Ok(config) => Ok(format!(
+            "{}: ok: {} apis ({} routes), {} upstreams, {} consumers ({} credentials), {} plans, \
+             {} subscriptions, {} policies, {} brokers; content hash {}",
+            file.display(),
+            config.apis.len(),
+            config.apis.iter().map(|a| a.routes.len()).sum::<usize>(),
+            config.upstreams.len(),
+            config.consumers.len(),
+            config.credentials.len(),
+            config.plans.len(),
+            config.subscriptions.len(),
+            config.policies.len(),
+            config.brokers.len(),
+            sluice_proto::hash::content_hash(&config),
+        )),
+        Err(errors) => Err(CliError::Api(format!("{}: {errors}", file.display()))),
+    }
+}
