@@ -2,12 +2,13 @@
 #   make test      everything the project checks (services are started first)
 #   make services  Postgres, Redis and a Kafka-protocol broker on loopback, for the tests
 #   make lint      formatting and clippy only
+#   make bench     the benchmarks (release build; results in target/bench/)
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 
-.PHONY: test services lint fmt build check-schema
+.PHONY: test services lint fmt build bench
 
 test: services lint build
 	@# The service URLs come from scripts/services.sh (the export lines it prints); the
@@ -33,3 +34,8 @@ build:
 
 fmt:
 	$(CARGO) fmt --all
+
+bench: services
+	@# Benchmarks compare side by side in one run and write target/bench/NAME.json.
+	service_env=$$(bash scripts/services.sh); eval "$$service_env"; \
+	$(CARGO) run --release --locked -p sluice-bench --bin registry

@@ -205,6 +205,60 @@ async fn roles_and_resource_crud_over_grpc() -> anyhow::Result<()> {
     assert_eq!(rest.items.len(), 1);
     assert!(rest.next_page_token.is_empty());
 
+    // An API that routes to svc2 keeps it from being deleted: FAILED_PRECONDITION.
+    let svc2 =
+        sluice_proto::declarative::normalize::derived_id(ResourceKind::Upstream, "default", "svc2");
+    let api: pb::Resource = pb::Api {
+        meta: Some(pb::Meta {
+            name: "uses-svc2".into(),
+            ..Default::default()
+        }),
+        routes: vec![pb::Route {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: "r".into(),
+            r#match: Some(pb::RouteMatch {
+                path: Some(pb::PathMatch {
+                    kind: pb::path_match::Kind::Prefix as i32,
+                    value: "/".into(),
+                }),
+                ..Default::default()
+            }),
+            action: Some(pb::route::Action::Proxy(pb::ProxyAction {
+                upstream_id: svc2.clone(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .into();
+    rpc.create_resource(authed(
+        pb::CreateResourceRequest {
+            resource: Some(api),
+            message: String::new(),
+        },
+        ADMIN_TOKEN,
+    ))
+    .await?;
+    let in_use = rpc
+        .delete_resource(authed(
+            pb::DeleteResourceRequest {
+                kind: ResourceKind::Upstream as i32,
+                id: svc2,
+                if_match: 0,
+                message: String::new(),
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        in_use.code(),
+        Code::FailedPrecondition,
+        "{}",
+        in_use.message()
+    );
+
     let deleted = rpc
         .delete_resource(authed(
             pb::DeleteResourceRequest {

@@ -377,6 +377,36 @@ async fn crud_on_every_collection_with_etags_and_errors() -> anyhow::Result<()> 
         StatusCode::BAD_REQUEST,
     );
     assert_problem(
+        &admin(&cp, Method::GET, "/v1/apis?limit=1&limit=2", None).await?,
+        StatusCode::BAD_REQUEST,
+    );
+    assert_problem(
+        &admin(&cp, Method::PATCH, "/v1/apis", None).await?,
+        StatusCode::METHOD_NOT_ALLOWED,
+    );
+    let huge = json!({ "name": "x".repeat(5 * 1024 * 1024) });
+    assert_problem(
+        &admin(&cp, Method::POST, "/v1/plans", Some(huge)).await?,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    );
+    let lowercase = call(
+        &cp,
+        None,
+        Method::GET,
+        "/v1/apis",
+        None,
+        &[("authorization", &format!("bearer {ADMIN_TOKEN}"))],
+    )
+    .await?;
+    assert_eq!(
+        lowercase.status,
+        StatusCode::OK,
+        "the Bearer scheme is case-insensitive"
+    );
+    let moved = admin(&cp, Method::PUT, &format!("/v1/plans/{}", ids[3].1), Some(json!({ "name": "gold", "group": "prod", "rate_limits": [{ "limit": 1, "per": "second" }] }))).await?;
+    assert_problem(&moved, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(moved.body["errors"][0]["path"], "group");
+    assert_problem(
         &admin(&cp, Method::GET, "/v1/widgets", None).await?,
         StatusCode::NOT_FOUND,
     );
@@ -684,6 +714,10 @@ async fn apply_export_versions_diff_and_rollback() -> anyhow::Result<()> {
         "{}",
         diff.body
     );
+    let v0 = admin(&cp, Method::GET, "/v1/versions/0", None).await?;
+    assert_eq!(v0.status, StatusCode::OK, "{}", v0.body);
+    assert!(v0.body["version"].is_null());
+    assert_eq!(v0.body["snapshot"]["format_version"], 1);
     let v1 = admin(&cp, Method::GET, "/v1/versions/1", None).await?;
     assert_eq!(v1.body["version"]["number"], 1);
     assert_eq!(v1.body["snapshot"]["apis"].as_array().unwrap().len(), 2);
@@ -731,6 +765,11 @@ async fn apply_export_versions_diff_and_rollback() -> anyhow::Result<()> {
     assert_problem(
         &admin(&cp, Method::GET, "/v1/versions/99", None).await?,
         StatusCode::NOT_FOUND,
+    );
+    // Version 1 is past retention: its state cannot be shown either.
+    assert_problem(
+        &admin(&cp, Method::GET, "/v1/versions/1", None).await?,
+        StatusCode::GONE,
     );
     assert_problem(
         &admin(&cp, Method::GET, "/v1/versions/x/diff/2", None).await?,
@@ -792,6 +831,31 @@ async fn openapi_import_of_the_petstore() -> anyhow::Result<()> {
     .await?;
     assert_eq!(
         upstream.body["targets"][0]["url"],
+        "http://petstore.swagger.io"
+    );
+
+    // An upstream of the same name made through the API, under an id of its own, is updated by
+    // a new import rather than clashing with it.
+    let custom = admin(&cp, Method::POST, "/v1/upstreams", Some(json!({ "id": "0b5c1a3e-8d52-4c5e-9c1e-1f2a3b4c5d6e", "name": "other-upstream", "targets": [{ "url": "http://127.0.0.1:1" }] }))).await?;
+    assert_eq!(custom.status, StatusCode::CREATED, "{}", custom.body);
+    let renamed = send_text(
+        &cp,
+        "/v1/import/openapi?name=other",
+        "application/yaml",
+        PETSTORE,
+    )
+    .await?;
+    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+    assert_eq!(
+        admin(&cp, Method::GET, "/v1/upstreams/other-upstream", None)
+            .await?
+            .body["id"],
+        "0b5c1a3e-8d52-4c5e-9c1e-1f2a3b4c5d6e"
+    );
+    assert_eq!(
+        admin(&cp, Method::GET, "/v1/upstreams/other-upstream", None)
+            .await?
+            .body["targets"][0]["url"],
         "http://petstore.swagger.io"
     );
 

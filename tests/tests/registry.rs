@@ -360,10 +360,10 @@ async fn constraints_become_clear_errors() -> anyhow::Result<()> {
         )
         .await
     {
-        Err(RegistryError::Conflict(message)) => {
+        Err(RegistryError::StillReferenced(message)) => {
             assert!(message.contains("still referenced"), "{message}")
         }
-        other => panic!("expected Conflict, got {other:?}"),
+        other => panic!("expected StillReferenced, got {other:?}"),
     }
     // A second resource with a taken name.
     let mut twin = consumer("acme");
@@ -480,5 +480,36 @@ async fn snapshots_are_deterministic_and_deltas_bridge_versions() -> anyhow::Res
         sluice_proto::hash::content_hash(&rebuilt),
         second.content_hash
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resource_without_a_kind_is_refused_not_a_crash() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 10).await?;
+    let nothing = Resource { kind: None };
+    match registry
+        .commit(
+            "t",
+            "empty",
+            vec![Write::Put {
+                resource: nothing,
+                if_match: None,
+            }],
+        )
+        .await
+    {
+        Err(RegistryError::Invalid(errors)) => assert_eq!(errors.0[0].path, "kind"),
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    let delete = Write::Delete {
+        kind: ResourceKind::Unspecified,
+        id: uuid::Uuid::new_v4().to_string(),
+        if_match: None,
+    };
+    assert!(matches!(
+        registry.commit("t", "x", vec![delete]).await,
+        Err(RegistryError::Invalid(_))
+    ));
     Ok(())
 }

@@ -97,11 +97,13 @@ impl Authenticator {
                 "send Authorization: Bearer <token>".into(),
             ));
         };
-        let Some(token) = value
-            .strip_prefix("Bearer ")
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-        else {
+        // The scheme is case-insensitive (RFC 9110, section 11.1).
+        let token = value
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .filter(|t| !t.is_empty());
+        let Some(token) = token else {
             return Err(ApiError::Unauthenticated(
                 "the Authorization header must be \"Bearer <token>\"".into(),
             ));

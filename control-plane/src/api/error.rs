@@ -1,6 +1,6 @@
 //! The one place errors become responses: RFC 9457 problem documents on REST, statuses on
 //! gRPC. Nothing internal (SQL, stack traces) reaches a client; database failures are logged
-//! and answered with a generic 500/UNAVAILABLE.
+//! and answered with a generic 500/INTERNAL.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +25,10 @@ pub enum ApiError {
     Invalid(ConfigErrors),
     #[error("{0}")]
     Conflict(String),
+    /// Refused because other resources still refer to it: 409 on REST, FAILED_PRECONDITION on
+    /// gRPC (retrying cannot help until the references go).
+    #[error("{0}")]
+    InUse(String),
     #[error("{0}")]
     PreconditionFailed(String),
     /// The version asked for is gone (past retention).
@@ -32,6 +36,12 @@ pub enum ApiError {
     Gone(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    #[error("this endpoint does not take that method; see /v1/openapi.json")]
+    MethodNotAllowed,
+    #[error(
+        "the request took too long and was abandoned; nothing was committed unless a version was reported"
+    )]
+    Timeout,
     #[error("internal error")]
     Internal(String),
 }
@@ -46,9 +56,12 @@ impl ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::InUse(_) => (StatusCode::CONFLICT, "in-use"),
             Self::PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition-failed"),
             Self::Gone(_) => (StatusCode::GONE, "version-not-retained"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
+            Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -78,8 +91,11 @@ impl ApiError {
                 Code::InvalidArgument
             }
             Self::Conflict(_) => Code::AlreadyExists,
+            Self::InUse(_) => Code::FailedPrecondition,
             Self::PreconditionFailed(_) => Code::Aborted,
             Self::Gone(_) => Code::OutOfRange,
+            Self::MethodNotAllowed => Code::Unimplemented,
+            Self::Timeout => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, self.to_string())
@@ -95,6 +111,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::PreconditionFailed { .. } => Self::PreconditionFailed(e.to_string()),
             RegistryError::Invalid(errors) => Self::Invalid(errors),
             RegistryError::Conflict(message) => Self::Conflict(message),
+            RegistryError::StillReferenced(message) => Self::InUse(message),
             RegistryError::VersionNotRetained { .. } => Self::Gone(e.to_string()),
             RegistryError::Database(_) | RegistryError::Corrupt(_) => {
                 tracing::error!(error = %e, "registry failure");
@@ -145,4 +162,34 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Turns the bare error replies produced outside the handlers (a body over the size limit, a
+/// method an endpoint does not take, a request past the timeout) into problem documents, so
+/// every error a client sees has the same shape.
+pub async fn problem_for_bare_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if is_problem || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge("the body is larger than this endpoint accepts".into())
+        }
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+        StatusCode::SERVICE_UNAVAILABLE => ApiError::Timeout,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ApiError::BadRequest("unsupported content type".into())
+        }
+        _ => return response,
+    };
+    let mut replaced = error.into_response();
+    if let Some(allow) = response.headers().get(header::ALLOW) {
+        replaced.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    replaced
 }

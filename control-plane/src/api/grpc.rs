@@ -152,6 +152,18 @@ fn with_id(mut resource: Resource) -> Result<Resource, Status> {
     Ok(resource)
 }
 
+/// A key just issued, as gRPC returns it.
+fn issued_pb(issued: keys::Issued) -> pb::ApiKeyIssued {
+    pb::ApiKeyIssued {
+        credential: match issued.credential.kind {
+            Some(pb::resource::Kind::Credential(c)) => Some(c),
+            _ => None,
+        },
+        plaintext_key: issued.plaintext,
+        version: issued.committed.version.as_ref().map(version_pb),
+    }
+}
+
 fn write_result(resource: Option<Resource>, version: Option<&VersionInfo>) -> pb::WriteResult {
     pb::WriteResult {
         resource,
@@ -365,14 +377,7 @@ impl registry_server::Registry for RegistryService {
             &format!("create API key for {}", describe(&owner)),
         )
         .await?;
-        Ok(Response::new(pb::ApiKeyIssued {
-            credential: match issued.credential.kind {
-                Some(pb::resource::Kind::Credential(c)) => Some(c),
-                _ => None,
-            },
-            plaintext_key: issued.plaintext,
-            version: issued.committed.version.as_ref().map(version_pb),
-        }))
+        Ok(Response::new(issued_pb(issued)))
     }
 
     async fn rotate_api_key(
@@ -405,14 +410,7 @@ impl registry_server::Registry for RegistryService {
             &message,
         )
         .await?;
-        Ok(Response::new(pb::ApiKeyIssued {
-            credential: match issued.credential.kind {
-                Some(pb::resource::Kind::Credential(c)) => Some(c),
-                _ => None,
-            },
-            plaintext_key: issued.plaintext,
-            version: issued.committed.version.as_ref().map(version_pb),
-        }))
+        Ok(Response::new(issued_pb(issued)))
     }
 
     async fn revoke_api_key(
@@ -470,11 +468,12 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::VersionDetail>, Status> {
         self.caller(&request, Role::Viewer).await?;
         let r = request.into_inner();
-        let info = self
-            .registry
-            .version(r.number)
-            .await
-            .map_err(ApiError::from)?;
+        // As on REST: a state kept after its version row was pruned is shown without it.
+        let info = match self.registry.version(r.number).await {
+            Ok(info) => Some(version_pb(&info)),
+            Err(crate::registry::RegistryError::VersionNotFound(_)) => None,
+            Err(e) => return Err(ApiError::from(e).into()),
+        };
         let group = (!r.group.is_empty()).then_some(r.group.as_str());
         let snapshot = self
             .registry
@@ -482,7 +481,7 @@ impl registry_server::Registry for RegistryService {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::VersionDetail {
-            info: Some(version_pb(&info)),
+            info,
             snapshot: Some(snapshot),
         }))
     }

@@ -125,9 +125,13 @@ pub async fn rotate(
         if grace.is_zero() {
             c.revoked = true;
         } else {
-            let until = chrono::Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default();
+            // A grace period shortens a key's life, never lengthens it.
+            let until = (chrono::Utc::now()
+                + chrono::Duration::from_std(grace).unwrap_or_default())
+            .timestamp();
+            let until = c.expires_at.map_or(until, |at| at.seconds.min(until));
             c.expires_at = Some(prost_types::Timestamp {
-                seconds: until.timestamp(),
+                seconds: until,
                 nanos: 0,
             });
         }

@@ -41,6 +41,9 @@ pub struct Cli {
     /// How to show replies.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Output,
+    /// The message of the version a write makes (default: a description of the write).
+    #[arg(short, long, global = true)]
+    message: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,6 +84,9 @@ enum Online {
         /// The consumer (name or id).
         #[arg(long)]
         consumer: String,
+        /// The consumer's group, when it is named.
+        #[arg(long)]
+        group: Option<String>,
         #[command(subcommand)]
         action: CredentialAction,
     },
@@ -89,6 +95,9 @@ enum Online {
         /// The consumer (name or id).
         #[arg(long)]
         consumer: String,
+        /// The consumer's group, when it is named.
+        #[arg(long)]
+        group: Option<String>,
         #[command(subcommand)]
         action: KeyAction,
     },
@@ -99,9 +108,6 @@ enum Online {
         /// Show what would change; commit nothing.
         #[arg(long)]
         dry_run: bool,
-        /// The version's message.
-        #[arg(short, long)]
-        message: Option<String>,
     },
     /// Print the registry (or a group, or a past version) as a declarative document.
     Export {
@@ -190,7 +196,13 @@ enum ResourceAction {
 
 #[derive(Debug, Subcommand)]
 enum CredentialAction {
-    List,
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue after this cursor (printed under a page that has more).
+        #[arg(long)]
+        after: Option<String>,
+    },
     Get {
         key: String,
     },
@@ -239,6 +251,9 @@ enum ImportWhat {
         name: Option<String>,
         #[arg(long)]
         group: Option<String>,
+        /// Which `servers` entry becomes the upstream (default 0).
+        #[arg(long = "server-index")]
+        server_index: Option<usize>,
     },
 }
 
@@ -357,135 +372,49 @@ async fn run(cli: Cli) -> Result<String, CliError> {
     let command = match cli.command {
         Command::Validate { file } => return validate(&file),
         Command::Schema => {
-            return Ok(serde_json::to_string_pretty(&declarative::json_schema()).unwrap_or_default());
+            return Ok(
+                serde_json::to_string_pretty(&declarative::json_schema()).unwrap_or_default()
+            );
         }
         Command::Online(command) => command,
     };
-    let config = read_config(cli.config.as_ref())?;
-    let server = cli
-        .server
+    // An empty flag or variable counts as unset, so the config file can still supply it; the
+    // file is not read at all when flags and environment give both.
+    let non_empty = |v: Option<String>| v.filter(|v| !v.is_empty());
+    let (server, token) = (non_empty(cli.server), non_empty(cli.token));
+    let config = if server.is_some() && token.is_some() {
+        client::ConfigFile::default()
+    } else {
+        read_config(cli.config.as_ref())?
+    };
+    let server = server
         .or(config.server)
         .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
-    let client = Client::new(server, cli.token.or(config.token))?;
-    let show = |value: &Value, shape: Shape| render(value, output, shape);
+    let client = Client::new(server, token.or(non_empty(config.token)))?;
+    let ctx = Ctx {
+        client,
+        output,
+        message: cli.message,
+    };
     match command {
-        Online::Apis(args) => resource(&client, "apis", args.action, output).await,
-        Online::Upstreams(args) => resource(&client, "upstreams", args.action, output).await,
-        Online::Consumers(args) => resource(&client, "consumers", args.action, output).await,
-        Online::Plans(args) => resource(&client, "plans", args.action, output).await,
-        Online::Subscriptions(args) => {
-            resource(&client, "subscriptions", args.action, output).await
-        }
-        Online::Policies(args) => resource(&client, "policies", args.action, output).await,
-        Online::Brokers(args) => resource(&client, "brokers", args.action, output).await,
-        Online::Credentials { consumer, action } => {
-            let base = format!("/v1/consumers/{}/credentials", encode(&consumer));
-            match action {
-                CredentialAction::List => Ok(show(
-                    &client.call(Method::GET, &base, Body::None, &[]).await?.body,
-                    Shape::Resources,
-                )),
-                CredentialAction::Get { key } => Ok(show(
-                    &client
-                        .call(
-                            Method::GET,
-                            &format!("{base}/{}", encode(&key)),
-                            Body::None,
-                            &[],
-                        )
-                        .await?
-                        .body,
-                    Shape::Resource,
-                )),
-                CredentialAction::Create { file } => Ok(show(
-                    &client
-                        .call(Method::POST, &base, Body::Json(resource_file(&file)?), &[])
-                        .await?
-                        .body,
-                    Shape::Resource,
-                )),
-                CredentialAction::Delete { key } => {
-                    client
-                        .call(
-                            Method::DELETE,
-                            &format!("{base}/{}", encode(&key)),
-                            Body::None,
-                            &[],
-                        )
-                        .await?;
-                    Ok(format!("deleted credential {key}"))
-                }
-            }
-        }
-        Online::Keys { consumer, action } => {
-            let base = format!("/v1/consumers/{}/keys", encode(&consumer));
-            let issued = |body: Value| -> String {
-                if output == Output::Table {
-                    let name = body["credential"]["name"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned();
-                    format!(
-                        "key {name}: {}\nstore it now: it is not shown again",
-                        body["key"].as_str().unwrap_or_default()
-                    )
-                } else {
-                    render(&body, output, Shape::Other)
-                }
-            };
-            match action {
-                KeyAction::List => Ok(show(
-                    &client.call(Method::GET, &base, Body::None, &[]).await?.body,
-                    Shape::Resources,
-                )),
-                KeyAction::Create { name, expires_at } => {
-                    let mut body = json!({});
-                    if let Some(name) = name {
-                        body["name"] = name.into();
-                    }
-                    if let Some(at) = expires_at {
-                        body["expires_at"] = at.into();
-                    }
-                    Ok(issued(
-                        client
-                            .call(Method::POST, &base, Body::Json(body), &[])
-                            .await?
-                            .body,
-                    ))
-                }
-                KeyAction::Rotate { key, grace_period } => {
-                    let body =
-                        grace_period.map_or_else(|| json!({}), |g| json!({ "grace_period": g }));
-                    Ok(issued(
-                        client
-                            .call(
-                                Method::POST,
-                                &format!("{base}/{}/rotate", encode(&key)),
-                                Body::Json(body),
-                                &[],
-                            )
-                            .await?
-                            .body,
-                    ))
-                }
-                KeyAction::Revoke { key } => {
-                    client
-                        .call(
-                            Method::POST,
-                            &format!("{base}/{}/revoke", encode(&key)),
-                            Body::None,
-                            &[],
-                        )
-                        .await?;
-                    Ok(format!("revoked key {key}"))
-                }
-            }
-        }
-        Online::Apply {
-            file,
-            dry_run,
-            message,
-        } => {
+        Online::Apis(args) => ctx.resource("apis", args.action).await,
+        Online::Upstreams(args) => ctx.resource("upstreams", args.action).await,
+        Online::Consumers(args) => ctx.resource("consumers", args.action).await,
+        Online::Plans(args) => ctx.resource("plans", args.action).await,
+        Online::Subscriptions(args) => ctx.resource("subscriptions", args.action).await,
+        Online::Policies(args) => ctx.resource("policies", args.action).await,
+        Online::Brokers(args) => ctx.resource("brokers", args.action).await,
+        Online::Credentials {
+            consumer,
+            group,
+            action,
+        } => ctx.credentials(&consumer, group, action).await,
+        Online::Keys {
+            consumer,
+            group,
+            action,
+        } => ctx.keys(&consumer, group, action).await,
+        Online::Apply { file, dry_run } => {
             let text = read_file(&file)?;
             let content_type = if Format::from_path(&file) == Format::Json {
                 "application/json"
@@ -494,18 +423,16 @@ async fn run(cli: Cli) -> Result<String, CliError> {
             };
             let path = format!(
                 "/v1/apply{}",
-                query(&[
-                    ("dry_run", dry_run.then(|| "true".into())),
-                    ("message", message)
-                ])
+                ctx.write_query(&[("dry_run", dry_run.then(|| "true".into()))])
             );
             let label = format!("applying {} ({} bytes)", file.display(), text.len());
             let reply = with_progress(
                 label,
-                client.call(Method::POST, &path, Body::Text(text, content_type), &[]),
+                ctx.client
+                    .call(Method::POST, &path, Body::Text(text, content_type), &[]),
             )
             .await?;
-            Ok(show(&reply.body, Shape::Changes))
+            Ok(ctx.show(&reply.body, Shape::Changes))
         }
         Online::Export { group, version } => {
             let format = (output == Output::Json).then(|| "json".to_owned());
@@ -517,7 +444,7 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                     ("format", format)
                 ])
             );
-            let reply = client.call(Method::GET, &path, Body::None, &[]).await?;
+            let reply = ctx.client.call(Method::GET, &path, Body::None, &[]).await?;
             Ok(match reply.body {
                 Value::String(yaml) => yaml,
                 other => serde_json::to_string_pretty(&other).unwrap_or_default(),
@@ -530,21 +457,23 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                     dry_run,
                     name,
                     group,
+                    server_index,
                 },
         } => {
             let text = read_file(&file)?;
             let path = format!(
                 "/v1/import/openapi{}",
-                query(&[
+                ctx.write_query(&[
                     ("dry_run", dry_run.then(|| "true".into())),
                     ("name", name),
-                    ("group", group)
+                    ("group", group),
+                    ("server", server_index.map(|i| i.to_string())),
                 ])
             );
             let label = format!("importing {}", file.display());
             let reply = with_progress(
                 label,
-                client.call(
+                ctx.client.call(
                     Method::POST,
                     &path,
                     Body::Text(text, "application/yaml"),
@@ -552,64 +481,287 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                 ),
             )
             .await?;
-            Ok(show(&reply.body, Shape::Changes))
+            Ok(ctx.show(&reply.body, Shape::Changes))
         }
-        Online::Versions { action } => match action {
-            VersionAction::List { limit, before } => {
+        Online::Versions { action } => ctx.versions(action).await,
+        Online::Tokens { action } => ctx.tokens(action).await,
+    }
+}
+
+/// What every online command needs.
+struct Ctx {
+    client: Client,
+    output: Output,
+    message: Option<String>,
+}
+
+impl Ctx {
+    fn show(&self, value: &Value, shape: Shape) -> String {
+        render(value, self.output, shape)
+    }
+
+    /// A query string for a write: `pairs` plus the version message, if one was given.
+    fn write_query(&self, pairs: &[(&str, Option<String>)]) -> String {
+        let mut all = pairs.to_vec();
+        all.push(("message", self.message.clone()));
+        query(&all)
+    }
+
+    async fn get(&self, path: &str, shape: Shape) -> Result<String, CliError> {
+        Ok(self.show(
+            &self
+                .client
+                .call(Method::GET, path, Body::None, &[])
+                .await?
+                .body,
+            shape,
+        ))
+    }
+
+    async fn resource(&self, collection: &str, action: ResourceAction) -> Result<String, CliError> {
+        match action {
+            ResourceAction::List {
+                group,
+                limit,
+                after,
+                consumer,
+                api,
+                plan,
+            } => {
+                let pairs = [
+                    ("group", group),
+                    ("limit", Some(limit.to_string())),
+                    ("after", after),
+                    ("consumer", consumer),
+                    ("api", api),
+                    ("plan", plan),
+                ];
+                self.get(
+                    &format!("/v1/{collection}{}", query(&pairs)),
+                    Shape::Resources,
+                )
+                .await
+            }
+            ResourceAction::Get { key, group } => {
+                self.get(
+                    &format!(
+                        "/v1/{collection}/{}{}",
+                        encode(&key),
+                        query(&[("group", group)])
+                    ),
+                    Shape::Resource,
+                )
+                .await
+            }
+            ResourceAction::Create { file, group } => {
+                let path = format!("/v1/{collection}{}", self.write_query(&[("group", group)]));
+                let reply = self
+                    .client
+                    .call(Method::POST, &path, Body::Json(resource_file(&file)?), &[])
+                    .await?;
+                Ok(self.show(&reply.body, Shape::Resource))
+            }
+            ResourceAction::Update {
+                key,
+                file,
+                group,
+                if_match: version,
+            } => {
                 let path = format!(
-                    "/v1/versions{}",
-                    query(&[
-                        ("limit", Some(limit.to_string())),
-                        ("before", before.map(|b| b.to_string()))
-                    ])
+                    "/v1/{collection}/{}{}",
+                    encode(&key),
+                    self.write_query(&[("group", group)])
                 );
-                Ok(show(
-                    &client.call(Method::GET, &path, Body::None, &[]).await?.body,
-                    Shape::Versions,
+                let reply = self
+                    .client
+                    .call(
+                        Method::PUT,
+                        &path,
+                        Body::Json(resource_file(&file)?),
+                        &if_match(version),
+                    )
+                    .await?;
+                Ok(self.show(&reply.body, Shape::Resource))
+            }
+            ResourceAction::Delete {
+                key,
+                group,
+                if_match: version,
+            } => {
+                let path = format!(
+                    "/v1/{collection}/{}{}",
+                    encode(&key),
+                    self.write_query(&[("group", group)])
+                );
+                self.client
+                    .call(Method::DELETE, &path, Body::None, &if_match(version))
+                    .await?;
+                Ok(format!("deleted {collection} {key}"))
+            }
+        }
+    }
+
+    async fn credentials(
+        &self,
+        consumer: &str,
+        group: Option<String>,
+        action: CredentialAction,
+    ) -> Result<String, CliError> {
+        let base = format!("/v1/consumers/{}/credentials", encode(consumer));
+        match action {
+            CredentialAction::List { limit, after } => {
+                let pairs = [
+                    ("group", group),
+                    ("limit", Some(limit.to_string())),
+                    ("after", after),
+                ];
+                self.get(&format!("{base}{}", query(&pairs)), Shape::Resources)
+                    .await
+            }
+            CredentialAction::Get { key } => {
+                self.get(
+                    &format!("{base}/{}{}", encode(&key), query(&[("group", group)])),
+                    Shape::Resource,
+                )
+                .await
+            }
+            CredentialAction::Create { file } => {
+                let path = format!("{base}{}", self.write_query(&[("group", group)]));
+                let reply = self
+                    .client
+                    .call(Method::POST, &path, Body::Json(resource_file(&file)?), &[])
+                    .await?;
+                Ok(self.show(&reply.body, Shape::Resource))
+            }
+            CredentialAction::Delete { key } => {
+                let path = format!(
+                    "{base}/{}{}",
+                    encode(&key),
+                    self.write_query(&[("group", group)])
+                );
+                self.client
+                    .call(Method::DELETE, &path, Body::None, &[])
+                    .await?;
+                Ok(format!("deleted credential {key}"))
+            }
+        }
+    }
+
+    /// A key just issued: its plaintext, once.
+    fn issued(&self, body: &Value) -> String {
+        if self.output != Output::Table {
+            return render(body, self.output, Shape::Other);
+        }
+        let name = body["credential"]["name"].as_str().unwrap_or_default();
+        format!(
+            "key {name}: {}\nstore it now: it is not shown again",
+            body["key"].as_str().unwrap_or_default()
+        )
+    }
+
+    async fn keys(
+        &self,
+        consumer: &str,
+        group: Option<String>,
+        action: KeyAction,
+    ) -> Result<String, CliError> {
+        let base = format!("/v1/consumers/{}/keys", encode(consumer));
+        match action {
+            KeyAction::List => {
+                self.get(
+                    &format!("{base}{}", query(&[("group", group)])),
+                    Shape::Resources,
+                )
+                .await
+            }
+            KeyAction::Create { name, expires_at } => {
+                let mut body = json!({});
+                if let Some(name) = name {
+                    body["name"] = name.into();
+                }
+                if let Some(at) = expires_at {
+                    body["expires_at"] = at.into();
+                }
+                let path = format!("{base}{}", self.write_query(&[("group", group)]));
+                Ok(self.issued(
+                    &self
+                        .client
+                        .call(Method::POST, &path, Body::Json(body), &[])
+                        .await?
+                        .body,
                 ))
+            }
+            KeyAction::Rotate { key, grace_period } => {
+                let body = grace_period.map_or_else(|| json!({}), |g| json!({ "grace_period": g }));
+                let path = format!(
+                    "{base}/{}/rotate{}",
+                    encode(&key),
+                    self.write_query(&[("group", group)])
+                );
+                Ok(self.issued(
+                    &self
+                        .client
+                        .call(Method::POST, &path, Body::Json(body), &[])
+                        .await?
+                        .body,
+                ))
+            }
+            KeyAction::Revoke { key } => {
+                let path = format!(
+                    "{base}/{}/revoke{}",
+                    encode(&key),
+                    self.write_query(&[("group", group)])
+                );
+                self.client
+                    .call(Method::POST, &path, Body::None, &[])
+                    .await?;
+                Ok(format!("revoked key {key}"))
+            }
+        }
+    }
+
+    async fn versions(&self, action: VersionAction) -> Result<String, CliError> {
+        match action {
+            VersionAction::List { limit, before } => {
+                let pairs = [
+                    ("limit", Some(limit.to_string())),
+                    ("before", before.map(|b| b.to_string())),
+                ];
+                self.get(&format!("/v1/versions{}", query(&pairs)), Shape::Versions)
+                    .await
             }
             VersionAction::Show { number, group } => {
-                let path = format!("/v1/versions/{number}{}", query(&[("group", group)]));
-                Ok(show(
-                    &client.call(Method::GET, &path, Body::None, &[]).await?.body,
+                self.get(
+                    &format!("/v1/versions/{number}{}", query(&[("group", group)])),
                     Shape::Other,
-                ))
+                )
+                .await
             }
-            VersionAction::Diff { from, to } => Ok(show(
-                &client
-                    .call(
-                        Method::GET,
-                        &format!("/v1/versions/{from}/diff/{to}"),
-                        Body::None,
-                        &[],
-                    )
-                    .await?
-                    .body,
-                Shape::Changes,
-            )),
+            VersionAction::Diff { from, to } => {
+                self.get(&format!("/v1/versions/{from}/diff/{to}"), Shape::Changes)
+                    .await
+            }
             VersionAction::Rollback { number, dry_run } => {
                 let path = format!(
                     "/v1/versions/{number}/rollback{}",
-                    query(&[("dry_run", dry_run.then(|| "true".into()))])
+                    self.write_query(&[("dry_run", dry_run.then(|| "true".into()))])
                 );
                 let reply = with_progress(
                     format!("rolling back to {number}"),
-                    client.call(Method::POST, &path, Body::None, &[]),
+                    self.client.call(Method::POST, &path, Body::None, &[]),
                 )
                 .await?;
-                Ok(show(&reply.body, Shape::Changes))
+                Ok(self.show(&reply.body, Shape::Changes))
             }
-        },
-        Online::Tokens { action } => match action {
-            TokenAction::List => Ok(show(
-                &client
-                    .call(Method::GET, "/v1/tokens", Body::None, &[])
-                    .await?
-                    .body,
-                Shape::Tokens,
-            )),
+        }
+    }
+
+    async fn tokens(&self, action: TokenAction) -> Result<String, CliError> {
+        match action {
+            TokenAction::List => self.get("/v1/tokens", Shape::Tokens).await,
             TokenAction::Create { name, role } => {
-                let reply = client
+                let reply = self
+                    .client
                     .call(
                         Method::POST,
                         "/v1/tokens",
@@ -617,17 +769,17 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                         &[],
                     )
                     .await?;
-                Ok(if output == Output::Table {
+                Ok(if self.output == Output::Table {
                     format!(
                         "token {name} ({role}): {}\nstore it now: it is not shown again",
                         reply.body["token"].as_str().unwrap_or_default()
                     )
                 } else {
-                    render(&reply.body, output, Shape::Other)
+                    render(&reply.body, self.output, Shape::Other)
                 })
             }
             TokenAction::Delete { key } => {
-                client
+                self.client
                     .call(
                         Method::DELETE,
                         &format!("/v1/tokens/{}", encode(&key)),
@@ -637,101 +789,6 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                     .await?;
                 Ok(format!("deleted token {key}"))
             }
-        },
-    }
-}
-
-async fn resource(
-    client: &Client,
-    collection: &str,
-    action: ResourceAction,
-    output: Output,
-) -> Result<String, CliError> {
-    let show = |value: &Value, shape: Shape| render(value, output, shape);
-    match action {
-        ResourceAction::List {
-            group,
-            limit,
-            after,
-            consumer,
-            api,
-            plan,
-        } => {
-            let path = format!(
-                "/v1/{collection}{}",
-                query(&[
-                    ("group", group),
-                    ("limit", Some(limit.to_string())),
-                    ("after", after),
-                    ("consumer", consumer),
-                    ("api", api),
-                    ("plan", plan)
-                ])
-            );
-            Ok(show(
-                &client.call(Method::GET, &path, Body::None, &[]).await?.body,
-                Shape::Resources,
-            ))
-        }
-        ResourceAction::Get { key, group } => {
-            let path = format!(
-                "/v1/{collection}/{}{}",
-                encode(&key),
-                query(&[("group", group)])
-            );
-            Ok(show(
-                &client.call(Method::GET, &path, Body::None, &[]).await?.body,
-                Shape::Resource,
-            ))
-        }
-        ResourceAction::Create { file, group } => {
-            let path = format!("/v1/{collection}{}", query(&[("group", group)]));
-            Ok(show(
-                &client
-                    .call(Method::POST, &path, Body::Json(resource_file(&file)?), &[])
-                    .await?
-                    .body,
-                Shape::Resource,
-            ))
-        }
-        ResourceAction::Update {
-            key,
-            file,
-            group,
-            if_match: version,
-        } => {
-            let path = format!(
-                "/v1/{collection}/{}{}",
-                encode(&key),
-                query(&[("group", group)])
-            );
-            Ok(show(
-                &client
-                    .call(
-                        Method::PUT,
-                        &path,
-                        Body::Json(resource_file(&file)?),
-                        &if_match(version),
-                    )
-                    .await?
-                    .body,
-                Shape::Resource,
-            ))
-        }
-        ResourceAction::Delete {
-            key,
-            group,
-            if_match: version,
-        } => {
-            let path = format!(
-                "/v1/{collection}/{}{}",
-                encode(&key),
-                query(&[("group", group)])
-            );
-            client
-                .call(Method::DELETE, &path, Body::None, &if_match(version))
-                .await?;
-            Ok(format!("deleted {collection} {key}"))
         }
     }
 }

@@ -141,7 +141,13 @@ fn table(value: &Value, shape: Shape) -> String {
         Shape::Other => serde_yaml_ng::to_string(value).unwrap_or_default(),
     };
     if let Some(next) = value.get("next").filter(|n| !n.is_null()) {
-        out.push_str(&format!("\nmore: --after {}", text(next)));
+        // Versions page backwards from the newest; resources forwards by id.
+        let flag = if matches!(shape, Shape::Versions) {
+            "--before"
+        } else {
+            "--after"
+        };
+        out.push_str(&format!("\nmore: {flag} {}", text(next)));
     }
     out
 }

@@ -45,6 +45,9 @@ pub enum Plan {
     Apply(ConfigSet),
     /// Restore the state of this version.
     RollbackTo(u64),
+    /// Create and update what this configuration has (matched by name as for `Apply`),
+    /// leaving everything else as it is.
+    Merge(ConfigSet),
 }
 
 /// One change requested of a commit.
@@ -113,6 +116,9 @@ pub enum RegistryError {
     Invalid(ConfigErrors),
     #[error("{0}")]
     Conflict(String),
+    /// A delete of something other resources still refer to.
+    #[error("{0}")]
+    StillReferenced(String),
     #[error("no version {0}")]
     VersionNotFound(u64),
     #[error(
@@ -149,8 +155,8 @@ impl RegistryError {
             Some("23505") => Self::Conflict(match constraint.as_str() {
                 c if c.ends_with("_grp_name_key") => {
                     format!(
-                        "a {} with this name already exists in its group",
-                        singular(c)
+                        "{} with this name already exists in its group",
+                        with_article(singular(c))
                     )
                 }
                 "credentials_grp_api_key_sha256_key" => {
@@ -170,6 +176,16 @@ impl RegistryError {
             _ => Self::Database(e),
         }
     }
+}
+
+/// "api" → "an api", "upstream" → "an upstream", "plan" → "a plan".
+fn with_article(noun: &str) -> String {
+    let article = if noun.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {noun}")
 }
 
 /// "apis_grp_name_key" → "api".
@@ -251,7 +267,8 @@ impl Registry {
 
         let writes = match plan {
             Plan::Writes(writes) => writes,
-            Plan::Apply(desired) => crate::versions::apply_writes(&mut tx, desired).await?,
+            Plan::Apply(desired) => crate::versions::apply_writes(&mut tx, desired, true).await?,
+            Plan::Merge(desired) => crate::versions::apply_writes(&mut tx, desired, false).await?,
             Plan::RollbackTo(number) => {
                 crate::versions::rollback_writes(&mut tx, number, head_version).await?
             }
@@ -468,6 +485,9 @@ async fn lock_current(
             Write::Put { resource, .. } => (resource.kind(), resource.id()),
             Write::Delete { kind, id, .. } => (*kind, id.as_str()),
         };
+        if kind == ResourceKind::Unspecified {
+            return Err(RegistryError::invalid("kind", "the resource has no kind"));
+        }
         ids.entry(kind).or_default().push(parse_id(kind, id)?);
     }
     let mut current = HashMap::new();
@@ -749,7 +769,7 @@ async fn check_still_referenced(
             format!("{kind} {name:?} ({to}) is still referenced by {from}")
         })
         .collect();
-    Err(RegistryError::Conflict(format!(
+    Err(RegistryError::StillReferenced(format!(
         "cannot delete: {}; remove the references first",
         described.join("; ")
     )))

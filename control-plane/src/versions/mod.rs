@@ -277,13 +277,15 @@ pub(crate) async fn rollback_writes(
     Ok(writes)
 }
 
-/// The writes that make the registry equal `desired`. A resource of the document whose id
+/// The writes that make the registry equal `desired` (or, without `delete_missing`, hold
+/// it). A resource of the document whose id
 /// was derived from its name (the document gave none) takes the id of the registry's
 /// resource of the same kind, group and name, so resources created through the API are
 /// updated rather than clashing.
 pub(crate) async fn apply_writes(
     conn: &mut PgConnection,
     desired: ConfigSet,
+    delete_missing: bool,
 ) -> Result<Vec<Write>, RegistryError> {
     let mut existing: HashMap<(ResourceKind, String, String), String> = HashMap::new();
     let mut existing_ids: Vec<(ResourceKind, String)> = Vec::new();
@@ -325,16 +327,18 @@ pub(crate) async fn apply_writes(
             if_match: None,
         })
         .collect();
-    writes.extend(
-        existing_ids
-            .into_iter()
-            .filter(|(_, id)| !keep.contains(id))
-            .map(|(kind, id)| Write::Delete {
-                kind,
-                id,
-                if_match: None,
-            }),
-    );
+    if delete_missing {
+        writes.extend(
+            existing_ids
+                .into_iter()
+                .filter(|(_, id)| !keep.contains(id))
+                .map(|(kind, id)| Write::Delete {
+                    kind,
+                    id,
+                    if_match: None,
+                }),
+        );
+    }
     Ok(writes)
 }
 

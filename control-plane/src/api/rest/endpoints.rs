@@ -193,7 +193,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep(
         "get",
         "/v1/consumers/{consumer}/keys",
-        "List a consumer's API keys (hash prefixes only).",
+        "List a consumer's API keys: hashes and prefixes, never the keys.",
         VIEW,
         Body::None,
         Body::Json,
@@ -243,7 +243,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep(
         "get",
         "/v1/versions/{number}",
-        "One version: its metadata and the whole registry (or one group) as it was, as a document.",
+        "One version: its metadata (null once pruned) and the whole registry (or one group) as it was, as a document.",
         VIEW,
         Body::None,
         Body::Json,

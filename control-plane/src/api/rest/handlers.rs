@@ -20,22 +20,30 @@ use crate::api::keys;
 use crate::registry::{ListFilter, Plan, Registry, RegistryError, VersionInfo, Write};
 use crate::versions::diff_changes;
 
-type Params = Query<HashMap<String, String>>;
+type Params = Query<Vec<(String, String)>>;
 
 /// Query parameters, checked: unknown ones are refused rather than silently ignored.
 struct QueryArgs(HashMap<String, String>);
 
 impl QueryArgs {
-    fn new(Query(map): Params, allowed: &[&str]) -> Result<Self, ApiError> {
-        if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(ApiError::BadRequest(format!(
-                "unknown query parameter {unknown:?}; this endpoint takes {}",
-                if allowed.is_empty() {
-                    "none".to_owned()
-                } else {
-                    allowed.join(", ")
-                }
-            )));
+    fn new(Query(pairs): Params, allowed: &[&str]) -> Result<Self, ApiError> {
+        let mut map = HashMap::new();
+        for (name, value) in pairs {
+            if !allowed.contains(&name.as_str()) {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {name:?}; this endpoint takes {}",
+                    if allowed.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        allowed.join(", ")
+                    }
+                )));
+            }
+            if map.insert(name.clone(), value).is_some() {
+                return Err(ApiError::BadRequest(format!(
+                    "query parameter {name:?} is given twice"
+                )));
+            }
         }
         Ok(Self(map))
     }
@@ -329,8 +337,18 @@ pub(super) async fn update_resource(
         }
         _ => body["id"] = current.id().into(),
     }
-    let group = current.meta().map(|m| m.group.clone());
-    let resource = from_json(&s.registry, kind, body, group.as_deref(), None).await?;
+    let group = current.meta().map(|m| m.group.clone()).unwrap_or_default();
+    if let Some(asked) = body.get("group").and_then(Value::as_str)
+        && asked != group
+    {
+        return Err(ApiError::Invalid(sluice_proto::ConfigErrors::single(
+            "group",
+            format!(
+                "cannot change from {group:?} to {asked:?}; delete the resource and create it in the new group"
+            ),
+        )));
+    }
+    let resource = from_json(&s.registry, kind, body, Some(&group), None).await?;
     let message = message(&args, format!("update {}", describe(&resource)));
     let stored = write_one(
         &s.registry,
@@ -576,15 +594,21 @@ pub(super) async fn create_key(
         &message,
     )
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({
-            "key": issued.plaintext,
-            "credential": to_json(&issued.credential),
-            "version": version_json(issued.committed.version.as_ref()),
-        })),
-    )
-        .into_response())
+    Ok(issued_response(&issued))
+}
+
+/// A key just issued: the plaintext (this once), the credential, and for a rotation the
+/// retired key.
+fn issued_response(issued: &keys::Issued) -> Response {
+    let mut body = json!({
+        "key": issued.plaintext,
+        "credential": to_json(&issued.credential),
+        "version": version_json(issued.committed.version.as_ref()),
+    });
+    if let Some(previous) = &issued.previous {
+        body["previous"] = to_json(previous);
+    }
+    (StatusCode::CREATED, axum::Json(body)).into_response()
 }
 
 pub(super) async fn rotate_key(
@@ -614,16 +638,7 @@ pub(super) async fn rotate_key(
         format!("rotate API key {} of {}", describe(&old), describe(&owner)),
     );
     let issued = keys::rotate(&s.registry, &caller, &owner, &old, grace, &message).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(json!({
-            "key": issued.plaintext,
-            "credential": to_json(&issued.credential),
-            "previous": issued.previous.as_ref().map(to_json),
-            "version": version_json(issued.committed.version.as_ref()),
-        })),
-    )
-        .into_response())
+    Ok(issued_response(&issued))
 }
 
 pub(super) async fn revoke_key(
@@ -679,7 +694,13 @@ pub(super) async fn get_version(
     caller.require(Role::Viewer)?;
     let args = QueryArgs::new(params, &["group"])?;
     let number = version_number(&number)?;
-    let info = s.registry.version(number).await?;
+    // A state can outlive its version row (version 0, or one whose metadata was pruned while
+    // every later change is still kept): show it with no metadata rather than refuse it.
+    let info = match s.registry.version(number).await {
+        Ok(info) => Some(info),
+        Err(RegistryError::VersionNotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
     let state = s.registry.state_at(number, args.text("group")).await?;
     Ok(
         axum::Json(json!({ "version": info, "snapshot": declarative::export(&state) }))
@@ -821,19 +842,12 @@ pub(super) async fn import_openapi(
     let document = import_openapi(text_body(&body)?, &options)
         .map_err(|e| ApiError::Invalid(sluice_proto::ConfigErrors::single("", e.to_string())))?;
     let config = declarative::load_document(&document).map_err(ApiError::Invalid)?;
-    // An import adds or replaces its API and upstream; it leaves the rest of the registry be.
-    let writes = config
-        .into_resources()
-        .into_iter()
-        .map(|resource| Write::Put {
-            resource,
-            if_match: None,
-        })
-        .collect();
+    // An import adds or replaces its API and upstream (matched by name, as apply does); it
+    // leaves the rest of the registry be.
     let message = message(&args, "import openapi".into());
     let committed = s
         .registry
-        .commit_plan(&caller.name, &message, Plan::Writes(writes), dry_run)
+        .commit_plan(&caller.name, &message, Plan::Merge(config), dry_run)
         .await?;
     Ok(axum::Json(json!({
         "dry_run": dry_run,
