@@ -12,6 +12,7 @@ pub mod declarative;
 pub mod error;
 pub mod hash;
 pub mod resource;
+pub mod time;
 pub mod validate;
 
 pub use error::{ConfigErrors, FieldError};

@@ -99,10 +99,7 @@ fn version_pb(info: &VersionInfo) -> pb::VersionInfo {
         content_hash: info.content_hash.clone(),
         actor: info.actor.clone(),
         message: info.message.clone(),
-        created_at: Some(prost_types::Timestamp {
-            seconds: info.created_at.timestamp(),
-            nanos: i32::try_from(info.created_at.timestamp_subsec_nanos()).unwrap_or(0),
-        }),
+        created_at: Some(sluice_proto::time::timestamp(&info.created_at)),
     }
 }
 
@@ -645,10 +642,7 @@ fn token_pb(info: &super::auth::TokenInfo) -> pb::AdminToken {
             Role::Admin => pb::AdminRole::Admin,
         } as i32,
         prefix: info.prefix.clone(),
-        created_at: Some(prost_types::Timestamp {
-            seconds: info.created_at.timestamp(),
-            nanos: i32::try_from(info.created_at.timestamp_subsec_nanos()).unwrap_or(0),
-        }),
+        created_at: Some(sluice_proto::time::timestamp(&info.created_at)),
         created_by: info.created_by.clone(),
     }
 }

@@ -161,9 +161,7 @@ fn duration_s(s: u64) -> Option<String> {
 }
 
 fn format_time(ts: &prost_types::Timestamp) -> Option<String> {
-    let nanos = u32::try_from(ts.nanos).ok()?;
-    let time = chrono::DateTime::from_timestamp(ts.seconds, nanos)?;
-    Some(time.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+    crate::time::format_rfc3339(ts)
 }
 
 fn export_route(

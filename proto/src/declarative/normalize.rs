@@ -231,16 +231,10 @@ impl<'a> Normalizer<'a> {
         value: Option<&String>,
     ) -> Option<prost_types::Timestamp> {
         let text = value?;
-        match chrono::DateTime::parse_from_rfc3339(text) {
-            Ok(time) => Some(prost_types::Timestamp {
-                seconds: time.timestamp(),
-                nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
-            }),
-            Err(e) => {
-                self.error(
-                    path,
-                    format!("{text:?} is not an RFC 3339 time ({e}); write e.g. \"2027-01-31T00:00:00Z\""),
-                );
+        match crate::time::parse_rfc3339(text) {
+            Ok(time) => Some(time),
+            Err(reason) => {
+                self.error(path, reason);
                 None
             }
         }

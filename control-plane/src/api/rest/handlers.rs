@@ -547,16 +547,9 @@ fn timestamp_arg(body: &Value, field: &str) -> Result<Option<prost_types::Timest
     let Some(text) = body.get(field).and_then(Value::as_str) else {
         return Ok(None);
     };
-    let time = chrono::DateTime::parse_from_rfc3339(text).map_err(|e| {
-        ApiError::Invalid(sluice_proto::ConfigErrors::single(
-            field,
-            format!("{text:?} is not an RFC 3339 time: {e}"),
-        ))
-    })?;
-    Ok(Some(prost_types::Timestamp {
-        seconds: time.timestamp(),
-        nanos: i32::try_from(time.timestamp_subsec_nanos()).unwrap_or(0),
-    }))
+    sluice_proto::time::parse_rfc3339(text)
+        .map(Some)
+        .map_err(|reason| ApiError::Invalid(sluice_proto::ConfigErrors::single(field, reason)))
 }
 
 fn only_fields(body: &Value, allowed: &[&str]) -> Result<(), ApiError> {
