@@ -436,6 +436,21 @@ impl Registry {
     /// The whole current state (of one group, or of all), with the version it is at, read in
     /// one consistent snapshot.
     pub async fn state(&self, group: Option<&str>) -> Result<(u64, ConfigSet), RegistryError> {
+        let (mut tx, version) = self.read_snapshot().await?;
+        let mut set = ConfigSet::default();
+        for kind in KINDS {
+            for resource in rows::fetch_all(&mut tx, kind, group).await? {
+                set.push(resource);
+            }
+        }
+        tx.commit().await.map_err(RegistryError::from_db)?;
+        Ok((version, set))
+    }
+
+    /// A read-only transaction that sees one consistent state, and the version of that state.
+    pub(crate) async fn read_snapshot(
+        &self,
+    ) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, u64), RegistryError> {
         let mut tx = self.pool.begin().await.map_err(RegistryError::from_db)?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
@@ -445,14 +460,7 @@ impl Registry {
             .fetch_one(&mut *tx)
             .await
             .map_err(RegistryError::from_db)?;
-        let mut set = ConfigSet::default();
-        for kind in KINDS {
-            for resource in rows::fetch_all(&mut tx, kind, group).await? {
-                set.push(resource);
-            }
-        }
-        tx.commit().await.map_err(RegistryError::from_db)?;
-        Ok((u64::try_from(version).unwrap_or(0), set))
+        Ok((tx, u64::try_from(version).unwrap_or(0)))
     }
 
     /// The current version number and state hash.

@@ -423,17 +423,7 @@ impl Registry {
         number: u64,
         group: Option<&str>,
     ) -> Result<ConfigSet, RegistryError> {
-        let mut tx = self.pool().begin().await.map_err(db)?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        let head = to_u64(
-            sqlx::query_scalar("SELECT version FROM registry_head")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?,
-        );
+        let (mut tx, head) = self.read_snapshot().await?;
         check_restorable(&mut tx, number, head).await?;
         let mut state: HashMap<String, Resource> = HashMap::new();
         for kind in KINDS {
@@ -457,17 +447,7 @@ impl Registry {
 
     /// What changed from version `from` to version `to` (either order).
     pub async fn diff(&self, from: u64, to: u64) -> Result<Vec<ResourceDiff>, RegistryError> {
-        let mut tx = self.pool().begin().await.map_err(db)?;
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        let head = to_u64(
-            sqlx::query_scalar("SELECT version FROM registry_head")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?,
-        );
+        let (mut tx, head) = self.read_snapshot().await?;
         let (low, high) = (from.min(to), from.max(to));
         check_restorable(&mut tx, low, head).await?;
         if high > head {
