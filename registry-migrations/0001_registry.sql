@@ -1,9 +1,10 @@
 -- The registry: one table per resource kind, the version history and its change log.
 --
 -- Each resource row keeps the resource as its protobuf encoding (`body`, a sluice.v1 message of
--- its kind) beside the columns the database must constrain or index. Foreign keys are
--- DEFERRABLE INITIALLY DEFERRED: one transaction (one version) may create a consumer and its
--- subscription, or delete them, in any order; the checks run at COMMIT.
+-- its kind) beside the columns the database must constrain or index. Foreign keys and
+-- uniqueness constraints are DEFERRABLE INITIALLY DEFERRED: one transaction (one version) may
+-- create a consumer and its subscription, delete them, or swap two names, in any order; the
+-- checks run at COMMIT.
 
 -- The head of the history. Every writer locks this one row first, which serialises commits:
 -- version numbers are contiguous and no update is lost.
@@ -49,26 +50,26 @@ CREATE INDEX changes_by_resource ON changes (resource_id, version, seq);
 CREATE TABLE apis (
     id uuid PRIMARY KEY, grp text NOT NULL, name text NOT NULL,
     resource_version bigint NOT NULL CHECK (resource_version > 0), body bytea NOT NULL,
-    UNIQUE (grp, name)
+    UNIQUE (grp, name) DEFERRABLE INITIALLY DEFERRED
 );
 
 CREATE TABLE upstreams (
     id uuid PRIMARY KEY, grp text NOT NULL, name text NOT NULL,
     resource_version bigint NOT NULL CHECK (resource_version > 0), body bytea NOT NULL,
-    UNIQUE (grp, name)
+    UNIQUE (grp, name) DEFERRABLE INITIALLY DEFERRED
 );
 
 CREATE TABLE consumers (
     id uuid PRIMARY KEY, grp text NOT NULL, name text NOT NULL,
     resource_version bigint NOT NULL CHECK (resource_version > 0), body bytea NOT NULL,
-    UNIQUE (grp, name)
+    UNIQUE (grp, name) DEFERRABLE INITIALLY DEFERRED
 );
 
 CREATE TABLE plans (
     id uuid PRIMARY KEY, grp text NOT NULL, name text NOT NULL,
     resource_version bigint NOT NULL CHECK (resource_version > 0), body bytea NOT NULL,
     monthly_quota bigint NOT NULL CHECK (monthly_quota >= 0),
-    UNIQUE (grp, name)
+    UNIQUE (grp, name) DEFERRABLE INITIALLY DEFERRED
 );
 
 CREATE TABLE policies (
@@ -76,14 +77,14 @@ CREATE TABLE policies (
     resource_version bigint NOT NULL CHECK (resource_version > 0), body bytea NOT NULL,
     kind text NOT NULL CHECK (kind IN
         ('key_auth', 'jwt', 'mtls', 'rate_limit', 'cors', 'ip_restriction', 'request_size')),
-    UNIQUE (grp, name)
+    UNIQUE (grp, name) DEFERRABLE INITIALLY DEFERRED
 );
 
 CREATE TABLE brokers (
     id uuid PRIMARY KEY, grp text NOT NULL, name text NOT NULL,
     resource_version bigint NOT NULL CHECK (resource_version > 0), body bytea NOT NULL,
     kind text NOT NULL CHECK (kind IN ('kafka', 'memory')),
-    UNIQUE (grp, name)
+    UNIQUE (grp, name) DEFERRABLE INITIALLY DEFERRED
 );
 
 CREATE TABLE credentials (
@@ -93,9 +94,14 @@ CREATE TABLE credentials (
     kind text NOT NULL CHECK (kind IN ('api_key', 'jwt', 'mtls')),
     -- Set for API keys only: one key opens one consumer per group.
     api_key_sha256 text CHECK (api_key_sha256 ~ '^[0-9a-f]{64}$'),
+    -- Set for JWT credentials only: one issuer and subject name one consumer per group.
+    jwt_issuer  text,
+    jwt_subject text,
+    CHECK ((kind = 'jwt') = (jwt_issuer IS NOT NULL AND jwt_subject IS NOT NULL)),
     CHECK ((kind = 'api_key') = (api_key_sha256 IS NOT NULL)),
-    UNIQUE (grp, name),
-    UNIQUE (grp, api_key_sha256)
+    UNIQUE (grp, name) DEFERRABLE INITIALLY DEFERRED,
+    UNIQUE (grp, api_key_sha256) DEFERRABLE INITIALLY DEFERRED,
+    UNIQUE (grp, jwt_issuer, jwt_subject) DEFERRABLE INITIALLY DEFERRED
 );
 CREATE INDEX credentials_by_consumer ON credentials (consumer_id);
 
@@ -106,11 +112,21 @@ CREATE TABLE subscriptions (
     api_id      uuid NOT NULL REFERENCES apis (id) DEFERRABLE INITIALLY DEFERRED,
     plan_id     uuid NOT NULL REFERENCES plans (id) DEFERRABLE INITIALLY DEFERRED,
     status text NOT NULL CHECK (status IN ('active', 'suspended')),
-    UNIQUE (grp, name),
-    UNIQUE (consumer_id, api_id)
+    UNIQUE (grp, name) DEFERRABLE INITIALLY DEFERRED,
+    UNIQUE (consumer_id, api_id) DEFERRABLE INITIALLY DEFERRED
 );
 CREATE INDEX subscriptions_by_api ON subscriptions (api_id);
 CREATE INDEX subscriptions_by_plan ON subscriptions (plan_id);
+
+-- Every id in use, of any kind, routes included (their ids share the space): an id names one
+-- thing only, whatever table it is in. Kept by the commit path with the rows.
+CREATE TABLE resource_ids (
+    id    uuid PRIMARY KEY,
+    kind  text NOT NULL,
+    -- For a route, the API it belongs to.
+    owner uuid
+);
+CREATE INDEX resource_ids_by_owner ON resource_ids (owner) WHERE owner IS NOT NULL;
 
 -- References held inside resource bodies (an API's routes → upstreams, brokers, policies),
 -- which no column carries: deleting a resource that is still referenced is refused.

@@ -109,6 +109,19 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An id: a UUID in its one canonical spelling (lowercase, hyphenated). Ids are compared as
+/// text in many places; two spellings of one UUID must not pass for two resources.
+pub fn check_id(id: &str) -> Result<(), String> {
+    match uuid::Uuid::parse_str(id) {
+        Ok(parsed) if parsed.hyphenated().to_string() == id => Ok(()),
+        Ok(parsed) => Err(format!(
+            "{id:?} is not written canonically; write {}",
+            parsed.hyphenated()
+        )),
+        Err(_) => Err(format!("{id:?} is not a UUID")),
+    }
+}
+
 /// A route path or path template: absolute, with no empty, `.` or `..` segment, no `%`-escape
 /// of `/`, and well-formed `{param}` segments.
 pub fn check_path(kind: pb::path_match::Kind, path: &str) -> Result<(), String> {
@@ -372,6 +385,12 @@ impl<'a> Checker<'a> {
         self.credentials(config);
         for (i, plan) in config.plans.iter().enumerate() {
             let base = self.enter(ResourceKind::Plan, i, plan.meta.as_ref());
+            if plan.monthly_quota > i64::MAX as u64 {
+                self.error(
+                    format!("{base}.monthly_quota"),
+                    format!("must be at most {}", i64::MAX),
+                );
+            }
             for (j, limit) in plan.rate_limits.iter().enumerate() {
                 self.rate_limit(&format!("{base}.rate_limits[{j}]"), limit);
             }
@@ -413,8 +432,8 @@ impl<'a> Checker<'a> {
                     ),
                 );
             }
-            if uuid::Uuid::parse_str(&meta.id).is_err() {
-                self.error(format!("{base}.id"), format!("{:?} is not a UUID", meta.id));
+            if let Err(reason) = check_id(&meta.id) {
+                self.error(format!("{base}.id"), reason);
             } else if let Some(first) = ids.insert(meta.id.as_str(), base.clone())
                 && !name_clash
             {
@@ -437,8 +456,8 @@ impl<'a> Checker<'a> {
             for (j, route) in api.routes.iter().enumerate() {
                 let path = format!("{base}.routes[{j}].id");
                 let name_clash = !route_names.insert(route.name.as_str());
-                if uuid::Uuid::parse_str(&route.id).is_err() {
-                    self.error(path, format!("{:?} is not a UUID", route.id));
+                if let Err(reason) = check_id(&route.id) {
+                    self.error(path, reason);
                 } else if let Some(first) = ids.insert(route.id.as_str(), path.clone())
                     && !name_clash
                 {
@@ -1184,6 +1203,24 @@ mod tests {
         for bad in ["10.0.0.0/33", "::/129", "10.0.0", "x/8", "10.0.0.0/"] {
             assert!(check_cidr(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn ids_have_one_spelling() {
+        assert!(check_id("6a1f27c4-9b3e-4d8a-a5f0-3c2e81d75b19").is_ok());
+        for other in [
+            "6A1F27C4-9B3E-4D8A-A5F0-3C2E81D75B19",
+            "{6a1f27c4-9b3e-4d8a-a5f0-3c2e81d75b19}",
+            "6a1f27c49b3e4d8aa5f03c2e81d75b19",
+            "urn:uuid:6a1f27c4-9b3e-4d8a-a5f0-3c2e81d75b19",
+        ] {
+            let reason = check_id(other).unwrap_err();
+            assert!(
+                reason.contains("6a1f27c4-9b3e-4d8a-a5f0-3c2e81d75b19"),
+                "{reason}"
+            );
+        }
+        assert!(check_id("nope").is_err());
     }
 
     #[test]

@@ -380,6 +380,53 @@ async fn crud_on_every_collection_with_etags_and_errors() -> anyhow::Result<()> 
         &admin(&cp, Method::GET, "/v1/apis?limit=1&limit=2", None).await?,
         StatusCode::BAD_REQUEST,
     );
+    let not_object = admin(
+        &cp,
+        Method::PUT,
+        &format!("/v1/plans/{}", ids[3].1),
+        Some(json!([])),
+    )
+    .await?;
+    assert_problem(&not_object, StatusCode::BAD_REQUEST);
+    assert_problem(
+        &admin(&cp, Method::GET, "/v1/upstreams/%FF%FE", None).await?,
+        StatusCode::BAD_REQUEST,
+    );
+    // A name freed by a rename can be taken again.
+    admin(
+        &cp,
+        Method::POST,
+        "/v1/brokers",
+        Some(json!({ "name": "m1", "memory": {} })),
+    )
+    .await?;
+    admin(
+        &cp,
+        Method::PUT,
+        "/v1/brokers/m1",
+        Some(json!({ "name": "m2", "memory": {} })),
+    )
+    .await?;
+    let again = admin(
+        &cp,
+        Method::POST,
+        "/v1/brokers",
+        Some(json!({ "name": "m1", "memory": {} })),
+    )
+    .await?;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
+    assert_eq!(
+        admin(&cp, Method::DELETE, "/v1/brokers/m1", None)
+            .await?
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        admin(&cp, Method::DELETE, "/v1/brokers/m2", None)
+            .await?
+            .status,
+        StatusCode::NO_CONTENT
+    );
     assert_problem(
         &admin(&cp, Method::PATCH, "/v1/apis", None).await?,
         StatusCode::METHOD_NOT_ALLOWED,
@@ -553,6 +600,14 @@ async fn consumer_credentials_and_api_keys() -> anyhow::Result<()> {
         .as_str()
         .unwrap()
         .to_owned();
+    let too_long = admin(
+        &cp,
+        Method::POST,
+        &format!("/v1/consumers/acme/keys/{fresh}/rotate"),
+        Some(json!({ "grace_period": "1000000years" })),
+    )
+    .await?;
+    assert_problem(&too_long, StatusCode::UNPROCESSABLE_ENTITY);
     let revoked = admin(
         &cp,
         Method::POST,

@@ -513,3 +513,336 @@ async fn a_resource_without_a_kind_is_refused_not_a_crash() -> anyhow::Result<()
     ));
     Ok(())
 }
+
+fn broker(name: &str, id: Option<String>) -> Resource {
+    pb::Broker {
+        meta: Some(pb::Meta {
+            id: id.unwrap_or_else(|| {
+                declarative::normalize::derived_id(ResourceKind::Broker, "default", name)
+            }),
+            group: "default".into(),
+            name: name.into(),
+            ..Default::default()
+        }),
+        kind: Some(pb::broker::Kind::Memory(pb::MemoryBroker::default())),
+    }
+    .into()
+}
+
+#[tokio::test]
+async fn an_id_has_one_spelling_and_names_one_thing() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 100).await?;
+    registry
+        .commit_plan("t", "v1", Plan::Apply(example()), false)
+        .await?;
+    let upstream = example().upstreams[0].clone();
+    let head = registry.head().await?;
+
+    // Another spelling of an existing id cannot sneak past the existence check.
+    let mut shouting: Resource = upstream.clone().into();
+    let upper = shouting.id().to_uppercase();
+    shouting.meta_mut().unwrap().id = upper.clone();
+    shouting.meta_mut().unwrap().name = "renamed".into();
+    match registry
+        .commit(
+            "t",
+            "upper",
+            vec![Write::Put {
+                resource: shouting,
+                if_match: None,
+            }],
+        )
+        .await
+    {
+        Err(RegistryError::Invalid(errors)) => {
+            assert!(errors.0[0].reason.contains("canonical"), "{errors}")
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    assert_eq!(registry.head().await?, head, "nothing was written");
+    assert_eq!(
+        registry
+            .get(
+                ResourceKind::Upstream,
+                upstream.meta.as_ref().unwrap().id.as_str()
+            )
+            .await?
+            .meta()
+            .unwrap()
+            .name,
+        "orders-svc"
+    );
+
+    // The id of an API cannot become a consumer's, nor a route's.
+    let api_id = example().apis[0].meta.as_ref().unwrap().id.clone();
+    let mut impostor = consumer("impostor");
+    impostor.meta_mut().unwrap().id = api_id.clone();
+    match registry
+        .commit(
+            "t",
+            "impostor",
+            vec![Write::Put {
+                resource: impostor,
+                if_match: None,
+            }],
+        )
+        .await
+    {
+        Err(RegistryError::Conflict(message)) => {
+            assert!(message.contains("already the id of an api"), "{message}")
+        }
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    let mut thief = example().apis[1].clone();
+    thief.meta.as_mut().unwrap().id = uuid::Uuid::new_v4().to_string();
+    thief.meta.as_mut().unwrap().name = "thief".into();
+    thief.routes[0].id = example().consumers[0].meta.as_ref().unwrap().id.clone();
+    match registry
+        .commit(
+            "t",
+            "thief",
+            vec![Write::Put {
+                resource: thief.into(),
+                if_match: None,
+            }],
+        )
+        .await
+    {
+        Err(RegistryError::Conflict(message)) => assert!(
+            message.contains("already the id of a consumer"),
+            "{message}"
+        ),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    // A delete may name the id any way.
+    let delete = Write::Delete {
+        kind: ResourceKind::Consumer,
+        id: registry
+            .find(ResourceKind::Consumer, "default", "acme")
+            .await?
+            .id()
+            .to_uppercase(),
+        if_match: None,
+    };
+    assert!(matches!(
+        registry.commit("t", "delete", vec![delete]).await,
+        Err(RegistryError::StillReferenced(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn group_wide_uniqueness_and_name_swaps() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 100).await?;
+    registry
+        .commit_plan("t", "v1", Plan::Apply(example()), false)
+        .await?;
+
+    // The same JWT issuer and subject cannot name two consumers.
+    let other = consumer("other");
+    let jwt = |name: &str, consumer_id: &str| -> Resource {
+        pb::Credential {
+            meta: Some(pb::Meta {
+                id: uuid::Uuid::new_v4().to_string(),
+                group: "default".into(),
+                name: name.into(),
+                ..Default::default()
+            }),
+            consumer_id: consumer_id.into(),
+            kind: Some(pb::credential::Kind::Jwt(pb::JwtCredential {
+                issuer: "https://auth.example.com/".into(),
+                subject: "acme-service".into(),
+            })),
+            expires_at: None,
+            revoked: false,
+        }
+        .into()
+    };
+    let other_id = other.id().to_owned();
+    match registry
+        .commit(
+            "t",
+            "twin jwt",
+            vec![
+                Write::Put {
+                    resource: other,
+                    if_match: None,
+                },
+                Write::Put {
+                    resource: jwt("twin", &other_id),
+                    if_match: None,
+                },
+            ],
+        )
+        .await
+    {
+        Err(RegistryError::Conflict(message)) => {
+            assert!(message.contains("JWT issuer and subject"), "{message}")
+        }
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+
+    // Swapping two names is one version, and so is rolling it back.
+    registry
+        .commit(
+            "t",
+            "brokers",
+            vec![
+                Write::Put {
+                    resource: broker("ba", None),
+                    if_match: None,
+                },
+                Write::Put {
+                    resource: broker("bb", None),
+                    if_match: None,
+                },
+            ],
+        )
+        .await?;
+    let before_swap = registry.head().await?.0;
+    let (mut ba, mut bb) = (
+        registry.find(ResourceKind::Broker, "default", "ba").await?,
+        registry.find(ResourceKind::Broker, "default", "bb").await?,
+    );
+    ba.meta_mut().unwrap().name = "bb".into();
+    bb.meta_mut().unwrap().name = "ba".into();
+    registry
+        .commit(
+            "t",
+            "swap",
+            vec![
+                Write::Put {
+                    resource: ba,
+                    if_match: None,
+                },
+                Write::Put {
+                    resource: bb,
+                    if_match: None,
+                },
+            ],
+        )
+        .await?;
+    registry
+        .commit_plan("t", "undo", Plan::RollbackTo(before_swap), false)
+        .await?;
+    assert_eq!(
+        registry
+            .find(ResourceKind::Broker, "default", "ba")
+            .await?
+            .id(),
+        declarative::normalize::derived_id(ResourceKind::Broker, "default", "ba")
+    );
+
+    // After a rename, the old name can be used again, by the API and by apply.
+    let mut m = broker("m1", None);
+    registry
+        .commit(
+            "t",
+            "m1",
+            vec![Write::Put {
+                resource: m.clone(),
+                if_match: None,
+            }],
+        )
+        .await?;
+    m.meta_mut().unwrap().name = "m2".into();
+    registry
+        .commit(
+            "t",
+            "rename",
+            vec![Write::Put {
+                resource: m,
+                if_match: None,
+            }],
+        )
+        .await?;
+    let (_, mut state) = registry.state(None).await?;
+    let derived_m1 = declarative::normalize::derived_id(ResourceKind::Broker, "default", "m1");
+    // As a document with no ids gives them: m2's id derived from its name.
+    for broker in &mut state.brokers {
+        let meta = broker.meta.as_mut().unwrap();
+        if meta.name == "m2" {
+            meta.id = declarative::normalize::derived_id(ResourceKind::Broker, "default", "m2");
+        }
+    }
+    if let Some(pb::resource::Kind::Broker(fresh)) = broker("m1", None).kind {
+        state.brokers.push(fresh);
+    }
+    let applied = registry
+        .commit_plan("t", "both", Plan::Apply(state), false)
+        .await?;
+    assert_eq!(applied.changes.len(), 1, "only the new m1 is created");
+    let new_m1 = registry.find(ResourceKind::Broker, "default", "m1").await?;
+    assert_ne!(
+        new_m1.id(),
+        derived_m1,
+        "m2 keeps the id; the new m1 gets its own"
+    );
+    assert_eq!(
+        registry
+            .find(ResourceKind::Broker, "default", "m2")
+            .await?
+            .id(),
+        derived_m1
+    );
+
+    // A quota beyond what Postgres can hold is a field error, not a crash.
+    let mut plan = example().plans[0].clone();
+    plan.monthly_quota = u64::MAX;
+    match registry
+        .commit(
+            "t",
+            "huge",
+            vec![Write::Put {
+                resource: plan.into(),
+                if_match: None,
+            }],
+        )
+        .await
+    {
+        Err(RegistryError::Invalid(errors)) => {
+            assert_eq!(errors.0[0].path, "plans[0].monthly_quota")
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_delta_past_retention_is_refused() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 2).await?;
+    for i in 0..4 {
+        registry
+            .commit(
+                "t",
+                "add",
+                vec![Write::Put {
+                    resource: consumer(&format!("c{i}")),
+                    if_match: None,
+                }],
+            )
+            .await?;
+    }
+    assert!(matches!(
+        registry.delta("default", 0, 4).await,
+        Err(RegistryError::VersionNotRetained { .. })
+    ));
+    assert!(matches!(
+        registry.delta("default", 3, 9).await,
+        Err(RegistryError::VersionNotFound(9))
+    ));
+    assert_eq!(
+        registry
+            .delta("default", 2, 4)
+            .await?
+            .upserted
+            .unwrap()
+            .consumers
+            .len(),
+        2
+    );
+    Ok(())
+}

@@ -214,14 +214,26 @@ pub async fn list_tokens(pool: &PgPool) -> Result<Vec<TokenInfo>, ApiError> {
 
 /// Deletes a token by id or name.
 pub async fn delete_token(pool: &PgPool, key: &str) -> Result<(), ApiError> {
-    let id = Uuid::parse_str(key).ok();
-    let deleted = sqlx::query("DELETE FROM admin_tokens WHERE id = $1 OR name = $2")
-        .bind(id)
-        .bind(key)
-        .execute(pool)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .rows_affected();
+    // A key that is some token's id names that token; otherwise it is a name. Never both.
+    let by_id = match Uuid::parse_str(key) {
+        Ok(id) => sqlx::query("DELETE FROM admin_tokens WHERE id = $1")
+            .bind(id)
+            .execute(pool)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .rows_affected(),
+        Err(_) => 0,
+    };
+    let deleted = if by_id > 0 {
+        by_id
+    } else {
+        sqlx::query("DELETE FROM admin_tokens WHERE name = $1")
+            .bind(key)
+            .execute(pool)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .rows_affected()
+    };
     if deleted == 0 {
         return Err(ApiError::NotFound(format!("no token {key}")));
     }

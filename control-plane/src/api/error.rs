@@ -185,6 +185,9 @@ pub async fn problem_for_bare_errors(response: Response) -> Response {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => {
             ApiError::BadRequest("unsupported content type".into())
         }
+        StatusCode::BAD_REQUEST => {
+            ApiError::BadRequest("the request's path or query is malformed".into())
+        }
         _ => return response,
     };
     let mut replaced = error.into_response();

@@ -126,9 +126,16 @@ pub async fn rotate(
             c.revoked = true;
         } else {
             // A grace period shortens a key's life, never lengthens it.
-            let until = (chrono::Utc::now()
-                + chrono::Duration::from_std(grace).unwrap_or_default())
-            .timestamp();
+            let until = chrono::Duration::from_std(grace)
+                .ok()
+                .and_then(|grace| chrono::Utc::now().checked_add_signed(grace))
+                .ok_or_else(|| {
+                    ApiError::Invalid(sluice_proto::ConfigErrors::single(
+                        "grace_period",
+                        "is too long: the key would expire past the year 262143",
+                    ))
+                })?
+                .timestamp();
             let until = c.expires_at.map_or(until, |at| at.seconds.min(until));
             c.expires_at = Some(prost_types::Timestamp {
                 seconds: until,

@@ -162,6 +162,9 @@ impl RegistryError {
                 "credentials_grp_api_key_sha256_key" => {
                     "this API key is already used in the group".into()
                 }
+                "credentials_grp_jwt_issuer_jwt_subject_key" => {
+                    "this JWT issuer and subject already name a consumer in the group".into()
+                }
                 "subscriptions_consumer_id_api_id_key" => {
                     "the consumer is already subscribed to this API".into()
                 }
@@ -273,6 +276,7 @@ impl Registry {
                 crate::versions::rollback_writes(&mut tx, number, head_version).await?
             }
         };
+        let writes = canonical_writes(writes)?;
         let current = lock_current(&mut tx, &writes).await?;
         let (changes, resources) = plan_changes(&current, writes)?;
         if dry_run && !changes.is_empty() {
@@ -480,6 +484,29 @@ pub(crate) fn parse_id(kind: ResourceKind, id: &str) -> Result<Uuid, RegistryErr
     Uuid::parse_str(id).map_err(|_| {
         RegistryError::invalid("id", format!("{id:?} is not a UUID ({})", kind_name(kind)))
     })
+}
+
+/// Ids are compared as text from here on, so each must be in its one canonical spelling: a
+/// resource written under another spelling is refused (it would otherwise not find, and so
+/// overwrite, the resource it names); a delete may name it any way.
+fn canonical_writes(writes: Vec<Write>) -> Result<Vec<Write>, RegistryError> {
+    writes
+        .into_iter()
+        .map(|write| match write {
+            Write::Put { resource, if_match } => {
+                if resource.kind() == ResourceKind::Unspecified {
+                    return Err(RegistryError::invalid("kind", "the resource has no kind"));
+                }
+                validate::check_id(resource.id())
+                    .map_err(|reason| RegistryError::invalid("id", reason))?;
+                Ok(Write::Put { resource, if_match })
+            }
+            Write::Delete { kind, id, if_match } => {
+                let id = parse_id(kind, &id)?.hyphenated().to_string();
+                Ok(Write::Delete { kind, id, if_match })
+            }
+        })
+        .collect()
 }
 
 /// Locks and reads the current rows of every resource the writes touch.
@@ -690,8 +717,85 @@ async fn validate_in_context(
     }
 }
 
+/// Keeps `resource_ids`: every id in use, of any kind (route ids included), so that one id
+/// never names two things. A new id already in use is refused, naming what holds it.
+async fn claim_ids(conn: &mut PgConnection, changes: &[Change]) -> Result<(), RegistryError> {
+    use sluice_proto::pb::resource::Kind;
+    let mut released: Vec<Uuid> = Vec::new();
+    let mut owners_replaced: Vec<Uuid> = Vec::new();
+    let (mut ids, mut kinds, mut owners): (Vec<Uuid>, Vec<&str>, Vec<Option<Uuid>>) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for change in changes {
+        let id = parse_id(change.kind, &change.id)?;
+        match (&change.before, &change.after) {
+            (_, None) => {
+                released.push(id);
+                owners_replaced.push(id);
+            }
+            (before, Some(after)) => {
+                if before.is_none() {
+                    ids.push(id);
+                    kinds.push(kind_name(change.kind));
+                    owners.push(None);
+                }
+                if let Some(Kind::Api(api)) = &after.kind {
+                    owners_replaced.push(id);
+                    for route in &api.routes {
+                        ids.push(parse_id(change.kind, &route.id)?);
+                        kinds.push("route");
+                        owners.push(Some(id));
+                    }
+                }
+            }
+        }
+    }
+    sqlx::query("DELETE FROM resource_ids WHERE id = ANY($1) OR owner = ANY($2)")
+        .bind(&released)
+        .bind(&owners_replaced)
+        .execute(&mut *conn)
+        .await
+        .map_err(RegistryError::from_db)?;
+    let mut unique = HashSet::new();
+    if let Some(twice) = ids.iter().find(|id| !unique.insert(**id)) {
+        return Err(RegistryError::invalid(
+            "id",
+            format!("{twice} is used twice in this write"),
+        ));
+    }
+    let taken = sqlx::query("SELECT id, kind FROM resource_ids WHERE id = ANY($1) LIMIT 5")
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(RegistryError::from_db)?;
+    if !taken.is_empty() {
+        let described: Vec<String> = taken
+            .iter()
+            .map(|row| {
+                format!(
+                    "{} is already the id of {}",
+                    row.get::<Uuid, _>("id"),
+                    with_article(&row.get::<String, _>("kind"))
+                )
+            })
+            .collect();
+        return Err(RegistryError::Conflict(format!(
+            "{}; an id names one thing, of any kind",
+            described.join("; ")
+        )));
+    }
+    sqlx::query("INSERT INTO resource_ids (id, kind, owner) SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[])")
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&owners)
+        .execute(&mut *conn)
+        .await
+        .map_err(RegistryError::from_db)?;
+    Ok(())
+}
+
 /// Writes the rows and the reference index.
 async fn write_rows(conn: &mut PgConnection, changes: &[Change]) -> Result<(), RegistryError> {
+    claim_ids(conn, changes).await?;
     let mut puts: HashMap<ResourceKind, Vec<rows::RowValues>> = HashMap::new();
     let mut deletes: HashMap<ResourceKind, Vec<Uuid>> = HashMap::new();
     let (mut ref_from, mut ref_to, mut ref_kind) = (Vec::new(), Vec::new(), Vec::new());

@@ -57,6 +57,8 @@ pub enum Extra {
         consumer_id: Uuid,
         kind: &'static str,
         api_key_sha256: Option<String>,
+        /// (issuer, subject) of a JWT credential.
+        jwt: Option<(String, String)>,
     },
     Subscription {
         consumer_id: Uuid,
@@ -101,16 +103,21 @@ pub fn to_row(resource: &Resource) -> Result<RowValues, RowError> {
             None => return Err(RowError("broker has no kind".into())),
         }),
         Some(Kind::Credential(c)) => {
-            let (kind, api_key_sha256) = match &c.kind {
-                Some(pb::credential::Kind::ApiKey(k)) => ("api_key", Some(k.key_sha256.clone())),
-                Some(pb::credential::Kind::Jwt(_)) => ("jwt", None),
-                Some(pb::credential::Kind::Mtls(_)) => ("mtls", None),
+            let (kind, api_key_sha256, jwt) = match &c.kind {
+                Some(pb::credential::Kind::ApiKey(k)) => {
+                    ("api_key", Some(k.key_sha256.clone()), None)
+                }
+                Some(pb::credential::Kind::Jwt(j)) => {
+                    ("jwt", None, Some((j.issuer.clone(), j.subject.clone())))
+                }
+                Some(pb::credential::Kind::Mtls(_)) => ("mtls", None, None),
                 None => return Err(RowError("credential has no kind".into())),
             };
             Extra::Credential {
                 consumer_id: uuid(&c.consumer_id, "consumer")?,
                 kind,
                 api_key_sha256,
+                jwt,
             }
         }
         Some(Kind::Subscription(s)) => Extra::Subscription {
@@ -230,26 +237,31 @@ pub async fn upsert(
                 let mut consumers = Vec::with_capacity(batch.len());
                 let mut kinds = Vec::with_capacity(batch.len());
                 let mut keys = Vec::with_capacity(batch.len());
+                let (mut issuers, mut subjects) = (Vec::new(), Vec::new());
                 for r in batch {
                     if let Extra::Credential {
                         consumer_id,
                         kind,
                         api_key_sha256,
+                        jwt,
                     } = &r.extra
                     {
                         consumers.push(*consumer_id);
                         kinds.push(*kind);
                         keys.push(api_key_sha256.clone());
+                        issuers.push(jwt.as_ref().map(|(issuer, _)| issuer.clone()));
+                        subjects.push(jwt.as_ref().map(|(_, subject)| subject.clone()));
                     }
                 }
                 sqlx::query(&format!(
-                    "INSERT INTO {t} ({common}, consumer_id, kind, api_key_sha256) \
-                     SELECT * FROM UNNEST({common_types}, $6::uuid[], $7::text[], $8::text[]) \
+                    "INSERT INTO {t} ({common}, consumer_id, kind, api_key_sha256, jwt_issuer, jwt_subject) \
+                     SELECT * FROM UNNEST({common_types}, $6::uuid[], $7::text[], $8::text[], $9::text[], $10::text[]) \
                      ON CONFLICT (id) DO UPDATE SET {common_set}, consumer_id = EXCLUDED.consumer_id, \
-                     kind = EXCLUDED.kind, api_key_sha256 = EXCLUDED.api_key_sha256"
+                     kind = EXCLUDED.kind, api_key_sha256 = EXCLUDED.api_key_sha256, \
+                     jwt_issuer = EXCLUDED.jwt_issuer, jwt_subject = EXCLUDED.jwt_subject"
                 ))
                 .bind(ids).bind(groups).bind(names).bind(versions).bind(bodies)
-                .bind(consumers).bind(kinds).bind(keys)
+                .bind(consumers).bind(kinds).bind(keys).bind(issuers).bind(subjects)
                 .execute(&mut *conn)
                 .await?;
             }

@@ -33,7 +33,14 @@ impl Registry {
 
     /// What changed in `group` from version `from` to version `to`: each resource changed in
     /// between, whole as it is at `to`, or its ref when it no longer exists.
+    /// Fails (so the caller sends a snapshot instead) when `from` is past retention or `to` is
+    /// beyond the newest version.
     pub async fn delta(&self, group: &str, from: u64, to: u64) -> Result<pb::Delta, RegistryError> {
+        let (mut tx, head) = self.read_snapshot().await?;
+        if to > head {
+            return Err(RegistryError::VersionNotFound(to));
+        }
+        crate::versions::check_restorable(&mut tx, from.min(to), head).await?;
         let rows = sqlx::query(
             "SELECT DISTINCT ON (resource_id) kind, resource_id, after FROM changes \
              WHERE version > $1 AND version <= $2 AND grp = $3 \
@@ -42,9 +49,10 @@ impl Registry {
         .bind(i64::try_from(from).unwrap_or(i64::MAX))
         .bind(i64::try_from(to).unwrap_or(i64::MAX))
         .bind(group)
-        .fetch_all(self.pool())
+        .fetch_all(&mut *tx)
         .await
         .map_err(RegistryError::from_db)?;
+        tx.commit().await.map_err(RegistryError::from_db)?;
         let mut upserted: Vec<Resource> = Vec::new();
         let mut removed = Vec::new();
         for row in rows {

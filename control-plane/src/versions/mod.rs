@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use serde_json::Value;
 use sluice_proto::declarative::export::export_resource;
-use sluice_proto::declarative::normalize::derived_id;
+use sluice_proto::declarative::normalize::{derived_id, derived_route_id};
 use sluice_proto::pb::{ConfigSet, Resource, ResourceKind};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -158,7 +158,7 @@ fn version_from_row(row: &sqlx::postgres::PgRow) -> VersionInfo {
 
 /// Fails unless the state of `number` can be rebuilt: it must not be ahead of the head, and
 /// every version after it must still be retained.
-async fn check_restorable(
+pub(crate) async fn check_restorable(
     conn: &mut PgConnection,
     number: u64,
     head: u64,
@@ -301,17 +301,28 @@ pub(crate) async fn apply_writes(
         }
     }
     let mut resources = desired.into_resources();
+    let holders: HashSet<String> = existing_ids.iter().map(|(_, id)| id.clone()).collect();
     let mut remap: HashMap<String, String> = HashMap::new();
     for resource in &resources {
         let kind = resource.kind();
         let Some(meta) = resource.meta() else {
             continue;
         };
-        if meta.id == derived_id(kind, &meta.group, &meta.name)
-            && let Some(id) = existing.get(&(kind, meta.group.clone(), meta.name.clone()))
-            && *id != meta.id
-        {
-            remap.insert(meta.id.clone(), id.clone());
+        if meta.id != derived_id(kind, &meta.group, &meta.name) {
+            continue;
+        }
+        match existing.get(&(kind, meta.group.clone(), meta.name.clone())) {
+            // Adopt the id of the registry's resource of the same name.
+            Some(id) if *id != meta.id => {
+                remap.insert(meta.id.clone(), id.clone());
+            }
+            Some(_) => {}
+            // A new resource whose derived id is held by a resource renamed since gets an id
+            // of its own; the holder keeps its id.
+            None if holders.contains(&meta.id) => {
+                remap.insert(meta.id.clone(), Uuid::new_v4().to_string());
+            }
+            None => {}
         }
     }
     if !remap.is_empty() {
@@ -350,13 +361,19 @@ fn remap_ids(resource: &mut Resource, remap: &HashMap<String, String>) {
             id.clone_from(new);
         }
     };
+    let old_id = resource.id().to_owned();
     if let Some(meta) = resource.meta_mut() {
         fix(&mut meta.id);
     }
+    let new_id = resource.id().to_owned();
     match &mut resource.kind {
         Some(Kind::Api(api)) => {
             api.policy_ids.iter_mut().for_each(fix);
             for route in &mut api.routes {
+                // Route ids derived from the API's id follow it to its new id.
+                if new_id != old_id && route.id == derived_route_id(&old_id, &route.name) {
+                    route.id = derived_route_id(&new_id, &route.name);
+                }
                 route.policy_ids.iter_mut().for_each(fix);
                 match &mut route.action {
                     Some(Action::Proxy(p)) => fix(&mut p.upstream_id),

@@ -273,14 +273,21 @@ pub(super) async fn create_resource(
     caller.require(Role::Editor)?;
     let kind = collection(&name)?;
     let args = QueryArgs::new(params, &["group", "message"])?;
-    let resource = from_json(
-        &s.registry,
-        kind,
-        json_body(&body)?,
-        args.text("group"),
-        None,
-    )
-    .await?;
+    let body = json_body(&body)?;
+    let mut resource = from_json(&s.registry, kind, body.clone(), args.text("group"), None).await?;
+    if body.get("id").is_none() {
+        // The id derived from the name may still be held by a resource renamed since: that
+        // one keeps it, and this one gets an id of its own (its routes' ids follow it).
+        match s.registry.get(kind, resource.id()).await {
+            Ok(holder) if holder.meta().map(|m| &m.name) != resource.meta().map(|m| &m.name) => {
+                let mut body = body;
+                body["id"] = uuid::Uuid::new_v4().to_string().into();
+                resource = from_json(&s.registry, kind, body, args.text("group"), None).await?;
+            }
+            Ok(_) | Err(RegistryError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let message = message(&args, format!("create {}", describe(&resource)));
     let stored = write_one(
         &s.registry,
@@ -329,6 +336,11 @@ pub(super) async fn update_resource(
     let args = QueryArgs::new(params, &["group", "message"])?;
     let current = resolve(&s.registry, kind, &key, args.text("group")).await?;
     let mut body = json_body(&body)?;
+    if !body.is_object() {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
+    }
     match body.get("id").and_then(Value::as_str) {
         Some(id) if id != current.id() => {
             return Err(ApiError::BadRequest(format!(
