@@ -27,6 +27,18 @@ pub fn is_api_key(resource: &Resource) -> bool {
     matches!(&resource.kind, Some(pb::resource::Kind::Credential(c)) if matches!(c.kind, Some(pb::credential::Kind::ApiKey(_))))
 }
 
+/// Rotation and revocation apply to API keys only.
+fn require_api_key(credential: &Resource) -> Result<(), ApiError> {
+    if is_api_key(credential) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "credential {} is not an API key",
+            credential.id()
+        )))
+    }
+}
+
 fn new_key(
     owner: &Resource,
     name: Option<&str>,
@@ -114,12 +126,7 @@ pub async fn rotate(
     grace: Duration,
     message: &str,
 ) -> Result<Issued, ApiError> {
-    if !is_api_key(old) {
-        return Err(ApiError::BadRequest(format!(
-            "credential {} is not an API key",
-            old.id()
-        )));
-    }
+    require_api_key(old)?;
     let mut retired = old.clone();
     if let Some(pb::resource::Kind::Credential(c)) = &mut retired.kind {
         if grace.is_zero() {
@@ -183,12 +190,7 @@ pub async fn revoke(
     credential: &Resource,
     message: &str,
 ) -> Result<Committed, ApiError> {
-    if !is_api_key(credential) {
-        return Err(ApiError::BadRequest(format!(
-            "credential {} is not an API key",
-            credential.id()
-        )));
-    }
+    require_api_key(credential)?;
     let mut revoked = credential.clone();
     if let Some(pb::resource::Kind::Credential(c)) = &mut revoked.kind {
         c.revoked = true;
