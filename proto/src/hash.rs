@@ -1,47 +1,51 @@
-//! Content hashes of configurations: the same resources always give the same hash, whatever
-//! order they were listed or stored in.
-
-use prost::Message;
-use sha2::{Digest, Sha256};
+//! The canonical order of a configuration, so the same resources always encode to the same
+//! bytes and hash (see [`crate::snapshot::content_hash`]), whatever order they were listed or
+//! stored in. Map fields are `BTreeMap`s (see build.rs), so encoding itself is deterministic.
 
 use crate::pb::ConfigSet;
 
 /// Sorts every resource list by id. Routes keep their order inside an API: it breaks ties
 /// between equally specific routes, so it is part of the content.
 pub fn canonicalize(config: &mut ConfigSet) {
-    fn id_of(meta: Option<&crate::pb::Meta>) -> &str {
-        meta.map_or("", |m| m.id.as_str())
+    macro_rules! sort {
+        ($($list:ident),*) => {
+            $(config.$list.sort_by(|a, b| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())));)*
+        };
     }
-    config
-        .apis
-        .sort_by(|a, b| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())));
-    config
-        .upstreams
-        .sort_by(|a, b| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())));
-    config
-        .consumers
-        .sort_by(|a, b| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())));
-    config
-        .credentials
-        .sort_by(|a, b| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())));
-    config
-        .plans
-        .sort_by(|a, b| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())));
-    config
-        .subscriptions
-        .sort_by(|a, b| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())));
-    config
-        .policies
-        .sort_by(|a, b| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())));
-    config
-        .brokers
-        .sort_by(|a, b| id_of(a.meta.as_ref()).cmp(id_of(b.meta.as_ref())));
+    sort!(
+        apis,
+        upstreams,
+        consumers,
+        credentials,
+        plans,
+        subscriptions,
+        policies,
+        brokers
+    );
 }
 
-/// Lowercase hex SHA-256 of the canonical encoding of `config`. Map fields are `BTreeMap`s
-/// (see build.rs), so the encoding itself is deterministic.
-pub fn content_hash(config: &ConfigSet) -> String {
-    let mut canonical = config.clone();
-    canonicalize(&mut canonical);
-    hex::encode(Sha256::digest(canonical.encode_to_vec()))
+/// Whether every resource list of `config` is sorted as [`canonicalize`] sorts it.
+pub fn is_canonical(config: &ConfigSet) -> bool {
+    macro_rules! sorted {
+        ($($list:ident),*) => {
+            $(config
+                .$list
+                .windows(2)
+                .all(|w| id_of(w[0].meta.as_ref()) <= id_of(w[1].meta.as_ref())))&&*
+        };
+    }
+    sorted!(
+        apis,
+        upstreams,
+        consumers,
+        credentials,
+        plans,
+        subscriptions,
+        policies,
+        brokers
+    )
+}
+
+fn id_of(meta: Option<&crate::pb::Meta>) -> &str {
+    meta.map_or("", |m| m.id.as_str())
 }

@@ -7,11 +7,13 @@
 //!   reject exactly the same documents.
 //! - [`validate`]: the checks every [`pb::ConfigSet`] must pass, whether it came from a
 //!   document, the registry or a discovery snapshot.
+//! - [`snapshot`]: a group's configuration as data planes receive it (API keys packed).
 
 pub mod declarative;
 pub mod error;
 pub mod hash;
 pub mod resource;
+pub mod snapshot;
 pub mod time;
 pub mod validate;
 

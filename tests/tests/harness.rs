@@ -152,7 +152,7 @@ fn the_data_plane_starts_and_reports_its_config() -> anyhow::Result<()> {
     )?;
     assert_eq!(
         body["content_hash"],
-        sluice_proto::hash::content_hash(&expected)
+        sluice_proto::snapshot::content_hash(&sluice_proto::snapshot::from_config(expected))
     );
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use sluice_control_plane::registry::{Plan, Registry, RegistryError, StateHash, Write};
 use sluice_control_plane::versions::Op;
+use sluice_proto::declarative::normalize::{derived_id, hash_api_key};
 use sluice_proto::declarative::{self, Format};
 use sluice_proto::pb::{self, Resource, ResourceKind};
 use sluice_tests::postgres::TestDatabase;
@@ -21,7 +22,7 @@ async fn registry(database: &TestDatabase, retention: u64) -> anyhow::Result<Reg
 fn consumer(name: &str) -> Resource {
     pb::Consumer {
         meta: Some(pb::Meta {
-            id: declarative::normalize::derived_id(ResourceKind::Consumer, "default", name),
+            id: derived_id(ResourceKind::Consumer, "default", name),
             group: "default".into(),
             name: name.into(),
             ..Default::default()
@@ -431,17 +432,52 @@ async fn snapshots_are_deterministic_and_deltas_bridge_versions() -> anyhow::Res
     let again = registry.snapshot("default").await?;
     assert_eq!(first, again);
     assert_eq!(
-        prost::Message::encode_to_vec(&first.resources),
-        prost::Message::encode_to_vec(&again.resources)
+        prost::Message::encode_to_vec(&first.snapshot),
+        prost::Message::encode_to_vec(&again.snapshot)
     );
+    let resources = first.snapshot.resources.clone().unwrap_or_default();
     assert_eq!(
-        first.resources.len(),
+        resources.len() + first.snapshot.api_keys.len(),
         config.len(),
         "only the default group"
     );
+    assert_eq!(
+        first.snapshot.api_keys.len(),
+        1,
+        "the example's API key, packed"
+    );
+    assert!(
+        resources
+            .credentials
+            .iter()
+            .all(|c| !matches!(c.kind, Some(pb::credential::Kind::ApiKey(_)))),
+        "no API key travels whole"
+    );
+    sluice_proto::snapshot::validate(&first.snapshot).unwrap();
 
-    // v2 changes one upstream and deletes a broker (with the API that used it) in default.
+    // v2 changes one upstream, revokes the API key, adds another, and deletes a broker (with
+    // the API that used it) in default.
     config.upstreams[0].targets[0].weight = 3;
+    let key = config
+        .credentials
+        .iter_mut()
+        .find(|c| matches!(c.kind, Some(pb::credential::Kind::ApiKey(_))))
+        .unwrap();
+    key.revoked = true;
+    let mut second_key = key.clone();
+    let name = "second-key".to_owned();
+    second_key.meta = Some(pb::Meta {
+        id: derived_id(ResourceKind::Credential, "default", &name),
+        group: "default".into(),
+        name,
+        ..Default::default()
+    });
+    second_key.revoked = false;
+    second_key.kind = Some(pb::credential::Kind::ApiKey(pb::ApiKeyCredential {
+        key_sha256: hash_api_key("a-second-key-0123456789"),
+        prefix: "a-seco".into(),
+    }));
+    config.credentials.push(second_key);
     config
         .brokers
         .retain(|b| b.meta.as_ref().unwrap().name != "local");
@@ -463,21 +499,47 @@ async fn snapshots_are_deterministic_and_deltas_bridge_versions() -> anyhow::Res
         .await?;
     assert_eq!(delta.base_version, 1);
     assert_eq!(delta.removed.len(), 2);
-    // Applying the delta to the first snapshot gives the second.
-    let removed: HashSet<&str> = delta.removed.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        delta.upserted_api_keys.len(),
+        2,
+        "the revoked key and the new one"
+    );
+    // Applying the delta to the first snapshot gives the second, byte for byte.
     let upserted = delta.upserted.clone().unwrap_or_default().into_resources();
-    let upserted_ids: HashSet<String> = upserted.iter().map(|r| r.id().to_owned()).collect();
-    let mut rebuilt: pb::ConfigSet = first
-        .resources
-        .clone()
+    let replaced: HashSet<String> = delta
+        .removed
+        .iter()
+        .map(|r| r.id.clone())
+        .chain(upserted.iter().map(|r| r.id().to_owned()))
+        .chain(
+            delta
+                .upserted_api_keys
+                .iter()
+                .map(|k| uuid::Uuid::from_slice(&k.id).unwrap().to_string()),
+        )
+        .collect();
+    let rebuilt_resources: pb::ConfigSet = resources
         .into_resources()
         .into_iter()
-        .filter(|r| !removed.contains(r.id()) && !upserted_ids.contains(r.id()))
+        .filter(|r| !replaced.contains(r.id()))
         .chain(upserted)
         .collect();
-    sluice_proto::hash::canonicalize(&mut rebuilt);
+    let rebuilt_keys = first
+        .snapshot
+        .api_keys
+        .iter()
+        .filter(|k| !replaced.contains(&uuid::Uuid::from_slice(&k.id).unwrap().to_string()))
+        .chain(&delta.upserted_api_keys)
+        .cloned()
+        .collect();
+    let mut rebuilt = pb::Snapshot {
+        resources: Some(rebuilt_resources),
+        api_keys: rebuilt_keys,
+    };
+    sluice_proto::snapshot::canonicalize(&mut rebuilt);
+    assert_eq!(rebuilt, second.snapshot);
     assert_eq!(
-        sluice_proto::hash::content_hash(&rebuilt),
+        sluice_proto::snapshot::content_hash(&rebuilt),
         second.content_hash
     );
     Ok(())
@@ -517,9 +579,7 @@ async fn a_resource_without_a_kind_is_refused_not_a_crash() -> anyhow::Result<()
 fn broker(name: &str, id: Option<String>) -> Resource {
     pb::Broker {
         meta: Some(pb::Meta {
-            id: id.unwrap_or_else(|| {
-                declarative::normalize::derived_id(ResourceKind::Broker, "default", name)
-            }),
+            id: id.unwrap_or_else(|| derived_id(ResourceKind::Broker, "default", name)),
             group: "default".into(),
             name: name.into(),
             ..Default::default()
@@ -732,7 +792,7 @@ async fn group_wide_uniqueness_and_name_swaps() -> anyhow::Result<()> {
             .find(ResourceKind::Broker, "default", "ba")
             .await?
             .id(),
-        declarative::normalize::derived_id(ResourceKind::Broker, "default", "ba")
+        derived_id(ResourceKind::Broker, "default", "ba")
     );
 
     // After a rename, the old name can be used again, by the API and by apply.
@@ -759,12 +819,12 @@ async fn group_wide_uniqueness_and_name_swaps() -> anyhow::Result<()> {
         )
         .await?;
     let (_, mut state) = registry.state(None).await?;
-    let derived_m1 = declarative::normalize::derived_id(ResourceKind::Broker, "default", "m1");
+    let derived_m1 = derived_id(ResourceKind::Broker, "default", "m1");
     // As a document with no ids gives them: m2's id derived from its name.
     for broker in &mut state.brokers {
         let meta = broker.meta.as_mut().unwrap();
         if meta.name == "m2" {
-            meta.id = declarative::normalize::derived_id(ResourceKind::Broker, "default", "m2");
+            meta.id = derived_id(ResourceKind::Broker, "default", "m2");
         }
     }
     if let Some(pb::resource::Kind::Broker(fresh)) = broker("m1", None).kind {

@@ -293,7 +293,7 @@ async fn main() -> anyhow::Result<()> {
     ));
     let (snapshot, snapshot_time) = timed(registry.snapshot(GROUP)).await;
     let snapshot = snapshot?;
-    let bytes = snapshot.resources.encoded_len() as f64 / 1_000_000.0;
+    let bytes = snapshot.snapshot.encoded_len() as f64 / 1_000_000.0;
     rows.push(Row::new(
         "snapshot compile, 1M keys + 20k routes",
         "-",

@@ -814,7 +814,9 @@ fn validate(file: &Path) -> Result<String, CliError> {
             config.subscriptions.len(),
             config.policies.len(),
             config.brokers.len(),
-            sluice_proto::hash::content_hash(&config),
+            sluice_proto::snapshot::content_hash(&sluice_proto::snapshot::from_config(
+                config.clone()
+            )),
         )),
         Err(errors) => Err(CliError::Api(format!("{}: {errors}", file.display()))),
     }

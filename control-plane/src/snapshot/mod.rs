@@ -1,8 +1,9 @@
 //! The snapshot compiler: a group's registry state as the discovery protocol's snapshot, and
-//! the delta between two versions of it, read from the change log.
+//! the delta between two versions of it, read from the change log. Both are shaped (API keys
+//! packed, lists sorted) by [`sluice_proto::snapshot`].
 
-use sluice_proto::hash::{canonicalize, content_hash};
 use sluice_proto::pb::{self, ConfigSet, Resource};
+use sluice_proto::snapshot;
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -13,21 +14,22 @@ use crate::registry::{Registry, RegistryError};
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupSnapshot {
     pub version: u64,
-    /// [`content_hash`] of `resources`: the same state always gives the same bytes and hash.
+    /// [`snapshot::content_hash`] of `snapshot`: the same state always gives the same bytes
+    /// and hash.
     pub content_hash: String,
-    /// Every list sorted by id.
-    pub resources: ConfigSet,
+    /// Canonical: every list sorted by id.
+    pub snapshot: pb::Snapshot,
 }
 
 impl Registry {
     /// The current snapshot of `group`.
     pub async fn snapshot(&self, group: &str) -> Result<GroupSnapshot, RegistryError> {
-        let (version, mut resources) = self.state(Some(group)).await?;
-        canonicalize(&mut resources);
+        let (version, resources) = self.state(Some(group)).await?;
+        let snapshot = snapshot::from_config(resources);
         Ok(GroupSnapshot {
             version,
-            content_hash: content_hash(&resources),
-            resources,
+            content_hash: snapshot::content_hash(&snapshot),
+            snapshot,
         })
     }
 
@@ -68,12 +70,7 @@ impl Registry {
                 }),
             }
         }
-        let mut upserted: ConfigSet = upserted.into_iter().collect();
-        canonicalize(&mut upserted);
-        Ok(pb::Delta {
-            base_version: from,
-            upserted: Some(upserted),
-            removed,
-        })
+        let upserted: ConfigSet = upserted.into_iter().collect();
+        Ok(snapshot::delta(from, upserted, removed))
     }
 }

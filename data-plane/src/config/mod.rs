@@ -10,8 +10,7 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use sluice_proto::declarative::{self, Format};
-use sluice_proto::hash::content_hash;
-use sluice_proto::{ConfigErrors, pb};
+use sluice_proto::{ConfigErrors, pb, snapshot};
 
 /// Where the running configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +23,9 @@ pub enum Source {
 #[derive(Debug)]
 pub struct CompiledConfig {
     pub source: Source,
-    /// Lowercase hex SHA-256 of the resources (see [`sluice_proto::hash`]).
+    /// Lowercase hex SHA-256 of the configuration as a discovery snapshot
+    /// ([`sluice_proto::snapshot::content_hash`]): the hash the control plane gives the same
+    /// configuration, whichever way it reached the node.
     pub content_hash: String,
     pub loaded_at: SystemTime,
     pub resources: pb::ConfigSet,
@@ -58,7 +59,7 @@ impl CompiledConfig {
         })?;
         Ok(Self {
             source: Source::File(path.to_owned()),
-            content_hash: content_hash(&resources),
+            content_hash: snapshot::content_hash(&snapshot::from_config(resources.clone())),
             loaded_at: SystemTime::now(),
             resources,
         })

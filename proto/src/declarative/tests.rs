@@ -1,7 +1,6 @@
 use prost::Message;
 
 use super::*;
-use crate::hash::content_hash;
 use crate::pb::ResourceKind;
 
 const EXAMPLE: &str = include_str!("../../../deploy/examples/sluice.yaml");
@@ -89,13 +88,12 @@ fn proto_messages_round_trip() {
     let decoded = pb::ConfigSet::decode(config.encode_to_vec().as_slice()).unwrap();
     assert_eq!(config, decoded);
 
+    let packed = crate::snapshot::from_config(config.clone());
     let snapshot = pb::DiscoveryResponse {
         version: 42,
-        content_hash: content_hash(&config),
+        content_hash: crate::snapshot::content_hash(&packed),
         nonce: "n-1".into(),
-        payload: Some(pb::discovery_response::Payload::Snapshot(pb::Snapshot {
-            resources: Some(config.clone()),
-        })),
+        payload: Some(pb::discovery_response::Payload::Snapshot(packed)),
     };
     assert_eq!(
         snapshot,
@@ -116,6 +114,7 @@ fn proto_messages_round_trip() {
                 kind: ResourceKind::Plan as i32,
                 id: "p".into(),
             }],
+            upserted_api_keys: Vec::new(),
         })),
     };
     assert_eq!(
@@ -389,4 +388,9 @@ fn a_resource_without_meta_does_not_shift_the_paths_of_the_others() {
     let errors = crate::validate::config_set(&config).unwrap_err();
     assert!(paths(&errors).contains(&"brokers[0]"), "{errors}");
     assert!(paths(&errors).contains(&"brokers[1].name"), "{errors}");
+}
+
+/// The hash a node reports for `config`.
+fn content_hash(config: &pb::ConfigSet) -> String {
+    crate::snapshot::content_hash(&crate::snapshot::from_config(config.clone()))
 }
