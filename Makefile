@@ -1,4 +1,5 @@
 # Sluice: the two commands of the quickstart, and the rest of the project's checks.
+#   make run       a standalone data plane on deploy/examples/quickstart.yaml (port 8080)
 #   make test      everything the project checks (services are started first)
 #   make services  Postgres, Redis and a Kafka-protocol broker on loopback, for the tests
 #   make lint      formatting and clippy only
@@ -8,7 +9,10 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 
-.PHONY: test services lint fmt build bench
+.PHONY: run test services lint fmt build bench
+
+run:
+	bash scripts/run.sh
 
 test: services lint build
 	@# The service URLs come from scripts/services.sh (the export lines it prints); the

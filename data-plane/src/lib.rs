@@ -1,9 +1,15 @@
 //! The Sluice data plane (`sluice-dp`).
 //!
-//! A data plane holds one immutable compiled configuration in an `ArcSwap` ([`config`]) and
-//! answers operators on its admin listener ([`admin`]). The folders follow the request path as
-//! it is built out: `config` → `server` → `router` → `auth` → `ratelimit` → `upstream` /
-//! `events`, with `admin` and `telemetry` beside them.
+//! A data plane holds one immutable compiled configuration in an `ArcSwap` ([`config`]),
+//! accepts client connections ([`server`]), routes each request ([`router`]) and proxies it to
+//! an upstream ([`upstream`]), and answers operators on its admin listener ([`admin`]) with
+//! health, the running config and metrics ([`telemetry`]). The folders follow the request
+//! path: `server` → `router` → (`auth` → `ratelimit`, with their issues) → `upstream` /
+//! `events`.
 
 pub mod admin;
 pub mod config;
+pub mod router;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;

@@ -4,43 +4,124 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use sluice_data_plane::admin;
-use sluice_data_plane::config::{CompiledConfig, ConfigStore};
+use sluice_data_plane::config::{CompiledConfig, ConfigStore, watch};
+use sluice_data_plane::server::pipeline::{Gateway, Limits};
+use sluice_data_plane::server::{self, ListenerSettings};
+use sluice_data_plane::telemetry::Metrics;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
-/// The Sluice data plane: loads a declarative file (standalone mode), validates it with the
-/// same rules as the control plane, and reports what it runs on its admin listener.
+/// The Sluice data plane: serves a declarative file (standalone mode) as a reverse proxy,
+/// validated with the same rules as the control plane, reloading it when it changes.
 #[derive(Debug, Parser)]
 #[command(name = "sluice-dp", version)]
 struct Args {
     /// Standalone mode: serve this declarative file (YAML, or JSON if it ends in .json).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "SLUICE_DP_CONFIG")]
     config: PathBuf,
-    /// Admin listener: /healthz, /readyz, /config. Keep it private.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9901")]
+    /// Client listener (HTTP/1.1 and h2c on one port).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8080",
+        env = "SLUICE_DP_LISTEN"
+    )]
+    listen: SocketAddr,
+    /// Admin listener: /healthz, /readyz, /config, /metrics. Keep it private.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9901",
+        env = "SLUICE_DP_ADMIN_LISTEN"
+    )]
     admin_listen: SocketAddr,
+    /// Worker threads; 0 means one per CPU.
+    #[arg(long, value_name = "N", default_value_t = 0, env = "SLUICE_DP_WORKERS")]
+    workers: usize,
+    /// How often the config file is checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    watch_interval: Duration,
+    /// Largest request body, declared or streamed; 413 beyond.
+    #[arg(long, value_name = "BYTES", default_value_t = 10 * 1024 * 1024)]
+    max_body_bytes: u64,
+    /// Largest request head (request line and headers); 431 beyond.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
+    /// Most request headers; 431 beyond.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    max_headers: usize,
+    /// A client must send its request headers within this time.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    init_logging();
+fn main() -> ExitCode {
     let args = Args::parse();
+    let (_log_guard, log_errors) = init_logging();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("sluice-dp");
+    if args.workers > 0 {
+        runtime.worker_threads(args.workers);
+    }
+    let runtime = match runtime.build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sluice-dp: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args, log_errors))
+}
+
+async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
     let store = Arc::new(ConfigStore::default());
+    let metrics = Arc::new(Metrics::new());
 
     let path = &args.config;
-    match CompiledConfig::from_file(path) {
+    match CompiledConfig::from_file(path, None, &metrics) {
         Ok(config) => {
-            tracing::info!(path = %path.display(), content_hash = %config.content_hash, "configuration applied");
+            tracing::info!(path = %path.display(), content_hash = %config.content_hash, routes = config.router.len(), "configuration applied");
             store.apply(config);
+            metrics.config_swaps.inc();
         }
         Err(e) => {
             eprintln!("sluice-dp: {e}");
             return ExitCode::FAILURE;
         }
     }
+    tokio::spawn(watch::watch_file(
+        path.clone(),
+        args.watch_interval,
+        store.clone(),
+        metrics.clone(),
+    ));
+    {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticker.tick().await;
+                metrics
+                    .access_log_dropped
+                    .set(u64::try_from(log_errors.dropped_lines()).unwrap_or(u64::MAX));
+            }
+        });
+    }
 
-    let listener = match tokio::net::TcpListener::bind(args.admin_listen).await {
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("sluice-dp: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin_listener = match tokio::net::TcpListener::bind(args.admin_listen).await {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!(
@@ -50,29 +131,68 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(addr = %args.admin_listen, "admin listener up");
-    let served = axum::serve(listener, admin::router(store))
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
-    match served {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    tracing::info!(addr = %args.listen, admin = %args.admin_listen, "listening");
+
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(
+        axum::serve(
+            admin_listener,
+            admin::router(store.clone(), metrics.clone()),
+        )
+        .with_graceful_shutdown(async {
+            let _ = admin_stopped.await;
+        })
+        .into_future(),
+    );
+    let gateway = Arc::new(Gateway::new(
+        store,
+        metrics,
+        Limits {
+            max_body_bytes: args.max_body_bytes,
+        },
+    ));
+    let settings = ListenerSettings {
+        header_read_timeout: args.header_read_timeout,
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+        drain_timeout: args.drain_timeout,
+    };
+    server::serve(listener, gateway, settings, shutdown_signal()).await;
+    let _ = stop_admin.send(());
+    match admin.await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("sluice-dp: admin listener failed: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("sluice-dp: admin listener task failed: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// JSON logs on stderr; `RUST_LOG` filters (default `info`).
-fn init_logging() {
+/// Lines buffered for the log writer before new ones are dropped (and counted): a slow
+/// terminal or pipe never stalls requests.
+const LOG_BUFFER_LINES: usize = 64 * 1024;
+
+/// JSON logs (the access log included) on stderr, written by a background thread;
+/// `RUST_LOG` filters (default `info`).
+fn init_logging() -> (WorkerGuard, ErrorCounter) {
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .finish(std::io::stderr());
+    let errors = writer.error_counter();
     tracing_subscriber::fmt()
         .json()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    (guard, errors)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -6,13 +6,16 @@
 //! - [`kafka::TestTopic`]: a unique topic, deleted when the test ends;
 //! - [`ports::free_port`]: a loopback port nobody else in the process was given;
 //! - [`process::Process`]: a Sluice binary started with arguments, awaited until ready, killed
-//!   when the test ends.
+//!   when the test ends; [`data_plane::DataPlane`] is `sluice-dp` on a config file of its own;
+//! - [`backend::EchoBackend`]: a real HTTP backend that echoes what the gateway forwarded.
 //!
 //! The services are expected on loopback, as `make services` starts them; the URLs can be
 //! overridden with `SLUICE_TEST_DATABASE_URL`, `SLUICE_TEST_REDIS_URL` and
 //! `SLUICE_TEST_KAFKA_BOOTSTRAP`. A missing service is a failure that says how to start it,
 //! never a skipped test.
 
+pub mod backend;
+pub mod data_plane;
 pub mod http;
 pub mod kafka;
 pub mod ports;

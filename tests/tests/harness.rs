@@ -136,10 +136,17 @@ async fn kafka_records_are_produced_and_consumed() -> anyhow::Result<()> {
 fn the_data_plane_starts_and_reports_its_config() -> anyhow::Result<()> {
     let admin = free_addr();
     let config = example_config();
-    let admin_arg = admin.to_string();
+    let (admin_arg, listen_arg) = (admin.to_string(), free_addr().to_string());
     let mut dp = Process::start(
         "sluice-dp",
-        &["--config", &config, "--admin-listen", &admin_arg],
+        &[
+            "--config",
+            &config,
+            "--admin-listen",
+            &admin_arg,
+            "--listen",
+            &listen_arg,
+        ],
         &[],
     )?;
     dp.wait_ready(admin, "/readyz", Duration::from_secs(20))?;
@@ -165,11 +172,18 @@ fn the_data_plane_refuses_a_bad_file_with_every_error() -> anyhow::Result<()> {
         &file,
         "format_version: 1\napis:\n  - name: a\n    routes:\n      - path: nope\n        proxy: { upstream: ghost }\n",
     )?;
-    let admin = free_addr().to_string();
+    let (admin, listen) = (free_addr().to_string(), free_addr().to_string());
     let file_arg = file.display().to_string();
     let mut dp = Process::start(
         "sluice-dp",
-        &["--config", &file_arg, "--admin-listen", &admin],
+        &[
+            "--config",
+            &file_arg,
+            "--admin-listen",
+            &admin,
+            "--listen",
+            &listen,
+        ],
         &[],
     )?;
     let status = dp.wait_exit(Duration::from_secs(20))?;

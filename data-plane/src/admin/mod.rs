@@ -1,5 +1,6 @@
-//! The admin listener (`127.0.0.1:9901` by default): liveness, readiness and the running
-//! configuration. Not for clients: bind it to a private address.
+//! The admin listener (`127.0.0.1:9901` by default): liveness, readiness, the running
+//! configuration (never its secrets) and Prometheus metrics. Not for clients: bind it to a
+//! private address.
 
 use std::sync::Arc;
 
@@ -12,14 +13,34 @@ use axum::routing::get;
 use serde_json::json;
 
 use crate::config::{ConfigStore, Source};
+use crate::telemetry::Metrics;
 
-/// The admin endpoints over a node's config store.
-pub fn router(store: Arc<ConfigStore>) -> Router {
+#[derive(Debug, Clone)]
+struct AdminState {
+    store: Arc<ConfigStore>,
+    metrics: Arc<Metrics>,
+}
+
+/// The admin endpoints over a node's config store and metrics.
+pub fn router(store: Arc<ConfigStore>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/config", get(config))
-        .with_state(store)
+        .route("/metrics", get(prometheus))
+        .with_state(AdminState { store, metrics })
+}
+
+/// Prometheus text exposition.
+async fn prometheus(State(state): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
 }
 
 /// Live while the process answers at all.
@@ -28,8 +49,8 @@ async fn healthz() -> &'static str {
 }
 
 /// Ready once a configuration is applied: only then can the node serve traffic.
-async fn readyz(State(store): State<Arc<ConfigStore>>) -> Response {
-    match store.current() {
+async fn readyz(State(state): State<AdminState>) -> Response {
+    match state.store.current() {
         Some(_) => (StatusCode::OK, "ready\n").into_response(),
         None => problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -40,8 +61,8 @@ async fn readyz(State(store): State<Arc<ConfigStore>>) -> Response {
 }
 
 /// What the node runs: source, content hash, load time and resource counts.
-async fn config(State(store): State<Arc<ConfigStore>>) -> Response {
-    let Some(config) = store.current() else {
+async fn config(State(state): State<AdminState>) -> Response {
+    let Some(config) = state.store.current() else {
         return problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "not-ready",
@@ -51,21 +72,21 @@ async fn config(State(store): State<Arc<ConfigStore>>) -> Response {
     let source = match &config.source {
         Source::File(path) => json!({ "kind": "file", "path": path.display().to_string() }),
     };
-    let r = &config.resources;
+    let c = &config.counts;
     Json(json!({
         "source": source,
         "content_hash": config.content_hash,
         "loaded_at": humantime::format_rfc3339_millis(config.loaded_at).to_string(),
         "resources": {
-            "apis": r.apis.len(),
-            "routes": r.apis.iter().map(|a| a.routes.len()).sum::<usize>(),
-            "upstreams": r.upstreams.len(),
-            "consumers": r.consumers.len(),
-            "credentials": r.credentials.len(),
-            "plans": r.plans.len(),
-            "subscriptions": r.subscriptions.len(),
-            "policies": r.policies.len(),
-            "brokers": r.brokers.len(),
+            "apis": c.apis,
+            "routes": c.routes,
+            "upstreams": c.upstreams,
+            "consumers": c.consumers,
+            "credentials": c.credentials,
+            "plans": c.plans,
+            "subscriptions": c.subscriptions,
+            "policies": c.policies,
+            "brokers": c.brokers,
         },
     }))
     .into_response()
@@ -113,24 +134,24 @@ mod tests {
     #[tokio::test]
     async fn not_ready_until_a_config_is_applied() {
         let store = Arc::new(ConfigStore::default());
-        assert_eq!(
-            get(router(store.clone()), "/healthz").await.0,
-            StatusCode::OK
-        );
-        let (status, body) = get(router(store.clone()), "/readyz").await;
+        let metrics = Arc::new(Metrics::new());
+        let admin = |store: &Arc<ConfigStore>| router(store.clone(), metrics.clone());
+        assert_eq!(get(admin(&store), "/healthz").await.0, StatusCode::OK);
+        let (status, body) = get(admin(&store), "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("not-ready"), "{body}");
 
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/sluice.yaml");
-        store.apply(CompiledConfig::from_file(&example).unwrap());
-        assert_eq!(
-            get(router(store.clone()), "/readyz").await.0,
-            StatusCode::OK
-        );
-        let (status, body) = get(router(store), "/config").await;
+        store.apply(CompiledConfig::from_file(&example, None, &metrics).unwrap());
+        assert_eq!(get(admin(&store), "/readyz").await.0, StatusCode::OK);
+        let (status, body) = get(admin(&store), "/config").await;
         assert_eq!(status, StatusCode::OK);
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["resources"]["routes"], 7);
         assert_eq!(body["content_hash"].as_str().unwrap().len(), 64);
+        let (status, body) = get(admin(&store), "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("sluice_config_swaps_total"), "{body}");
+        assert!(body.contains("sluice_requests_total{"), "{body}");
     }
 }

@@ -1,9 +1,14 @@
 //! The data plane's configuration: one immutable [`CompiledConfig`], swapped atomically.
 //!
-//! A new configuration is loaded and fully validated off the request path, then published
-//! with a single `store`; readers take a snapshot with `load` and keep it for the whole
-//! request, so requests in flight finish on the config they started with.
+//! A new configuration is loaded, validated and compiled off the request path (router,
+//! upstream runtimes, per-route metrics), then published with a single `store`; readers take
+//! a snapshot with `load` and keep it for the whole request, so requests in flight finish on
+//! the config they started with. Upstream runtimes (connection pools, counters) are carried
+//! over from the previous config when their upstream did not change.
 
+pub mod watch;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,11 +17,45 @@ use arc_swap::ArcSwapOption;
 use sluice_proto::declarative::{self, Format};
 use sluice_proto::{ConfigErrors, pb, snapshot};
 
+use crate::router::Router;
+use crate::telemetry::Metrics;
+use crate::upstream::Upstream;
+
 /// Where the running configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A declarative file (standalone mode).
     File(PathBuf),
+}
+
+/// How many resources of each kind a configuration has (for `/config`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub apis: usize,
+    pub routes: usize,
+    pub upstreams: usize,
+    pub consumers: usize,
+    pub credentials: usize,
+    pub plans: usize,
+    pub subscriptions: usize,
+    pub policies: usize,
+    pub brokers: usize,
+}
+
+impl Counts {
+    fn of(r: &pb::ConfigSet) -> Self {
+        Counts {
+            apis: r.apis.len(),
+            routes: r.apis.iter().map(|a| a.routes.len()).sum(),
+            upstreams: r.upstreams.len(),
+            consumers: r.consumers.len(),
+            credentials: r.credentials.len(),
+            plans: r.plans.len(),
+            subscriptions: r.subscriptions.len(),
+            policies: r.policies.len(),
+            brokers: r.brokers.len(),
+        }
+    }
 }
 
 /// A validated configuration, ready to serve.
@@ -28,7 +67,10 @@ pub struct CompiledConfig {
     /// configuration, whichever way it reached the node.
     pub content_hash: String,
     pub loaded_at: SystemTime,
-    pub resources: pb::ConfigSet,
+    pub counts: Counts,
+    pub router: Router,
+    /// By upstream id.
+    pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
 }
 
 /// Why a configuration could not be loaded.
@@ -46,22 +88,64 @@ pub enum LoadError {
 
 impl CompiledConfig {
     /// Reads, validates and compiles a declarative file.
-    pub fn from_file(path: &Path) -> Result<Self, LoadError> {
+    pub fn from_file(
+        path: &Path,
+        previous: Option<&CompiledConfig>,
+        metrics: &Metrics,
+    ) -> Result<Self, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let resources = declarative::load(&text, Format::from_path(path)).map_err(|errors| {
-            LoadError::Invalid {
-                path: path.to_owned(),
-                errors,
+        let invalid = |errors| LoadError::Invalid {
+            path: path.to_owned(),
+            errors,
+        };
+        let resources = declarative::load(&text, Format::from_path(path)).map_err(invalid)?;
+        Self::compile(resources, Source::File(path.to_owned()), previous, metrics).map_err(invalid)
+    }
+
+    /// Compiles validated resources. `previous` lends its upstream runtimes to unchanged
+    /// upstreams.
+    pub fn compile(
+        resources: pb::ConfigSet,
+        source: Source,
+        previous: Option<&CompiledConfig>,
+        metrics: &Metrics,
+    ) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut upstreams = HashMap::new();
+        for (i, upstream) in resources.upstreams.iter().enumerate() {
+            let id = upstream.meta.as_ref().map_or("", |m| m.id.as_str());
+            let old = previous.and_then(|p| p.upstreams.get(id));
+            match Upstream::reuse(upstream, old, metrics) {
+                Ok(runtime) => {
+                    upstreams.insert(runtime.id.clone(), runtime);
+                }
+                Err(reason) => errors.push(sluice_proto::FieldError {
+                    path: format!("upstreams[{i}]"),
+                    reason,
+                    resource: Some(pb::ResourceRef {
+                        kind: pb::ResourceKind::Upstream as i32,
+                        id: id.to_owned(),
+                    }),
+                }),
             }
-        })?;
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let router = Router::compile(&resources.apis, &|id| upstreams.get(id).cloned(), metrics)
+            .map_err(|e| ConfigErrors::single("apis", e.to_string()))?;
+        let counts = Counts::of(&resources);
+        let content_hash = snapshot::content_hash(&snapshot::from_config(resources));
         Ok(Self {
-            source: Source::File(path.to_owned()),
-            content_hash: snapshot::content_hash(&snapshot::from_config(resources.clone())),
+            source,
+            content_hash,
             loaded_at: SystemTime::now(),
-            resources,
+            counts,
+            router,
+            upstreams,
         })
     }
 }

@@ -1,0 +1,119 @@
+//! Every error a client can receive from the gateway itself, mapped to a status and an RFC 9457
+//! problem document in one place. The `type` URIs are stable: clients may branch on them.
+//! Details never carry upstream addresses or internal errors; those go to the log.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use crate::router::path::PathError;
+use crate::upstream::{ProxyBody, UpstreamError};
+
+/// Seconds a client is told to wait after a 503.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// Why the gateway answered instead of a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no configuration has been applied yet")]
+    NotReady,
+    #[error("the request is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("{0}")]
+    BadPath(PathError),
+    #[error("no route matches {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("this node does not serve {0} yet")]
+    NotServed(&'static str),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl GatewayError {
+    /// `(status, problem type, reason code for logs and metrics)`.
+    pub fn classify(&self) -> (StatusCode, &'static str) {
+        match self {
+            GatewayError::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not-ready"),
+            GatewayError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed-request"),
+            GatewayError::BadPath(_) => (StatusCode::BAD_REQUEST, "invalid-path"),
+            GatewayError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no-route"),
+            GatewayError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
+            GatewayError::NotServed(_) => (StatusCode::NOT_IMPLEMENTED, "not-implemented"),
+            GatewayError::Upstream(e) => match e {
+                UpstreamError::NoTarget(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no-healthy-upstream")
+                }
+                UpstreamError::Overloaded(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "upstream-overloaded")
+                }
+                UpstreamError::Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream-unreachable"),
+                UpstreamError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout"),
+                UpstreamError::Failed { .. } => (StatusCode::BAD_GATEWAY, "upstream-failed"),
+            },
+        }
+    }
+
+    /// What the client is told: enough to act on, nothing internal.
+    fn detail(&self) -> String {
+        match self {
+            GatewayError::Upstream(e) => match e {
+                UpstreamError::NoTarget(name) => format!("upstream {name} has no healthy target"),
+                UpstreamError::Overloaded(name) => {
+                    format!("upstream {name} is at its limit of concurrent requests")
+                }
+                UpstreamError::Connect { upstream, .. } => {
+                    format!("upstream {upstream} could not be reached")
+                }
+                UpstreamError::Timeout(name) => format!("upstream {name} did not answer in time"),
+                UpstreamError::Failed { upstream, .. } => {
+                    format!("upstream {upstream} failed to answer")
+                }
+            },
+            other => other.to_string(),
+        }
+    }
+
+    /// Whether the connection must be closed after the answer (the request's framing cannot
+    /// be trusted, so nothing after it on the connection can be either).
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::Malformed(_) | GatewayError::BodyTooLarge { .. }
+        )
+    }
+
+    /// The problem+json response, tagged with the request id.
+    pub fn to_response(&self, request_id: &HeaderValue) -> Response<ProxyBody> {
+        let (status, kind) = self.classify();
+        let body = serde_json::json!({
+            "type": format!("https://sluice.dev/problems/{kind}"),
+            "title": status.canonical_reason().unwrap_or_default(),
+            "status": status.as_u16(),
+            "detail": self.detail(),
+            "request_id": request_id.to_str().unwrap_or_default(),
+        });
+        let mut response = Response::new(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        if self.closes_connection() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}

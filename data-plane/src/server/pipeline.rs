@@ -1,0 +1,411 @@
+//! The request pipeline: what happens to one request, phase by phase, in order.
+//!
+//! 1. [`check_framing`]: refuse requests whose length is ambiguous (smuggling), first, before
+//!    any other phase reads the body or headers it cannot trust.
+//! 2. Take the current config once; the request finishes on it even if a new one is swapped
+//!    in meanwhile.
+//! 3. [`path::normalize`] the path once: the router and the upstream see the same path.
+//! 4. Route: host, path, methods, headers, query.
+//! 5. Enforce the body size limit: declared lengths at once, streamed bodies as they arrive.
+//! 6. Dispatch: a direct response, or proxy to the route's upstream.
+//! 7. Response headers (`X-Request-Id`), metrics and one access-log line.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+
+use super::error::GatewayError;
+use super::forwarding::{self, X_REQUEST_ID};
+use crate::config::ConfigStore;
+use crate::router::path;
+use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, Route};
+use crate::telemetry::Metrics;
+use crate::upstream::{Lease, ProxyBody};
+
+/// Node-wide request limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body accepted, declared or streamed (413 beyond).
+    pub max_body_bytes: u64,
+}
+
+/// What the pipeline knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionInfo {
+    pub client: SocketAddr,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
+}
+
+/// The data plane's request handler.
+#[derive(Debug)]
+pub struct Gateway {
+    store: Arc<ConfigStore>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+}
+
+/// What one request amounted to, for the access log and metrics.
+#[derive(Debug, Default)]
+struct Outcome {
+    route: Option<Arc<Route>>,
+    upstream: Option<Arc<str>>,
+    /// Why the gateway answered itself, when it did.
+    reason: Option<&'static str>,
+}
+
+impl Gateway {
+    pub fn new(store: Arc<ConfigStore>, metrics: Arc<Metrics>, limits: Limits) -> Self {
+        Gateway {
+            store,
+            metrics,
+            limits,
+        }
+    }
+
+    /// Serves one request. Never fails: every error becomes a problem+json response.
+    pub async fn handle(
+        &self,
+        connection: ConnectionInfo,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let request_id = forwarding::request_id(request.headers());
+        let method = request.method().clone();
+        let raw_path = request.uri().path().to_owned();
+        self.metrics.in_flight.inc();
+        let mut outcome = Outcome::default();
+        let mut response = match self
+            .serve(connection, request, &request_id, &mut outcome)
+            .await
+        {
+            Ok(response) => response,
+            Err(error) => {
+                let (_, reason) = error.classify();
+                outcome.reason = Some(reason);
+                if matches!(error, GatewayError::Upstream(_)) {
+                    tracing::warn!(request_id = ?request_id, error = %error, "upstream error");
+                }
+                error.to_response(&request_id)
+            }
+        };
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
+        self.metrics.in_flight.dec();
+
+        let status = response.status().as_u16();
+        let elapsed = started.elapsed();
+        match &outcome.route {
+            Some(route) => route.metrics.record(status, elapsed.as_secs_f64()),
+            None => self.metrics.unrouted(outcome.reason.unwrap_or("unknown")),
+        }
+        tracing::info!(
+            target: "sluice::access",
+            request_id = request_id.to_str().unwrap_or_default(),
+            client = %connection.client.ip(),
+            method = %method,
+            path = %raw_path,
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            api = outcome.route.as_ref().map(|r| &*r.api_name),
+            route = outcome.route.as_ref().map(|r| &*r.name),
+            upstream = outcome.upstream.as_deref(),
+            reason = outcome.reason,
+        );
+        response
+    }
+
+    async fn serve(
+        &self,
+        connection: ConnectionInfo,
+        request: Request<Incoming>,
+        request_id: &HeaderValue,
+        outcome: &mut Outcome,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        check_framing(&request)?;
+        let config = self.store.current().ok_or(GatewayError::NotReady)?;
+        let normalized = path::normalize(request.uri().path()).map_err(GatewayError::BadPath)?;
+        let host = request_host(&request);
+        let parts = RequestParts {
+            host: &host,
+            method: request.method(),
+            path: &normalized,
+            query: request.uri().query(),
+            headers: request.headers(),
+        };
+        let matched = config
+            .router
+            .route(&parts)
+            .ok_or_else(|| GatewayError::NoRoute {
+                method: request.method().to_string(),
+                path: normalized.to_string(),
+            })?;
+        outcome.route = Some(matched.route.clone());
+        check_declared_length(&request, self.limits.max_body_bytes)?;
+        match &matched.route.action {
+            Action::DirectResponse(direct) => Ok(direct_response(direct)),
+            Action::NotServed(what) => Err(GatewayError::NotServed(what)),
+            Action::Proxy(proxy) => {
+                outcome.upstream = Some(proxy.upstream.name.clone());
+                let forwarded_path = forwarded_path(proxy, &matched, &normalized);
+                self.proxy(proxy, connection, request, forwarded_path, request_id)
+                    .await
+            }
+        }
+    }
+
+    /// Phase 6 for proxy routes: pick a target, rewrite the request for it, send it and stream
+    /// the response back.
+    async fn proxy(
+        &self,
+        proxy: &ProxyAction,
+        connection: ConnectionInfo,
+        request: Request<Incoming>,
+        forwarded_path: String,
+        request_id: &HeaderValue,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        let upstream = &proxy.upstream;
+        let lease = upstream.lease(request.headers())?;
+        let (mut parts, body) = request.into_parts();
+        let client_version = parts.version;
+        let target = lease.target();
+        let path_and_query = match parts.uri.query() {
+            Some(query) => format!("{forwarded_path}?{query}"),
+            None => forwarded_path,
+        };
+        parts.uri =
+            Uri::builder()
+                .scheme(target.scheme.clone())
+                .authority(target.authority.clone())
+                .path_and_query(PathAndQuery::try_from(path_and_query).map_err(|_| {
+                    GatewayError::Malformed("the rewritten path is not a valid URI")
+                })?)
+                .build()
+                .map_err(|_| GatewayError::Malformed("the rewritten path is not a valid URI"))?;
+        let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        forwarding::strip_hop_by_hop(&mut parts.headers);
+        let traceparent = forwarding::traceparent(&parts.headers);
+        forwarding::set_forwarding(
+            &mut parts.headers,
+            connection.client.ip(),
+            connection.scheme,
+            original_host,
+            request_id,
+            traceparent,
+        );
+        if upstream.http2 {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        } else {
+            parts.version = Version::HTTP_11;
+            parts.headers.insert(
+                header::HOST,
+                HeaderValue::from_str(target.authority.as_str()).map_err(|_| {
+                    GatewayError::Malformed("the upstream authority is not a valid header")
+                })?,
+            );
+        }
+        let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
+        let body_fault = Arc::new(OnceLock::new());
+        let body = ClientBody {
+            inner: Limited::new(body, limit),
+            fault: body_fault.clone(),
+        }
+        .boxed();
+        let request = Request::from_parts(parts, body);
+
+        let timeout = proxy.timeout.unwrap_or(upstream.total_timeout);
+        let sent = Instant::now();
+        let response = upstream.send(request, timeout).await;
+        upstream.duration.observe(sent.elapsed().as_secs_f64());
+        // A failure while sending is the client's when its body was what failed.
+        let response = response.map_err(|e| match body_fault.get() {
+            Some(BodyFault::TooLarge) => GatewayError::BodyTooLarge {
+                limit: self.limits.max_body_bytes,
+            },
+            Some(BodyFault::Malformed) => {
+                GatewayError::Malformed("the request body is not validly framed")
+            }
+            None => GatewayError::Upstream(e),
+        })?;
+        let (mut parts, body) = response.into_parts();
+        forwarding::strip_hop_by_hop(&mut parts.headers);
+        // The client's connection has its own protocol: an HTTP/1.0 backend must not turn the
+        // client's keep-alive HTTP/1.1 connection into a one-shot one.
+        parts.version = client_version;
+        Ok(Response::from_parts(
+            parts,
+            LeasedBody {
+                inner: body,
+                _lease: lease,
+            }
+            .boxed(),
+        ))
+    }
+}
+
+/// Phase 1. Requests whose length is ambiguous are how requests are smuggled past a proxy:
+/// both `Content-Length` and `Transfer-Encoding`, or several `Content-Length`s. The
+/// connection is closed after the 400 (see [`GatewayError::closes_connection`]).
+fn check_framing(request: &Request<Incoming>) -> Result<(), GatewayError> {
+    let headers = request.headers();
+    let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    if lengths > 1 {
+        return Err(GatewayError::Malformed("several Content-Length headers"));
+    }
+    if lengths == 1 && headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(GatewayError::Malformed(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    Ok(())
+}
+
+/// Phase 5, for declared lengths: refused before a byte of the body is read.
+fn check_declared_length(request: &Request<Incoming>, limit: u64) -> Result<(), GatewayError> {
+    match request.body().size_hint().exact() {
+        Some(length) if length > limit => Err(GatewayError::BodyTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
+/// How a client's request body failed while it was streamed upstream.
+#[derive(Debug, Clone, Copy)]
+enum BodyFault {
+    TooLarge,
+    Malformed,
+}
+
+/// The client's request body on its way upstream: size-limited, and remembering how it failed
+/// so the failure is answered as the client's (413, 400), not as the upstream's (502).
+struct ClientBody {
+    inner: Limited<Incoming>,
+    fault: Arc<OnceLock<BodyFault>>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = crate::upstream::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            let fault = if e.is::<LengthLimitError>() {
+                BodyFault::TooLarge
+            } else {
+                BodyFault::Malformed
+            };
+            let _ = this.fault.set(fault);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request's host, lower-case, without port: from the URI (HTTP/2, absolute-form) or the
+/// `Host` header.
+fn request_host(request: &Request<Incoming>) -> String {
+    let host = request.uri().host().or_else(|| {
+        request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    });
+    let Some(host) = host else {
+        return String::new();
+    };
+    let without_port = if host.starts_with('[') {
+        host.split_inclusive(']').next().unwrap_or(host)
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The path sent upstream: the rewrite with its parameters filled in, else the normalised
+/// path, less the matched prefix when `strip_prefix` is set.
+fn forwarded_path(proxy: &ProxyAction, matched: &Matched<'_>, normalized: &str) -> String {
+    if let Some(rewrite) = &proxy.path_rewrite {
+        let mut path = rewrite.clone();
+        for (name, value) in &matched.params {
+            path = path.replace(&format!("{{{name}}}"), value);
+        }
+        return path;
+    }
+    if proxy.strip_prefix {
+        let rest = &normalized[matched.prefix_len.min(normalized.len())..];
+        return if rest.starts_with('/') {
+            rest.to_owned()
+        } else {
+            format!("/{rest}")
+        };
+    }
+    normalized.to_owned()
+}
+
+fn direct_response(direct: &DirectResponse) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(direct.body.clone())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = direct.status;
+    *response.headers_mut() = direct.headers.clone();
+    response
+}
+
+/// A response body that holds its upstream lease until the body is done, so in-flight counts
+/// and the concurrency cap cover streaming responses too.
+struct LeasedBody {
+    inner: Incoming,
+    _lease: Lease,
+}
+
+impl Body for LeasedBody {
+    type Data = Bytes;
+    type Error = crate::upstream::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner)
+            .poll_frame(cx)
+            .map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

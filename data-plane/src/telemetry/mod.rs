@@ -1,0 +1,212 @@
+//! Prometheus metrics and the access log.
+//!
+//! Per-route and per-upstream series are resolved when a config is compiled
+//! ([`Metrics::route`], [`Metrics::upstream`]): a request only bumps atomics it already holds,
+//! it never hashes label sets.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Latency buckets, seconds: 0.5 ms to 30 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+    30.0,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    api: String,
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatusLabels {
+    api: String,
+    route: String,
+    status_class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Every metric the node exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RouteStatusLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram>,
+    upstream_duration: Family<UpstreamLabels, Histogram>,
+    unrouted: Family<ReasonLabels, Counter>,
+    pub in_flight: Gauge,
+    pub config_version: Gauge,
+    pub config_swaps: Counter,
+    pub config_rejections: Counter,
+    pub access_log_dropped: Gauge<u64, AtomicU64>,
+}
+
+/// A route's series, held by the compiled route.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    /// By status class: 1xx to 5xx.
+    by_class: [Counter; 5],
+    pub duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: u16, seconds: f64) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let requests = Family::<RouteStatusLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered by a route, by status class",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers, per route",
+            request_duration.clone(),
+        );
+        let upstream_duration = Family::<UpstreamLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> _,
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time an upstream took to answer with headers",
+            upstream_duration.clone(),
+        );
+        let unrouted = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "unrouted_requests",
+            "Requests answered before any route: no route, bad path, malformed, not ready",
+            unrouted.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests being served",
+            in_flight.clone(),
+        );
+        let config_version = Gauge::default();
+        registry.register(
+            "config_version",
+            "Config version applied (0 for a file)",
+            config_version.clone(),
+        );
+        let config_swaps = Counter::default();
+        registry.register(
+            "config_swaps",
+            "Configurations applied",
+            config_swaps.clone(),
+        );
+        let config_rejections = Counter::default();
+        registry.register(
+            "config_rejections",
+            "Configurations refused (the previous one kept serving)",
+            config_rejections.clone(),
+        );
+        let access_log_dropped = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "access_log_dropped",
+            "Log lines dropped because the log writer fell behind",
+            access_log_dropped.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            unrouted,
+            in_flight,
+            config_version,
+            config_swaps,
+            config_rejections,
+            access_log_dropped,
+        }
+    }
+
+    pub fn route(&self, api: &str, route: &str) -> RouteMetrics {
+        let class = |status_class| {
+            self.requests
+                .get_or_create(&RouteStatusLabels {
+                    api: api.to_owned(),
+                    route: route.to_owned(),
+                    status_class,
+                })
+                .clone()
+        };
+        RouteMetrics {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: self
+                .request_duration
+                .get_or_create(&RouteLabels {
+                    api: api.to_owned(),
+                    route: route.to_owned(),
+                })
+                .clone(),
+        }
+    }
+
+    pub fn upstream(&self, upstream: &str) -> Histogram {
+        self.upstream_duration
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Counts a request answered before routing.
+    pub fn unrouted(&self, reason: &'static str) {
+        self.unrouted.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Shared handle.
+pub type SharedMetrics = Arc<Metrics>;

@@ -1,0 +1,261 @@
+//! Upstreams at run time: targets, the balancer, a keep-alive connection pool and the
+//! concurrency cap, keyed by the upstream's id so they survive a config swap that leaves the
+//! upstream unchanged (see [`Upstream::reuse`]).
+
+pub mod balancer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prost::Message;
+use sluice_proto::pb;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use balancer::Balancer;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::telemetry::Metrics;
+
+/// The body type of every request the node sends and every response it returns.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Defaults for timeouts the upstream leaves at 0.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle keep-alive connections are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per target.
+const POOL_MAX_IDLE_PER_HOST: usize = 256;
+
+/// An upstream, ready to take requests.
+#[derive(Debug)]
+pub struct Upstream {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+    /// The encoded resource without its resource version: equal fingerprints mean nothing
+    /// that matters to runtime state changed.
+    fingerprint: Vec<u8>,
+    pub targets: Vec<Target>,
+    balancer: Balancer,
+    client: Client<HttpConnector, ProxyBody>,
+    pub connect_timeout: Duration,
+    /// Per try; `None` means only the total deadline applies.
+    pub per_try_timeout: Option<Duration>,
+    pub total_timeout: Duration,
+    /// Requests go out as HTTP/2 (prior knowledge) rather than HTTP/1.1.
+    pub http2: bool,
+    concurrency: Option<Arc<Semaphore>>,
+    /// Time to response headers.
+    pub duration: Histogram,
+}
+
+/// One address of an upstream.
+#[derive(Debug)]
+pub struct Target {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    in_flight: AtomicUsize,
+}
+
+/// Why an upstream could not take a request.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {0} has no usable target")]
+    NoTarget(Arc<str>),
+    #[error("upstream {0} is at its limit of concurrent requests")]
+    Overloaded(Arc<str>),
+    #[error("cannot connect to upstream {upstream}: {source}")]
+    Connect {
+        upstream: Arc<str>,
+        #[source]
+        source: BoxError,
+    },
+    #[error("upstream {0} did not answer in time")]
+    Timeout(Arc<str>),
+    #[error("upstream {upstream} failed: {source}")]
+    Failed {
+        upstream: Arc<str>,
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// A request's claim on a target: counts towards least-request balancing and the upstream's
+/// concurrency cap until dropped (when the response body is finished or abandoned).
+#[derive(Debug)]
+pub struct Lease {
+    upstream: Arc<Upstream>,
+    target: usize,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Lease {
+    pub fn target(&self) -> &Target {
+        &self.upstream.targets[self.target]
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.upstream.targets[self.target]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Upstream {
+    /// Builds the runtime of `config`, or returns `previous` when it is the same upstream
+    /// unchanged, keeping its connections and counters.
+    pub fn reuse(
+        config: &pb::Upstream,
+        previous: Option<&Arc<Upstream>>,
+        metrics: &Metrics,
+    ) -> Result<Arc<Self>, String> {
+        let fingerprint = fingerprint(config);
+        if let Some(previous) = previous
+            && previous.fingerprint == fingerprint
+        {
+            return Ok(previous.clone());
+        }
+        Self::new(config, fingerprint, metrics).map(Arc::new)
+    }
+
+    fn new(config: &pb::Upstream, fingerprint: Vec<u8>, metrics: &Metrics) -> Result<Self, String> {
+        let meta = config.meta.clone().unwrap_or_default();
+        let mut targets = Vec::new();
+        let mut weights = Vec::new();
+        for target in &config.targets {
+            let uri: http::Uri = target
+                .url
+                .parse()
+                .map_err(|e| format!("target {:?}: {e}", target.url))?;
+            let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
+            if scheme != Scheme::HTTP {
+                return Err(format!(
+                    "target {:?}: this node does not yet connect to upstreams over TLS",
+                    target.url
+                ));
+            }
+            let authority = uri
+                .authority()
+                .cloned()
+                .ok_or_else(|| format!("target {:?} has no host", target.url))?;
+            targets.push(Target {
+                scheme,
+                authority,
+                in_flight: AtomicUsize::new(0),
+            });
+            weights.push(if target.weight == 0 {
+                100
+            } else {
+                target.weight
+            });
+        }
+        if targets.is_empty() {
+            return Err("has no targets".into());
+        }
+        let balancer = Balancer::new(config.load_balancing.as_ref(), &weights)?;
+        let timeouts = config.timeouts.unwrap_or_default();
+        let connect_timeout = non_zero_ms(timeouts.connect_ms).unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        let http2 = config.protocol == pb::UpstreamProtocol::Http2 as i32;
+        builder.http2_only(http2);
+        Ok(Upstream {
+            id: meta.id.as_str().into(),
+            name: meta.name.as_str().into(),
+            fingerprint,
+            targets,
+            balancer,
+            client: builder.build(connector),
+            connect_timeout,
+            per_try_timeout: non_zero_ms(timeouts.per_try_ms),
+            total_timeout: non_zero_ms(timeouts.total_ms).unwrap_or(DEFAULT_TOTAL_TIMEOUT),
+            http2,
+            concurrency: (config.max_concurrent_requests > 0)
+                .then(|| Arc::new(Semaphore::new(config.max_concurrent_requests as usize))),
+            duration: metrics.upstream(&meta.name),
+        })
+    }
+
+    /// Picks a target for a request with these headers and claims it.
+    pub fn lease(self: &Arc<Self>, headers: &HeaderMap) -> Result<Lease, UpstreamError> {
+        let permit = match &self.concurrency {
+            Some(semaphore) => Some(
+                semaphore
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| UpstreamError::Overloaded(self.name.clone()))?,
+            ),
+            None => None,
+        };
+        let target = self
+            .balancer
+            .pick(headers, &|_| true, &|i| {
+                self.targets[i].in_flight.load(Ordering::Relaxed)
+            })
+            .ok_or_else(|| UpstreamError::NoTarget(self.name.clone()))?;
+        self.targets[target]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Lease {
+            upstream: self.clone(),
+            target,
+            _permit: permit,
+        })
+    }
+
+    /// Sends `request` (its URI already pointing at the leased target) and waits for the
+    /// response headers, within `timeout`.
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let timeout = self.per_try_timeout.map_or(timeout, |t| t.min(timeout));
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => Err(UpstreamError::Timeout(self.name.clone())),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect {
+                upstream: self.name.clone(),
+                source: Box::new(e),
+            }),
+            Ok(Err(e)) => Err(UpstreamError::Failed {
+                upstream: self.name.clone(),
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+fn fingerprint(config: &pb::Upstream) -> Vec<u8> {
+    let mut config = config.clone();
+    if let Some(meta) = config.meta.as_mut() {
+        meta.resource_version = 0;
+        meta.labels.clear();
+        meta.description.clear();
+    }
+    config.encode_to_vec()
+}
+
+fn non_zero_ms(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}

@@ -1,0 +1,89 @@
+//! A `sluice-dp` in standalone mode for a test: its config file in a temp folder, its own
+//! ports, awaited until ready, killed when the test ends.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::ports::free_addr;
+use crate::process::Process;
+
+#[derive(Debug)]
+pub struct DataPlane {
+    pub process: Process,
+    /// The client listener.
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl DataPlane {
+    /// Starts a node serving `config` (declarative YAML) with extra command-line `args`.
+    pub fn start(config: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("sluice.yaml");
+        std::fs::write(&config_path, config)?;
+        let (addr, admin) = (free_addr(), free_addr());
+        let (addr_arg, admin_arg) = (addr.to_string(), admin.to_string());
+        let path_arg = config_path.display().to_string();
+        let mut all = vec![
+            "--config",
+            &path_arg,
+            "--listen",
+            &addr_arg,
+            "--admin-listen",
+            &admin_arg,
+        ];
+        all.extend_from_slice(args);
+        let mut process = Process::start("sluice-dp", &all, &[])?;
+        process.wait_ready(admin, "/readyz", Duration::from_secs(20))?;
+        Ok(Self {
+            process,
+            addr,
+            admin,
+            config_path,
+            _dir: dir,
+        })
+    }
+
+    /// `http://ADDR{path}` on the client listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Replaces the config file atomically (write, then rename), as an operator's tooling
+    /// should.
+    pub fn write_config(&self, config: &str) -> anyhow::Result<()> {
+        let temp = self.config_path.with_extension("tmp");
+        std::fs::write(&temp, config)?;
+        std::fs::rename(&temp, &self.config_path)?;
+        Ok(())
+    }
+
+    /// The sum of a metric's series whose labels contain `labels` ("" for all), from
+    /// `/metrics`. Async, so a test's in-process backends keep running meanwhile.
+    pub async fn metric(&self, name: &str, labels: &str) -> anyhow::Result<f64> {
+        let response = reqwest::Client::new()
+            .get(format!("http://{}/metrics", self.admin))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 200,
+            "/metrics answered {}",
+            response.status()
+        );
+        let text = response.text().await?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(series, _)| {
+                let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+                metric == name && rest.contains(labels)
+            })
+            .filter_map(|(_, value)| value.parse::<f64>().ok())
+            .sum())
+    }
+}

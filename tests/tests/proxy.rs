@@ -1,0 +1,614 @@
+//! The data plane as a reverse proxy, end to end: a real `sluice-dp` on a config file, real
+//! backends on real sockets.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sluice_tests::backend::EchoBackend;
+use sluice_tests::data_plane::DataPlane;
+
+fn config(upstreams: &str, routes: &str) -> String {
+    format!(
+        "format_version: 1\nupstreams:\n{upstreams}\napis:\n  - name: demo\n    routes:\n{routes}"
+    )
+}
+
+fn upstream(name: &str, urls: &[String], extra: &str) -> String {
+    let targets: Vec<String> = urls.iter().map(|u| format!("{{ url: \"{u}\" }}")).collect();
+    format!(
+        "  - name: {name}\n    targets: [{}]\n{extra}",
+        targets.join(", ")
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn get_json(url: &str) -> anyhow::Result<(u16, reqwest::header::HeaderMap, Value)> {
+    let response = client().get(url).send().await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await?;
+    Ok((status, headers, body))
+}
+
+/// Sends raw bytes and returns what came back until the server closed the connection (or
+/// `timeout`), plus whether it closed. Blocking I/O, on a blocking thread: the test's backend
+/// runs on the test's runtime and must keep answering meanwhile.
+async fn raw(addr: SocketAddr, request: &[u8], timeout: Duration) -> (String, bool) {
+    let request = request.to_vec();
+    tokio::task::spawn_blocking(move || raw_blocking(addr, &request, timeout))
+        .await
+        .unwrap()
+}
+
+fn raw_blocking(addr: SocketAddr, request: &[u8], timeout: Duration) -> (String, bool) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let closed = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn forwards_with_forwarding_headers_and_strips_hop_by_hop() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("b1").await?;
+    let node = DataPlane::start(
+        &config(
+            &upstream("backend", &[backend.url()], ""),
+            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
+        ),
+        &[],
+    )?;
+    let response = client()
+        .get(node.url("/hello/world?x=1"))
+        .header("host", "shop.example.com")
+        .header("connection", "keep-alive, x-secret")
+        .header("x-secret", "hop")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-request-id", "req-123")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "req-123");
+    let echo: Value = response.json().await?;
+    let headers = &echo["headers"];
+    assert_eq!(echo["path"], "/hello/world");
+    assert_eq!(echo["query"], "x=1");
+    assert_eq!(headers["host"], backend.addr.to_string());
+    assert_eq!(headers["x-forwarded-host"], "shop.example.com");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(headers["x-request-id"], "req-123");
+    assert!(headers.get("x-secret").is_none(), "{headers}");
+    let traceparent = headers["traceparent"].as_str().unwrap();
+    assert!(
+        traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+            && !traceparent.contains("00f067aa0ba902b7"),
+        "{traceparent}"
+    );
+
+    // Without ids, the gateway makes them.
+    let (_, response_headers, echo) = get_json(&node.url("/")).await?;
+    let made = response_headers["x-request-id"].to_str()?;
+    assert_eq!(made.len(), 36);
+    assert_eq!(echo["headers"]["x-request-id"], made);
+    assert_eq!(echo["headers"]["traceparent"].as_str().unwrap().len(), 55);
+    Ok(())
+}
+
+#[tokio::test]
+async fn routes_rewrite_and_strip_paths_and_answer_directly() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("b1").await?;
+    let routes = r#"      - name: user
+        path: "/users/{id}"
+        proxy: { upstream: backend, path_rewrite: "/internal/u/{id}" }
+      - name: assets
+        path: /assets
+        proxy: { upstream: backend, strip_prefix: true }
+      - name: ping
+        path: /ping
+        path_match: exact
+        direct_response: { status: 200, headers: { content-type: text/plain }, body: "pong\n" }
+"#;
+    let node = DataPlane::start(
+        &config(&upstream("backend", &[backend.url()], ""), routes),
+        &[],
+    )?;
+    let (_, _, echo) = get_json(&node.url("/users/42")).await?;
+    assert_eq!(echo["path"], "/internal/u/42");
+    let (_, _, echo) = get_json(&node.url("/assets/css/site.css")).await?;
+    assert_eq!(echo["path"], "/css/site.css");
+    let (_, _, echo) = get_json(&node.url("/assets")).await?;
+    assert_eq!(echo["path"], "/");
+    // Dot segments are resolved before routing and forwarding, never above the root.
+    let (response, _) = raw(
+        node.addr,
+        b"GET /assets/a/../../users/7 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    assert!(
+        response.contains("\"path\":\"/internal/u/7\""),
+        "{response}"
+    );
+
+    let response = client().get(node.url("/ping")).send().await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/plain");
+    assert!(response.headers().contains_key("x-request-id"));
+    assert_eq!(response.text().await?, "pong\n");
+
+    let response = client().get(node.url("/nowhere")).send().await?;
+    assert_eq!(response.status(), 404);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let request_id = response.headers()["x-request-id"].to_str()?.to_owned();
+    let problem: Value = response.json().await?;
+    assert_eq!(problem["type"], "https://sluice.dev/problems/no-route");
+    assert_eq!(problem["request_id"], request_id);
+    assert_eq!(backend.requests(), 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn upstream_failures_map_to_502_503_and_504() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("slow").await?;
+    let closed = sluice_tests::ports::free_addr();
+    let upstreams = format!(
+        "{}{}",
+        upstream("gone", &[format!("http://{closed}")], ""),
+        upstream("slow", &[backend.url()], "    max_concurrent_requests: 1\n")
+    );
+    let routes = r#"      - name: gone
+        path: /gone
+        proxy: { upstream: gone }
+      - name: quick
+        path: /quick
+        proxy: { upstream: slow, timeout: 200ms, path_rewrite: /sleep/2000 }
+      - name: slow
+        path: /sleep
+        proxy: { upstream: slow }
+"#;
+    let node = DataPlane::start(&config(&upstreams, routes), &[])?;
+
+    let response = client().get(node.url("/gone")).send().await?;
+    assert_eq!(response.status(), 502);
+    let problem: Value = response.json().await?;
+    assert_eq!(
+        problem["type"],
+        "https://sluice.dev/problems/upstream-unreachable"
+    );
+    assert!(
+        !problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&closed.to_string()),
+        "no upstream address leaks: {problem}"
+    );
+
+    let started = Instant::now();
+    let response = client().get(node.url("/quick")).send().await?;
+    assert_eq!(response.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(1500));
+
+    // One slow request holds the only slot: the next is refused at once with Retry-After.
+    let slow = tokio::spawn(client().get(node.url("/sleep/800")).send());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let response = client().get(node.url("/sleep/0")).send().await?;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let problem: Value = response.json().await?;
+    assert_eq!(
+        problem["type"],
+        "https://sluice.dev/problems/upstream-overloaded"
+    );
+    assert_eq!(slow.await??.status(), 200);
+    // The slot is free again once the slow response finished.
+    assert_eq!(
+        client().get(node.url("/sleep/0")).send().await?.status(),
+        200
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_are_refused_and_the_node_stays_healthy()
+-> anyhow::Result<()> {
+    let backend = EchoBackend::start("b1").await?;
+    let node = DataPlane::start(
+        &config(
+            &upstream("backend", &[backend.url()], ""),
+            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
+        ),
+        &["--max-body-bytes", "1024", "--max-header-bytes", "16384"],
+    )?;
+    let t = Duration::from_secs(5);
+    let cases: Vec<(&str, Vec<u8>, u16, bool)> = vec![
+        (
+            "differing Content-Lengths",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nAA".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "obfuscated Transfer-Encoding",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "Transfer-Encoding with a space before the colon",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "bad chunk size",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "bad request line",
+            b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "encoded slash",
+            b"GET /a%2F..%2Fetc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "encoded NUL",
+            b"GET /a%00b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "malformed escape",
+            b"GET /a%zz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+            true,
+        ),
+        (
+            "oversized header",
+            format!(
+                "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(20_000)
+            )
+            .into_bytes(),
+            431,
+            true,
+        ),
+        (
+            "too many headers",
+            format!(
+                "GET / HTTP/1.1\r\nHost: x\r\n{}\r\n",
+                (0..150).map(|i| format!("X-H{i}: 1\r\n")).collect::<String>()
+            )
+            .into_bytes(),
+            431,
+            true,
+        ),
+        (
+            "declared body too large",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{}",
+                "a".repeat(5000)
+            )
+            .into_bytes(),
+            413,
+            true,
+        ),
+        (
+            "streamed body too large",
+            format!(
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+                "400\r\n".to_owned() + &"a".repeat(1024) + "\r\n400\r\n" + &"a".repeat(1024) + "\r\n"
+            )
+            .into_bytes(),
+            413,
+            true,
+        ),
+    ];
+    for (name, request, status, must_close) in cases {
+        let (response, closed) = raw(node.addr, &request, t).await;
+        assert_eq!(status_of(&response), status, "{name}: {response}");
+        if must_close {
+            assert!(closed, "{name}: the connection must be closed");
+        }
+    }
+    // (Bodies are streamed: a request whose body turns out malformed or too large has
+    // already reached the backend, and is cut off there; its client gets the 400 or 413.)
+
+    // Smuggling attempts: the node frames the request by Transfer-Encoding alone, forwards
+    // exactly one request, and closes the connection, so the smuggled tail never becomes a
+    // request of its own (RFC 9112 §6.3).
+    let smuggling: [(&str, &[u8]); 2] = [
+        (
+            "CL.TE",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
+            "TE.CL",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+];
+    for (name, request) in smuggling {
+        let before = backend.requests();
+        let (response, _) = raw(node.addr, request, t).await;
+        assert!(!response.contains("/smuggled"), "{name}: {response}");
+        assert_eq!(
+            backend.requests(),
+            before + 1,
+            "{name}: exactly one request forwarded: {response}"
+        );
+        assert!(
+            response.to_ascii_lowercase().contains("connection: close"),
+            "{name}: {response}"
+        );
+    }
+    // Identical duplicate Content-Lengths are one length (RFC 9110 §8.6): the node and any
+    // compliant backend frame the body alike, so what follows is simply the next request.
+    let (response, _) = raw(
+        node.addr,
+        b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nAGET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        t,
+    )
+    .await;
+    assert!(response.contains(r#""body_len":1"#), "{response}");
+    assert!(response.contains(r#""content-length":"1""#), "{response}");
+    assert!(response.contains(r#""path":"/two""#), "{response}");
+
+    let (status, _, _) = get_json(&node.url("/fine")).await?;
+    assert_eq!(status, 200);
+    let (status, _) = sluice_tests::http::get(node.admin, "/healthz", t)?;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn balances_by_weight_and_hashes_consistently() -> anyhow::Result<()> {
+    let (a, b) = (
+        EchoBackend::start("a").await?,
+        EchoBackend::start("b").await?,
+    );
+    let upstreams = format!(
+        "  - name: weighted\n    targets: [{{ url: \"{}\", weight: 100 }}, {{ url: \"{}\", weight: 300 }}]\n{}",
+        a.url(),
+        b.url(),
+        upstream(
+            "sticky",
+            &[a.url(), b.url()],
+            "    load_balancing: { algorithm: consistent_hash, hash_header: x-user }\n"
+        )
+    );
+    let routes = "      - name: w\n        path: /w\n        proxy: { upstream: weighted }\n      - name: s\n        path: /s\n        proxy: { upstream: sticky }\n";
+    let node = DataPlane::start(&config(&upstreams, routes), &[])?;
+    let client = client();
+    let mut to_b = 0;
+    for _ in 0..400 {
+        let response = client.get(node.url("/w")).send().await?;
+        if response.headers()["x-backend"] == "b" {
+            to_b += 1;
+        }
+    }
+    assert_eq!(to_b, 300, "weights 100:300 over 400 requests");
+    for user in 0..20 {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5 {
+            let response = client
+                .get(node.url("/s"))
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await?;
+            seen.insert(response.headers()["x-backend"].to_str()?.to_owned());
+        }
+        assert_eq!(seen.len(), 1, "user-{user} went to {seen:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn reloads_the_file_keeps_the_old_config_on_errors_and_keeps_connections()
+-> anyhow::Result<()> {
+    let backend = EchoBackend::start("b1").await?;
+    let up = upstream("backend", &[backend.url()], "");
+    let v1 = config(
+        &up,
+        "      - name: one\n        path: /one\n        proxy: { upstream: backend }\n",
+    );
+    let node = DataPlane::start(&v1, &["--watch-interval", "50ms"])?;
+    let client = client();
+    let first = client.get(node.url("/one")).send().await?;
+    let connection = first.headers()["x-connection"].to_str()?.to_owned();
+
+    let v2 = config(
+        &up,
+        "      - name: two\n        path: /two\n        proxy: { upstream: backend }\n",
+    );
+    node.write_config(&v2)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.get(node.url("/two")).send().await?.status() != 200 {
+        assert!(Instant::now() < deadline, "the new route never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(client.get(node.url("/one")).send().await?.status(), 404);
+    // The upstream did not change, so its pooled connection survived the swap.
+    let again = client.get(node.url("/two")).send().await?;
+    assert_eq!(again.headers()["x-connection"], connection.as_str());
+
+    node.write_config("format_version: 1\napis: [{ name: broken, routes: [{ path: /x }] }]\n")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.metric("sluice_config_rejections_total", "").await? < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the broken file was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(client.get(node.url("/two")).send().await?.status(), 200);
+    assert!(
+        node.process
+            .log_text()
+            .contains("the previous one keeps serving")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_swaps_under_load_fail_no_request() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("b1").await?;
+    let up = upstream("backend", &[backend.url()], "");
+    // Two configs that differ in a route both of them serve, so every request has a route
+    // whichever config it lands on.
+    let variant = |n: u32| {
+        config(
+            &up,
+            &format!(
+                "      - name: all\n        path: /\n        proxy: {{ upstream: backend }}\n      - name: extra-{n}\n        path: /extra-{n}\n        direct_response: {{ status: 200 }}\n"
+            ),
+        )
+    };
+    let node = DataPlane::start(&variant(0), &["--watch-interval", "2ms"])?;
+    let base_swaps = node.metric("sluice_config_swaps_total", "").await?;
+    let client = client();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let (client, done, ok, failed) = (client.clone(), done.clone(), ok.clone(), failed.clone());
+        let url = node.url("/load");
+        workers.push(tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let served = match client.get(&url).send().await {
+                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                let counter = if served { &ok } else { &failed };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut swaps = 0.0;
+    let mut n = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while swaps < 1000.0 || ok.load(Ordering::Relaxed) < 50_000 {
+        assert!(
+            Instant::now() < deadline,
+            "{swaps} swaps and {} requests in 240 s",
+            ok.load(Ordering::Relaxed)
+        );
+        n += 1;
+        node.write_config(&variant(n))?;
+        // Wait until the node picked this version up before writing the next one.
+        let wanted = base_swaps + f64::from(n);
+        let each = Instant::now();
+        loop {
+            swaps = node.metric("sluice_config_swaps_total", "").await? - base_swaps;
+            if swaps + base_swaps >= wanted || each.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await?;
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{swaps} swaps, {ok} requests ok, {failed} failed");
+    assert!(swaps >= 1000.0);
+    assert!(ok >= 50_000);
+    assert_eq!(failed, 0);
+    assert_eq!(
+        node.metric("sluice_config_rejections_total", "").await?,
+        0.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_requests_in_flight() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("b1").await?;
+    let mut node = DataPlane::start(
+        &config(
+            &upstream("backend", &[backend.url()], ""),
+            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
+        ),
+        &["--drain-timeout", "10s"],
+    )?;
+    let slow = tokio::spawn(client().get(node.url("/sleep/1000")).send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.process.terminate()?;
+    let response = slow.await??;
+    assert_eq!(response.status(), 200, "the request in flight finished");
+    let status = node.process.wait_exit(Duration::from_secs(10))?;
+    assert!(status.success(), "{status}");
+    assert!(
+        TcpStream::connect(node.addr).is_err(),
+        "no longer accepting"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn http2_clients_and_http2_upstreams() -> anyhow::Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    let backend = EchoBackend::start("h2").await?;
+    let upstreams = format!(
+        "{}{}",
+        upstream("h1", &[backend.url()], ""),
+        upstream("h2", &[backend.url()], "    protocol: http2\n")
+    );
+    let routes = "      - name: one\n        path: /h1\n        proxy: { upstream: h1 }\n      - name: two\n        path: /h2\n        proxy: { upstream: h2 }\n";
+    let node = DataPlane::start(&config(&upstreams, routes), &[])?;
+    // An h2c (prior knowledge) client.
+    let client: hyper_util::client::legacy::Client<_, Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    for (path, upstream_version) in [("/h1", "HTTP/1.1"), ("/h2", "HTTP/2.0")] {
+        let response = client.get(node.url(path).parse()?).await?;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let body = response.into_body().collect().await?.to_bytes();
+        let echo: Value = serde_json::from_slice(&body)?;
+        assert_eq!(echo["version"], upstream_version, "{echo}");
+    }
+    Ok(())
+}
