@@ -2,7 +2,8 @@
 //! a JSON echo of what it received, so a test can see exactly what the gateway forwarded.
 //!
 //! Paths with a meaning: `/status/{code}` answers that status, `/sleep/{ms}` answers after
-//! that long. Every answer carries `x-backend` (the backend's name) and `x-connection` (the
+//! that long. A request asking for an upgrade (WebSocket) gets a 101, and the upgraded
+//! connection echoes every byte back. Every answer carries `x-backend` (the backend's name) and `x-connection` (the
 //! number of the TCP connection it came on, counted from 1), so tests can see balancing and
 //! connection reuse.
 
@@ -50,7 +51,7 @@ impl EchoBackend {
                         echo(request, name.clone(), connection)
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
             }
@@ -81,10 +82,28 @@ impl Drop for EchoBackend {
 }
 
 async fn echo(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     name: Arc<str>,
     connection: u64,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if let Some(protocol) = request.headers().get("upgrade").cloned() {
+        // Accept any upgrade, then echo the raw bytes of the upgraded connection.
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            }
+        });
+        let response = Response::builder()
+            .status(101)
+            .header("upgrade", protocol)
+            .header("connection", "upgrade")
+            .header("x-backend", &*name)
+            .body(Full::new(Bytes::new()))
+            .expect("a valid response");
+        return Ok(response);
+    }
     let path = request.uri().path().to_owned();
     let mut status = 200;
     if let Some(code) = path.strip_prefix("/status/") {

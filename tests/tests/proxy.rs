@@ -612,3 +612,44 @@ async fn http2_clients_and_http2_upstreams() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn websocket_upgrades_are_tunnelled() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("ws").await?;
+    let node = DataPlane::start(
+        &config(
+            &upstream("backend", &[backend.url()], ""),
+            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
+        ),
+        &[],
+    )?;
+    let addr = node.addr;
+    let (head, echoed) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(String, Vec<u8>)> {
+            let mut stream = TcpStream::connect(addr)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(
+                b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            )?;
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte)?;
+                head.push(byte[0]);
+            }
+            let message = b"frames pass through untouched";
+            stream.write_all(message)?;
+            let mut echoed = vec![0u8; message.len()];
+            stream.read_exact(&mut echoed)?;
+            Ok((String::from_utf8_lossy(&head).into_owned(), echoed))
+        })
+        .await??;
+    assert_eq!(status_of(&head), 101, "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{head}");
+    assert!(lower.contains("connection: upgrade"), "{head}");
+    assert!(lower.contains("x-request-id:"), "{head}");
+    assert_eq!(echoed, b"frames pass through untouched");
+    Ok(())
+}

@@ -112,6 +112,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol a request asks to switch to (`Upgrade: websocket` with `Connection: upgrade`),
+/// if any. Only HTTP/1.1 requests can upgrade.
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    connection_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
 /// Sets the forwarding headers on a request bound upstream: the client's address appended to
 /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` (the host the client asked
 /// for; the request's own `Host` becomes the target's), the request id and `traceparent`.

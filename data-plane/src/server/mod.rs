@@ -1,5 +1,5 @@
 //! The client-facing listener: HTTP/1.1 and HTTP/2 (h2c, prior knowledge) on one port, each
-//! request handed to the [`pipeline`]. On shutdown the listener stops accepting and open
+//! request handed to the [`pipeline`]; HTTP/1.1 upgrades (WebSocket) are allowed through. On shutdown the listener stops accepting and open
 //! connections are drained (HTTP/1 finishes its request, HTTP/2 sends GOAWAY) until a deadline.
 
 pub mod error;
@@ -78,7 +78,7 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(gateway.handle(info, request).await) }
         });
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -19,10 +19,12 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 
 use super::error::GatewayError;
 use super::forwarding::{self, X_REQUEST_ID};
@@ -177,6 +179,13 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let upstream = &proxy.upstream;
         let lease = upstream.lease(request.headers())?;
+        let upgrade = (request.version() == Version::HTTP_11)
+            .then(|| forwarding::requested_upgrade(request.headers()))
+            .flatten();
+        let mut request = request;
+        // Taken before the request is consumed: resolves with the client's connection once
+        // the 101 has been sent to it.
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let client_version = parts.version;
         let target = lease.target();
@@ -209,7 +218,15 @@ impl Gateway {
             request_id,
             traceparent,
         );
-        if upstream.http2 {
+        if let Some(protocol) = &upgrade {
+            // Upgrade and Connection are hop-by-hop, but an upgrade is asked of each hop:
+            // the node asks the upstream in its turn.
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        if upstream.http2 && upgrade.is_none() {
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
         } else {
@@ -244,6 +261,24 @@ impl Gateway {
             }
             None => GatewayError::Upstream(e),
         })?;
+        let mut response = response;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, lease));
+            let (mut parts, _) = response.into_parts();
+            let protocol = parts.headers.get(header::UPGRADE).cloned();
+            forwarding::strip_hop_by_hop(&mut parts.headers);
+            if let Some(protocol) = protocol {
+                parts.headers.insert(header::UPGRADE, protocol);
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
+            parts.version = client_version;
+            return Ok(Response::from_parts(parts, empty_body()));
+        }
         let (mut parts, body) = response.into_parts();
         forwarding::strip_hop_by_hop(&mut parts.headers);
         // The client's connection has its own protocol: an HTTP/1.0 backend must not turn the
@@ -258,6 +293,30 @@ impl Gateway {
             .boxed(),
         ))
     }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upgraded upstream
+/// connection until either side closes. The lease is held for the tunnel's lifetime, so the
+/// upstream's concurrency cap counts open WebSockets.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, lease: Lease) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    }
+    drop(lease);
+}
+
+fn empty_body() -> ProxyBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Phase 1. Requests whose length is ambiguous are how requests are smuggled past a proxy:
