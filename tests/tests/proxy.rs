@@ -653,3 +653,54 @@ async fn websocket_upgrades_are_tunnelled() -> anyhow::Result<()> {
     assert_eq!(echoed, b"frames pass through untouched");
     Ok(())
 }
+
+#[tokio::test]
+async fn grpc_passes_through_with_its_trailers() -> anyhow::Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    // A real gRPC server (the standard health service) as the upstream.
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("sluice.test", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let backend = listener.local_addr()?;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let node = DataPlane::start(
+        &config(
+            &upstream(
+                "grpc",
+                &[format!("http://{backend}")],
+                "    protocol: http2\n",
+            ),
+            "      - name: health\n        path: /grpc.health.v1.Health\n        proxy: { upstream: grpc }\n",
+        ),
+        &[],
+    )?;
+    let channel = tonic::transport::Endpoint::from_shared(node.url(""))?
+        .connect()
+        .await?;
+    let mut client = HealthClient::new(channel);
+    let serving = client
+        .check(HealthCheckRequest {
+            service: "sluice.test".into(),
+        })
+        .await?;
+    assert_eq!(serving.into_inner().status, ServingStatus::Serving as i32);
+    // A gRPC error travels in the trailers (grpc-status), which must arrive intact.
+    let unknown = client
+        .check(HealthCheckRequest {
+            service: "no.such.service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    server.abort();
+    Ok(())
+}
