@@ -42,4 +42,6 @@ fmt:
 bench: services
 	@# Benchmarks compare side by side in one run and write target/bench/NAME.json.
 	service_env=$$(bash scripts/services.sh); eval "$$service_env"; \
-	$(CARGO) run --release --locked -p sluice-bench --bin registry
+	tools_env=$$(bash scripts/bench-tools.sh); eval "$$tools_env"; \
+	$(CARGO) run --release --locked -p sluice-bench --bin registry; \
+	$(CARGO) run --release --locked -p sluice-bench --bin proxy

@@ -30,7 +30,11 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+            // From the thread-local generator, not `Uuid::new_v4` (a getrandom syscall per
+            // request on the hot path).
+            let id = uuid::Builder::from_random_bytes(rand::thread_rng().r#gen()).into_uuid();
+            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut text).as_bytes())
                 .expect("a UUID is a valid header value")
         })
 }

@@ -320,8 +320,12 @@ fn empty_body() -> ProxyBody {
 }
 
 /// Phase 1. Requests whose length is ambiguous are how requests are smuggled past a proxy:
-/// both `Content-Length` and `Transfer-Encoding`, or several `Content-Length`s. The
-/// connection is closed after the 400 (see [`GatewayError::closes_connection`]).
+/// both `Content-Length` and `Transfer-Encoding`, or several `Content-Length`s. hyper's
+/// HTTP/1 parser settles these before the service sees them (differing lengths are a 400;
+/// with both headers it frames by `Transfer-Encoding`, drops `Content-Length` and closes the
+/// connection after the response). This check is defence in depth for whatever reaches the
+/// service with both still present, whatever the protocol. The connection is closed after
+/// the 400 (see [`GatewayError::closes_connection`]).
 fn check_framing(request: &Request<Incoming>) -> Result<(), GatewayError> {
     let headers = request.headers();
     let lengths = headers.get_all(header::CONTENT_LENGTH).iter().count();

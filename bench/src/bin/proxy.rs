@@ -1,0 +1,1243 @@
+//! The data plane as a keep-alive reverse proxy, side by side with nginx (issue 4's benchmark).
+//!
+//! One run measures three targets in front of the same backend (an nginx of its own that
+//! answers `200 ok`), with the same load generator settings (oha, N connections, keep-alive):
+//!
+//! - `direct`: the backend itself, the baseline for "added latency";
+//! - `nginx`: nginx as a reverse proxy, `worker_processes` = the worker count;
+//! - `sluice`: `sluice-dp --workers` = the same worker count, one route `/` to the backend.
+//!
+//! For each: requests/s, p50/p99 at the maximum rate the machine gives, then the same at a
+//! fixed rate (10k req/s, coordinated omission corrected); the proxy's CPU seconds (utime +
+//! stime from /proc of every process in its process group) and requests per CPU-second; its
+//! RSS when idle and at peak. The CPU that processes outside the benchmark used during each
+//! run is measured too, so a busy machine is reported instead of silently skewing figures.
+//!
+//! Settings (environment): `SLUICE_BENCH_SECONDS` (per run, default 10), `SLUICE_BENCH_WARMUP`
+//! (default 2), `SLUICE_BENCH_CONNECTIONS` (default 50), `SLUICE_BENCH_RATE` (default 10000),
+//! `SLUICE_BENCH_WORKERS` (default 1, for both proxies; 0 is one per CPU), `SLUICE_BENCH_ONLY` (`nginx` or `sluice`: measure one
+//! proxy only), `SLUICE_BENCH_NGINX` / `SLUICE_BENCH_OHA` (tools; otherwise
+//! `scripts/bench-tools.sh` finds or installs them).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use sluice_bench::{Row, load_avg, report};
+use sluice_tests::ports::free_port;
+
+const NAME: &str = "proxy";
+const MAKE: &str = "make bench (cargo run --release -p sluice-bench --bin proxy)";
+/// Goals of issue 4.
+const GOAL_CPU_RATIO: f64 = 1.1;
+const GOAL_IDLE_RSS_MB: f64 = 20.0;
+/// A run is flagged when processes outside the benchmark used more than this share of a core.
+const BUSY_SHARE: f64 = 0.15;
+
+#[derive(Debug, Clone, Serialize)]
+struct Settings {
+    seconds: u64,
+    warmup_seconds: u64,
+    connections: u32,
+    rate: u32,
+    workers: u32,
+    nginx: bool,
+    sluice: bool,
+}
+
+impl Settings {
+    /// nginx's `worker_processes` for the worker count (0: `auto`, one per CPU, as sluice-dp's
+    /// `--workers 0`).
+    fn nginx_workers(&self) -> String {
+        match self.workers {
+            0 => "auto".to_owned(),
+            n => n.to_string(),
+        }
+    }
+
+    fn from_env() -> anyhow::Result<Self> {
+        let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
+        let (nginx, sluice) = match only.as_str() {
+            "" => (true, true),
+            "nginx" => (true, false),
+            "sluice" => (false, true),
+            other => bail!("SLUICE_BENCH_ONLY={other:?}: expected nginx or sluice"),
+        };
+        let settings = Self {
+            seconds: env_num("SLUICE_BENCH_SECONDS", 10)?,
+            warmup_seconds: env_num("SLUICE_BENCH_WARMUP", 2)?,
+            connections: env_num("SLUICE_BENCH_CONNECTIONS", 50)?,
+            rate: env_num("SLUICE_BENCH_RATE", 10_000)?,
+            workers: env_num("SLUICE_BENCH_WORKERS", 1)?,
+            nginx,
+            sluice,
+        };
+        if settings.seconds == 0 || settings.connections == 0 || settings.rate == 0 {
+            bail!("SLUICE_BENCH_SECONDS, _CONNECTIONS and _RATE must be at least 1");
+        }
+        Ok(settings)
+    }
+}
+
+fn env_num<T: FromStr>(name: &str, default: T) -> anyhow::Result<T> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a number")),
+        _ => Ok(default),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.canonicalize().unwrap_or(root)
+}
+
+/// A command line as a shell would take it back.
+fn shell_line(program: &Path, args: &[String]) -> String {
+    let mut line = program.display().to_string();
+    for arg in args {
+        line.push(' ');
+        if arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+".contains(c))
+            && !arg.is_empty()
+        {
+            line.push_str(arg);
+        } else {
+            let _ = write!(line, "'{}'", arg.replace('\'', r"'\''"));
+        }
+    }
+    line
+}
+
+// ------------------------------------------------------------------ tools ---
+
+#[derive(Debug, Clone, Serialize)]
+struct Tools {
+    nginx: PathBuf,
+    nginx_version: String,
+    oha: PathBuf,
+    oha_version: String,
+}
+
+/// nginx and oha: from SLUICE_BENCH_NGINX / SLUICE_BENCH_OHA, else from
+/// `scripts/bench-tools.sh` (which installs what is missing, and is quick otherwise).
+fn tools() -> anyhow::Result<Tools> {
+    let mut nginx = std::env::var_os("SLUICE_BENCH_NGINX").map(PathBuf::from);
+    let mut oha = std::env::var_os("SLUICE_BENCH_OHA").map(PathBuf::from);
+    if nginx.is_none() || oha.is_none() {
+        let script = workspace_root().join("scripts/bench-tools.sh");
+        eprintln!("proxy: finding the tools with {}", script.display());
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("cannot run {}", script.display()))?;
+        if !out.status.success() {
+            bail!("{} failed ({})", script.display(), out.status);
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some((key, value)) = line
+                .strip_prefix("export ")
+                .and_then(|kv| kv.split_once('='))
+            else {
+                continue;
+            };
+            if value.contains(['\\', '\'', '"', '$']) {
+                bail!("{key}={value}: use a path without quotes or escapes");
+            }
+            match key {
+                "SLUICE_BENCH_NGINX" => nginx = nginx.or_else(|| Some(value.into())),
+                "SLUICE_BENCH_OHA" => oha = oha.or_else(|| Some(value.into())),
+                _ => {}
+            }
+        }
+    }
+    let nginx = nginx.context("bench-tools.sh printed no SLUICE_BENCH_NGINX")?;
+    let oha = oha.context("bench-tools.sh printed no SLUICE_BENCH_OHA")?;
+    let nginx_out = std::process::Command::new(&nginx)
+        .arg("-v")
+        .output()
+        .with_context(|| format!("cannot run {} -v", nginx.display()))?;
+    let nginx_version = String::from_utf8_lossy(&nginx_out.stderr)
+        .trim()
+        .trim_start_matches("nginx version: ")
+        .to_owned();
+    let oha_out = std::process::Command::new(&oha)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run {} --version", oha.display()))?;
+    let oha_version = String::from_utf8_lossy(&oha_out.stdout).trim().to_owned();
+    Ok(Tools {
+        nginx,
+        nginx_version,
+        oha,
+        oha_version,
+    })
+}
+
+/// Builds `sluice-dp` with this program's profile (release under `make bench`) and returns its
+/// path, next to this program's own binary.
+async fn build_sluice_dp() -> anyhow::Result<PathBuf> {
+    let profile = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let args = [
+        "build",
+        "--profile",
+        profile,
+        "-p",
+        "sluice-data-plane",
+        "--bin",
+        "sluice-dp",
+    ];
+    eprintln!("proxy: building sluice-dp: cargo {}", args.join(" "));
+    let status = tokio::process::Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo build of sluice-dp failed ({status})");
+    }
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .context("this program has no folder")?
+        .join("sluice-dp");
+    if !path.exists() {
+        bail!("{} is missing after cargo build", path.display());
+    }
+    Ok(path)
+}
+
+// ------------------------------------------------------------------- /proc ---
+
+/// Clock ticks per second, for /proc/PID/stat's utime and stime.
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The fields of /proc/PID/stat after `(comm)`: index 0 is field 3 (state).
+fn stat_fields(text: &str) -> Option<Vec<&str>> {
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().collect())
+}
+
+/// Field `n` of /proc/PID/stat as numbered in proc(5) (14 is utime), from [`stat_fields`].
+fn field(fields: &[&str], n: usize) -> u64 {
+    fields.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// CPU and memory of every live process in a process group.
+#[derive(Debug, Clone, Copy, Default)]
+struct GroupUsage {
+    processes: usize,
+    /// utime + stime, in clock ticks.
+    cpu_ticks: u64,
+    rss_kb: u64,
+    hwm_kb: u64,
+}
+
+fn group_usage(pgid: u32) -> GroupUsage {
+    let mut usage = GroupUsage::default();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return usage;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(fields) = stat_fields(&stat) else {
+            continue;
+        };
+        if field(&fields, 5) != u64::from(pgid) || fields.first() == Some(&"Z") {
+            continue;
+        }
+        usage.processes += 1;
+        usage.cpu_ticks += field(&fields, 14) + field(&fields, 15);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        for line in status.lines() {
+            let kb = |l: &str| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            if line.starts_with("VmRSS:") {
+                usage.rss_kb += kb(line);
+            } else if line.starts_with("VmHWM:") {
+                usage.hwm_kb += kb(line);
+            }
+        }
+    }
+    usage
+}
+
+/// Busy ticks of the whole machine (all cores), from /proc/stat.
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else {
+        return 0;
+    };
+    // user nice system idle iowait irq softirq steal (guest is counted in user).
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| v.get(i).copied().unwrap_or(0))
+        .sum()
+}
+
+/// This program's CPU ticks, including its reaped children (each oha run).
+fn own_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_fields(&stat).map_or(0, |f| {
+        field(&f, 14) + field(&f, 15) + field(&f, 16) + field(&f, 17)
+    })
+}
+
+// ---------------------------------------------------------------- servers ---
+
+/// A server started for the benchmark in a process group of its own: the proxy's CPU and
+/// memory are those of every process in the group (nginx's master and worker alike). Stopped
+/// when dropped (SIGTERM to the group, SIGKILL after 5 s), so also on an error or Ctrl-C.
+#[derive(Debug)]
+struct Server {
+    name: String,
+    child: std::process::Child,
+    pgid: u32,
+    log: PathBuf,
+    command: String,
+}
+
+impl Server {
+    fn start(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = std::process::Command::new(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {name}: {}", program.display()))?;
+        let pgid = child.id();
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            pgid,
+            log,
+            command: shell_line(program, args),
+        })
+    }
+
+    fn usage(&self) -> GroupUsage {
+        group_usage(self.pgid)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// Waits until `GET path` on `addr` answers 200 with a body containing `body`, failing with
+    /// the server's log when it exits first or 20 s pass.
+    async fn wait_ready(&mut self, addr: SocketAddr, path: &str, body: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::from("no answer yet");
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited with {status} before it was ready; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            match probe(addr, path) {
+                Ok((200, text)) if text.contains(body) => return Ok(()),
+                Ok((status, text)) => last = format!("{status} {}", text.trim()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "{} did not answer 200 at http://{addr}{path} within 20 s (last: {last}); log:\n{}",
+            self.name,
+            self.log_text()
+        )
+    }
+
+    fn signal(&self, signal: &str) {
+        let _ = std::process::Command::new("kill")
+            .args([format!("-{signal}"), "--".into(), format!("-{}", self.pgid)])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.usage().processes == 0 {
+            let _ = self.child.wait();
+            return;
+        }
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let _ = self.child.try_wait(); // reaps the leader, so it stops counting
+            if self.usage().processes == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET path` with `Connection: close`: the status and the body (as sent: a chunked body keeps
+/// its chunk sizes, which is enough to look for a word in it).
+fn probe(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let timeout = Duration::from_secs(1);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.take(1 << 20).read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no HTTP status in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_owned()))
+}
+
+const NGINX_COMMON: &str = "
+    access_log off;
+    # Keep the load generator's connections open however many requests they carry, as
+    # sluice-dp does (nginx closes them after 1000 by default).
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;";
+
+/// Temporary-file folders inside `dir`, so that nginx needs nothing from its install's paths.
+fn nginx_temp_paths(dir: &Path, name: &str) -> String {
+    ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+        .iter()
+        .map(|t| {
+            format!(
+                "    {t}_temp_path {};\n",
+                dir.join("tmp").join(format!("{name}-{t}")).display()
+            )
+        })
+        .collect()
+}
+
+/// The backend: answers every request with `200 ok\n`.
+fn backend_conf(dir: &Path, port: u16) -> String {
+    format!(
+        "worker_processes 1;
+pid {dir}/backend.pid;
+error_log {dir}/backend-error.log warn;
+events {{ worker_connections 4096; }}
+http {{{NGINX_COMMON}
+{temp}    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type text/plain;
+            return 200 \"ok\\n\";
+        }}
+    }}
+}}
+",
+        dir = dir.display(),
+        temp = nginx_temp_paths(dir, "backend"),
+    )
+}
+
+/// nginx as a keep-alive reverse proxy to the backend.
+fn nginx_proxy_conf(
+    dir: &Path,
+    port: u16,
+    backend: u16,
+    workers: &str,
+    connections: u32,
+) -> String {
+    format!(
+        "worker_processes {workers};
+pid {dir}/nginx-proxy.pid;
+error_log {dir}/nginx-proxy-error.log warn;
+events {{ worker_connections 4096; }}
+http {{{NGINX_COMMON}
+{temp}    upstream backend {{
+        server 127.0.0.1:{backend};
+        # Idle upstream connections kept per worker: at least one per client connection.
+        keepalive {keepalive};
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}
+}}
+",
+        dir = dir.display(),
+        temp = nginx_temp_paths(dir, "nginx-proxy"),
+        keepalive = connections.max(64),
+    )
+}
+
+fn sluice_conf(backend: u16) -> String {
+    format!(
+        "format_version: 1
+upstreams:
+  - name: backend
+    targets: [{{ url: \"http://127.0.0.1:{backend}\" }}]
+apis:
+  - name: bench
+    routes:
+      - name: all
+        path: /
+        proxy: {{ upstream: backend }}
+"
+    )
+}
+
+fn start_nginx(tools: &Tools, dir: &Path, name: &str, conf: &str) -> anyhow::Result<Server> {
+    let file = dir.join(format!("{name}.conf"));
+    std::fs::write(&file, conf)?;
+    let args = vec![
+        "-p".to_owned(),
+        dir.display().to_string(),
+        "-e".to_owned(),
+        dir.join(format!("{name}-error.log")).display().to_string(),
+        "-c".to_owned(),
+        file.display().to_string(),
+        "-g".to_owned(),
+        "daemon off;".to_owned(),
+    ];
+    Server::start(name, &tools.nginx, &args, &[], dir)
+}
+
+// -------------------------------------------------------------- load runs ---
+
+#[derive(Debug, Deserialize)]
+struct OhaOutput {
+    summary: OhaSummary,
+    #[serde(rename = "latencyPercentiles")]
+    latency_percentiles: BTreeMap<String, Option<f64>>,
+    #[serde(rename = "statusCodeDistribution")]
+    status_codes: BTreeMap<String, u64>,
+    #[serde(rename = "errorDistribution")]
+    errors: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OhaSummary {
+    total: f64,
+}
+
+/// One load run against one target.
+#[derive(Debug, Clone, Serialize)]
+struct Measurement {
+    target: String,
+    load: String,
+    command: String,
+    seconds: f64,
+    /// 200 answers.
+    requests: u64,
+    requests_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    /// Answers other than 200 and errors other than oha aborting in-flight requests at the end.
+    failures: BTreeMap<String, u64>,
+    proxy_cpu_s: Option<f64>,
+    requests_per_proxy_cpu_s: Option<f64>,
+    /// CPU seconds used during the run by processes outside the benchmark.
+    other_cpu_s: f64,
+    load_avg: f64,
+}
+
+fn oha_args(settings: &Settings, seconds: u64, rate: Option<u32>, url: &str) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--no-tui",
+        "--output-format",
+        "json",
+        "-z",
+        &format!("{seconds}s"),
+        "-c",
+        &settings.connections.to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    if let Some(rate) = rate {
+        args.extend(["-q".into(), rate.to_string(), "--latency-correction".into()]);
+    }
+    args.push(url.to_owned());
+    args
+}
+
+/// What every load run shares: the settings, the tools and the backend.
+#[derive(Debug)]
+struct Bench<'a> {
+    settings: &'a Settings,
+    tools: &'a Tools,
+    /// Clock ticks per second.
+    ticks: f64,
+    backend: &'a Server,
+}
+
+impl Bench<'_> {
+    /// Runs oha once; `proxy` is the process whose CPU is accounted as the proxy's.
+    async fn load(
+        &self,
+        target: &str,
+        what: &str,
+        port: u16,
+        rate: Option<u32>,
+        seconds: u64,
+        proxy: Option<&Server>,
+    ) -> anyhow::Result<Measurement> {
+        let url = format!("http://127.0.0.1:{port}/");
+        let args = oha_args(self.settings, seconds, rate, &url);
+        let command = shell_line(&self.tools.oha, &args);
+        let load = rate.map_or_else(|| "max rate".to_owned(), |r| format!("{r} req/s"));
+        eprintln!("proxy: {target}, {load}, {what}: {command}");
+        let load_before = load_avg();
+        let proxy_before = proxy.map(Server::usage);
+        let backend_before = self.backend.usage();
+        let machine_before = machine_busy_ticks();
+        let own_before = own_ticks();
+        let out = tokio::process::Command::new(&self.tools.oha)
+            .args(&args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("cannot run oha")?;
+        let proxy_after = proxy.map(Server::usage);
+        let backend_after = self.backend.usage();
+        let machine = machine_busy_ticks().saturating_sub(machine_before);
+        let own = own_ticks().saturating_sub(own_before);
+        if !out.status.success() {
+            bail!(
+                "{command} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let result: OhaOutput = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("unexpected output from {command}"))?;
+        let proxy_ticks = proxy_before
+            .zip(proxy_after)
+            .map(|(b, a)| a.cpu_ticks.saturating_sub(b.cpu_ticks));
+        let ours = own
+            + proxy_ticks.unwrap_or(0)
+            + backend_after
+                .cpu_ticks
+                .saturating_sub(backend_before.cpu_ticks);
+        let requests = result.status_codes.get("200").copied().unwrap_or(0);
+        let mut failures: BTreeMap<String, u64> = result
+            .status_codes
+            .iter()
+            .filter(|(code, _)| *code != "200")
+            .map(|(code, n)| (format!("status {code}"), *n))
+            .collect();
+        failures.extend(
+            result
+                .errors
+                .into_iter()
+                .filter(|(e, _)| !e.contains("aborted due to deadline")),
+        );
+        let percentile = |p: &str| {
+            result
+                .latency_percentiles
+                .get(p)
+                .copied()
+                .flatten()
+                .unwrap_or(f64::NAN)
+                * 1e6
+        };
+        let proxy_cpu_s = proxy_ticks.map(|t| t as f64 / self.ticks);
+        let m = Measurement {
+            target: target.to_owned(),
+            load,
+            command,
+            seconds: result.summary.total,
+            requests,
+            requests_per_s: requests as f64 / result.summary.total,
+            p50_us: percentile("p50"),
+            p99_us: percentile("p99"),
+            p999_us: percentile("p99.9"),
+            failures,
+            proxy_cpu_s,
+            requests_per_proxy_cpu_s: proxy_cpu_s
+                .filter(|s| *s > 0.0)
+                .map(|s| requests as f64 / s),
+            other_cpu_s: machine.saturating_sub(ours) as f64 / self.ticks,
+            load_avg: load_before,
+        };
+        let failed: u64 = m.failures.values().sum();
+        if failed * 1000 > requests.max(1) {
+            bail!(
+                "{target}: {failed} of {} requests failed ({:?}); the figures would be meaningless",
+                requests + failed,
+                m.failures
+            );
+        }
+        Ok(m)
+    }
+
+    /// Warm-up, the max-rate run and the fixed-rate run against one target.
+    async fn measure(
+        &self,
+        target: &str,
+        port: u16,
+        proxy: Option<&Server>,
+    ) -> anyhow::Result<(Measurement, Measurement)> {
+        if self.settings.warmup_seconds > 0 {
+            let seconds = self.settings.warmup_seconds;
+            self.load(target, "warm-up", port, None, seconds, proxy)
+                .await
+                .context("warm-up")?;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let max = self
+            .load(target, "measured", port, None, self.settings.seconds, proxy)
+            .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let fixed = self
+            .load(
+                target,
+                "measured",
+                port,
+                Some(self.settings.rate),
+                self.settings.seconds,
+                proxy,
+            )
+            .await?;
+        Ok((max, fixed))
+    }
+}
+
+/// Everything measured about one target.
+#[derive(Debug, Clone, Serialize)]
+struct Target {
+    name: String,
+    started_as: Option<String>,
+    idle_rss_mb: Option<f64>,
+    peak_rss_mb: Option<f64>,
+    processes: Option<usize>,
+    max: Measurement,
+    fixed: Measurement,
+}
+
+/// Starts a proxy, lets it settle, records its idle RSS, measures it, records its peak RSS
+/// and stops it.
+async fn measure_proxy(
+    bench: &Bench<'_>,
+    name: &str,
+    mut server: Server,
+    port: u16,
+    ready: (SocketAddr, &str),
+) -> anyhow::Result<Target> {
+    server.wait_ready(ready.0, ready.1, "").await?;
+    // Through the proxy, to the backend.
+    server
+        .wait_ready(SocketAddr::from(([127, 0, 0, 1], port)), "/", "ok")
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = server.usage();
+    let (max, fixed) = bench.measure(name, port, Some(&server)).await?;
+    let peak = server.usage();
+    Ok(Target {
+        name: name.to_owned(),
+        started_as: Some(server.command.clone()),
+        idle_rss_mb: Some(idle.rss_kb as f64 / 1024.0),
+        peak_rss_mb: Some(peak.hwm_kb as f64 / 1024.0),
+        processes: Some(idle.processes),
+        max,
+        fixed,
+    })
+}
+
+// ----------------------------------------------------------------- report ---
+
+fn print_targets(settings: &Settings, tools: &Tools, targets: &[&Target]) {
+    println!(
+        "\nload generator: {} ({}), {} connections, keep-alive, {} s per run after a {} s \
+         warm-up; fixed rate {} req/s with --latency-correction",
+        tools.oha_version,
+        tools.oha.display(),
+        settings.connections,
+        settings.seconds,
+        settings.warmup_seconds,
+        settings.rate
+    );
+    println!(
+        "{:<8} {:<12} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9} {:>5}",
+        "target",
+        "load",
+        "req/s",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "cpu-s",
+        "req/cpu-s",
+        "other-cpu",
+        "load"
+    );
+    let opt =
+        |v: Option<f64>, prec: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.prec$}"));
+    for t in targets {
+        for m in [&t.max, &t.fixed] {
+            println!(
+                "{:<8} {:<12} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>9} {:>11} {:>9.2} {:>5.2}",
+                m.target,
+                m.load,
+                m.requests_per_s,
+                m.p50_us,
+                m.p99_us,
+                m.p999_us,
+                opt(m.proxy_cpu_s, 2),
+                opt(m.requests_per_proxy_cpu_s, 0),
+                m.other_cpu_s,
+                m.load_avg
+            );
+        }
+    }
+    for t in targets {
+        if let (Some(idle), Some(peak)) = (t.idle_rss_mb, t.peak_rss_mb) {
+            println!(
+                "{:<8} RSS idle {idle:.1} MB, peak (VmHWM) {peak:.1} MB, {} process(es)",
+                t.name,
+                t.processes.unwrap_or(0)
+            );
+        }
+    }
+    println!("commands:");
+    for t in targets {
+        if let Some(started) = &t.started_as {
+            println!("  {:<8} {started}", t.name);
+        }
+    }
+    for t in targets {
+        println!("  {:<8} {}", t.name, t.max.command);
+        println!("  {:<8} {}", t.name, t.fixed.command);
+    }
+}
+
+/// Runs that say less than they seem to: the machine was busy, or a target could not keep
+/// the fixed rate (its latency is then queueing in front of it, not proxying).
+fn warnings(settings: &Settings, targets: &[&Target]) -> usize {
+    let mut warnings = 0;
+    for m in targets.iter().map(|t| &t.fixed) {
+        if m.requests_per_s < 0.95 * f64::from(settings.rate) {
+            warnings += 1;
+            println!(
+                "WARNING: {} sustained only {:.0} of {} req/s: its latency at that rate is \
+                 mostly queueing",
+                m.target, m.requests_per_s, settings.rate
+            );
+        }
+    }
+    for m in targets.iter().flat_map(|t| [&t.max, &t.fixed]) {
+        let share = m.other_cpu_s / m.seconds.max(0.001);
+        if share > BUSY_SHARE {
+            warnings += 1;
+            println!(
+                "WARNING: during {} {}, processes outside the benchmark used {:.1} CPU-s \
+                 ({:.0}% of a core): the machine was busy and these figures are skewed",
+                m.target,
+                m.load,
+                m.other_cpu_s,
+                share * 100.0
+            );
+        }
+    }
+    warnings
+}
+
+fn rows(
+    settings: &Settings,
+    tools: &Tools,
+    direct: &Target,
+    sluice: &Target,
+    nginx: &Target,
+) -> Vec<Row> {
+    let peer = format!(
+        "nginx {}, worker_processes {}",
+        tools.nginx_version.trim_start_matches("nginx/"),
+        settings.nginx_workers()
+    );
+    let both =
+        |a: &Measurement, b: &Measurement| format!("sluice: {} | nginx: {}", a.command, b.command);
+    let max_cmd = both(&sluice.max, &nginx.max);
+    let fixed_cmd = both(&sluice.fixed, &nginx.fixed);
+    let rate = settings.rate;
+    let started = format!(
+        "{MAKE}; RSS: VmRSS/VmHWM of /proc/PID/status over the proxy's processes; sluice: {} | \
+         nginx: {}",
+        sluice.started_as.as_deref().unwrap_or("-"),
+        nginx.started_as.as_deref().unwrap_or("-"),
+    );
+    let added = |t: &Target, p: fn(&Measurement) -> f64| p(&t.fixed) - p(&direct.fixed);
+    let p50 = |m: &Measurement| m.p50_us;
+    let p99 = |m: &Measurement| m.p99_us;
+    vec![
+        Row::new(
+            &format!("requests/s, max rate, {} connections", settings.connections),
+            &peer,
+            "req/s",
+            sluice.max.requests_per_s,
+            Some(nginx.max.requests_per_s),
+            &max_cmd,
+        ),
+        Row::new(
+            "p50 latency, max rate",
+            &peer,
+            "us",
+            sluice.max.p50_us,
+            Some(nginx.max.p50_us),
+            &max_cmd,
+        ),
+        Row::new(
+            "p99 latency, max rate",
+            &peer,
+            "us",
+            sluice.max.p99_us,
+            Some(nginx.max.p99_us),
+            &max_cmd,
+        ),
+        Row::new(
+            "proxy CPU seconds, max rate",
+            &peer,
+            "cpu-s",
+            sluice.max.proxy_cpu_s.unwrap_or(f64::NAN),
+            nginx.max.proxy_cpu_s,
+            &max_cmd,
+        ),
+        Row::new(
+            &format!("requests per proxy CPU-s (goal ratio>={GOAL_CPU_RATIO})"),
+            &peer,
+            "req/cpu-s",
+            sluice.max.requests_per_proxy_cpu_s.unwrap_or(f64::NAN),
+            nginx.max.requests_per_proxy_cpu_s,
+            &max_cmd,
+        ),
+        Row::new(
+            &format!("p50 latency at {rate} req/s"),
+            &peer,
+            "us",
+            sluice.fixed.p50_us,
+            Some(nginx.fixed.p50_us),
+            &fixed_cmd,
+        ),
+        Row::new(
+            &format!("p99 latency at {rate} req/s"),
+            &peer,
+            "us",
+            sluice.fixed.p99_us,
+            Some(nginx.fixed.p99_us),
+            &fixed_cmd,
+        ),
+        Row::new(
+            &format!("requests per proxy CPU-s at {rate} req/s"),
+            &peer,
+            "req/cpu-s",
+            sluice.fixed.requests_per_proxy_cpu_s.unwrap_or(f64::NAN),
+            nginx.fixed.requests_per_proxy_cpu_s,
+            &fixed_cmd,
+        ),
+        Row::new(
+            &format!("added p50 at {rate} req/s over direct"),
+            &peer,
+            "us",
+            added(sluice, p50),
+            Some(added(nginx, p50)),
+            &fixed_cmd,
+        ),
+        Row::new(
+            &format!("added p99 at {rate} req/s (goal: <= nginx)"),
+            &peer,
+            "us",
+            added(sluice, p99),
+            Some(added(nginx, p99)),
+            &fixed_cmd,
+        ),
+        Row::new(
+            "idle RSS",
+            &peer,
+            "MB",
+            sluice.idle_rss_mb.unwrap_or(f64::NAN),
+            nginx.idle_rss_mb,
+            &started,
+        ),
+        Row::new(
+            &format!("idle RSS (goal <= {GOAL_IDLE_RSS_MB} MB)"),
+            "goal",
+            "MB",
+            sluice.idle_rss_mb.unwrap_or(f64::NAN),
+            Some(GOAL_IDLE_RSS_MB),
+            &started,
+        ),
+        Row::new(
+            "peak RSS (VmHWM)",
+            &peer,
+            "MB",
+            sluice.peak_rss_mb.unwrap_or(f64::NAN),
+            nginx.peak_rss_mb,
+            &started,
+        ),
+    ]
+}
+
+fn print_goals(settings: &Settings, direct: &Target, sluice: &Target, nginx: &Target) {
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!("goals (issue 4):");
+    if let (Some(s), Some(n)) = (
+        sluice.max.requests_per_proxy_cpu_s,
+        nginx.max.requests_per_proxy_cpu_s,
+    ) {
+        let ratio = s / n;
+        println!(
+            "  requests per proxy CPU-second >= {GOAL_CPU_RATIO}x nginx: {ratio:.2}x ({s:.0} vs \
+             {n:.0})  {}",
+            verdict(ratio >= GOAL_CPU_RATIO)
+        );
+    }
+    let s = sluice.fixed.p99_us - direct.fixed.p99_us;
+    let n = nginx.fixed.p99_us - direct.fixed.p99_us;
+    let rate = f64::from(settings.rate);
+    let short = [sluice, nginx]
+        .iter()
+        .filter(|t| t.fixed.requests_per_s < 0.95 * rate)
+        .map(|t| {
+            format!(
+                " ({} sustained only {:.0} req/s)",
+                t.name, t.fixed.requests_per_s
+            )
+        })
+        .collect::<String>();
+    println!(
+        "  added p99 at {} req/s <= nginx's: {s:.0} us vs {n:.0} us  {}{short}",
+        settings.rate,
+        verdict(s <= n)
+    );
+    if let Some(idle) = sluice.idle_rss_mb {
+        println!(
+            "  idle RSS <= {GOAL_IDLE_RSS_MB} MB: {idle:.1} MB  {}",
+            verdict(idle <= GOAL_IDLE_RSS_MB)
+        );
+    }
+}
+
+// ------------------------------------------------------------------- main ---
+
+async fn run() -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "proxy: WARNING: a debug build; run with --release for figures that mean anything"
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let start_load = load_avg();
+    if start_load > 0.5 * cores as f64 {
+        eprintln!(
+            "proxy: WARNING: load average {start_load:.2} on {cores} cores before the benchmark: \
+             the machine is busy; each run below also reports the CPU others used"
+        );
+    }
+    let tools = tools()?;
+    let sluice_dp = if settings.sluice {
+        let path = build_sluice_dp().await?;
+        let help = std::process::Command::new(&path).arg("--help").output()?;
+        let help = String::from_utf8_lossy(&help.stdout).into_owned();
+        if !help.contains("--listen") {
+            bail!(
+                "{} has no --listen option: this build of the data plane does not proxy yet \
+                 (SLUICE_BENCH_ONLY=nginx measures nginx alone)",
+                path.display()
+            );
+        }
+        Some((path, help.contains("--workers")))
+    } else {
+        None
+    };
+
+    // The generated configurations and the servers' logs, kept after the run so that every
+    // command printed can be re-run.
+    let dir = workspace_root().join(format!("target/bench/{NAME}"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    // nginx workers run as `nobody` when started by root: let them in.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let backend_port = free_port();
+    let mut backend = start_nginx(&tools, &dir, "backend", &backend_conf(&dir, backend_port))?;
+    backend
+        .wait_ready(SocketAddr::from(([127, 0, 0, 1], backend_port)), "/", "ok")
+        .await?;
+    let bench = Bench {
+        settings: &settings,
+        tools: &tools,
+        ticks: clock_ticks(),
+        backend: &backend,
+    };
+
+    let (max, fixed) = bench.measure("direct", backend_port, None).await?;
+    let direct = Target {
+        name: "direct".into(),
+        started_as: Some(backend.command.clone()),
+        idle_rss_mb: None,
+        peak_rss_mb: None,
+        processes: None,
+        max,
+        fixed,
+    };
+
+    let nginx = if settings.nginx {
+        let port = free_port();
+        let conf = nginx_proxy_conf(
+            &dir,
+            port,
+            backend_port,
+            &settings.nginx_workers(),
+            settings.connections,
+        );
+        let server = start_nginx(&tools, &dir, "nginx-proxy", &conf)?;
+        let ready = SocketAddr::from(([127, 0, 0, 1], port));
+        Some(measure_proxy(&bench, "nginx", server, port, (ready, "/")).await?)
+    } else {
+        None
+    };
+
+    let sluice = if let Some((path, has_workers)) = &sluice_dp {
+        let port = free_port();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let conf = dir.join("sluice.yaml");
+        std::fs::write(&conf, sluice_conf(backend_port))?;
+        let mut args = vec![
+            "--config".to_owned(),
+            conf.display().to_string(),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--admin-listen".to_owned(),
+            admin.to_string(),
+        ];
+        if *has_workers {
+            args.extend(["--workers".to_owned(), settings.workers.to_string()]);
+        } else {
+            eprintln!(
+                "proxy: WARNING: sluice-dp has no --workers option; it runs with its default \
+                 worker threads, not {}",
+                settings.workers
+            );
+        }
+        // No per-request logs: nginx runs with access_log off.
+        let server = Server::start("sluice-dp", path, &args, &[("RUST_LOG", "warn")], &dir)?;
+        Some(measure_proxy(&bench, "sluice", server, port, (admin, "/readyz")).await?)
+    } else {
+        None
+    };
+
+    let targets: Vec<&Target> = [Some(&direct), nginx.as_ref(), sluice.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    print_targets(&settings, &tools, &targets);
+    let warned = warnings(&settings, &targets);
+
+    if let (Some(sluice), Some(nginx)) = (&sluice, &nginx) {
+        report(NAME, &rows(&settings, &tools, &direct, sluice, nginx))?;
+        print_goals(&settings, &direct, sluice, nginx);
+    } else {
+        println!("(one proxy measured: no side-by-side rows; see target/bench/{NAME}-runs.json)");
+    }
+    if warned > 0 {
+        println!("{warned} warning(s) above: read the figures with them in mind");
+    }
+
+    #[derive(Serialize)]
+    struct Runs<'a> {
+        settings: &'a Settings,
+        tools: &'a Tools,
+        cores: usize,
+        load_avg_at_start: f64,
+        targets: &'a [&'a Target],
+    }
+    let runs = Runs {
+        settings: &settings,
+        tools: &tools,
+        cores,
+        load_avg_at_start: start_load,
+        targets: &targets,
+    };
+    let out = workspace_root().join(format!("target/bench/{NAME}-runs.json"));
+    std::fs::create_dir_all(out.parent().context("no parent")?)?;
+    std::fs::write(&out, serde_json::to_string_pretty(&runs)?)?;
+    println!("written: {}", out.display());
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    // Ctrl-C drops `run`, and with it every server it started (their Drop stops them).
+    tokio::select! {
+        result = run() => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+    }
+}
