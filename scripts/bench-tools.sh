@@ -39,47 +39,9 @@ OHA_INSTALL_CMD=(cargo install oha --version "$OHA_VERSION" --locked --root "$OH
 APT_LOG=$CACHE_DIR/apt.log
 ENV_FILE=$CACHE_DIR/bench-tools.env
 
-log() { printf 'bench-tools: %s\n' "$*" >&2; }
-
-# fail "what failed" ["detail or how to fix" ...]
-fail() {
-    log "ERROR: $1"
-    shift
-    local arg line
-    for arg in "$@"; do
-        while IFS= read -r line; do
-            log "  $line"
-        done <<<"$arg"
-    done
-    exit 1
-}
-
-show_tail() {
-    local file=$1 lines=${2:-30}
-    if [[ -r $file && -s $file ]]; then
-        log "----- last $lines lines of $file -----"
-        tail -n "$lines" -- "$file" | sed 's/^/bench-tools: | /' >&2
-        log "----- end of $file -----"
-    fi
-}
-
-have() { command -v "$1" >/dev/null 2>&1; }
-
-# run_clean CMD...: run CMD with only descriptors 0-2, so that nothing it leaves behind holds
-# our lock or a caller's pipe.
-run_clean() {
-    (
-        local fd
-        for fd in /proc/"$BASHPID"/fd/*; do
-            fd=${fd##*/}
-            if [[ $fd =~ ^[0-9]+$ ]] && ((fd > 2)); then
-                eval "exec $fd>&-"
-            fi
-        done
-        exec 9>&-
-        exec "$@"
-    )
-}
+SCRIPT_NAME=bench-tools
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 mkdir -p "$CACHE_DIR"
 
