@@ -704,3 +704,75 @@ async fn grpc_passes_through_with_its_trailers() -> anyhow::Result<()> {
     server.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn safe_requests_are_retried_on_another_target() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("alive").await?;
+    let dead = format!("http://{}", sluice_tests::ports::free_addr());
+    let upstreams = format!(
+        "{}{}",
+        upstream(
+            "retrying",
+            &[dead.clone(), backend.url()],
+            // Every request may retry (100%): the budget has its own test.
+            "    retry: { attempts: 2, backoff_base: 1ms, budget_percent: 100 }\n"
+        ),
+        upstream("once", &[dead, backend.url()], "")
+    );
+    let routes = "      - name: r\n        path: /r\n        proxy: { upstream: retrying }\n      - name: o\n        path: /o\n        proxy: { upstream: once }\n";
+    let node = DataPlane::start(&config(&upstreams, routes), &[])?;
+    let client = client();
+    for _ in 0..20 {
+        let response = client.get(node.url("/r")).send().await?;
+        let status = response.status();
+        let body = response.text().await?;
+        assert_eq!(status, 200, "a connect error is retried elsewhere: {body}");
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(client.get(node.url("/o")).send().await?.status().as_u16());
+    }
+    assert!(
+        statuses.contains(&502),
+        "without retries half fail: {statuses:?}"
+    );
+    // A body cannot be sent twice: such requests are not retried.
+    let mut with_body = Vec::new();
+    for _ in 0..20 {
+        let response = client.post(node.url("/r")).body("payload").send().await?;
+        with_body.push(response.status().as_u16());
+    }
+    assert!(with_body.contains(&502), "{with_body:?}");
+    assert!(with_body.contains(&200), "{with_body:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_retry_budget_caps_retries_when_an_upstream_keeps_failing() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("failing").await?;
+    let node = DataPlane::start(
+        &config(
+            &upstream(
+                "failing",
+                &[backend.url()],
+                "    retry: { attempts: 3, on_statuses: [503], backoff_base: 1ms, budget_percent: 20 }\n",
+            ),
+            "      - name: all\n        path: /\n        proxy: { upstream: failing }\n",
+        ),
+        &[],
+    )?;
+    let client = client();
+    for _ in 0..100 {
+        let response = client.get(node.url("/status/503")).send().await?;
+        assert_eq!(response.status(), 503, "the last try's answer goes back");
+    }
+    // 100 requests, a reserve of 10 retries and 20% of 100 earned: 30 retries, where
+    // unbudgeted retries would have sent 400.
+    assert_eq!(backend.requests(), 130);
+    // Not idempotent: never retried on a status.
+    let before = backend.requests();
+    let response = client.post(node.url("/status/503")).send().await?;
+    assert_eq!(response.status(), 503);
+    assert_eq!(backend.requests(), before + 1);
+    Ok(())
+}

@@ -32,7 +32,8 @@ use crate::config::ConfigStore;
 use crate::router::path;
 use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, Route};
 use crate::telemetry::Metrics;
-use crate::upstream::{Lease, ProxyBody};
+use crate::upstream::retry::TryFailure;
+use crate::upstream::{Lease, ProxyBody, Target, UpstreamError};
 
 /// Node-wide request limits.
 #[derive(Debug, Clone, Copy)]
@@ -178,7 +179,7 @@ impl Gateway {
         request_id: &HeaderValue,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let upstream = &proxy.upstream;
-        let lease = upstream.lease(request.headers())?;
+        let lease = upstream.lease(request.headers(), None)?;
         let upgrade = (request.version() == Version::HTTP_11)
             .then(|| forwarding::requested_upgrade(request.headers()))
             .flatten();
@@ -188,20 +189,11 @@ impl Gateway {
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let client_version = parts.version;
-        let target = lease.target();
-        let path_and_query = match parts.uri.query() {
+        let path_and_query = PathAndQuery::try_from(match parts.uri.query() {
             Some(query) => format!("{forwarded_path}?{query}"),
             None => forwarded_path,
-        };
-        parts.uri =
-            Uri::builder()
-                .scheme(target.scheme.clone())
-                .authority(target.authority.clone())
-                .path_and_query(PathAndQuery::try_from(path_and_query).map_err(|_| {
-                    GatewayError::Malformed("the rewritten path is not a valid URI")
-                })?)
-                .build()
-                .map_err(|_| GatewayError::Malformed("the rewritten path is not a valid URI"))?;
+        })
+        .map_err(|_| GatewayError::Malformed("the rewritten path is not a valid URI"))?;
         let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -226,18 +218,18 @@ impl Gateway {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        if upstream.http2 && upgrade.is_none() {
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
+        let http2 = upstream.http2 && upgrade.is_none();
+        parts.version = if http2 {
+            Version::HTTP_2
         } else {
-            parts.version = Version::HTTP_11;
-            parts.headers.insert(
-                header::HOST,
-                HeaderValue::from_str(target.authority.as_str()).map_err(|_| {
-                    GatewayError::Malformed("the upstream authority is not a valid header")
-                })?,
-            );
-        }
+            Version::HTTP_11
+        };
+        // Only a request without a body can be sent again as it is: bodies are streamed, never
+        // kept. Its headers are kept for the retries when the upstream allows any.
+        let has_body = !body.is_end_stream();
+        let method = parts.method.clone();
+        let retry_template = (upstream.retry.attempts > 0 && !has_body && upgrade.is_none())
+            .then(|| parts.headers.clone());
         let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
         let body_fault = Arc::new(OnceLock::new());
         let body = ClientBody {
@@ -245,12 +237,55 @@ impl Gateway {
             fault: body_fault.clone(),
         }
         .boxed();
-        let request = Request::from_parts(parts, body);
+        let mut request = Request::from_parts(parts, body);
+        aim(&mut request, lease.target(), &path_and_query, http2)?;
 
-        let timeout = proxy.timeout.unwrap_or(upstream.total_timeout);
-        let sent = Instant::now();
-        let response = upstream.send(request, timeout).await;
-        upstream.duration.observe(sent.elapsed().as_secs_f64());
+        upstream.retry.earn();
+        let deadline = Instant::now() + proxy.timeout.unwrap_or(upstream.total_timeout);
+        let mut lease = lease;
+        let mut tries = 0;
+        let response = loop {
+            tries += 1;
+            let sent = Instant::now();
+            let outcome = upstream
+                .send(request, deadline.saturating_duration_since(sent))
+                .await;
+            upstream.duration.observe(sent.elapsed().as_secs_f64());
+            let Some(headers) = &retry_template else {
+                break outcome;
+            };
+            let failure = match &outcome {
+                Ok(response) => TryFailure::Status(response.status()),
+                Err(UpstreamError::Connect { .. }) => TryFailure::Connect,
+                Err(_) => break outcome,
+            };
+            if !upstream
+                .retry
+                .should_retry(tries, &method, has_body, failure)
+            {
+                break outcome;
+            }
+            let pause = upstream.retry.backoff(tries);
+            if Instant::now() + pause >= deadline {
+                break outcome;
+            }
+            drop(outcome);
+            tokio::time::sleep(pause).await;
+            // The failed try's slot is given back before the next is taken, so a retry never
+            // needs more of the upstream's concurrency than the request had.
+            let failed = lease.index();
+            drop(lease);
+            lease = upstream.lease(headers, Some(failed))?;
+            request = Request::new(empty_body());
+            *request.method_mut() = method.clone();
+            *request.version_mut() = if http2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+            *request.headers_mut() = headers.clone();
+            aim(&mut request, lease.target(), &path_and_query, http2)?;
+        };
         // A failure while sending is the client's when its body was what failed.
         let response = response.map_err(|e| match body_fault.get() {
             Some(BodyFault::TooLarge) => GatewayError::BodyTooLarge {
@@ -311,6 +346,30 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, lease: Lease) {
         tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
     drop(lease);
+}
+
+/// Points a request at `target`: its URI, and for HTTP/1.1 its `Host` (HTTP/2 carries the
+/// authority in the URI).
+fn aim(
+    request: &mut Request<ProxyBody>,
+    target: &Target,
+    path_and_query: &PathAndQuery,
+    http2: bool,
+) -> Result<(), GatewayError> {
+    *request.uri_mut() = Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(path_and_query.clone())
+        .build()
+        .map_err(|_| GatewayError::Malformed("the rewritten path is not a valid URI"))?;
+    if http2 {
+        request.headers_mut().remove(header::HOST);
+    } else {
+        let host = HeaderValue::from_str(target.authority.as_str())
+            .map_err(|_| GatewayError::Malformed("the upstream authority is not a valid header"))?;
+        request.headers_mut().insert(header::HOST, host);
+    }
+    Ok(())
 }
 
 fn empty_body() -> ProxyBody {

@@ -3,6 +3,7 @@
 //! upstream unchanged (see [`Upstream::reuse`]).
 
 pub mod balancer;
+pub mod retry;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +23,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use balancer::Balancer;
 use prometheus_client::metrics::histogram::Histogram;
+use retry::RetryPolicy;
 
 use crate::telemetry::Metrics;
 
@@ -57,6 +59,7 @@ pub struct Upstream {
     concurrency: Option<Arc<Semaphore>>,
     /// Time to response headers.
     pub duration: Histogram,
+    pub retry: RetryPolicy,
 }
 
 /// One address of an upstream.
@@ -102,6 +105,11 @@ pub struct Lease {
 impl Lease {
     pub fn target(&self) -> &Target {
         &self.upstream.targets[self.target]
+    }
+
+    /// The target's index in its upstream.
+    pub fn index(&self) -> usize {
+        self.target
     }
 }
 
@@ -193,11 +201,17 @@ impl Upstream {
             concurrency: (config.max_concurrent_requests > 0)
                 .then(|| Arc::new(Semaphore::new(config.max_concurrent_requests as usize))),
             duration: metrics.upstream(&meta.name),
+            retry: RetryPolicy::new(config.retry.as_ref()),
         })
     }
 
-    /// Picks a target for a request with these headers and claims it.
-    pub fn lease(self: &Arc<Self>, headers: &HeaderMap) -> Result<Lease, UpstreamError> {
+    /// Picks a target for a request with these headers and claims it. `avoid` is a target
+    /// that just failed this request: another is preferred when there is one.
+    pub fn lease(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        avoid: Option<usize>,
+    ) -> Result<Lease, UpstreamError> {
         let permit = match &self.concurrency {
             Some(semaphore) => Some(
                 semaphore
@@ -207,11 +221,11 @@ impl Upstream {
             ),
             None => None,
         };
+        let in_flight = |i: usize| self.targets[i].in_flight.load(Ordering::Relaxed);
         let target = self
             .balancer
-            .pick(headers, &|_| true, &|i| {
-                self.targets[i].in_flight.load(Ordering::Relaxed)
-            })
+            .pick(headers, &|i| Some(i) != avoid, &in_flight)
+            .or_else(|| self.balancer.pick(headers, &|_| true, &in_flight))
             .ok_or_else(|| UpstreamError::NoTarget(self.name.clone()))?;
         self.targets[target]
             .in_flight
