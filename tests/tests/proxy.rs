@@ -776,3 +776,66 @@ async fn the_retry_budget_caps_retries_when_an_upstream_keeps_failing() -> anyho
     assert_eq!(backend.requests(), before + 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_circuit_opens_on_failures_and_closes_after_a_good_probe() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("flaky").await?;
+    let node = DataPlane::start(
+        &config(
+            &upstream(
+                "flaky",
+                &[backend.url()],
+                "    circuit_breaker: { failure_threshold: 3, open_for: 400ms, half_open_requests: 1 }\n",
+            ),
+            "      - name: all\n        path: /\n        proxy: { upstream: flaky }\n",
+        ),
+        &[],
+    )?;
+    let client = client();
+    for _ in 0..3 {
+        let response = client.get(node.url("/status/500")).send().await?;
+        assert_eq!(response.status(), 500);
+    }
+    // Open: refused at once, without reaching the backend.
+    let response = client.get(node.url("/status/200")).send().await?;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let problem: Value = response.json().await?;
+    assert_eq!(problem["type"], "https://sluice.dev/problems/circuit-open");
+    assert_eq!(backend.requests(), 3);
+    assert_eq!(
+        node.metric("sluice_upstream_circuit_state", "flaky")
+            .await?,
+        1.0
+    );
+
+    // Half-open after open_for: a failed probe opens it again...
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(
+        client.get(node.url("/status/502")).send().await?.status(),
+        502
+    );
+    assert_eq!(
+        client.get(node.url("/status/200")).send().await?.status(),
+        503
+    );
+    // ...and a good one closes it.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(
+        client.get(node.url("/status/200")).send().await?.status(),
+        200
+    );
+    assert_eq!(
+        node.metric("sluice_upstream_circuit_state", "flaky")
+            .await?,
+        0.0
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            client.get(node.url("/status/200")).send().await?.status(),
+            200
+        );
+    }
+    assert_eq!(backend.requests(), 3 + 1 + 1 + 5);
+    Ok(())
+}

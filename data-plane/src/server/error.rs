@@ -9,8 +9,8 @@ use http_body_util::{BodyExt, Full};
 use crate::router::path::PathError;
 use crate::upstream::{ProxyBody, UpstreamError};
 
-/// Seconds a client is told to wait after a 503.
-const RETRY_AFTER_SECONDS: &str = "1";
+/// Seconds a client is told to wait after a 503, unless the error knows better.
+const RETRY_AFTER_SECONDS: u64 = 1;
 
 /// Why the gateway answered instead of a backend.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,9 @@ impl GatewayError {
                 UpstreamError::Overloaded(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, "upstream-overloaded")
                 }
+                UpstreamError::CircuitOpen { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "circuit-open")
+                }
                 UpstreamError::Connect { .. } => (StatusCode::BAD_GATEWAY, "upstream-unreachable"),
                 UpstreamError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream-timeout"),
                 UpstreamError::Failed { .. } => (StatusCode::BAD_GATEWAY, "upstream-failed"),
@@ -65,6 +68,9 @@ impl GatewayError {
                 }
                 UpstreamError::Connect { upstream, .. } => {
                     format!("upstream {upstream} could not be reached")
+                }
+                UpstreamError::CircuitOpen { upstream, .. } => {
+                    format!("upstream {upstream} is failing; its circuit breaker is open")
                 }
                 UpstreamError::Timeout(name) => format!("upstream {name} did not answer in time"),
                 UpstreamError::Failed { upstream, .. } => {
@@ -106,10 +112,14 @@ impl GatewayError {
             HeaderValue::from_static("application/problem+json"),
         );
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
+            let seconds = match self {
+                // Whole seconds, rounded up: never tell a client to come back too early.
+                GatewayError::Upstream(UpstreamError::CircuitOpen { retry_after, .. }) => {
+                    u64::try_from(retry_after.as_millis().div_ceil(1000)).unwrap_or(u64::MAX)
+                }
+                _ => RETRY_AFTER_SECONDS,
+            };
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         if self.closes_connection() {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

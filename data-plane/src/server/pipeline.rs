@@ -179,6 +179,19 @@ impl Gateway {
         request_id: &HeaderValue,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let upstream = &proxy.upstream;
+        let pass = match &upstream.circuit {
+            Some(circuit) => {
+                Some(
+                    circuit
+                        .admit()
+                        .map_err(|retry_after| UpstreamError::CircuitOpen {
+                            upstream: upstream.name.clone(),
+                            retry_after,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let lease = upstream.lease(request.headers(), None)?;
         let upgrade = (request.version() == Version::HTTP_11)
             .then(|| forwarding::requested_upgrade(request.headers()))
@@ -286,6 +299,9 @@ impl Gateway {
             *request.headers_mut() = headers.clone();
             aim(&mut request, lease.target(), &path_and_query, http2)?;
         };
+        if let Some(pass) = pass {
+            pass.record(matches!(&response, Ok(r) if !r.status().is_server_error()));
+        }
         // A failure while sending is the client's when its body was what failed.
         let response = response.map_err(|e| match body_fault.get() {
             Some(BodyFault::TooLarge) => GatewayError::BodyTooLarge {

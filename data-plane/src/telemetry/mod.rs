@@ -50,6 +50,7 @@ pub struct Metrics {
     requests: Family<RouteStatusLabels, Counter>,
     request_duration: Family<RouteLabels, Histogram>,
     upstream_duration: Family<UpstreamLabels, Histogram>,
+    circuit_state: Family<UpstreamLabels, Gauge>,
     unrouted: Family<ReasonLabels, Counter>,
     pub in_flight: Gauge,
     pub config_version: Gauge,
@@ -108,6 +109,12 @@ impl Metrics {
             "Time an upstream took to answer with headers",
             upstream_duration.clone(),
         );
+        let circuit_state = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_circuit_state",
+            "Circuit breaker state per upstream: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
         let unrouted = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "unrouted_requests",
@@ -149,6 +156,7 @@ impl Metrics {
             requests,
             request_duration,
             upstream_duration,
+            circuit_state,
             unrouted,
             in_flight,
             config_version,
@@ -188,6 +196,14 @@ impl Metrics {
 
     pub fn upstream(&self, upstream: &str) -> Histogram {
         self.upstream_duration
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .clone()
+    }
+
+    pub fn circuit_state(&self, upstream: &str) -> Gauge {
+        self.circuit_state
             .get_or_create(&UpstreamLabels {
                 upstream: upstream.to_owned(),
             })

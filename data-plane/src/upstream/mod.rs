@@ -3,6 +3,7 @@
 //! upstream unchanged (see [`Upstream::reuse`]).
 
 pub mod balancer;
+pub mod circuit;
 pub mod retry;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use sluice_proto::pb;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use balancer::Balancer;
+use circuit::CircuitBreaker;
 use prometheus_client::metrics::histogram::Histogram;
 use retry::RetryPolicy;
 
@@ -60,6 +62,8 @@ pub struct Upstream {
     /// Time to response headers.
     pub duration: Histogram,
     pub retry: RetryPolicy,
+    /// `None` when the upstream has none.
+    pub circuit: Option<CircuitBreaker>,
 }
 
 /// One address of an upstream.
@@ -82,6 +86,11 @@ pub enum UpstreamError {
         upstream: Arc<str>,
         #[source]
         source: BoxError,
+    },
+    #[error("upstream {upstream}'s circuit breaker is open")]
+    CircuitOpen {
+        upstream: Arc<str>,
+        retry_after: Duration,
     },
     #[error("upstream {0} did not answer in time")]
     Timeout(Arc<str>),
@@ -202,6 +211,10 @@ impl Upstream {
                 .then(|| Arc::new(Semaphore::new(config.max_concurrent_requests as usize))),
             duration: metrics.upstream(&meta.name),
             retry: RetryPolicy::new(config.retry.as_ref()),
+            circuit: CircuitBreaker::new(
+                config.circuit_breaker.as_ref(),
+                metrics.circuit_state(&meta.name),
+            ),
         })
     }
 
