@@ -232,11 +232,6 @@ impl Gateway {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         let http2 = upstream.http2 && upgrade.is_none();
-        parts.version = if http2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
         // Only a request without a body can be sent again as it is: bodies are streamed, never
         // kept. Its headers are kept for the retries when the upstream allows any.
         let has_body = !body.is_end_stream();
@@ -291,11 +286,6 @@ impl Gateway {
             lease = upstream.lease(headers, Some(failed))?;
             request = Request::new(empty_body());
             *request.method_mut() = method.clone();
-            *request.version_mut() = if http2 {
-                Version::HTTP_2
-            } else {
-                Version::HTTP_11
-            };
             *request.headers_mut() = headers.clone();
             aim(&mut request, lease.target(), &path_and_query, http2)?;
         };
@@ -364,8 +354,8 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, lease: Lease) {
     drop(lease);
 }
 
-/// Points a request at `target`: its URI, and for HTTP/1.1 its `Host` (HTTP/2 carries the
-/// authority in the URI).
+/// Points a request at `target`: its URI and protocol version, and for HTTP/1.1 its `Host`
+/// (HTTP/2 carries the authority in the URI).
 fn aim(
     request: &mut Request<ProxyBody>,
     target: &Target,
@@ -379,8 +369,10 @@ fn aim(
         .build()
         .map_err(|_| GatewayError::Malformed("the rewritten path is not a valid URI"))?;
     if http2 {
+        *request.version_mut() = Version::HTTP_2;
         request.headers_mut().remove(header::HOST);
     } else {
+        *request.version_mut() = Version::HTTP_11;
         let host = HeaderValue::from_str(target.authority.as_str())
             .map_err(|_| GatewayError::Malformed("the upstream authority is not a valid header"))?;
         request.headers_mut().insert(header::HOST, host);
