@@ -2,7 +2,7 @@
 //! a JSON echo of what it received, so a test can see exactly what the gateway forwarded.
 //!
 //! Paths with a meaning: `/status/{code}` answers that status, `/sleep/{ms}` answers after
-//! that long. A request asking for an upgrade (WebSocket) gets a 101, and the upgraded
+//! that long, `/healthz` answers 200 or 503 as [`EchoBackend::set_healthy`] says. A request asking for an upgrade (WebSocket) gets a 101, and the upgraded
 //! connection echoes every byte back. Every answer carries `x-backend` (the backend's name) and `x-connection` (the
 //! number of the TCP connection it came on, counted from 1), so tests can see balancing and
 //! connection reuse.
@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,6 +29,7 @@ pub struct EchoBackend {
     pub addr: SocketAddr,
     pub name: String,
     requests: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -38,6 +39,8 @@ impl EchoBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let health = healthy.clone();
         let connections = Arc::new(AtomicU64::new(0));
         let backend_name: Arc<str> = name.into();
         let counter = requests.clone();
@@ -45,10 +48,16 @@ impl EchoBackend {
             while let Ok((stream, _)) = listener.accept().await {
                 let connection = connections.fetch_add(1, Ordering::Relaxed) + 1;
                 let (name, counter) = (backend_name.clone(), counter.clone());
+                let health = health.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         counter.fetch_add(1, Ordering::Relaxed);
-                        echo(request, name.clone(), connection)
+                        echo(
+                            request,
+                            name.clone(),
+                            connection,
+                            health.load(Ordering::Relaxed),
+                        )
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -60,6 +69,7 @@ impl EchoBackend {
             addr,
             name: name.to_owned(),
             requests,
+            healthy,
             task,
         })
     }
@@ -69,7 +79,12 @@ impl EchoBackend {
         format!("http://{}", self.addr)
     }
 
-    /// Requests answered so far.
+    /// What `/healthz` answers from now on: 200, or 503 when `false`.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Requests answered so far (health checks included).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
@@ -85,6 +100,7 @@ async fn echo(
     mut request: Request<Incoming>,
     name: Arc<str>,
     connection: u64,
+    healthy: bool,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if let Some(protocol) = request.headers().get("upgrade").cloned() {
         // Accept any upgrade, then echo the raw bytes of the upgraded connection.
@@ -106,6 +122,9 @@ async fn echo(
     }
     let path = request.uri().path().to_owned();
     let mut status = 200;
+    if path == "/healthz" && !healthy {
+        status = 503;
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse().unwrap_or(500);
     }

@@ -839,3 +839,63 @@ async fn the_circuit_opens_on_failures_and_closes_after_a_good_probe() -> anyhow
     assert_eq!(backend.requests(), 3 + 1 + 1 + 5);
     Ok(())
 }
+
+#[tokio::test]
+async fn health_checks_eject_a_failing_target_and_bring_it_back() -> anyhow::Result<()> {
+    let (a, b) = (
+        EchoBackend::start("a").await?,
+        EchoBackend::start("b").await?,
+    );
+    let node = DataPlane::start(
+        &config(
+            &upstream(
+                "checked",
+                &[a.url(), b.url()],
+                "    health_check: { path: /healthz, interval: 50ms, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }\n",
+            ),
+            "      - name: all\n        path: /\n        proxy: { upstream: checked }\n",
+        ),
+        &[],
+    )?;
+    let client = client();
+    let backends = |n: usize| {
+        let client = client.clone();
+        let url = node.url("/work");
+        async move {
+            let mut seen = Vec::new();
+            for _ in 0..n {
+                let response = client.get(&url).send().await?;
+                anyhow::ensure!(response.status() == 200, "{}", response.status());
+                seen.push(response.headers()["x-backend"].to_str()?.to_owned());
+            }
+            anyhow::Ok(seen)
+        }
+    };
+    assert!(backends(10).await?.contains(&"b".to_owned()));
+
+    b.set_healthy(false);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node
+        .metric("sluice_upstream_target_healthy", &b.addr.to_string())
+        .await?
+        != 0.0
+    {
+        assert!(Instant::now() < deadline, "b was never ejected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = backends(20).await?;
+    assert!(seen.iter().all(|s| s == "a"), "{seen:?}");
+
+    b.set_healthy(true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node
+        .metric("sluice_upstream_target_healthy", &b.addr.to_string())
+        .await?
+        != 1.0
+    {
+        assert!(Instant::now() < deadline, "b never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(backends(10).await?.contains(&"b".to_owned()));
+    Ok(())
+}

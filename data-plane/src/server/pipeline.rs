@@ -33,7 +33,7 @@ use crate::router::path;
 use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, Route};
 use crate::telemetry::Metrics;
 use crate::upstream::retry::TryFailure;
-use crate::upstream::{Lease, ProxyBody, Target, UpstreamError};
+use crate::upstream::{Lease, ProxyBody, Target, UpstreamError, empty_body};
 
 /// Node-wide request limits.
 #[derive(Debug, Clone, Copy)]
@@ -378,12 +378,6 @@ fn aim(
         request.headers_mut().insert(header::HOST, host);
     }
     Ok(())
-}
-
-fn empty_body() -> ProxyBody {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
 }
 
 /// Phase 1. Requests whose length is ambiguous are how requests are smuggled past a proxy:

@@ -39,6 +39,12 @@ struct UpstreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    upstream: String,
+    target: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -51,6 +57,7 @@ pub struct Metrics {
     request_duration: Family<RouteLabels, Histogram>,
     upstream_duration: Family<UpstreamLabels, Histogram>,
     circuit_state: Family<UpstreamLabels, Gauge>,
+    target_healthy: Family<TargetLabels, Gauge>,
     unrouted: Family<ReasonLabels, Counter>,
     pub in_flight: Gauge,
     pub config_version: Gauge,
@@ -115,6 +122,12 @@ impl Metrics {
             "Circuit breaker state per upstream: 0 closed, 1 open, 2 half-open",
             circuit_state.clone(),
         );
+        let target_healthy = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "upstream_target_healthy",
+            "1 while a target passes its active health checks (or has none), 0 while ejected",
+            target_healthy.clone(),
+        );
         let unrouted = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "unrouted_requests",
@@ -157,6 +170,7 @@ impl Metrics {
             request_duration,
             upstream_duration,
             circuit_state,
+            target_healthy,
             unrouted,
             in_flight,
             config_version,
@@ -206,6 +220,15 @@ impl Metrics {
         self.circuit_state
             .get_or_create(&UpstreamLabels {
                 upstream: upstream.to_owned(),
+            })
+            .clone()
+    }
+
+    pub fn target_healthy(&self, upstream: &str, target: &str) -> Gauge {
+        self.target_healthy
+            .get_or_create(&TargetLabels {
+                upstream: upstream.to_owned(),
+                target: target.to_owned(),
             })
             .clone()
     }

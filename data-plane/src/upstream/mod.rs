@@ -4,6 +4,7 @@
 
 pub mod balancer;
 pub mod circuit;
+pub mod health;
 pub mod retry;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use balancer::Balancer;
 use circuit::CircuitBreaker;
+use health::{HealthSettings, TargetHealth};
 use prometheus_client::metrics::histogram::Histogram;
 use retry::RetryPolicy;
 
@@ -72,6 +74,7 @@ pub struct Target {
     pub scheme: Scheme,
     pub authority: Authority,
     in_flight: AtomicUsize,
+    pub health: TargetHealth,
 }
 
 /// Why an upstream could not take a request.
@@ -144,7 +147,15 @@ impl Upstream {
         {
             return Ok(previous.clone());
         }
-        Self::new(config, fingerprint, metrics).map(Arc::new)
+        let upstream = Arc::new(Self::new(config, fingerprint, metrics)?);
+        if let Some(settings) = HealthSettings::new(config.health_check.as_ref())? {
+            // Checks need a runtime; compiling a config outside one (a unit test) only loses
+            // the probing, never the config.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                health::spawn_checker(&upstream, settings);
+            }
+        }
+        Ok(upstream)
     }
 
     fn new(config: &pb::Upstream, fingerprint: Vec<u8>, metrics: &Metrics) -> Result<Self, String> {
@@ -171,6 +182,7 @@ impl Upstream {
                 scheme,
                 authority,
                 in_flight: AtomicUsize::new(0),
+                health: TargetHealth::new(metrics.target_healthy(&meta.name, &target.url)),
             });
             weights.push(if target.weight == 0 {
                 100
@@ -235,10 +247,11 @@ impl Upstream {
             None => None,
         };
         let in_flight = |i: usize| self.targets[i].in_flight.load(Ordering::Relaxed);
+        let healthy = |i: usize| self.targets[i].health.is_healthy();
         let target = self
             .balancer
-            .pick(headers, &|i| Some(i) != avoid, &in_flight)
-            .or_else(|| self.balancer.pick(headers, &|_| true, &in_flight))
+            .pick(headers, &|i| Some(i) != avoid && healthy(i), &in_flight)
+            .or_else(|| self.balancer.pick(headers, &healthy, &in_flight))
             .ok_or_else(|| UpstreamError::NoTarget(self.name.clone()))?;
         self.targets[target]
             .in_flight
@@ -271,6 +284,14 @@ impl Upstream {
             }),
         }
     }
+}
+
+/// An empty request or response body.
+pub fn empty_body() -> ProxyBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn fingerprint(config: &pb::Upstream) -> Vec<u8> {
