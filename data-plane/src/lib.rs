@@ -12,4 +12,5 @@ pub mod config;
 pub mod router;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

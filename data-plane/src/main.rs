@@ -10,8 +10,9 @@ use clap::Parser;
 use sluice_data_plane::admin;
 use sluice_data_plane::config::{CompiledConfig, ConfigStore, watch};
 use sluice_data_plane::server::pipeline::{Gateway, Limits};
-use sluice_data_plane::server::{self, ListenerSettings};
+use sluice_data_plane::server::{self, Listener, ListenerSettings};
 use sluice_data_plane::telemetry::Metrics;
+use sluice_data_plane::tls;
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
 /// The Sluice data plane: serves a declarative file (standalone mode) as a reverse proxy,
@@ -30,6 +31,10 @@ struct Args {
         env = "SLUICE_DP_LISTEN"
     )]
     listen: SocketAddr,
+    /// TLS client listener (HTTP/1.1 and h2 by ALPN), off when unset. Certificates come from
+    /// the config's `certificates`, chosen by SNI at each handshake.
+    #[arg(long, value_name = "ADDR", env = "SLUICE_DP_TLS_LISTEN")]
+    tls_listen: Option<SocketAddr>,
     /// Admin listener: /healthz, /readyz, /config, /metrics. Keep it private.
     #[arg(
         long,
@@ -114,13 +119,25 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
         });
     }
 
-    let listener = match tokio::net::TcpListener::bind(args.listen).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("sluice-dp: cannot listen on {}: {e}", args.listen);
-            return ExitCode::FAILURE;
-        }
-    };
+    let mut listeners = Vec::new();
+    for (addr, tls) in [(Some(args.listen), false), (args.tls_listen, true)] {
+        let Some(addr) = addr else { continue };
+        let tcp = match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("sluice-dp: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let tls = match tls.then(|| tls::server_config(store.clone())).transpose() {
+            Ok(config) => config.map(tokio_rustls::TlsAcceptor::from),
+            Err(e) => {
+                eprintln!("sluice-dp: cannot set up TLS: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        listeners.push(Listener { tcp, tls });
+    }
     let admin_listener = match tokio::net::TcpListener::bind(args.admin_listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -131,7 +148,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(addr = %args.listen, admin = %args.admin_listen, "listening");
+    tracing::info!(addr = %args.listen, tls = ?args.tls_listen, admin = %args.admin_listen, "listening");
 
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin = tokio::spawn(
@@ -157,7 +174,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
         max_headers: args.max_headers,
         drain_timeout: args.drain_timeout,
     };
-    server::serve(listener, gateway, settings, shutdown_signal()).await;
+    server::serve(listeners, gateway, settings, shutdown_signal()).await;
     let _ = stop_admin.send(());
     match admin.await {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -20,7 +20,8 @@ pub fn canonicalize(config: &mut ConfigSet) {
         plans,
         subscriptions,
         policies,
-        brokers
+        brokers,
+        certificates
     );
 }
 
@@ -42,7 +43,8 @@ pub fn is_canonical(config: &ConfigSet) -> bool {
         plans,
         subscriptions,
         policies,
-        brokers
+        brokers,
+        certificates
     )
 }
 

@@ -15,6 +15,7 @@ pub mod hash;
 pub mod resource;
 pub mod snapshot;
 pub mod time;
+pub mod tls;
 pub mod validate;
 
 pub use error::{ConfigErrors, FieldError};

@@ -15,6 +15,7 @@ macro_rules! with_inner {
             Some(Kind::Subscription($inner)) => Some($body),
             Some(Kind::Policy($inner)) => Some($body),
             Some(Kind::Broker($inner)) => Some($body),
+            Some(Kind::Certificate($inner)) => Some($body),
             None => None,
         }
     };
@@ -31,6 +32,7 @@ impl Resource {
             Some(Kind::Subscription(_)) => ResourceKind::Subscription,
             Some(Kind::Policy(_)) => ResourceKind::Policy,
             Some(Kind::Broker(_)) => ResourceKind::Broker,
+            Some(Kind::Certificate(_)) => ResourceKind::Certificate,
             None => ResourceKind::Unspecified,
         }
     }
@@ -68,7 +70,17 @@ impl Resource {
                     );
                     match &route.action {
                         Some(Action::Proxy(p)) => {
-                            refs.push((ResourceKind::Upstream, p.upstream_id.as_str()))
+                            refs.push((ResourceKind::Upstream, p.upstream_id.as_str()));
+                            refs.extend(
+                                p.canaries
+                                    .iter()
+                                    .map(|c| (ResourceKind::Upstream, c.upstream_id.as_str())),
+                            );
+                            refs.extend(
+                                p.mirror
+                                    .iter()
+                                    .map(|m| (ResourceKind::Upstream, m.upstream_id.as_str())),
+                            );
                         }
                         Some(Action::Publish(p)) => {
                             refs.push((ResourceKind::Broker, p.broker_id.as_str()))
@@ -107,7 +119,7 @@ macro_rules! from_inner {
     )*};
 }
 
-from_inner!(Api => Api, Upstream => Upstream, Consumer => Consumer, Credential => Credential, Plan => Plan, Subscription => Subscription, Policy => Policy, Broker => Broker);
+from_inner!(Api => Api, Upstream => Upstream, Consumer => Consumer, Credential => Credential, Plan => Plan, Subscription => Subscription, Policy => Policy, Broker => Broker, Certificate => Certificate);
 
 impl ConfigSet {
     /// Adds a resource to the list of its kind; a resource with no kind is ignored.
@@ -121,6 +133,7 @@ impl ConfigSet {
             Some(Kind::Subscription(r)) => self.subscriptions.push(r),
             Some(Kind::Policy(r)) => self.policies.push(r),
             Some(Kind::Broker(r)) => self.brokers.push(r),
+            Some(Kind::Certificate(r)) => self.certificates.push(r),
             None => {}
         }
     }
@@ -136,6 +149,7 @@ impl ConfigSet {
         out.extend(self.subscriptions.into_iter().map(Resource::from));
         out.extend(self.policies.into_iter().map(Resource::from));
         out.extend(self.brokers.into_iter().map(Resource::from));
+        out.extend(self.certificates.into_iter().map(Resource::from));
         out
     }
 
@@ -149,6 +163,7 @@ impl ConfigSet {
             + self.subscriptions.len()
             + self.policies.len()
             + self.brokers.len()
+            + self.certificates.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -177,6 +192,7 @@ pub fn kind_from_collection(name: &str) -> Option<ResourceKind> {
         ResourceKind::Subscription,
         ResourceKind::Policy,
         ResourceKind::Broker,
+        ResourceKind::Certificate,
     ]
     .into_iter()
     .find(|kind| crate::validate::list_name(*kind) == name)

@@ -47,6 +47,7 @@ pub fn list_name(kind: ResourceKind) -> &'static str {
         ResourceKind::Subscription => "subscriptions",
         ResourceKind::Policy => "policies",
         ResourceKind::Broker => "brokers",
+        ResourceKind::Certificate => "certificates",
         ResourceKind::Unspecified => "resources",
     }
 }
@@ -62,6 +63,7 @@ pub fn kind_name(kind: ResourceKind) -> &'static str {
         ResourceKind::Subscription => "subscription",
         ResourceKind::Policy => "policy",
         ResourceKind::Broker => "broker",
+        ResourceKind::Certificate => "certificate",
         ResourceKind::Unspecified => "resource",
     }
 }
@@ -404,6 +406,7 @@ impl<'a> Checker<'a> {
             let base = self.enter(ResourceKind::Broker, i, broker.meta.as_ref());
             self.broker(&base, broker);
         }
+        self.certificates(config);
     }
 
     /// Every resource has a well-formed, unique id and a name unique in its kind and group.
@@ -609,6 +612,7 @@ impl<'a> Checker<'a> {
                 if !proxy.path_rewrite.is_empty() && !proxy.path_rewrite.starts_with('/') {
                     self.error(format!("{path}.path_rewrite"), "must start with '/'");
                 }
+                self.traffic(&path, proxy);
             }
             Some(Action::Publish(publish)) => {
                 let path = format!("{at}.publish");
@@ -652,6 +656,79 @@ impl<'a> Checker<'a> {
                 for name in direct.headers.keys() {
                     self.check(|| format!("{path}.headers.{name}"), check_header_name(name));
                 }
+            }
+        }
+    }
+
+    /// Canaries, the version header and the mirror of a proxy route.
+    fn traffic(&mut self, path: &str, proxy: &pb::ProxyAction) {
+        let valid_share = |percent: f64| percent > 0.0 && percent <= 100.0;
+        let mut total = 0.0;
+        let mut versions = HashSet::new();
+        versions.insert(if proxy.primary_version.is_empty() {
+            "primary"
+        } else {
+            proxy.primary_version.as_str()
+        });
+        for (j, canary) in proxy.canaries.iter().enumerate() {
+            let at = format!("{path}.canaries[{j}]");
+            self.reference(
+                || format!("{at}.upstream"),
+                ResourceKind::Upstream,
+                &canary.upstream_id,
+            );
+            if canary.upstream_id == proxy.upstream_id {
+                self.error(
+                    format!("{at}.upstream"),
+                    "is the route's own upstream; a canary goes to another",
+                );
+            }
+            if !valid_share(canary.percent) {
+                self.error(
+                    format!("{at}.percent"),
+                    "must be more than 0 and at most 100",
+                );
+            }
+            total += canary.percent;
+            if !canary.version.is_empty() {
+                self.check(|| format!("{at}.version"), check_name(&canary.version));
+                if !versions.insert(canary.version.as_str()) {
+                    self.error(
+                        format!("{at}.version"),
+                        format!("{:?} names another version of this route", canary.version),
+                    );
+                }
+            }
+        }
+        if total > 100.0 + 1e-9 {
+            self.error(
+                format!("{path}.canaries"),
+                format!("the canaries' shares add up to {total}%, more than 100%"),
+            );
+        }
+        if !proxy.version_header.is_empty() {
+            self.check(
+                || format!("{path}.version_header"),
+                check_header_name(&proxy.version_header),
+            );
+        }
+        if !proxy.primary_version.is_empty() {
+            self.check(
+                || format!("{path}.primary_version"),
+                check_name(&proxy.primary_version),
+            );
+        }
+        if let Some(mirror) = &proxy.mirror {
+            self.reference(
+                || format!("{path}.mirror.upstream"),
+                ResourceKind::Upstream,
+                &mirror.upstream_id,
+            );
+            if !valid_share(mirror.percent) {
+                self.error(
+                    format!("{path}.mirror.percent"),
+                    "must be more than 0 and at most 100",
+                );
             }
         }
     }
@@ -800,6 +877,28 @@ impl<'a> Checker<'a> {
                 self.check(
                     || format!("{base}.health_check.expected_statuses[{j}]"),
                     check_status(*status),
+                );
+            }
+        }
+        if let Some(od) = &upstream.outlier_detection
+            && od.max_ejection_percent > 100
+        {
+            self.error(
+                format!("{base}.outlier_detection.max_ejection_percent"),
+                "must be 0 to 100",
+            );
+        }
+        if let Some(tls) = &upstream.tls {
+            if !tls.server_name.is_empty() {
+                self.check(
+                    || format!("{base}.tls.server_name"),
+                    check_host(&tls.server_name),
+                );
+            }
+            if !tls.ca_pem.is_empty() {
+                self.check(
+                    || format!("{base}.tls.ca_pem"),
+                    crate::tls::parse_chain(&tls.ca_pem).map(drop),
                 );
             }
         }
@@ -1061,6 +1160,41 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// Each certificate parses as PEM (a chain and one private key) and names server names no
+    /// other certificate of its group names. Whether the key matches the certificate is
+    /// checked by the data plane, which has the cryptography to check it.
+    fn certificates(&mut self, config: &'a ConfigSet) {
+        let mut owners: HashMap<(&str, &str), String> = HashMap::new();
+        for (i, certificate) in config.certificates.iter().enumerate() {
+            let base = self.enter(ResourceKind::Certificate, i, certificate.meta.as_ref());
+            self.check(
+                || format!("{base}.cert_pem"),
+                crate::tls::parse_chain(&certificate.cert_pem).map(drop),
+            );
+            self.check(
+                || format!("{base}.key_pem"),
+                crate::tls::parse_private_key(&certificate.key_pem).map(drop),
+            );
+            if certificate.snis.is_empty() {
+                self.error(
+                    format!("{base}.snis"),
+                    "needs at least one server name (\"*\" for the default certificate)",
+                );
+            }
+            for (j, sni) in certificate.snis.iter().enumerate() {
+                let path = format!("{base}.snis[{j}]");
+                if sni != "*"
+                    && let Err(reason) = check_host(sni)
+                {
+                    self.error(path, reason);
+                } else if let Some(first) = owners.insert((self.group, sni.as_str()), base.clone())
+                {
+                    self.error(path, format!("{sni:?} is also served by {first}"));
+                }
+            }
+        }
+    }
+
     fn broker(&mut self, base: &str, broker: &pb::Broker) {
         use pb::broker::Kind;
         match &broker.kind {
@@ -1113,6 +1247,7 @@ pub fn for_each_meta<'a>(
     each!(subscriptions, ResourceKind::Subscription);
     each!(policies, ResourceKind::Policy);
     each!(brokers, ResourceKind::Broker);
+    each!(certificates, ResourceKind::Certificate);
 }
 
 fn resource_ref(kind: ResourceKind, id: &str) -> pb::ResourceRef {

@@ -36,6 +36,18 @@ pub struct EchoBackend {
 impl EchoBackend {
     /// Starts a backend named `name` (HTTP/1.1 and h2c).
     pub async fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_with(name, None).await
+    }
+
+    /// Starts a backend named `name` that speaks TLS (HTTP/1.1 and h2 by ALPN) with `tls`.
+    pub async fn start_tls(name: &str, tls: Arc<rustls::ServerConfig>) -> anyhow::Result<Self> {
+        Self::start_with(name, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(
+        name: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
@@ -49,6 +61,7 @@ impl EchoBackend {
                 let connection = connections.fetch_add(1, Ordering::Relaxed) + 1;
                 let (name, counter) = (backend_name.clone(), counter.clone());
                 let health = health.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         counter.fetch_add(1, Ordering::Relaxed);
@@ -59,9 +72,22 @@ impl EchoBackend {
                             health.load(Ordering::Relaxed),
                         )
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
                 });
             }
         });

@@ -7,7 +7,8 @@
 //! - [`ports::free_port`]: a loopback port nobody else in the process was given;
 //! - [`process::Process`]: a Sluice binary started with arguments, awaited until ready, killed
 //!   when the test ends; [`data_plane::DataPlane`] is `sluice-dp` on a config file of its own;
-//! - [`backend::EchoBackend`]: a real HTTP backend that echoes what the gateway forwarded.
+//! - [`backend::EchoBackend`]: a real HTTP backend that echoes what the gateway forwarded,
+//!   over TLS too, with a certificate from [`pki::TestCa`].
 //!
 //! The services are expected on loopback, as `make services` starts them; the URLs can be
 //! overridden with `SLUICE_TEST_DATABASE_URL`, `SLUICE_TEST_REDIS_URL` and
@@ -18,6 +19,7 @@ pub mod backend;
 pub mod data_plane;
 pub mod http;
 pub mod kafka;
+pub mod pki;
 pub mod ports;
 pub mod postgres;
 pub mod process;

@@ -330,7 +330,7 @@ async fn apply_versions_keys_health_and_reflection_over_grpc() -> anyhow::Result
         .await?
         .into_inner();
     assert!(dry.version.is_none());
-    assert_eq!(dry.diff.unwrap().changes.len(), 16);
+    assert_eq!(dry.diff.unwrap().changes.len(), 18);
     let v1 = rpc
         .apply(authed(
             pb::ApplyRequest {

@@ -214,6 +214,7 @@ async fn tokens_roles_and_distinct_401_and_403() -> anyhow::Result<()> {
 #[tokio::test]
 async fn crud_on_every_collection_with_etags_and_errors() -> anyhow::Result<()> {
     let cp = ControlPlane::start(&[]).await?;
+    let leaf = sluice_tests::pki::TestCa::new("Sluice test CA")?.leaf(&["api.example.com"])?;
     // One body per collection, created in reference order.
     let bodies = [
         ("brokers", json!({ "name": "bus", "memory": {} })),
@@ -237,6 +238,11 @@ async fn crud_on_every_collection_with_etags_and_errors() -> anyhow::Result<()> 
         (
             "subscriptions",
             json!({ "consumer": "acme", "api": "shop", "plan": "gold" }),
+        ),
+        (
+            "certificates",
+            json!({ "name": "edge", "cert_pem": leaf.cert_pem, "key_pem": leaf.key_pem,
+                    "snis": ["api.example.com"] }),
         ),
     ];
     assert_eq!(bodies.len(), COLLECTIONS.len());
@@ -696,7 +702,7 @@ async fn apply_export_versions_diff_and_rollback() -> anyhow::Result<()> {
     assert_eq!(dry.status, StatusCode::OK, "{}", dry.body);
     assert!(dry.body["version"].is_null());
     let resources = dry.body["changes"].as_array().unwrap().len();
-    assert_eq!(resources, 16);
+    assert_eq!(resources, 18);
     assert!(
         admin(&cp, Method::GET, "/v1/versions", None).await?.body["items"]
             .as_array()

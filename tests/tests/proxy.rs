@@ -899,3 +899,165 @@ async fn health_checks_eject_a_failing_target_and_bring_it_back() -> anyhow::Res
     assert!(backends(10).await?.contains(&"b".to_owned()));
     Ok(())
 }
+
+#[tokio::test]
+async fn canaries_take_their_share_and_a_header_forces_a_version() -> anyhow::Result<()> {
+    let (stable, canary) = (
+        EchoBackend::start("stable").await?,
+        EchoBackend::start("canary").await?,
+    );
+    let upstreams = format!(
+        "{}{}",
+        upstream("stable", &[stable.url()], ""),
+        upstream("canary", &[canary.url()], "")
+    );
+    let routes = "      - name: all\n        path: /\n        proxy:\n          upstream: stable\n          canaries: [{ upstream: canary, percent: 20, version: v2 }]\n          version_header: x-version\n";
+    let node = DataPlane::start(&config(&upstreams, routes), &[])?;
+    let client = client();
+    let mut to_canary = 0;
+    const N: usize = 1000;
+    for _ in 0..N {
+        let response = client.get(node.url("/split")).send().await?;
+        assert_eq!(response.status(), 200);
+        if response.headers()["x-backend"] == "canary" {
+            to_canary += 1;
+        }
+    }
+    // 20% of 1000: the binomial's standard deviation is about 13, so 140..260 is over 4.5 of
+    // them either way.
+    assert!(
+        (140..=260).contains(&to_canary),
+        "{to_canary} of {N} went to the canary"
+    );
+    for (version, backend) in [("v2", "canary"), ("primary", "stable")] {
+        for _ in 0..20 {
+            let response = client
+                .get(node.url("/forced"))
+                .header("x-version", version)
+                .send()
+                .await?;
+            assert_eq!(
+                response.headers()["x-backend"],
+                backend,
+                "x-version: {version}"
+            );
+        }
+    }
+    assert_eq!(
+        node.metric("sluice_requests_total", "route=\"all\"")
+            .await?,
+        (N + 40) as f64
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_mirror_gets_a_copy_of_each_request_and_its_answer_is_discarded() -> anyhow::Result<()> {
+    let (real, shadow) = (
+        EchoBackend::start("real").await?,
+        EchoBackend::start("shadow").await?,
+    );
+    let nowhere = format!("http://{}", sluice_tests::ports::free_addr());
+    let upstreams = format!(
+        "{}{}{}",
+        upstream("real", &[real.url()], ""),
+        upstream("shadow", &[shadow.url()], ""),
+        upstream("nowhere", &[nowhere], "")
+    );
+    let routes = "      - name: all\n        path: /\n        proxy: { upstream: real, mirror: { upstream: shadow } }\n      - name: dead-mirror\n        path: /dead-mirror\n        proxy: { upstream: real, mirror: { upstream: nowhere, percent: 100 } }\n";
+    let node = DataPlane::start(&config(&upstreams, routes), &[])?;
+    let client = client();
+    for i in 0..10 {
+        let body = vec![b'x'; 1000 * (i + 1)];
+        let response = client.post(node.url("/orders")).body(body).send().await?;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-backend"], "real");
+        let echo: Value = response.json().await?;
+        assert_eq!(echo["body_len"], 1000 * (i + 1));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node
+        .metric("sluice_mirror_requests_total", "result=\"answered\"")
+        .await?
+        < 10.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the mirror did not get every copy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(shadow.requests(), 10);
+    assert_eq!(real.requests(), 10);
+    // A mirror that cannot be reached changes nothing for the client.
+    let response = client.get(node.url("/dead-mirror")).send().await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-backend"], "real");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node
+        .metric("sluice_mirror_requests_total", "result=\"failed\"")
+        .await?
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the failed mirror was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn passive_ejection_takes_a_failing_target_out_and_tries_it_again_later() -> anyhow::Result<()>
+{
+    let good = EchoBackend::start("good").await?;
+    // A target that refuses connections: a port nobody listens on.
+    let dead = format!("http://{}", sluice_tests::ports::free_addr());
+    let node = DataPlane::start(
+        &config(
+            &upstream(
+                "flaky",
+                &[good.url(), dead.clone()],
+                "    outlier_detection: { consecutive_failures: 2, base_ejection: 1s }\n",
+            ),
+            "      - name: all\n        path: /\n        proxy: { upstream: flaky }\n",
+        ),
+        &[],
+    )?;
+    let client = client();
+    let statuses = |n: usize| {
+        let client = client.clone();
+        let url = node.url("/work");
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..n {
+                statuses.push(client.get(&url).send().await?.status().as_u16());
+            }
+            anyhow::Ok(statuses)
+        }
+    };
+    // Round robin: every other request reaches the dead target until it is ejected after
+    // two failures.
+    let first = statuses(6).await?;
+    assert_eq!(first.iter().filter(|s| **s == 502).count(), 2, "{first:?}");
+    assert_eq!(
+        node.metric("sluice_upstream_ejections_total", "").await?,
+        1.0
+    );
+    let ejected = statuses(20).await?;
+    assert!(ejected.iter().all(|s| *s == 200), "{ejected:?}");
+    // After the ejection the target is tried again; still dead, it is ejected for longer.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let retried = statuses(6).await?;
+    assert_eq!(
+        retried.iter().filter(|s| **s == 502).count(),
+        2,
+        "{retried:?}"
+    );
+    assert_eq!(
+        node.metric("sluice_upstream_ejections_total", "").await?,
+        2.0
+    );
+    Ok(())
+}

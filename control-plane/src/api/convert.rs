@@ -67,6 +67,18 @@ fn references(kind: ResourceKind, body: &Value) -> Vec<(ResourceKind, String)> {
                 refs.extend(
                     text(route.pointer("/proxy/upstream")).map(|n| (ResourceKind::Upstream, n)),
                 );
+                for canary in route
+                    .pointer("/proxy/canaries")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    refs.extend(text(canary.get("upstream")).map(|n| (ResourceKind::Upstream, n)));
+                }
+                refs.extend(
+                    text(route.pointer("/proxy/mirror/upstream"))
+                        .map(|n| (ResourceKind::Upstream, n)),
+                );
                 refs.extend(
                     text(route.pointer("/publish/broker")).map(|n| (ResourceKind::Broker, n)),
                 );

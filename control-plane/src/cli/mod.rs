@@ -79,6 +79,8 @@ enum Online {
     Policies(ResourceArgs),
     /// Event brokers (Kafka, or the in-memory one).
     Brokers(ResourceArgs),
+    /// TLS certificates the data planes present, chosen by SNI.
+    Certificates(ResourceArgs),
     /// A consumer's credentials (API keys, JWT subjects, client certificates).
     Credentials {
         /// The consumer (name or id).
@@ -404,6 +406,7 @@ async fn run(cli: Cli) -> Result<String, CliError> {
         Online::Subscriptions(args) => ctx.resource("subscriptions", args.action).await,
         Online::Policies(args) => ctx.resource("policies", args.action).await,
         Online::Brokers(args) => ctx.resource("brokers", args.action).await,
+        Online::Certificates(args) => ctx.resource("certificates", args.action).await,
         Online::Credentials {
             consumer,
             group,
@@ -803,7 +806,7 @@ fn validate(file: &Path) -> Result<String, CliError> {
     match declarative::load(&text, format) {
         Ok(config) => Ok(format!(
             "{}: ok: {} apis ({} routes), {} upstreams, {} consumers ({} credentials), {} plans, \
-             {} subscriptions, {} policies, {} brokers; content hash {}",
+             {} subscriptions, {} policies, {} brokers, {} certificates; content hash {}",
             file.display(),
             config.apis.len(),
             config.apis.iter().map(|a| a.routes.len()).sum::<usize>(),
@@ -814,6 +817,7 @@ fn validate(file: &Path) -> Result<String, CliError> {
             config.subscriptions.len(),
             config.policies.len(),
             config.brokers.len(),
+            config.certificates.len(),
             sluice_proto::snapshot::content_hash(&sluice_proto::snapshot::from_config(
                 config.clone()
             )),

@@ -7,8 +7,9 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 /// Every kind, in an order where referenced kinds come before the kinds that refer to them.
-pub const KINDS: [ResourceKind; 8] = [
+pub const KINDS: [ResourceKind; 9] = [
     ResourceKind::Upstream,
+    ResourceKind::Certificate,
     ResourceKind::Policy,
     ResourceKind::Broker,
     ResourceKind::Plan,
@@ -160,6 +161,9 @@ pub fn decode(kind: ResourceKind, body: &[u8]) -> Result<Resource, FetchError> {
             }
             ResourceKind::Policy => Kind::Policy(pb::Policy::decode(body).map_err(corrupt)?),
             ResourceKind::Broker => Kind::Broker(pb::Broker::decode(body).map_err(corrupt)?),
+            ResourceKind::Certificate => {
+                Kind::Certificate(pb::Certificate::decode(body).map_err(corrupt)?)
+            }
             ResourceKind::Unspecified => {
                 return Err(FetchError::Corrupt("a row of no resource kind".into()));
             }
@@ -179,6 +183,7 @@ pub fn body(resource: &Resource) -> Vec<u8> {
         Some(Kind::Subscription(r)) => r.encode_to_vec(),
         Some(Kind::Policy(r)) => r.encode_to_vec(),
         Some(Kind::Broker(r)) => r.encode_to_vec(),
+        Some(Kind::Certificate(r)) => r.encode_to_vec(),
         None => Vec::new(),
     }
 }

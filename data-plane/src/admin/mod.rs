@@ -87,6 +87,7 @@ async fn config(State(state): State<AdminState>) -> Response {
             "subscriptions": c.subscriptions,
             "policies": c.policies,
             "brokers": c.brokers,
+            "certificates": c.certificates,
         },
     }))
     .into_response()

@@ -19,6 +19,7 @@ use sluice_proto::{ConfigErrors, pb, snapshot};
 
 use crate::router::Router;
 use crate::telemetry::Metrics;
+use crate::tls::CertificateStore;
 use crate::upstream::Upstream;
 
 /// Where the running configuration came from.
@@ -40,6 +41,7 @@ pub struct Counts {
     pub subscriptions: usize,
     pub policies: usize,
     pub brokers: usize,
+    pub certificates: usize,
 }
 
 impl Counts {
@@ -54,6 +56,7 @@ impl Counts {
             subscriptions: r.subscriptions.len(),
             policies: r.policies.len(),
             brokers: r.brokers.len(),
+            certificates: r.certificates.len(),
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct CompiledConfig {
     pub router: Router,
     /// By upstream id.
     pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    /// What the TLS listener presents, by SNI.
+    pub certificates: CertificateStore,
 }
 
 /// Why a configuration could not be loaded.
@@ -132,6 +137,21 @@ impl CompiledConfig {
                 }),
             }
         }
+        let certificates = CertificateStore::compile(&resources.certificates)
+            .map_err(|(i, reason)| {
+                errors.push(sluice_proto::FieldError {
+                    path: format!("certificates[{i}]"),
+                    reason,
+                    resource: Some(pb::ResourceRef {
+                        kind: pb::ResourceKind::Certificate as i32,
+                        id: resources.certificates[i]
+                            .meta
+                            .as_ref()
+                            .map_or(String::new(), |m| m.id.clone()),
+                    }),
+                })
+            })
+            .unwrap_or_default();
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -146,6 +166,7 @@ impl CompiledConfig {
             counts,
             router,
             upstreams,
+            certificates,
         })
     }
 }

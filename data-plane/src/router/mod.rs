@@ -14,6 +14,7 @@
 //! Lookups do not scan every route: each tier indexes its routes by the first path segment.
 
 pub mod path;
+pub mod traffic;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +62,8 @@ pub struct ProxyAction {
     /// Overall deadline for the response headers, retries included; `None` means the
     /// upstream's total timeout.
     pub timeout: Option<Duration>,
+    /// Canaries, the version header and the mirror.
+    pub traffic: traffic::Traffic,
 }
 
 #[derive(Debug)]
@@ -375,6 +378,7 @@ impl Action {
                 strip_prefix: proxy.strip_prefix,
                 path_rewrite: (!proxy.path_rewrite.is_empty()).then(|| proxy.path_rewrite.clone()),
                 timeout: (proxy.timeout_ms > 0).then(|| Duration::from_millis(proxy.timeout_ms)),
+                traffic: traffic::Traffic::compile(proxy, upstream)?,
             }),
             Some(A::DirectResponse(direct)) => {
                 let mut headers = HeaderMap::new();

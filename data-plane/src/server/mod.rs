@@ -1,9 +1,12 @@
-//! The client-facing listener: HTTP/1.1 and HTTP/2 (h2c, prior knowledge) on one port, each
-//! request handed to the [`pipeline`]; HTTP/1.1 upgrades (WebSocket) are allowed through. On shutdown the listener stops accepting and open
-//! connections are drained (HTTP/1 finishes its request, HTTP/2 sends GOAWAY) until a deadline.
+//! The client-facing listeners: plain HTTP/1.1 and HTTP/2 (h2c, prior knowledge) on one port,
+//! and optionally TLS (HTTP/1.1 and h2 by ALPN, the certificate chosen by SNI from the running
+//! config); each request is handed to the [`pipeline`], and HTTP/1.1 upgrades (WebSocket) are
+//! allowed through. On shutdown the listeners stop accepting and open connections are drained
+//! (HTTP/1 finishes its request, HTTP/2 sends GOAWAY) until a deadline.
 
 pub mod error;
 pub mod forwarding;
+pub mod mirror;
 pub mod pipeline;
 
 use std::convert::Infallible;
@@ -16,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use pipeline::{ConnectionInfo, Gateway};
 
@@ -33,10 +37,29 @@ pub struct ListenerSettings {
     pub drain_timeout: Duration,
 }
 
-/// Serves `listener` until `shutdown` resolves, then drains. Returns once every connection is
-/// closed or the drain deadline passed.
+/// A bound client listener: plain (HTTP/1.1 and h2c) or TLS (HTTP/1.1 and h2 by ALPN).
+pub struct Listener {
+    pub tcp: TcpListener,
+    /// `None` for plain HTTP.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("tcp", &self.tcp)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// A TLS client must finish its handshake within this time.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `listeners` until `shutdown` resolves, then drains. Returns once every connection
+/// is closed or the drain deadline passed.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     gateway: Arc<Gateway>,
     settings: ListenerSettings,
     shutdown: impl Future<Output = ()>,
@@ -52,11 +75,50 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
+    let builder = Arc::new(builder);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut acceptors = tokio::task::JoinSet::new();
+    for listener in listeners {
+        acceptors.spawn(accept(
+            listener,
+            gateway.clone(),
+            builder.clone(),
+            graceful.clone(),
+            stopped.clone(),
+        ));
+    }
+    shutdown.await;
+    let _ = stop.send(true);
+    // Each acceptor drops its listener as it returns: no new connections from here on.
+    acceptors.join_all().await;
+    // The acceptors held the only other references; connections hold watchers instead.
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        unreachable!("every acceptor has returned")
+    };
+    tracing::info!(deadline = ?settings.drain_timeout, "draining connections");
+    match tokio::time::timeout(settings.drain_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections drained"),
+        Err(_) => tracing::warn!("drain deadline passed; closing remaining connections"),
+    }
+}
+
+/// Accepts connections on one listener until told to stop, serving each on its own task.
+async fn accept(
+    listener: Listener,
+    gateway: Arc<Gateway>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: Arc<GracefulShutdown>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let scheme = if listener.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     loop {
         let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.tcp.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, say: back off rather than spin.
@@ -65,32 +127,56 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            _ = async { stopped.wait_for(|stop| *stop).await.map(|_| ()) } => return,
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnectionInfo {
-            client,
-            scheme: "http",
-        };
+        let info = ConnectionInfo { client, scheme };
         let gateway = gateway.clone();
         let service = service_fn(move |request| {
             let gateway = gateway.clone();
             async move { Ok::<_, Infallible>(gateway.handle(info, request).await) }
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, client = %client, "connection ended with an error");
+        let builder = builder.clone();
+        match listener.tls.clone() {
+            None => {
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, client = %client, "connection ended with an error");
+                    }
+                });
             }
-        });
-    }
-    drop(listener);
-    tracing::info!(deadline = ?settings.drain_timeout, "draining connections");
-    match tokio::time::timeout(settings.drain_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!("drain deadline passed; closing remaining connections"),
+            Some(acceptor) => {
+                // Registered now, so a drain waits for connections still in their handshake.
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(
+                        TLS_HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, client = %client, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(client = %client, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(connection).await {
+                        tracing::debug!(error = %e, client = %client, "connection ended with an error");
+                    }
+                });
+            }
+        }
     }
 }

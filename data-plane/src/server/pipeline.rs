@@ -33,7 +33,7 @@ use crate::router::path;
 use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, Route};
 use crate::telemetry::Metrics;
 use crate::upstream::retry::TryFailure;
-use crate::upstream::{Lease, ProxyBody, Target, UpstreamError, empty_body};
+use crate::upstream::{Lease, ProxyBody, Target, Upstream, UpstreamError, empty_body};
 
 /// Node-wide request limits.
 #[derive(Debug, Clone, Copy)]
@@ -160,25 +160,37 @@ impl Gateway {
             Action::DirectResponse(direct) => Ok(direct_response(direct)),
             Action::NotServed(what) => Err(GatewayError::NotServed(what)),
             Action::Proxy(proxy) => {
-                outcome.upstream = Some(proxy.upstream.name.clone());
+                let upstream = proxy
+                    .traffic
+                    .choose(&proxy.upstream, request.headers())
+                    .clone();
+                outcome.upstream = Some(upstream.name.clone());
                 let forwarded_path = forwarded_path(proxy, &matched, &normalized);
-                self.proxy(proxy, connection, request, forwarded_path, request_id)
-                    .await
+                self.proxy(
+                    proxy,
+                    &upstream,
+                    connection,
+                    request,
+                    forwarded_path,
+                    request_id,
+                )
+                .await
             }
         }
     }
 
-    /// Phase 6 for proxy routes: pick a target, rewrite the request for it, send it and stream
-    /// the response back.
+    /// Phase 6 for proxy routes: pick a target of the chosen upstream (the route's own or a
+    /// canary), rewrite the request for it, send it (and its shadow copy, when the route
+    /// mirrors) and stream the response back.
     async fn proxy(
         &self,
         proxy: &ProxyAction,
+        upstream: &Arc<Upstream>,
         connection: ConnectionInfo,
         request: Request<Incoming>,
         forwarded_path: String,
         request_id: &HeaderValue,
     ) -> Result<Response<ProxyBody>, GatewayError> {
-        let upstream = &proxy.upstream;
         let pass = match &upstream.circuit {
             Some(circuit) => {
                 Some(
@@ -240,11 +252,24 @@ impl Gateway {
             .then(|| parts.headers.clone());
         let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
         let body_fault = Arc::new(OnceLock::new());
-        let body = ClientBody {
+        let mut body = ClientBody {
             inner: Limited::new(body, limit),
             fault: body_fault.clone(),
         }
         .boxed();
+        if let Some(mirror) = &proxy.traffic.mirror
+            && upgrade.is_none()
+            && mirror.roll()
+        {
+            body = super::mirror::spawn(
+                mirror.upstream.clone(),
+                self.metrics.clone(),
+                parts.method.clone(),
+                parts.headers.clone(),
+                path_and_query.clone(),
+                body,
+            );
+        }
         let mut request = Request::from_parts(parts, body);
         aim(&mut request, lease.target(), &path_and_query, http2)?;
 
@@ -259,6 +284,9 @@ impl Gateway {
                 .send(request, deadline.saturating_duration_since(sent))
                 .await;
             upstream.duration.observe(sent.elapsed().as_secs_f64());
+            if body_fault.get().is_none() {
+                upstream.report(lease.index(), is_target_failure(&outcome));
+            }
             let Some(headers) = &retry_template else {
                 break outcome;
             };
@@ -354,9 +382,26 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, lease: Lease) {
     drop(lease);
 }
 
+/// Whether a try's result counts against its target for passive ejection: it could not be
+/// reached, did not answer in time, or answered that it cannot serve.
+fn is_target_failure(outcome: &Result<Response<Incoming>, UpstreamError>) -> bool {
+    match outcome {
+        Ok(response) => matches!(
+            response.status(),
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        ),
+        Err(
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout(_)
+            | UpstreamError::Failed { .. },
+        ) => true,
+        Err(_) => false,
+    }
+}
+
 /// Points a request at `target`: its URI and protocol version, and for HTTP/1.1 its `Host`
 /// (HTTP/2 carries the authority in the URI).
-fn aim(
+pub(super) fn aim(
     request: &mut Request<ProxyBody>,
     target: &Target,
     path_and_query: &PathAndQuery,

@@ -45,6 +45,12 @@ struct TargetLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MirrorLabels {
+    upstream: String,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -58,6 +64,8 @@ pub struct Metrics {
     upstream_duration: Family<UpstreamLabels, Histogram>,
     circuit_state: Family<UpstreamLabels, Gauge>,
     target_healthy: Family<TargetLabels, Gauge>,
+    ejections: Family<UpstreamLabels, Counter>,
+    mirrored: Family<MirrorLabels, Counter>,
     unrouted: Family<ReasonLabels, Counter>,
     pub in_flight: Gauge,
     pub config_version: Gauge,
@@ -128,6 +136,19 @@ impl Metrics {
             "1 while a target passes its active health checks (or has none), 0 while ejected",
             target_healthy.clone(),
         );
+        let ejections = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_ejections",
+            "Targets taken out of balancing by outlier detection (passive health)",
+            ejections.clone(),
+        );
+        let mirrored = Family::<MirrorLabels, Counter>::default();
+        registry.register(
+            "mirror_requests",
+            "Shadow copies of requests by result: answered, failed, abandoned (the mirror \
+             fell behind the client's body), skipped (the mirror upstream was at its limit)",
+            mirrored.clone(),
+        );
         let unrouted = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "unrouted_requests",
@@ -171,6 +192,8 @@ impl Metrics {
             upstream_duration,
             circuit_state,
             target_healthy,
+            ejections,
+            mirrored,
             unrouted,
             in_flight,
             config_version,
@@ -222,6 +245,25 @@ impl Metrics {
                 upstream: upstream.to_owned(),
             })
             .clone()
+    }
+
+    pub fn ejections(&self, upstream: &str) -> Counter {
+        self.ejections
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Counts one shadow request's result. Called off the request path (the mirror's own
+    /// task), so resolving the series here costs the client nothing.
+    pub fn mirrored(&self, upstream: &str, result: &'static str) {
+        self.mirrored
+            .get_or_create(&MirrorLabels {
+                upstream: upstream.to_owned(),
+                result,
+            })
+            .inc();
     }
 
     pub fn target_healthy(&self, upstream: &str, target: &str) -> Gauge {

@@ -5,6 +5,7 @@
 pub mod balancer;
 pub mod circuit;
 pub mod health;
+pub mod outlier;
 pub mod retry;
 
 use std::sync::Arc;
@@ -26,10 +27,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use balancer::Balancer;
 use circuit::CircuitBreaker;
 use health::{HealthSettings, TargetHealth};
+use outlier::{Ejection, OutlierSettings};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use retry::RetryPolicy;
 
 use crate::telemetry::Metrics;
+use crate::tls::client::{Alpn, Connector};
 
 /// The body type of every request the node sends and every response it returns.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -53,7 +57,7 @@ pub struct Upstream {
     fingerprint: Vec<u8>,
     pub targets: Vec<Target>,
     balancer: Balancer,
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<Connector, ProxyBody>,
     pub connect_timeout: Duration,
     /// Per try; `None` means only the total deadline applies.
     pub per_try_timeout: Option<Duration>,
@@ -66,6 +70,10 @@ pub struct Upstream {
     pub retry: RetryPolicy,
     /// `None` when the upstream has none.
     pub circuit: Option<CircuitBreaker>,
+    /// Passive ejection; `None` when off.
+    outlier: Option<OutlierSettings>,
+    /// Targets ejected by outlier detection.
+    ejections: Counter,
 }
 
 /// One address of an upstream.
@@ -74,7 +82,17 @@ pub struct Target {
     pub scheme: Scheme,
     pub authority: Authority,
     in_flight: AtomicUsize,
+    /// Active health checks' verdict.
     pub health: TargetHealth,
+    /// Passive ejection's.
+    pub ejection: Ejection,
+}
+
+impl Target {
+    /// Whether balancing may pick this target.
+    pub fn is_usable(&self) -> bool {
+        self.health.is_healthy() && !self.ejection.is_ejected()
+    }
 }
 
 /// Why an upstream could not take a request.
@@ -168,9 +186,9 @@ impl Upstream {
                 .parse()
                 .map_err(|e| format!("target {:?}: {e}", target.url))?;
             let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
-            if scheme != Scheme::HTTP {
+            if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
                 return Err(format!(
-                    "target {:?}: this node does not yet connect to upstreams over TLS",
+                    "target {:?}: scheme must be http or https",
                     target.url
                 ));
             }
@@ -183,6 +201,7 @@ impl Upstream {
                 authority,
                 in_flight: AtomicUsize::new(0),
                 health: TargetHealth::new(metrics.target_healthy(&meta.name, &target.url)),
+                ejection: Ejection::default(),
             });
             weights.push(if target.weight == 0 {
                 100
@@ -199,7 +218,8 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
-        connector.enforce_http(true);
+        // The TLS connector wrapping it takes https URIs.
+        connector.enforce_http(false);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -208,6 +228,12 @@ impl Upstream {
             .timer(TokioTimer::new());
         let http2 = config.protocol == pb::UpstreamProtocol::Http2 as i32;
         builder.http2_only(http2);
+        let alpn = match pb::UpstreamProtocol::try_from(config.protocol) {
+            Ok(pb::UpstreamProtocol::Http1) => Alpn::Http1,
+            Ok(pb::UpstreamProtocol::Http2) => Alpn::Http2,
+            _ => Alpn::Any,
+        };
+        let connector = crate::tls::client::connector(connector, config.tls.as_ref(), alpn)?;
         Ok(Upstream {
             id: meta.id.as_str().into(),
             name: meta.name.as_str().into(),
@@ -227,6 +253,8 @@ impl Upstream {
                 config.circuit_breaker.as_ref(),
                 metrics.circuit_state(&meta.name),
             ),
+            outlier: OutlierSettings::new(config.outlier_detection.as_ref()),
+            ejections: metrics.ejections(&meta.name),
         })
     }
 
@@ -247,7 +275,7 @@ impl Upstream {
             None => None,
         };
         let in_flight = |i: usize| self.targets[i].in_flight.load(Ordering::Relaxed);
-        let healthy = |i: usize| self.targets[i].health.is_healthy();
+        let healthy = |i: usize| self.targets[i].is_usable();
         let target = self
             .balancer
             .pick(headers, &|i| Some(i) != avoid && healthy(i), &in_flight)
@@ -261,6 +289,32 @@ impl Upstream {
             target,
             _permit: permit,
         })
+    }
+
+    /// Feeds one try's result to passive ejection. A failure is a connect error, a timeout,
+    /// or a 502, 503 or 504 answer.
+    pub fn report(&self, target: usize, failed: bool) {
+        let Some(settings) = &self.outlier else {
+            return;
+        };
+        let may_eject = || {
+            let out = self
+                .targets
+                .iter()
+                .filter(|t| t.ejection.is_ejected())
+                .count();
+            out < settings.max_ejected(self.targets.len())
+        };
+        let t = &self.targets[target];
+        if let Some(length) = t.ejection.observe(failed, settings, may_eject) {
+            self.ejections.inc();
+            tracing::warn!(
+                upstream = %self.name,
+                target = %t.authority,
+                for_ms = length.as_millis() as u64,
+                "target ejected after consecutive failures"
+            );
+        }
     }
 
     /// Sends `request` (its URI already pointing at the leased target) and waits for the

@@ -141,6 +141,23 @@ pub fn export(config: &ConfigSet) -> doc::Document {
                 }
             })
             .collect(),
+        certificates: config
+            .certificates
+            .iter()
+            .map(|c| {
+                let meta = c.meta.clone().unwrap_or_default();
+                doc::Certificate {
+                    name: meta.name,
+                    id: Some(meta.id),
+                    group: group_of(&meta.group),
+                    description: meta.description,
+                    labels: meta.labels,
+                    cert_pem: c.cert_pem.clone(),
+                    key_pem: c.key_pem.clone(),
+                    snis: c.snis.clone(),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -235,6 +252,21 @@ fn export_route(
                 strip_prefix: p.strip_prefix,
                 path_rewrite: p.path_rewrite.clone(),
                 timeout: duration(p.timeout_ms),
+                canaries: p
+                    .canaries
+                    .iter()
+                    .map(|c| doc::Canary {
+                        upstream: name_of(&c.upstream_id),
+                        percent: c.percent,
+                        version: c.version.clone(),
+                    })
+                    .collect(),
+                version_header: p.version_header.clone(),
+                primary_version: p.primary_version.clone(),
+                mirror: p.mirror.as_ref().map(|m| doc::Mirror {
+                    upstream: name_of(&m.upstream_id),
+                    percent: (m.percent != 100.0).then_some(m.percent),
+                }),
             });
         }
         Some(Action::Publish(p)) => {
@@ -351,6 +383,11 @@ fn export_upstream(u: &pb::Upstream) -> doc::Upstream {
             failure_threshold: c.failure_threshold,
             open_for: duration(c.open_ms),
             half_open_requests: nonzero(c.half_open_requests),
+        }),
+        outlier_detection: u.outlier_detection.as_ref().map(|o| doc::OutlierDetection {
+            consecutive_failures: o.consecutive_failures,
+            base_ejection: duration(o.base_ejection_ms),
+            max_ejection_percent: nonzero(o.max_ejection_percent),
         }),
         max_concurrent_requests: u.max_concurrent_requests,
         protocol: match pb::UpstreamProtocol::try_from(u.protocol) {

@@ -39,6 +39,9 @@ pub struct Document {
     pub policies: Vec<Policy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub brokers: Vec<Broker>,
+    /// TLS certificates the data plane's TLS listener presents, chosen by SNI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<Certificate>,
 }
 
 /// An API: routes served under some hosts, with policies applied to all of them.
@@ -164,6 +167,46 @@ pub struct ProxyAction {
     /// Overall time including retries, e.g. "30s". Default: the upstream's total timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    /// Canary releases: shares of requests sent to other upstreams instead of `upstream`,
+    /// which takes the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canaries: Vec<Canary>,
+    /// A request header that forces a version by name (a canary's `version`, or
+    /// `primary_version`), e.g. "x-version". Default: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version_header: String,
+    /// The version name of `upstream` for `version_header`. Default: "primary".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub primary_version: String,
+    /// Shadow traffic: a share of requests also sent to another upstream, its response
+    /// discarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+/// A share of a route's requests sent to another upstream (a new version).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    /// Upstream name.
+    pub upstream: String,
+    /// Share of requests, more than 0 and at most 100 (e.g. 5 or 0.5). The canaries of a
+    /// route add up to at most 100.
+    pub percent: f64,
+    /// The name `version_header` forces this canary with. Default: the upstream's name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+}
+
+/// A share of a route's requests copied to another upstream in the background.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// Upstream name.
+    pub upstream: String,
+    /// Share of requests mirrored, more than 0 and at most 100. Default: 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
 }
 
 /// Publish the request as an event.
@@ -277,6 +320,9 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// Passive health: targets failing live requests are ejected for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
     /// Cap on requests in flight to this upstream. Default: unlimited.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub max_concurrent_requests: u32,
@@ -364,6 +410,20 @@ pub struct HealthCheck {
     /// Default: 200-399.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expected_statuses: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Failures in a row (connect errors, timeouts, 502, 503, 504) that eject a target.
+    pub consecutive_failures: u32,
+    /// First ejection length, e.g. "30s" (the default); each further ejection of the same
+    /// target lasts one more base, up to ten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection: Option<String>,
+    /// The most targets ejected at once, in per cent. Default 50; one target always stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -749,4 +809,26 @@ fn is_zero_u64(value: &u64) -> bool {
 
 fn is_zero_i32(value: &i32) -> bool {
     *value == 0
+}
+
+/// A TLS certificate with its key, presented to clients whose SNI it names.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// PEM: the leaf certificate, then its intermediates.
+    pub cert_pem: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: String,
+    /// Server names: exact, "*.example.com", or "*" for the default certificate (sent when
+    /// the client's SNI names no other). Unique across a group's certificates.
+    pub snis: Vec<String>,
 }

@@ -88,6 +88,7 @@ pub fn normalize_with(
         subscriptions: enumerate(&document.subscriptions, |i, s| n.subscription(i, s)),
         policies: enumerate(&document.policies, |i, p| n.policy(i, p)),
         brokers: enumerate(&document.brokers, |i, b| n.broker(i, b)),
+        certificates: enumerate(&document.certificates, |i, c| n.certificate(i, c)),
     };
     (config, n.locator, n.errors)
 }
@@ -133,6 +134,7 @@ impl<'a> Normalizer<'a> {
         index!(plans, ResourceKind::Plan);
         index!(policies, ResourceKind::Policy);
         index!(brokers, ResourceKind::Broker);
+        index!(certificates, ResourceKind::Certificate);
         n
     }
 
@@ -322,6 +324,32 @@ impl<'a> Normalizer<'a> {
                 strip_prefix: proxy.strip_prefix,
                 path_rewrite: proxy.path_rewrite.clone(),
                 timeout_ms: self.duration_ms(format!("{at}.proxy.timeout"), proxy.timeout.as_ref()),
+                canaries: proxy
+                    .canaries
+                    .iter()
+                    .enumerate()
+                    .map(|(j, canary)| pb::Canary {
+                        upstream_id: self.resolve(
+                            format!("{at}.proxy.canaries[{j}].upstream"),
+                            ResourceKind::Upstream,
+                            group,
+                            &canary.upstream,
+                        ),
+                        percent: canary.percent,
+                        version: canary.version.clone(),
+                    })
+                    .collect(),
+                version_header: proxy.version_header.to_ascii_lowercase(),
+                primary_version: proxy.primary_version.clone(),
+                mirror: proxy.mirror.as_ref().map(|mirror| pb::Mirror {
+                    upstream_id: self.resolve(
+                        format!("{at}.proxy.mirror.upstream"),
+                        ResourceKind::Upstream,
+                        group,
+                        &mirror.upstream,
+                    ),
+                    percent: mirror.percent.unwrap_or(100.0),
+                }),
             }))
         } else if let Some(publish) = &route.publish {
             Some(Action::Publish(self.publish(
@@ -554,6 +582,17 @@ impl<'a> Normalizer<'a> {
                 ),
                 half_open_requests: c.half_open_requests.unwrap_or(0),
             });
+        let outlier_detection = upstream
+            .outlier_detection
+            .as_ref()
+            .map(|o| pb::OutlierDetection {
+                consecutive_failures: o.consecutive_failures,
+                base_ejection_ms: self.duration_ms(
+                    format!("{base}.outlier_detection.base_ejection"),
+                    o.base_ejection.as_ref(),
+                ),
+                max_ejection_percent: o.max_ejection_percent.unwrap_or(0),
+            });
         pb::Upstream {
             meta: Some(self.meta(
                 ResourceKind::Upstream,
@@ -569,6 +608,7 @@ impl<'a> Normalizer<'a> {
             retry,
             health_check,
             circuit_breaker,
+            outlier_detection,
             max_concurrent_requests: upstream.max_concurrent_requests,
             protocol: match upstream.protocol {
                 None => pb::UpstreamProtocol::Unspecified,
@@ -919,6 +959,24 @@ impl<'a> Normalizer<'a> {
                 &b.labels,
             )),
             kind,
+        }
+    }
+}
+
+impl Normalizer<'_> {
+    fn certificate(&mut self, _i: usize, c: &doc::Certificate) -> pb::Certificate {
+        pb::Certificate {
+            meta: Some(self.meta(
+                ResourceKind::Certificate,
+                c.id.as_deref(),
+                c.group.as_deref(),
+                &c.name,
+                &c.description,
+                &c.labels,
+            )),
+            cert_pem: c.cert_pem.clone(),
+            key_pem: c.key_pem.clone(),
+            snis: c.snis.iter().map(|s| s.to_ascii_lowercase()).collect(),
         }
     }
 }

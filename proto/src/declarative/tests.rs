@@ -312,6 +312,71 @@ subscriptions:
 }
 
 #[test]
+fn traffic_outlier_and_certificate_errors_name_their_fields() {
+    let text = r#"
+format_version: 1
+upstreams:
+  - name: v1
+    targets: [{ url: "http://127.0.0.1:8081" }]
+    outlier_detection: { consecutive_failures: 3, max_ejection_percent: 101 }
+  - name: v2
+    targets: [{ url: "https://127.0.0.1:8082" }]
+    tls: { server_name: "Not A Host", ca_pem: "no pem here" }
+apis:
+  - name: shop
+    routes:
+      - name: split
+        path: /
+        proxy:
+          upstream: v1
+          canaries:
+            - { upstream: v1, percent: 10 }
+            - { upstream: v2, percent: 95, version: primary }
+            - { upstream: gone, percent: 0 }
+          version_header: "bad header"
+          mirror: { upstream: v2, percent: 150 }
+certificates:
+  - name: one
+    cert_pem: "not a certificate"
+    key_pem: "not a key"
+    snis: ["api.example.com", "*"]
+  - name: two
+    cert_pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    key_pem: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    snis: ["API.example.com", "bad name!"]
+  - name: three
+    cert_pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    key_pem: "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    snis: []
+"#;
+    let errors = load_err(text);
+    let expected = [
+        "apis[0].routes[0].proxy.canaries",
+        "apis[0].routes[0].proxy.canaries[0].upstream",
+        "apis[0].routes[0].proxy.canaries[1].version",
+        "apis[0].routes[0].proxy.canaries[2].percent",
+        "apis[0].routes[0].proxy.canaries[2].upstream",
+        "apis[0].routes[0].proxy.mirror.percent",
+        "apis[0].routes[0].proxy.version_header",
+        "certificates[0].cert_pem",
+        "certificates[0].key_pem",
+        "certificates[1].snis[0]",
+        "certificates[1].snis[1]",
+        "certificates[2].snis",
+        "upstreams[0].outlier_detection.max_ejection_percent",
+        "upstreams[1].tls.ca_pem",
+        "upstreams[1].tls.server_name",
+    ];
+    assert_eq!(paths(&errors), expected, "{errors}");
+    assert!(reason(&errors, "apis[0].routes[0].proxy.canaries").contains("105%"));
+    assert!(
+        reason(&errors, "apis[0].routes[0].proxy.canaries[0].upstream").contains("own upstream")
+    );
+    assert!(reason(&errors, "certificates[0].cert_pem").contains("no PEM certificate"));
+    assert!(reason(&errors, "certificates[1].snis[0]").contains("also served by certificates[0]"));
+}
+
+#[test]
 fn references_do_not_cross_groups() {
     let text = r#"
 format_version: 1

@@ -69,7 +69,7 @@ const EDIT: Option<Role> = Some(Role::Editor);
 const ADMIN: Option<Role> = Some(Role::Admin);
 
 /// The collections `{collection}` expands to.
-pub const COLLECTIONS: [ResourceKind; 7] = [
+pub const COLLECTIONS: [ResourceKind; 8] = [
     ResourceKind::Api,
     ResourceKind::Upstream,
     ResourceKind::Consumer,
@@ -77,6 +77,7 @@ pub const COLLECTIONS: [ResourceKind; 7] = [
     ResourceKind::Subscription,
     ResourceKind::Policy,
     ResourceKind::Broker,
+    ResourceKind::Certificate,
 ];
 
 pub const ENDPOINTS: &[Endpoint] = &[
@@ -343,6 +344,7 @@ fn schema_name(kind: ResourceKind) -> &'static str {
         ResourceKind::Subscription => "Subscription",
         ResourceKind::Policy => "Policy",
         ResourceKind::Broker => "Broker",
+        ResourceKind::Certificate => "Certificate",
         ResourceKind::Unspecified => "Document",
     }
 }

@@ -1,0 +1,117 @@
+//! TLS: the certificates the TLS listener presents, chosen by SNI from the running config
+//! ([`CertificateStore`], [`SniResolver`]), and the TLS side of upstream connections
+//! ([`client`]). rustls with the `ring` provider throughout.
+
+pub mod client;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use sluice_proto::pb;
+
+use crate::config::ConfigStore;
+
+/// The crypto provider every TLS config of the node is built with.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The certificates of a configuration, by the server names they are presented for.
+#[derive(Debug, Default)]
+pub struct CertificateStore {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// By the suffix after `*.`: "*.example.com" is stored under "example.com".
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    /// The certificate whose `snis` holds "*".
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl CertificateStore {
+    /// Loads every certificate: each chain must parse and its key must be usable and match
+    /// the leaf certificate. The error names the certificate and what is wrong with it.
+    pub fn compile(certificates: &[pb::Certificate]) -> Result<Self, (usize, String)> {
+        let provider = provider();
+        let mut store = CertificateStore::default();
+        for (i, certificate) in certificates.iter().enumerate() {
+            let chain = sluice_proto::tls::parse_chain(&certificate.cert_pem)
+                .map_err(|e| (i, format!("cert_pem: {e}")))?;
+            let key = sluice_proto::tls::parse_private_key(&certificate.key_pem)
+                .map_err(|e| (i, format!("key_pem: {e}")))?;
+            let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+                (
+                    i,
+                    format!("key_pem: cannot be used with cert_pem's certificate: {e}"),
+                )
+            })?;
+            let key = Arc::new(key);
+            for sni in &certificate.snis {
+                let sni = sni.to_ascii_lowercase();
+                if sni == "*" {
+                    store.default = Some(key.clone());
+                } else if let Some(suffix) = sni.strip_prefix("*.") {
+                    store.wildcard.insert(suffix.to_owned(), key.clone());
+                } else {
+                    store.exact.insert(sni, key.clone());
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// The certificate for a client's SNI: an exact name first, then a one-label wildcard,
+    /// then the default.
+    pub fn resolve(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = server_name {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(key) = self.exact.get(&name) {
+                return Some(key.clone());
+            }
+            if let Some((_, parent)) = name.split_once('.')
+                && let Some(key) = self.wildcard.get(parent)
+            {
+                return Some(key.clone());
+            }
+        }
+        self.default.clone()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.wildcard.is_empty() && self.default.is_none()
+    }
+}
+
+/// Picks each handshake's certificate from the configuration running at that moment, so a
+/// certificate change takes effect on the next handshake without re-binding the listener.
+#[derive(Debug)]
+pub struct SniResolver {
+    store: Arc<ConfigStore>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let config = self.store.current()?;
+        let key = config.certificates.resolve(client_hello.server_name());
+        if key.is_none() {
+            tracing::debug!(
+                sni = client_hello.server_name(),
+                "no certificate for this server name and no default: handshake refused"
+            );
+        }
+        key
+    }
+}
+
+/// The TLS listener's configuration: TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`, the
+/// certificate chosen per handshake by [`SniResolver`].
+pub fn server_config(store: Arc<ConfigStore>) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { store }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
