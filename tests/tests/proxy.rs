@@ -504,7 +504,9 @@ async fn a_thousand_swaps_under_load_fail_no_request() -> anyhow::Result<()> {
             ),
         )
     };
-    let node = DataPlane::start(&variant(0), &["--watch-interval", "2ms"])?;
+    // One worker (a current-thread runtime, as the benchmark runs): reloads share the one
+    // thread with the traffic.
+    let node = DataPlane::start(&variant(0), &["--watch-interval", "2ms", "--workers", "1"])?;
     let base_swaps = node.metric("sluice_config_swaps_total", "").await?;
     let client = client();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -570,7 +572,8 @@ async fn sigterm_drains_requests_in_flight() -> anyhow::Result<()> {
             &upstream("backend", &[backend.url()], ""),
             "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
         ),
-        &["--drain-timeout", "10s"],
+        // One worker: the current-thread runtime drains as the multi-thread one does.
+        &["--drain-timeout", "10s", "--workers", "1"],
     )?;
     let slow = tokio::spawn(client().get(node.url("/sleep/1000")).send());
     tokio::time::sleep(Duration::from_millis(300)).await;
