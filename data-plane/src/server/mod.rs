@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod forwarding;
+pub mod framing;
 pub mod mirror;
 pub mod pipeline;
 
@@ -21,6 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use framing::{FramingGuard, Verdicts};
 use pipeline::{ConnectionInfo, Gateway};
 
 /// Listener settings.
@@ -86,6 +88,7 @@ pub async fn serve(
             builder.clone(),
             graceful.clone(),
             stopped.clone(),
+            settings.max_header_bytes,
         ));
     }
     shutdown.await;
@@ -110,6 +113,7 @@ async fn accept(
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: Arc<GracefulShutdown>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
+    max_head: usize,
 ) {
     let scheme = if listener.tls.is_some() {
         "https"
@@ -132,13 +136,17 @@ async fn accept(
         let _ = stream.set_nodelay(true);
         let info = ConnectionInfo { client, scheme };
         let gateway = gateway.clone();
+        let verdicts = Arc::new(Verdicts::default());
+        let framing = verdicts.clone();
         let service = service_fn(move |request| {
             let gateway = gateway.clone();
-            async move { Ok::<_, Infallible>(gateway.handle(info, request).await) }
+            let ambiguous = framing.next_is_ambiguous();
+            async move { Ok::<_, Infallible>(gateway.handle(info, request, ambiguous).await) }
         });
         let builder = builder.clone();
         match listener.tls.clone() {
             None => {
+                let stream = FramingGuard::new(stream, max_head, verdicts);
                 let connection = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
@@ -169,6 +177,7 @@ async fn accept(
                             return;
                         }
                     };
+                    let stream = FramingGuard::new(stream, max_head, verdicts);
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();

@@ -77,10 +77,14 @@ impl Gateway {
     }
 
     /// Serves one request. Never fails: every error becomes a problem+json response.
+    /// `ambiguous_framing`: the connection's [`super::framing`] guard found this request's
+    /// length ambiguous (both `Content-Length` and `Transfer-Encoding`, or several
+    /// `Content-Length`s), which hyper settles without telling.
     pub async fn handle(
         &self,
         connection: ConnectionInfo,
         request: Request<Incoming>,
+        ambiguous_framing: bool,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let request_id = forwarding::request_id(request.headers());
@@ -89,7 +93,13 @@ impl Gateway {
         self.metrics.in_flight.inc();
         let mut outcome = Outcome::default();
         let mut response = match self
-            .serve(connection, request, &request_id, &mut outcome)
+            .serve(
+                connection,
+                request,
+                ambiguous_framing,
+                &request_id,
+                &mut outcome,
+            )
             .await
         {
             Ok(response) => response,
@@ -133,9 +143,15 @@ impl Gateway {
         &self,
         connection: ConnectionInfo,
         request: Request<Incoming>,
+        ambiguous_framing: bool,
         request_id: &HeaderValue,
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, GatewayError> {
+        if ambiguous_framing {
+            return Err(GatewayError::Malformed(
+                "ambiguous length: Content-Length with Transfer-Encoding, or several Content-Lengths",
+            ));
+        }
         check_framing(&request)?;
         let config = self.store.current().ok_or(GatewayError::NotReady)?;
         let normalized = path::normalize(request.uri().path()).map_err(GatewayError::BadPath)?;
@@ -426,10 +442,9 @@ pub(super) fn aim(
 }
 
 /// Phase 1. Requests whose length is ambiguous are how requests are smuggled past a proxy:
-/// both `Content-Length` and `Transfer-Encoding`, or several `Content-Length`s. hyper's
-/// HTTP/1 parser settles these before the service sees them (differing lengths are a 400;
-/// with both headers it frames by `Transfer-Encoding`, drops `Content-Length` and closes the
-/// connection after the response). This check is defence in depth for whatever reaches the
+/// both `Content-Length` and `Transfer-Encoding`, or several `Content-Length`s. On HTTP/1,
+/// hyper settles these before the service sees them, and the [`super::framing`] guard flags
+/// them (`ambiguous_framing`). This check is defence in depth for whatever reaches the
 /// service with both still present, whatever the protocol. The connection is closed after
 /// the 400 (see [`GatewayError::closes_connection`]).
 fn check_framing(request: &Request<Incoming>) -> Result<(), GatewayError> {
