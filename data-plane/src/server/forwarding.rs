@@ -48,14 +48,33 @@ pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent);
-    let value = match incoming {
-        Some((trace_id, flags)) => format!("00-{trace_id}-{span:016x}-{flags}"),
+    // "00-" trace id (32) "-" span (16) "-" flags (2): written in place, no formatting.
+    let mut value = [0u8; 55];
+    value[..3].copy_from_slice(b"00-");
+    match incoming {
+        Some((trace_id, flags)) => {
+            value[3..35].copy_from_slice(trace_id.as_bytes());
+            value[53..].copy_from_slice(flags.as_bytes());
+        }
         None => {
             let trace: u128 = rng.gen_range(1..=u128::MAX);
-            format!("00-{trace:032x}-{span:016x}-01")
+            write_hex(&mut value[3..35], trace);
+            value[53..].copy_from_slice(b"01");
         }
-    };
-    HeaderValue::from_str(&value).expect("hex digits are a valid header value")
+    }
+    value[35] = b'-';
+    write_hex(&mut value[36..52], u128::from(span));
+    value[52] = b'-';
+    HeaderValue::from_bytes(&value).expect("hex digits are a valid header value")
+}
+
+/// Writes the low `out.len()` hex digits of `n`, lower case, most significant first.
+fn write_hex(out: &mut [u8], mut n: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in out.iter_mut().rev() {
+        *byte = DIGITS[(n & 0xf) as usize];
+        n >>= 4;
+    }
 }
 
 /// `(trace id, flags)` of a version-00 traceparent, per W3C Trace Context.
@@ -82,6 +101,22 @@ fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
 /// including every header the `Connection` header names. `te: trailers` is kept: gRPC needs
 /// it end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names (cheap comparisons) spares
+    // a hash lookup per hop-by-hop name.
+    let any = headers.keys().any(|name| {
+        name == header::CONNECTION
+            || name == header::TE
+            || name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::TRAILER
+            || name == header::PROXY_AUTHENTICATE
+            || name == header::PROXY_AUTHORIZATION
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
+    });
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
