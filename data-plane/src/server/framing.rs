@@ -11,9 +11,10 @@
 //! framing is ambiguous, and skips the body (by length, or chunk by chunk) to find the next
 //! head. Verdicts are kept by request number in [`Verdicts`], which the service consults for
 //! the request hyper hands it. The guard gives up (and marks nothing more) on anything it
-//! does not follow: HTTP/2, upgrades, a head larger than the limit, bytes it cannot parse.
-//! hyper's own checks still apply to those, so giving up never lets through what hyper alone
-//! would refuse.
+//! does not follow: HTTP/2, a head larger than the limit, bytes it cannot parse, and bytes
+//! that do not start like a request where one should start (the tunnel after an accepted
+//! upgrade). hyper's own checks still apply to those, so giving up never lets through what
+//! hyper alone would refuse.
 
 use std::io;
 use std::pin::Pin;
@@ -22,8 +23,9 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Headers a request head may have for the guard to judge it; past that hyper refuses it.
-const MAX_HEADERS: usize = 128;
+/// Headers parsed on the stack; a head with more is parsed again with room for the node's
+/// `--max-headers` (past that hyper refuses it).
+const STACK_HEADERS: usize = 128;
 const NONE: u64 = u64::MAX;
 
 /// What the guard learned about a connection's requests.
@@ -97,11 +99,17 @@ pub struct FramingGuard<S> {
     state: State,
     heads: u64,
     max_head_bytes: usize,
+    max_headers: usize,
     verdicts: std::sync::Arc<Verdicts>,
 }
 
 impl<S> FramingGuard<S> {
-    pub fn new(inner: S, max_head_bytes: usize, verdicts: std::sync::Arc<Verdicts>) -> Self {
+    pub fn new(
+        inner: S,
+        max_head_bytes: usize,
+        max_headers: usize,
+        verdicts: std::sync::Arc<Verdicts>,
+    ) -> Self {
         FramingGuard {
             inner,
             state: State::Head {
@@ -109,6 +117,7 @@ impl<S> FramingGuard<S> {
             },
             heads: 0,
             max_head_bytes,
+            max_headers,
             verdicts,
         }
     }
@@ -119,6 +128,12 @@ impl<S> FramingGuard<S> {
             bytes = match &mut self.state {
                 State::Off => return,
                 State::Head { partial } => {
+                    if partial.is_empty() && !starts_like_a_request(bytes[0]) {
+                        // Not a request line: the tunnel of an accepted upgrade or CONNECT
+                        // (or garbage hyper refuses). Nothing more to follow.
+                        self.state = State::Off;
+                        return;
+                    }
                     if partial.is_empty() {
                         match head_end(bytes, 0) {
                             Some(end) => {
@@ -136,7 +151,7 @@ impl<S> FramingGuard<S> {
                         // Look for the end across the seam with what came before.
                         let seen = partial.len();
                         partial.extend_from_slice(bytes);
-                        match head_end(partial, seen.saturating_sub(3)) {
+                        match head_end(partial, seen.saturating_sub(2)) {
                             Some(end) => {
                                 let head = std::mem::take(partial);
                                 let used = end - seen;
@@ -194,15 +209,23 @@ impl<S> FramingGuard<S> {
     fn judge(&mut self, head: &[u8]) {
         let number = self.heads;
         self.heads += 1;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut headers = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        let mut more_headers;
         let mut request = httparse::Request::new(&mut headers);
-        let Ok(httparse::Status::Complete(_)) = request.parse(head) else {
-            // HTTP/2's preface, or a head hyper refuses with 400 on its own.
+        let mut parsed = request.parse(head);
+        if matches!(parsed, Err(httparse::Error::TooManyHeaders))
+            && self.max_headers > STACK_HEADERS
+        {
+            more_headers = vec![httparse::EMPTY_HEADER; self.max_headers];
+            request = httparse::Request::new(&mut more_headers);
+            parsed = request.parse(head);
+        }
+        let Ok(httparse::Status::Complete(_)) = parsed else {
+            // HTTP/2's preface, or a head hyper refuses on its own (400, 431).
             self.state = State::Off;
             return;
         };
-        let (mut lengths, mut length, mut chunked, mut encoded, mut upgrade) =
-            (0, None, false, false, false);
+        let (mut lengths, mut length, mut chunked, mut encoded) = (0, None, false, false);
         for header in request.headers.iter() {
             if header.name.eq_ignore_ascii_case("content-length") {
                 lengths += 1;
@@ -216,8 +239,6 @@ impl<S> FramingGuard<S> {
                     .rsplit(|b| *b == b',')
                     .next()
                     .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if header.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
             }
         }
         if lengths > 1 || (lengths == 1 && encoded) {
@@ -231,11 +252,9 @@ impl<S> FramingGuard<S> {
             self.state = State::Off;
             return;
         }
-        let connect = request.method == Some("CONNECT");
-        self.state = if upgrade || connect {
-            // What follows may be another protocol.
-            State::Off
-        } else if encoded && chunked {
+        // After an upgrade request, what follows is the next request (the upgrade was refused)
+        // or the tunnel's bytes (it was accepted), which `starts_like_a_request` tells apart.
+        self.state = if encoded && chunked {
             State::Chunked(Chunk::Size {
                 size: 0,
                 digits: 0,
@@ -257,9 +276,22 @@ impl<S> FramingGuard<S> {
     }
 }
 
-/// The index just past the blank line that ends a head, searching from `from`.
+/// The index just past the blank line that ends a head, searching from `from`: `\n\r\n` or
+/// `\n\n`, since httparse (and so hyper) accepts bare LF line endings.
 fn head_end(bytes: &[u8], from: usize) -> Option<usize> {
-    memchr::memmem::find(&bytes[from..], b"\r\n\r\n").map(|i| from + i + 4)
+    memchr::memchr_iter(b'\n', &bytes[from..])
+        .map(|i| from + i)
+        .find_map(|i| match bytes.get(i + 1..) {
+            Some([b'\n', ..]) => Some(i + 2),
+            Some([b'\r', b'\n', ..]) => Some(i + 3),
+            _ => None,
+        })
+}
+
+/// Whether a head may start with this byte: a method's first letter, or the empty lines a
+/// server skips before a request line.
+fn starts_like_a_request(byte: u8) -> bool {
+    byte.is_ascii_uppercase() || byte == b'\r' || byte == b'\n'
 }
 
 /// Advances a chunked body over `bytes`: how many bytes it used and whether the body ended.
@@ -397,7 +429,7 @@ mod tests {
     /// it was judged ambiguous; `requests` is how many the service sees.
     fn verdicts(reads: &[&[u8]], requests: usize) -> Vec<bool> {
         let verdicts = Arc::new(Verdicts::default());
-        let mut guard = FramingGuard::new((), 64 * 1024, verdicts.clone());
+        let mut guard = FramingGuard::new((), 64 * 1024, 200, verdicts.clone());
         for read in reads {
             guard.observe(read);
         }
@@ -438,12 +470,32 @@ mod tests {
     }
 
     #[test]
+    fn bare_line_feeds_and_many_headers_are_followed() {
+        let bare: &[u8] = b"GET / HTTP/1.1\nHost: a\n\n\
+            POST / HTTP/1.1\nContent-Length: 5\nContent-Length: 5\n\nhello";
+        assert_eq!(verdicts(&[bare], 2), [false, true]);
+        assert_eq!(verdicts(&bytewise(bare), 2), [false, true]);
+        let many = format!(
+            "POST / HTTP/1.1\r\n{}Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            (0..150)
+                .map(|i| format!("X-H{i}: 1\r\n"))
+                .collect::<String>()
+        );
+        assert_eq!(verdicts(&[many.as_bytes()], 1), [true]);
+    }
+
+    #[test]
     fn the_guard_stops_following_what_it_cannot() {
-        // An upgrade: what follows is another protocol, never judged.
-        let upgraded: &[u8] =
+        // A refused upgrade: the next request is still judged.
+        let refused: &[u8] =
             b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\
             POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
-        assert_eq!(verdicts(&[upgraded], 2), [false, false]);
+        assert_eq!(verdicts(&[refused], 2), [false, true]);
+        // An accepted one: the tunnel's bytes (a WebSocket frame) are not a request.
+        let tunnel: &[u8] =
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\
+            \x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58\r\n\r\n";
+        assert_eq!(verdicts(&[tunnel], 2), [false, false]);
         // HTTP/2's preface.
         assert_eq!(verdicts(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], 1), [false]);
         // Bad chunk framing: hyper refuses the body; nothing after it is judged.

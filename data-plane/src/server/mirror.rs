@@ -22,7 +22,8 @@ use crate::upstream::{BoxError, ProxyBody, Upstream};
 
 /// Frames of the request body a mirror may lag behind the upstream it copies.
 const MIRROR_BACKLOG_FRAMES: usize = 16;
-/// The most a mirror's response body is read (then dropped) before the connection is let go.
+/// How long a mirror's response body is read (each frame dropped as it comes) before the
+/// connection is let go.
 const MIRROR_RESPONSE_READ_LIMIT: Duration = Duration::from_secs(10);
 
 /// Sends a copy of a request (its head as forwarded, and `body` as the client streams it)
@@ -81,8 +82,13 @@ async fn send(
         .send(request, upstream.total_timeout)
         .await
         .map_err(|_| "failed")?;
-    // Read to the end so the connection can be reused, within a bound.
-    let _ = tokio::time::timeout(MIRROR_RESPONSE_READ_LIMIT, response.into_body().collect()).await;
+    // Read to the end so the connection can be reused, dropping each frame: nothing of the
+    // answer is kept, however large.
+    let mut body = response.into_body();
+    let _ = tokio::time::timeout(MIRROR_RESPONSE_READ_LIMIT, async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
     drop(lease);
     Ok("answered")
 }
@@ -99,6 +105,16 @@ impl Tee {
     fn abandon(&mut self) {
         self.abandoned.store(true, Ordering::Relaxed);
         self.tx = None;
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        // Dropped before the end (the real upstream stopped reading, or failed): the mirror
+        // must not take what it got for the whole body.
+        if self.tx.is_some() {
+            self.abandon();
+        }
     }
 }
 
@@ -126,6 +142,9 @@ impl Body for Tee {
                         // Full (the mirror is slow) or closed (it gave up): either way the
                         // client does not wait for it.
                         this.abandon();
+                    } else if this.inner.is_end_stream() {
+                        // The last frame: hyper may not poll again for the end.
+                        this.tx = None;
                     }
                 }
             }

@@ -89,6 +89,7 @@ pub async fn serve(
             graceful.clone(),
             stopped.clone(),
             settings.max_header_bytes,
+            settings.max_headers,
         ));
     }
     shutdown.await;
@@ -114,6 +115,7 @@ async fn accept(
     graceful: Arc<GracefulShutdown>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
     max_head: usize,
+    max_headers: usize,
 ) {
     let scheme = if listener.tls.is_some() {
         "https"
@@ -146,7 +148,7 @@ async fn accept(
         let builder = builder.clone();
         match listener.tls.clone() {
             None => {
-                let stream = FramingGuard::new(stream, max_head, verdicts);
+                let stream = FramingGuard::new(stream, max_head, max_headers, verdicts);
                 let connection = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
@@ -177,7 +179,7 @@ async fn accept(
                             return;
                         }
                     };
-                    let stream = FramingGuard::new(stream, max_head, verdicts);
+                    let stream = FramingGuard::new(stream, max_head, max_headers, verdicts);
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();

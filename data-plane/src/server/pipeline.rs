@@ -12,6 +12,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -268,9 +269,11 @@ impl Gateway {
             .then(|| parts.headers.clone());
         let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
         let body_fault = Arc::new(OnceLock::new());
+        let body_done = Arc::new(AtomicBool::new(!has_body));
         let mut body = ClientBody {
             inner: Limited::new(body, limit),
             fault: body_fault.clone(),
+            done: body_done.clone(),
         }
         .boxed();
         if let Some(mirror) = &proxy.traffic.mirror
@@ -300,7 +303,11 @@ impl Gateway {
                 .send(request, deadline.saturating_duration_since(sent))
                 .await;
             upstream.duration.observe(sent.elapsed().as_secs_f64());
-            if body_fault.get().is_none() {
+            // A try that failed while the client's body was failing or still arriving (a
+            // client that stalls its upload makes the upstream time out) is not the target's
+            // fault; one that never connected always is.
+            let clients_doing = body_fault.get().is_some() || !body_done.load(Ordering::Relaxed);
+            if !clients_doing || matches!(outcome, Err(UpstreamError::Connect { .. })) {
                 upstream.report(lease.index(), is_target_failure(&outcome));
             }
             let Some(headers) = &retry_template else {
@@ -481,6 +488,8 @@ enum BodyFault {
 struct ClientBody {
     inner: Limited<Incoming>,
     fault: Arc<OnceLock<BodyFault>>,
+    /// Set once the whole body has been read.
+    done: Arc<AtomicBool>,
 }
 
 impl Body for ClientBody {
@@ -493,13 +502,20 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled {
-            let fault = if e.is::<LengthLimitError>() {
-                BodyFault::TooLarge
-            } else {
-                BodyFault::Malformed
-            };
-            let _ = this.fault.set(fault);
+        match &polled {
+            Poll::Ready(Some(Err(e))) => {
+                let fault = if e.is::<LengthLimitError>() {
+                    BodyFault::TooLarge
+                } else {
+                    BodyFault::Malformed
+                };
+                let _ = this.fault.set(fault);
+            }
+            Poll::Ready(None) => this.done.store(true, Ordering::Relaxed),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+                this.done.store(true, Ordering::Relaxed);
+            }
+            _ => {}
         }
         polled
     }

@@ -50,12 +50,23 @@ impl CertificateStore {
             let key = Arc::new(key);
             for sni in &certificate.snis {
                 let sni = sni.to_ascii_lowercase();
-                if sni == "*" {
-                    store.default = Some(key.clone());
+                // The validator keeps names unique within a group; a node serving several
+                // groups (a standalone file) must not pick between two certificates either.
+                let taken = if sni == "*" {
+                    store.default.replace(key.clone()).is_some()
                 } else if let Some(suffix) = sni.strip_prefix("*.") {
-                    store.wildcard.insert(suffix.to_owned(), key.clone());
+                    store
+                        .wildcard
+                        .insert(suffix.to_owned(), key.clone())
+                        .is_some()
                 } else {
-                    store.exact.insert(sni, key.clone());
+                    store.exact.insert(sni.clone(), key.clone()).is_some()
+                };
+                if taken {
+                    return Err((
+                        i,
+                        format!("snis: {sni:?} is also served by a certificate of another group"),
+                    ));
                 }
             }
         }

@@ -58,6 +58,9 @@ pub struct Upstream {
     pub targets: Vec<Target>,
     balancer: Balancer,
     client: Client<Connector, ProxyBody>,
+    /// For upgrade requests (WebSocket) when `client` may negotiate h2 over TLS: upgrades
+    /// exist only in HTTP/1.1, so they go out on connections that offer nothing else.
+    upgrade_client: Option<Client<Connector, ProxyBody>>,
     pub connect_timeout: Duration,
     /// Per try; `None` means only the total deadline applies.
     pub per_try_timeout: Option<Duration>,
@@ -74,6 +77,8 @@ pub struct Upstream {
     outlier: Option<OutlierSettings>,
     /// Targets ejected by outlier detection.
     ejections: Counter,
+    /// Held while an ejection is decided.
+    ejecting: std::sync::Mutex<()>,
 }
 
 /// One address of an upstream.
@@ -233,6 +238,11 @@ impl Upstream {
             Ok(pb::UpstreamProtocol::Http2) => Alpn::Http2,
             _ => Alpn::Any,
         };
+        let upgrade_client = (alpn == Alpn::Any
+            && targets.iter().any(|t| t.scheme == Scheme::HTTPS))
+        .then(|| crate::tls::client::connector(connector.clone(), config.tls.as_ref(), Alpn::Http1))
+        .transpose()?
+        .map(|connector| builder.build(connector));
         let connector = crate::tls::client::connector(connector, config.tls.as_ref(), alpn)?;
         Ok(Upstream {
             id: meta.id.as_str().into(),
@@ -241,6 +251,7 @@ impl Upstream {
             targets,
             balancer,
             client: builder.build(connector),
+            upgrade_client,
             connect_timeout,
             per_try_timeout: non_zero_ms(timeouts.per_try_ms),
             total_timeout: non_zero_ms(timeouts.total_ms).unwrap_or(DEFAULT_TOTAL_TIMEOUT),
@@ -255,6 +266,7 @@ impl Upstream {
             ),
             outlier: OutlierSettings::new(config.outlier_detection.as_ref()),
             ejections: metrics.ejections(&meta.name),
+            ejecting: std::sync::Mutex::new(()),
         })
     }
 
@@ -297,24 +309,31 @@ impl Upstream {
         let Some(settings) = &self.outlier else {
             return;
         };
-        let may_eject = || {
-            let out = self
-                .targets
-                .iter()
-                .filter(|t| t.ejection.is_ejected())
-                .count();
-            out < settings.max_ejected(self.targets.len())
-        };
         let t = &self.targets[target];
-        if let Some(length) = t.ejection.observe(failed, settings, may_eject) {
-            self.ejections.inc();
-            tracing::warn!(
-                upstream = %self.name,
-                target = %t.authority,
-                for_ms = length.as_millis() as u64,
-                "target ejected after consecutive failures"
-            );
+        if !t.ejection.record(failed, settings) {
+            return;
         }
+        // Deciding under a lock: two targets failing at once must not both be taken out when
+        // only one may be. Targets down by active checks count as out too.
+        let _deciding = self
+            .ejecting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.ejection.is_ejected() {
+            return;
+        }
+        let out = self.targets.iter().filter(|t| !t.is_usable()).count();
+        if out >= settings.max_ejected(self.targets.len()) {
+            return;
+        }
+        let length = t.ejection.eject(settings);
+        self.ejections.inc();
+        tracing::warn!(
+            upstream = %self.name,
+            target = %t.authority,
+            for_ms = length.as_millis() as u64,
+            "target ejected after consecutive failures"
+        );
     }
 
     /// Sends `request` (its URI already pointing at the leased target) and waits for the
@@ -325,7 +344,11 @@ impl Upstream {
         timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let timeout = self.per_try_timeout.map_or(timeout, |t| t.min(timeout));
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
+        let client = match &self.upgrade_client {
+            Some(http1) if request.headers().contains_key(http::header::UPGRADE) => http1,
+            _ => &self.client,
+        };
+        match tokio::time::timeout(timeout, client.request(request)).await {
             Err(_) => Err(UpstreamError::Timeout(self.name.clone())),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect {

@@ -61,30 +61,38 @@ impl Ejection {
         until != 0 && now_ms() < until
     }
 
-    /// Records one try's result. Returns the ejection's length when this failure ejects the
-    /// target; `may_eject` says whether the upstream can spare another target.
-    pub fn observe(
-        &self,
-        failed: bool,
-        settings: &OutlierSettings,
-        may_eject: impl FnOnce() -> bool,
-    ) -> Option<Duration> {
+    /// Records one try's result; true when this failure completes a run of
+    /// `consecutive_failures` and the target should be ejected (if the upstream can spare
+    /// it: see `Upstream::report`). Results that arrive while the target is out (tries that
+    /// were in flight when it was ejected) do not count.
+    pub fn record(&self, failed: bool, settings: &OutlierSettings) -> bool {
+        if self.is_ejected() {
+            return false;
+        }
         if !failed {
             self.failures.store(0, Ordering::Relaxed);
-            return None;
+            return false;
         }
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < settings.consecutive_failures || self.is_ejected() || !may_eject() {
-            return None;
+        self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= settings.consecutive_failures
+    }
+
+    /// Takes the target out; returns for how long: one base per ejection so far, up to ten.
+    /// A target that stayed in for ten bases since its last ejection starts again at one.
+    pub fn eject(&self, settings: &OutlierSettings) -> Duration {
+        let now = now_ms();
+        let last_until = self.until_ms.load(Ordering::Relaxed);
+        let calm = settings.base_ejection * MAX_EJECTION_MULTIPLIER;
+        if last_until != 0 && u128::from(now.saturating_sub(last_until)) > calm.as_millis() {
+            self.times.store(0, Ordering::Relaxed);
         }
         let times = (self.times.fetch_add(1, Ordering::Relaxed) + 1).min(MAX_EJECTION_MULTIPLIER);
         let length = settings.base_ejection * times;
         self.until_ms.store(
-            now_ms() + u64::try_from(length.as_millis()).unwrap_or(u64::MAX / 2),
+            now + u64::try_from(length.as_millis()).unwrap_or(u64::MAX / 2),
             Ordering::Relaxed,
         );
         self.failures.store(0, Ordering::Relaxed);
-        Some(length)
+        length
     }
 }
 
@@ -109,33 +117,35 @@ mod tests {
     }
 
     #[test]
-    fn consecutive_failures_eject_and_a_success_resets_the_count() {
+    fn consecutive_failures_call_for_ejection_and_a_success_resets_the_count() {
         let s = settings(3, 60_000, 50);
         let e = Ejection::default();
-        assert_eq!(e.observe(true, &s, || true), None);
-        assert_eq!(e.observe(true, &s, || true), None);
-        assert_eq!(e.observe(false, &s, || true), None, "a success resets");
-        assert_eq!(e.observe(true, &s, || true), None);
-        assert_eq!(e.observe(true, &s, || true), None);
-        assert!(!e.is_ejected());
-        assert_eq!(e.observe(true, &s, || true), Some(Duration::from_secs(60)));
+        assert!(!e.record(true, &s));
+        assert!(!e.record(true, &s));
+        assert!(!e.record(false, &s), "a success resets");
+        assert!(!e.record(true, &s));
+        assert!(!e.record(true, &s));
+        assert!(e.record(true, &s));
+        assert_eq!(e.eject(&s), Duration::from_secs(60));
         assert!(e.is_ejected());
+        // Tries that were in flight when it was ejected do not count.
+        for _ in 0..5 {
+            assert!(!e.record(true, &s));
+        }
     }
 
     #[test]
-    fn an_ejection_lasts_longer_each_time_and_the_cap_is_respected() {
-        let s = settings(1, 1, 50);
+    fn an_ejection_lasts_longer_each_time() {
+        let s = settings(1, 2, 50);
         let e = Ejection::default();
-        assert_eq!(e.observe(true, &s, || true), Some(Duration::from_millis(1)));
+        assert_eq!(e.eject(&s), Duration::from_millis(2));
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(e.observe(true, &s, || true), Some(Duration::from_millis(2)));
-        let spared = Ejection::default();
-        assert_eq!(
-            spared.observe(true, &s, || false),
-            None,
-            "no target to spare"
-        );
-        assert!(!spared.is_ejected());
+        assert!(!e.is_ejected());
+        assert!(e.record(true, &s));
+        assert_eq!(e.eject(&s), Duration::from_millis(4));
+        // In for longer than ten bases: the next ejection is one base again.
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(e.eject(&s), Duration::from_millis(2));
     }
 
     #[test]
