@@ -67,6 +67,15 @@ struct Args {
     /// A client must send its request headers within this time.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
+    /// Most open client connections, all listeners together; at the limit new connections
+    /// wait in the kernel's backlog until one closes.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        env = "SLUICE_DP_MAX_CONNECTIONS"
+    )]
+    max_connections: usize,
     /// On SIGTERM, how long requests in flight may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -186,6 +195,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
         drain_timeout: args.drain_timeout,
+        max_connections: args.max_connections,
     };
     server::serve(listeners, gateway, settings, shutdown_signal()).await;
     let _ = stop_admin.send(());

@@ -1067,3 +1067,50 @@ async fn passive_ejection_takes_a_failing_target_out_and_tries_it_again_later() 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("b").await?;
+    let node = DataPlane::start(
+        &config(
+            &upstream("backend", &[backend.url()], ""),
+            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
+        ),
+        &["--max-connections", "2"],
+    )?;
+    let addr = node.addr;
+    let request = b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n";
+    // Two keep-alive connections, each answered and left open.
+    let held = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<TcpStream>> {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(addr)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(request)?;
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf)?;
+            anyhow::ensure!(buf[..n].starts_with(b"HTTP/1.1 200"), "not answered");
+            held.push(stream);
+        }
+        Ok(held)
+    })
+    .await??;
+    assert_eq!(node.metric("sluice_client_connections", "").await?, 2.0);
+    // A third waits: the kernel accepts it, the node does not serve it.
+    let third = tokio::task::spawn_blocking(move || -> anyhow::Result<(bool, String)> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+        stream.write_all(request)?;
+        let mut buf = [0u8; 4096];
+        let waited = stream.read(&mut buf).is_err();
+        // Once a held connection closes, it is served.
+        drop(held);
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let n = stream.read(&mut buf)?;
+        Ok((waited, String::from_utf8_lossy(&buf[..n]).into_owned()))
+    })
+    .await??;
+    assert!(third.0, "the third connection was served past the limit");
+    assert!(third.1.starts_with("HTTP/1.1 200"), "{}", third.1);
+    Ok(())
+}

@@ -19,7 +19,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use framing::{FramingGuard, Verdicts};
@@ -37,6 +39,22 @@ pub struct ListenerSettings {
     pub max_headers: usize,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: Duration,
+    /// Open client connections, all listeners together. At the limit the node stops
+    /// accepting until one closes; new connections wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+/// A client connection's claim on one of [`ListenerSettings::max_connections`], counted in
+/// `sluice_client_connections` while held.
+struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    gauge: Gauge,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// A bound client listener: plain (HTTP/1.1 and h2c) or TLS (HTTP/1.1 and h2 by ALPN).
@@ -80,6 +98,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     let mut acceptors = tokio::task::JoinSet::new();
     for listener in listeners {
         acceptors.spawn(accept(
@@ -90,6 +109,7 @@ pub async fn serve(
             stopped.clone(),
             settings.max_header_bytes,
             settings.max_headers,
+            slots.clone(),
         ));
     }
     shutdown.await;
@@ -116,13 +136,24 @@ async fn accept(
     mut stopped: tokio::sync::watch::Receiver<bool>,
     max_head: usize,
     max_headers: usize,
+    slots: Arc<Semaphore>,
 ) {
     let scheme = if listener.tls.is_some() {
         "https"
     } else {
         "http"
     };
+    let gauge = gateway.metrics().client_connections.clone();
     loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = async { stopped.wait_for(|stop| *stop).await.map(|_| ()) } => return,
+        };
+        gauge.inc();
+        let slot = ConnectionSlot {
+            _permit: permit,
+            gauge: gauge.clone(),
+        };
         let (stream, client) = tokio::select! {
             accepted = listener.tcp.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -154,6 +185,7 @@ async fn accept(
                     .into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, client = %client, "connection ended with an error");
                     }
@@ -163,6 +195,7 @@ async fn accept(
                 // Registered now, so a drain waits for connections still in their handshake.
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let stream = match tokio::time::timeout(
                         TLS_HANDSHAKE_TIMEOUT,
                         acceptor.accept(stream),

@@ -77,6 +77,10 @@ impl Gateway {
         }
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Serves one request. Never fails: every error becomes a problem+json response.
     /// `ambiguous_framing`: the connection's [`super::framing`] guard found this request's
     /// length ambiguous (both `Content-Length` and `Transfer-Encoding`, or several

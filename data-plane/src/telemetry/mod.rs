@@ -68,6 +68,7 @@ pub struct Metrics {
     mirrored: Family<MirrorLabels, Counter>,
     unrouted: Family<ReasonLabels, Counter>,
     pub in_flight: Gauge,
+    pub client_connections: Gauge,
     pub config_version: Gauge,
     pub config_swaps: Counter,
     pub config_rejections: Counter,
@@ -161,6 +162,12 @@ impl Metrics {
             "Requests being served",
             in_flight.clone(),
         );
+        let client_connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Open client connections (all listeners), against --max-connections",
+            client_connections.clone(),
+        );
         let config_version = Gauge::default();
         registry.register(
             "config_version",
@@ -196,6 +203,7 @@ impl Metrics {
             mirrored,
             unrouted,
             in_flight,
+            client_connections,
             config_version,
             config_swaps,
             config_rejections,
