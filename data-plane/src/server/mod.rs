@@ -95,27 +95,26 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
     let graceful = Arc::new(GracefulShutdown::new());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    let shared = Arc::new(Shared {
+        gateway,
+        builder: Arc::new(builder),
+        graceful: graceful.clone(),
+        slots,
+        max_head: settings.max_header_bytes,
+        max_headers: settings.max_headers,
+    });
     let mut acceptors = tokio::task::JoinSet::new();
     for listener in listeners {
-        acceptors.spawn(accept(
-            listener,
-            gateway.clone(),
-            builder.clone(),
-            graceful.clone(),
-            stopped.clone(),
-            settings.max_header_bytes,
-            settings.max_headers,
-            slots.clone(),
-        ));
+        acceptors.spawn(accept(listener, shared.clone(), stopped.clone()));
     }
     shutdown.await;
     let _ = stop.send(true);
     // Each acceptor drops its listener as it returns: no new connections from here on.
     acceptors.join_all().await;
+    drop(shared);
     // The acceptors held the only other references; connections hold watchers instead.
     let Ok(graceful) = Arc::try_unwrap(graceful) else {
         unreachable!("every acceptor has returned")
@@ -127,17 +126,32 @@ pub async fn serve(
     }
 }
 
-/// Accepts connections on one listener until told to stop, serving each on its own task.
-async fn accept(
-    listener: Listener,
+/// What every listener's acceptor shares.
+struct Shared {
     gateway: Arc<Gateway>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     graceful: Arc<GracefulShutdown>,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    /// [`ListenerSettings::max_connections`].
+    slots: Arc<Semaphore>,
     max_head: usize,
     max_headers: usize,
-    slots: Arc<Semaphore>,
+}
+
+/// Accepts connections on one listener until told to stop, serving each on its own task.
+async fn accept(
+    listener: Listener,
+    shared: Arc<Shared>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
+    let Shared {
+        gateway,
+        builder,
+        graceful,
+        slots,
+        max_head,
+        max_headers,
+    } = &*shared;
+    let (max_head, max_headers) = (*max_head, *max_headers);
     let scheme = if listener.tls.is_some() {
         "https"
     } else {
