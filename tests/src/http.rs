@@ -1,5 +1,5 @@
 //! A minimal HTTP/1.1 GET for readiness checks and admin endpoints, with timeouts, so the
-//! harness needs no HTTP client of its own.
+//! harness needs no HTTP client of its own; and a raw WebSocket upgrade with an echo check.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -34,4 +34,26 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u
         bail!("chunked responses are not supported by this test client");
     }
     Ok((status, body.to_owned()))
+}
+
+/// Asks `addr` for a WebSocket upgrade of `/chat`, then writes `message` on the upgraded
+/// connection and reads as many bytes back. Returns the response head and the bytes read.
+/// Blocking: call it from `spawn_blocking` when the backend runs on the test's runtime.
+pub fn websocket_echo(addr: SocketAddr, message: &[u8]) -> anyhow::Result<(String, Vec<u8>)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte)?;
+        head.push(byte[0]);
+    }
+    stream.write_all(message)?;
+    let mut echoed = vec![0u8; message.len()];
+    stream.read_exact(&mut echoed)?;
+    Ok((String::from_utf8_lossy(&head).into_owned(), echoed))
 }

@@ -644,27 +644,10 @@ async fn websocket_upgrades_are_tunnelled() -> anyhow::Result<()> {
         &[],
     )?;
     let addr = node.addr;
-    let (head, echoed) =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(String, Vec<u8>)> {
-            let mut stream = TcpStream::connect(addr)?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            stream.write_all(
-                b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            )?;
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                stream.read_exact(&mut byte)?;
-                head.push(byte[0]);
-            }
-            let message = b"frames pass through untouched";
-            stream.write_all(message)?;
-            let mut echoed = vec![0u8; message.len()];
-            stream.read_exact(&mut echoed)?;
-            Ok((String::from_utf8_lossy(&head).into_owned(), echoed))
-        })
-        .await??;
+    let (head, echoed) = tokio::task::spawn_blocking(move || {
+        sluice_tests::http::websocket_echo(addr, b"frames pass through untouched")
+    })
+    .await??;
     assert_eq!(status_of(&head), 101, "{head}");
     let lower = head.to_ascii_lowercase();
     assert!(lower.contains("upgrade: websocket"), "{head}");

@@ -257,7 +257,6 @@ async fn proxies_to_tls_upstreams_and_verifies_them() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn websockets_reach_tls_upstreams_that_also_speak_h2() -> anyhow::Result<()> {
-    use std::io::{Read, Write};
     let ca = TestCa::new("Sluice upstream CA")?;
     let leaf = ca.leaf(&["backend.test"])?;
     // The backend offers h2 and http/1.1: an upgrade must still go out over HTTP/1.1.
@@ -271,27 +270,10 @@ async fn websockets_reach_tls_upstreams_that_also_speak_h2() -> anyhow::Result<(
     );
     let node = DataPlane::start(&config, &[])?;
     let addr = node.addr;
-    let (head, echoed) =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(String, Vec<u8>)> {
-            let mut stream = std::net::TcpStream::connect(addr)?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            stream.write_all(
-                b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            )?;
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                stream.read_exact(&mut byte)?;
-                head.push(byte[0]);
-            }
-            let message = b"over TLS, untouched";
-            stream.write_all(message)?;
-            let mut echoed = vec![0u8; message.len()];
-            stream.read_exact(&mut echoed)?;
-            Ok((String::from_utf8_lossy(&head).into_owned(), echoed))
-        })
-        .await??;
+    let (head, echoed) = tokio::task::spawn_blocking(move || {
+        sluice_tests::http::websocket_echo(addr, b"over TLS, untouched")
+    })
+    .await??;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(echoed, b"over TLS, untouched");
     Ok(())

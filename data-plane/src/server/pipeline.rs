@@ -272,12 +272,13 @@ impl Gateway {
         let retry_template = (upstream.retry.attempts > 0 && !has_body && upgrade.is_none())
             .then(|| parts.headers.clone());
         let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
-        let body_fault = Arc::new(OnceLock::new());
-        let body_done = Arc::new(AtomicBool::new(!has_body));
+        let body_state = Arc::new(BodyState {
+            fault: OnceLock::new(),
+            done: AtomicBool::new(!has_body),
+        });
         let mut body = ClientBody {
             inner: Limited::new(body, limit),
-            fault: body_fault.clone(),
-            done: body_done.clone(),
+            state: body_state.clone(),
         }
         .boxed();
         if let Some(mirror) = &proxy.traffic.mirror
@@ -310,7 +311,8 @@ impl Gateway {
             // A try that failed while the client's body was failing or still arriving (a
             // client that stalls its upload makes the upstream time out) is not the target's
             // fault; one that never connected always is.
-            let clients_doing = body_fault.get().is_some() || !body_done.load(Ordering::Relaxed);
+            let clients_doing =
+                body_state.fault.get().is_some() || !body_state.done.load(Ordering::Relaxed);
             if !clients_doing || matches!(outcome, Err(UpstreamError::Connect { .. })) {
                 upstream.report(lease.index(), is_target_failure(&outcome));
             }
@@ -348,7 +350,7 @@ impl Gateway {
             pass.record(matches!(&response, Ok(r) if !r.status().is_server_error()));
         }
         // A failure while sending is the client's when its body was what failed.
-        let response = response.map_err(|e| match body_fault.get() {
+        let response = response.map_err(|e| match body_state.fault.get() {
             Some(BodyFault::TooLarge) => GatewayError::BodyTooLarge {
                 limit: self.limits.max_body_bytes,
             },
@@ -491,9 +493,16 @@ enum BodyFault {
 /// so the failure is answered as the client's (413, 400), not as the upstream's (502).
 struct ClientBody {
     inner: Limited<Incoming>,
-    fault: Arc<OnceLock<BodyFault>>,
+    state: Arc<BodyState>,
+}
+
+/// What the pipeline learns of the client's body as it streams upstream.
+#[derive(Debug)]
+struct BodyState {
+    /// How it failed, if it did.
+    fault: OnceLock<BodyFault>,
     /// Set once the whole body has been read.
-    done: Arc<AtomicBool>,
+    done: AtomicBool,
 }
 
 impl Body for ClientBody {
@@ -513,11 +522,11 @@ impl Body for ClientBody {
                 } else {
                     BodyFault::Malformed
                 };
-                let _ = this.fault.set(fault);
+                let _ = this.state.fault.set(fault);
             }
-            Poll::Ready(None) => this.done.store(true, Ordering::Relaxed),
+            Poll::Ready(None) => this.state.done.store(true, Ordering::Relaxed),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
-                this.done.store(true, Ordering::Relaxed);
+                this.state.done.store(true, Ordering::Relaxed);
             }
             _ => {}
         }
