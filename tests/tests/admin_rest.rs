@@ -973,3 +973,54 @@ async fn the_router_and_the_openapi_document_agree_with_the_endpoint_table() -> 
     assert!(document["components"]["schemas"]["Upstream"]["properties"]["targets"].is_object());
     Ok(())
 }
+
+#[tokio::test]
+async fn version_diffs_show_a_changed_private_key_only_as_a_fingerprint() -> anyhow::Result<()> {
+    let cp = ControlPlane::start(&[]).await?;
+    let ca = sluice_tests::pki::TestCa::new("Sluice test CA")?;
+    let (first, renewed) = (
+        ca.leaf(&["api.example.com"])?,
+        ca.leaf(&["api.example.com"])?,
+    );
+    let body = |leaf: &sluice_tests::pki::Leaf| {
+        json!({ "name": "edge", "cert_pem": leaf.cert_pem, "key_pem": leaf.key_pem,
+                "snis": ["api.example.com"] })
+    };
+    let created = admin(&cp, Method::POST, "/v1/certificates", Some(body(&first))).await?;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let updated = admin(
+        &cp,
+        Method::PUT,
+        "/v1/certificates/edge",
+        Some(body(&renewed)),
+    )
+    .await?;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.body);
+    let versions = admin(&cp, Method::GET, "/v1/versions?limit=2", None).await?;
+    let (to, from) = (
+        versions.body["items"][0]["number"].as_u64().unwrap(),
+        versions.body["items"][1]["number"].as_u64().unwrap(),
+    );
+    let diff = admin(
+        &cp,
+        Method::GET,
+        &format!("/v1/versions/{from}/diff/{to}"),
+        None,
+    )
+    .await?;
+    let text = diff.body.to_string();
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+    let fields = diff.body["changes"][0]["fields"].as_array().unwrap();
+    let key = fields
+        .iter()
+        .find(|f| f["path"] == "key_pem")
+        .expect("the key change is listed");
+    assert!(
+        key["before"]
+            .as_str()
+            .unwrap()
+            .starts_with("(redacted; sha256 ")
+    );
+    assert_ne!(key["before"], key["after"]);
+    Ok(())
+}

@@ -90,13 +90,25 @@ pub fn diff_resources(pairs: Vec<(Option<Resource>, Option<Resource>)>) -> Vec<R
     out
 }
 
-/// What a resource holds, as JSON, without its bookkeeping.
+/// What a resource holds, as JSON, without its bookkeeping. A certificate's private key is
+/// replaced by a fingerprint: diffs are read by more people than keys should be, and a changed
+/// key still shows as a changed field.
 fn content_json(resource: &Resource) -> Value {
     let mut content = resource.clone();
     if let Some(meta) = content.meta_mut() {
         meta.resource_version = 0;
     }
+    if let Some(sluice_proto::pb::resource::Kind::Certificate(certificate)) = &mut content.kind {
+        certificate.key_pem = redacted_key(&certificate.key_pem);
+    }
     export_resource(&content)
+}
+
+/// `(redacted; sha256 <first 16 hex digits>)`.
+fn redacted_key(key_pem: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = hex::encode(Sha256::digest(key_pem.as_bytes()));
+    format!("(redacted; sha256 {})", &digest[..16])
 }
 
 fn field_diffs(before: &Value, after: &Value, path: String, out: &mut Vec<FieldDiff>) {
