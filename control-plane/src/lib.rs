@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod db;
+pub mod discovery;
 pub mod import;
 pub mod registry;
 pub mod snapshot;

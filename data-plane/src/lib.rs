@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod discovery;
 pub mod router;
 pub mod server;
 pub mod telemetry;

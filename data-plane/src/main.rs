@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_data_plane::admin;
 use sluice_data_plane::config::{CompiledConfig, ConfigStore, watch};
 use sluice_data_plane::server::pipeline::{Gateway, Limits};
 use sluice_data_plane::server::{self, Listener, ListenerSettings};
 use sluice_data_plane::telemetry::Metrics;
 use sluice_data_plane::tls;
+use sluice_data_plane::{admin, discovery};
+use sluice_proto::pb;
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
 /// mimalloc rather than the system allocator: a proxy allocates and frees many small,
@@ -21,14 +22,35 @@ use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGua
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The Sluice data plane: serves a declarative file (standalone mode) as a reverse proxy,
-/// validated with the same rules as the control plane, reloading it when it changes.
+/// The Sluice data plane: a reverse proxy serving either a declarative file (standalone mode,
+/// reloaded when it changes) or its group's configuration streamed from control planes.
 #[derive(Debug, Parser)]
 #[command(name = "sluice-dp", version)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control_plane"])))]
 struct Args {
     /// Standalone mode: serve this declarative file (YAML, or JSON if it ends in .json).
     #[arg(long, value_name = "FILE", env = "SLUICE_DP_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// Control-plane mode: the discovery address of a control plane (`http://host:7091`);
+    /// repeat it (or separate with commas) for several replicas, tried in turn.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SLUICE_DP_CONTROL_PLANE",
+        value_delimiter = ','
+    )]
+    control_plane: Vec<String>,
+    /// The group (environment) whose configuration this node serves, in control-plane mode.
+    #[arg(
+        long,
+        value_name = "GROUP",
+        env = "SLUICE_DP_GROUP",
+        default_value = "default"
+    )]
+    group: String,
+    /// This node's id, stable across restarts; default: a new UUID at each start.
+    #[arg(long, value_name = "ID", env = "SLUICE_DP_NODE_ID")]
+    node_id: Option<String>,
     /// Client listener (HTTP/1.1 and h2c on one port).
     #[arg(
         long,
@@ -110,24 +132,50 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
     let store = Arc::new(ConfigStore::default());
     let metrics = Arc::new(Metrics::new());
 
-    let path = &args.config;
-    match CompiledConfig::from_file(path, None, &metrics) {
-        Ok(config) => {
-            tracing::info!(path = %path.display(), content_hash = %config.content_hash, routes = config.router.len(), "configuration applied");
-            store.apply(config);
-            metrics.config_swaps.inc();
+    if let Some(path) = &args.config {
+        match CompiledConfig::from_file(path, None, &metrics) {
+            Ok(config) => {
+                tracing::info!(path = %path.display(), content_hash = %config.content_hash, routes = config.router.len(), "configuration applied");
+                store.apply(config);
+                metrics.config_swaps.inc();
+            }
+            Err(e) => {
+                eprintln!("sluice-dp: {e}");
+                return ExitCode::FAILURE;
+            }
         }
-        Err(e) => {
-            eprintln!("sluice-dp: {e}");
+        tokio::spawn(watch::watch_file(
+            path.clone(),
+            args.watch_interval,
+            store.clone(),
+            metrics.clone(),
+        ));
+    } else {
+        if let Err(e) = sluice_proto::validate::check_name(&args.group) {
+            eprintln!("sluice-dp: --group: {e}");
             return ExitCode::FAILURE;
         }
+        // Not ready (503 on /readyz and to clients) until the first configuration arrives.
+        let node = pb::Node {
+            id: args
+                .node_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            group: args.group.clone(),
+            build_version: env!("CARGO_PKG_VERSION").to_owned(),
+            protocol_version: pb::ProtocolVersion::Current as u32,
+            labels: Default::default(),
+            address: args.listen.to_string(),
+        };
+        tokio::spawn(discovery::run(
+            discovery::ClientSettings {
+                endpoints: args.control_plane.clone(),
+                node,
+            },
+            store.clone(),
+            metrics.clone(),
+        ));
     }
-    tokio::spawn(watch::watch_file(
-        path.clone(),
-        args.watch_interval,
-        store.clone(),
-        metrics.clone(),
-    ));
     {
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -15,6 +15,8 @@ pub const ADMIN_TOKEN: &str = "test-bootstrap-admin-token";
 pub struct ControlPlane {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// The discovery listener data planes stream from.
+    pub discovery: SocketAddr,
     pub process: Process,
     pub database: TestDatabase,
 }
@@ -23,9 +25,17 @@ impl ControlPlane {
     /// Starts `sluice-cp` with `extra` arguments and waits until it answers.
     pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
         let database = TestDatabase::create().await?;
-        let (http, grpc) = (free_addr(), free_addr());
-        let (http_arg, grpc_arg) = (http.to_string(), grpc.to_string());
-        let mut args = vec!["--http-addr", &http_arg, "--grpc-addr", &grpc_arg];
+        let (http, grpc, discovery) = (free_addr(), free_addr(), free_addr());
+        let (http_arg, grpc_arg, discovery_arg) =
+            (http.to_string(), grpc.to_string(), discovery.to_string());
+        let mut args = vec![
+            "--http-addr",
+            &http_arg,
+            "--grpc-addr",
+            &grpc_arg,
+            "--discovery-addr",
+            &discovery_arg,
+        ];
         args.extend_from_slice(extra);
         let mut process = Process::start(
             "sluice-cp",
@@ -39,6 +49,7 @@ impl ControlPlane {
         Ok(Self {
             http,
             grpc,
+            discovery,
             process,
             database,
         })
@@ -51,5 +62,10 @@ impl ControlPlane {
 
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// `http://<discovery addr>`, for `sluice-dp --control-plane`.
+    pub fn discovery_url(&self) -> String {
+        format!("http://{}", self.discovery)
     }
 }

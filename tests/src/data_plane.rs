@@ -47,6 +47,38 @@ impl DataPlane {
         })
     }
 
+    /// Starts a node in control-plane mode: its configuration streamed from `control_plane`
+    /// (a discovery URL) for `group`. Returns once the node is ready (a config applied).
+    pub fn start_from_control_plane(
+        control_plane: &str,
+        group: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (addr, admin) = (free_addr(), free_addr());
+        let (addr_arg, admin_arg) = (addr.to_string(), admin.to_string());
+        let mut all = vec![
+            "--control-plane",
+            control_plane,
+            "--group",
+            group,
+            "--listen",
+            &addr_arg,
+            "--admin-listen",
+            &admin_arg,
+        ];
+        all.extend_from_slice(args);
+        let mut process = Process::start("sluice-dp", &all, &[])?;
+        process.wait_ready(admin, "/readyz", Duration::from_secs(20))?;
+        Ok(Self {
+            process,
+            addr,
+            admin,
+            config_path: dir.path().join("unused"),
+            _dir: dir,
+        })
+    }
+
     /// `http://ADDR{path}` on the client listener.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)

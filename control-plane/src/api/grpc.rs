@@ -583,7 +583,7 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::ListDataPlanesResponse>, Status> {
         self.caller(&request, Role::Viewer).await?;
         Err(Status::unimplemented(
-            "data-plane status is recorded by the discovery server, which this control plane does not run yet",
+            "data-plane status is not recorded yet: the discovery server streams configuration but keeps no node status",
         ))
     }
 

@@ -8,8 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_control_plane::api::auth::Authenticator;
 use sluice_control_plane::api::{grpc, rest};
-use sluice_control_plane::db;
 use sluice_control_plane::registry::{DEFAULT_RETENTION, Registry};
+use sluice_control_plane::{db, discovery};
+use sluice_proto::pb;
 
 /// The Sluice control plane: keeps the registry in Postgres, versions every change and serves
 /// the admin API over REST and gRPC.
@@ -27,6 +28,12 @@ struct Cli {
     /// gRPC listener (registry admin API, reflection, health).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7090")]
     grpc_addr: SocketAddr,
+    /// Discovery listener: data planes stream their configuration from here (gRPC).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7091")]
+    discovery_addr: SocketAddr,
+    /// Commits within this window are pushed to data planes together.
+    #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = humantime::parse_duration)]
+    push_coalesce: Duration,
     /// Bootstrap admin token: an admin credential that needs no database row. Use it to create
     /// the first stored tokens.
     #[arg(
@@ -96,7 +103,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::bind(cli.grpc_addr)
         .await
         .with_context(|| format!("cannot listen on {} (gRPC)", cli.grpc_addr))?;
-    tracing::info!(rest = %cli.http_addr, grpc = %cli.grpc_addr, "admin API listening");
+    let discovery_listener = tokio::net::TcpListener::bind(cli.discovery_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (discovery)", cli.discovery_addr))?;
+    tracing::info!(rest = %cli.http_addr, grpc = %cli.grpc_addr, discovery = %cli.discovery_addr, "listening");
 
     let shutdown = shutdown_signal();
     let rest_server = axum::serve(
@@ -107,10 +117,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }),
     )
     .with_graceful_shutdown(shutdown.clone().wait());
+    let commits = discovery::watch_commits(&registry);
+    let discovery_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(pb::discovery_server::DiscoveryServer::new(
+            discovery::DiscoveryService::new(registry.clone(), commits, cli.push_coalesce),
+        ))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(discovery_listener),
+            shutdown.clone().wait(),
+        );
     let grpc_server = grpc::serve(grpc_listener, registry, auth, shutdown.wait());
     tokio::try_join!(
         async { rest_server.await.context("REST listener failed") },
         async { grpc_server.await.context("gRPC listener failed") },
+        async { discovery_server.await.context("discovery listener failed") },
     )?;
     Ok(())
 }

@@ -71,6 +71,7 @@ async fn config(State(state): State<AdminState>) -> Response {
     };
     let source = match &config.source {
         Source::File(path) => json!({ "kind": "file", "path": path.display().to_string() }),
+        Source::ControlPlane { version } => json!({ "kind": "control_plane", "version": version }),
     };
     let c = &config.counts;
     Json(json!({

@@ -27,6 +27,8 @@ use crate::upstream::Upstream;
 pub enum Source {
     /// A declarative file (standalone mode).
     File(PathBuf),
+    /// A control plane's discovery stream: the config version it sent.
+    ControlPlane { version: u64 },
 }
 
 /// How many resources of each kind a configuration has (for `/config`).
@@ -118,6 +120,20 @@ impl CompiledConfig {
         previous: Option<&CompiledConfig>,
         metrics: &Metrics,
     ) -> Result<Self, ConfigErrors> {
+        Self::compile_snapshot(snapshot::from_config(resources), source, previous, metrics)
+    }
+
+    /// Compiles a validated discovery snapshot (its packed API keys are for the access
+    /// issue's authentication, not used yet).
+    pub fn compile_snapshot(
+        snapshot: pb::Snapshot,
+        source: Source,
+        previous: Option<&CompiledConfig>,
+        metrics: &Metrics,
+    ) -> Result<Self, ConfigErrors> {
+        let content_hash = snapshot::content_hash(&snapshot);
+        let packed_keys = snapshot.api_keys.len();
+        let resources = snapshot.resources.unwrap_or_default();
         let mut errors = Vec::new();
         let mut upstreams = HashMap::new();
         for (i, upstream) in resources.upstreams.iter().enumerate() {
@@ -157,8 +173,8 @@ impl CompiledConfig {
         }
         let router = Router::compile(&resources.apis, &|id| upstreams.get(id).cloned(), metrics)
             .map_err(|e| ConfigErrors::single("apis", e.to_string()))?;
-        let counts = Counts::of(&resources);
-        let content_hash = snapshot::content_hash(&snapshot::from_config(resources));
+        let mut counts = Counts::of(&resources);
+        counts.credentials += packed_keys;
         Ok(Self {
             source,
             content_hash,

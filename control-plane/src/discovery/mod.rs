@@ -1,0 +1,247 @@
+//! The discovery server: data planes open one stream each, say who they are (`Hello`), and
+//! receive their group's configuration, then every new one as versions commit.
+//!
+//! Built so far: full snapshots (deltas come next), pushed when the group's content hash
+//! changes, with commits close together coalesced into one push; ACK/NACK read and logged;
+//! heartbeats both ways. Commits are learnt from Postgres `LISTEN` on the channel the commit
+//! path notifies, so a commit on any replica reaches the nodes of every replica, with a
+//! periodic re-check as the catch-up for a missed notification or a lost connection. Node
+//! status in Postgres is not built yet.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use sluice_proto::pb::{self, discovery_request::Kind as RequestKind, discovery_response::Payload};
+use sqlx::postgres::PgListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::registry::{NOTIFY_CHANNEL, Registry};
+
+/// Commits within this window after the first are pushed together.
+pub const DEFAULT_COALESCE: Duration = Duration::from_millis(50);
+/// Interval of the server's heartbeats.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A stream with nothing from its node for this long is closed.
+const NODE_SILENCE: Duration = Duration::from_secs(15);
+/// How often the head is re-checked without a notification (a missed one, or a lost
+/// connection to Postgres).
+const CATCH_UP: Duration = Duration::from_secs(5);
+/// Responses queued per stream before the session waits for the node to read.
+const OUTBOUND: usize = 4;
+
+/// The Discovery gRPC service.
+#[derive(Debug, Clone)]
+pub struct DiscoveryService {
+    registry: Registry,
+    /// Bumped on every commit this replica hears of.
+    commits: watch::Receiver<u64>,
+    coalesce: Duration,
+}
+
+impl DiscoveryService {
+    pub fn new(registry: Registry, commits: watch::Receiver<u64>, coalesce: Duration) -> Self {
+        DiscoveryService {
+            registry,
+            commits,
+            coalesce,
+        }
+    }
+}
+
+/// Listens for commits (Postgres `LISTEN`) and publishes a counter that moves on each one,
+/// and at least every few seconds as a catch-up. Reconnects on its own; never returns.
+pub fn watch_commits(registry: &Registry) -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(0u64);
+    let pool = registry.pool().clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut listener = match PgListener::connect_with(&pool).await {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for commits; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen(NOTIFY_CHANNEL).await {
+                tracing::warn!(error = %e, "cannot listen for commits; retrying");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            backoff = Duration::from_millis(100);
+            // Whatever was missed while not listening.
+            tx.send_modify(|n| *n += 1);
+            loop {
+                match tokio::time::timeout(CATCH_UP, listener.recv()).await {
+                    Ok(Ok(_)) | Err(_) => tx.send_modify(|n| *n += 1),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "lost the commit listener; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::discovery_server::Discovery for DiscoveryService {
+    type StreamConfigStream = ResponseStream;
+
+    async fn stream_config(
+        &self,
+        request: Request<Streaming<pb::DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(NODE_SILENCE, inbound.message()).await {
+            Ok(Ok(Some(pb::DiscoveryRequest {
+                kind: Some(RequestKind::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
+        };
+        let node = hello
+            .node
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("Hello.node is required"))?;
+        if node.id.is_empty() {
+            return Err(Status::invalid_argument("Hello.node.id is required"));
+        }
+        sluice_proto::validate::check_name(&node.group)
+            .map_err(|e| Status::invalid_argument(format!("Hello.node.group: {e}")))?;
+        if node.protocol_version != pb::ProtocolVersion::Current as u32 {
+            return Err(Status::failed_precondition(format!(
+                "this control plane speaks discovery protocol {}, the node {}",
+                pb::ProtocolVersion::Current as u32,
+                node.protocol_version
+            )));
+        }
+        let (tx, rx) = mpsc::channel(OUTBOUND);
+        let session = Session {
+            registry: self.registry.clone(),
+            commits: self.commits.clone(),
+            coalesce: self.coalesce,
+            node,
+            peer,
+            tx,
+            nonce: 0,
+        };
+        tokio::spawn(session.run(hello, inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One node's stream.
+struct Session {
+    registry: Registry,
+    commits: watch::Receiver<u64>,
+    coalesce: Duration,
+    node: pb::Node,
+    peer: Option<SocketAddr>,
+    tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
+    nonce: u64,
+}
+
+impl Session {
+    async fn run(mut self, hello: pb::Hello, mut inbound: Streaming<pb::DiscoveryRequest>) {
+        tracing::info!(node = %self.node.id, group = %self.node.group, peer = ?self.peer, version = hello.current_version, "data plane connected");
+        // What the node runs: nothing is sent while the group's content is the same.
+        let mut running_hash = hello.current_hash;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = tokio::time::Instant::now();
+        self.commits.mark_changed();
+        loop {
+            tokio::select! {
+                changed = self.commits.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Let a burst of commits settle into one push.
+                    tokio::time::sleep(self.coalesce).await;
+                    self.commits.mark_unchanged();
+                    match self.registry.snapshot(&self.node.group).await {
+                        Ok(current) if current.content_hash != running_hash => {
+                            let response = self.response(
+                                current.version,
+                                current.content_hash.clone(),
+                                Payload::Snapshot(current.snapshot),
+                            );
+                            if self.tx.send(Ok(response)).await.is_err() {
+                                return;
+                            }
+                            running_hash = current.content_hash;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(node = %self.node.id, error = %e, "cannot read the group's snapshot"),
+                    }
+                }
+                message = inbound.message() => {
+                    last_heard = tokio::time::Instant::now();
+                    match message {
+                        Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Ack(ack)) })) => {
+                            tracing::info!(node = %self.node.id, version = ack.version, nonce = %ack.nonce, "config applied");
+                        }
+                        Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Nack(nack)) })) => {
+                            tracing::warn!(node = %self.node.id, version = nack.version, nonce = %nack.nonce, message = %nack.message, errors = nack.errors.len(), "config refused; the node keeps its previous one");
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => {
+                            tracing::info!(node = %self.node.id, "data plane disconnected");
+                            return;
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > NODE_SILENCE {
+                        tracing::warn!(node = %self.node.id, "data plane silent; closing its stream");
+                        let _ = self.tx.send(Err(Status::deadline_exceeded("no heartbeat from the node"))).await;
+                        return;
+                    }
+                    let beat = self.response(0, String::new(), Payload::Heartbeat(heartbeat_now()));
+                    if self.tx.send(Ok(beat)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn response(
+        &mut self,
+        version: u64,
+        content_hash: String,
+        payload: Payload,
+    ) -> pb::DiscoveryResponse {
+        self.nonce += 1;
+        pb::DiscoveryResponse {
+            version,
+            content_hash,
+            nonce: self.nonce.to_string(),
+            payload: Some(payload),
+        }
+    }
+}
+
+fn heartbeat_now() -> pb::Heartbeat {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    pb::Heartbeat {
+        sent_at: Some(prost_types::Timestamp {
+            seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        }),
+    }
+}

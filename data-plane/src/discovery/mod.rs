@@ -1,0 +1,215 @@
+//! The discovery client: the node's configuration from a control plane's stream instead of a
+//! file. Each snapshot goes through the same validate-compile-swap path as a file, off the
+//! request path; the node ACKs what it applied and NACKs (keeping its config) what it could
+//! not, with an error per resource. Lost streams are reopened, trying every control-plane
+//! address in turn, with exponential backoff and jitter.
+//!
+//! Built so far: full snapshots, heartbeats, reconnects. Deltas and the on-disk copy for
+//! starting without a control plane are not built yet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use sluice_proto::pb::{self, discovery_request::Kind as RequestKind, discovery_response::Payload};
+use sluice_proto::{ConfigErrors, snapshot};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::config::{CompiledConfig, ConfigStore, Source};
+use crate::telemetry::Metrics;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A stream with nothing from the control plane for this long is reopened.
+const SILENCE: Duration = Duration::from_secs(15);
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Largest response accepted: a snapshot of a million API keys is about 100 MB.
+const MAX_RESPONSE_BYTES: usize = 512 * 1024 * 1024;
+
+/// Who this node is, and where its control planes are.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// `http://host:port` of each control plane's discovery listener.
+    pub endpoints: Vec<String>,
+    pub node: pb::Node,
+}
+
+/// Streams configuration from the control planes until the process ends.
+pub async fn run(settings: ClientSettings, store: Arc<ConfigStore>, metrics: Arc<Metrics>) {
+    let mut failures: u32 = 0;
+    loop {
+        for endpoint in &settings.endpoints {
+            match session(endpoint, &settings.node, &store, &metrics).await {
+                Ok(applied) => {
+                    if applied {
+                        failures = 0;
+                    }
+                    tracing::info!(control_plane = %endpoint, "discovery stream ended");
+                }
+                Err(e) => {
+                    tracing::warn!(control_plane = %endpoint, error = %e, "discovery stream failed")
+                }
+            }
+        }
+        failures = failures.saturating_add(1);
+        // Full jitter: a fleet that lost its control plane does not come back in step.
+        let cap = BACKOFF_BASE
+            .saturating_mul(2u32.saturating_pow(failures.min(16)))
+            .min(BACKOFF_CAP);
+        let pause = rand::thread_rng().gen_range(Duration::ZERO..=cap);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One stream to one control plane. Returns whether anything was applied on it.
+async fn session(
+    endpoint: &str,
+    node: &pb::Node,
+    store: &Arc<ConfigStore>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<bool> {
+    let channel = Endpoint::from_shared(endpoint.to_owned())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let mut client = pb::discovery_client::DiscoveryClient::new(channel)
+        .max_decoding_message_size(MAX_RESPONSE_BYTES);
+    let (tx, rx) = mpsc::channel(8);
+    let running = store.current();
+    let hello = pb::Hello {
+        node: Some(node.clone()),
+        current_version: running.as_ref().map_or(0, |c| match c.source {
+            Source::ControlPlane { version } => version,
+            Source::File(_) => 0,
+        }),
+        current_hash: running
+            .as_ref()
+            .map(|c| c.content_hash.clone())
+            .unwrap_or_default(),
+    };
+    tx.send(request(RequestKind::Hello(hello))).await?;
+    let mut inbound = client
+        .stream_config(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tracing::info!(control_plane = %endpoint, "discovery stream open");
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut applied = false;
+    loop {
+        let message = tokio::select! {
+            message = tokio::time::timeout(SILENCE, inbound.message()) => message,
+            _ = heartbeat.tick() => {
+                tx.send(request(RequestKind::Heartbeat(pb::Heartbeat { sent_at: None }))).await?;
+                continue;
+            }
+        };
+        let response = match message {
+            Err(_) => anyhow::bail!("the control plane was silent for {SILENCE:?}"),
+            Ok(Err(status)) => return Err(status.into()),
+            Ok(Ok(None)) => return Ok(applied),
+            Ok(Ok(Some(response))) => response,
+        };
+        let (nonce, version, hash) = (
+            response.nonce.clone(),
+            response.version,
+            response.content_hash.clone(),
+        );
+        let reply = match response.payload {
+            Some(Payload::Snapshot(snapshot)) => {
+                match apply(snapshot, version, &hash, store, metrics).await {
+                    Ok(()) => {
+                        applied = true;
+                        RequestKind::Ack(pb::Ack {
+                            nonce,
+                            version,
+                            content_hash: hash,
+                        })
+                    }
+                    Err(errors) => {
+                        tracing::warn!(version, errors = %errors, "configuration refused; the previous one keeps serving");
+                        metrics.config_rejections.inc();
+                        nack(nonce, store, &errors)
+                    }
+                }
+            }
+            Some(Payload::Delta(_)) => nack(
+                nonce,
+                store,
+                &ConfigErrors::single("", "this node does not apply deltas yet; send a snapshot"),
+            ),
+            Some(Payload::Heartbeat(_)) | None => continue,
+        };
+        tx.send(request(reply)).await?;
+    }
+}
+
+/// Validates, compiles and swaps in a snapshot, off the request path.
+async fn apply(
+    snapshot: pb::Snapshot,
+    version: u64,
+    expected_hash: &str,
+    store: &Arc<ConfigStore>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), ConfigErrors> {
+    let (store_, metrics_) = (store.clone(), metrics.clone());
+    let expected_hash = expected_hash.to_owned();
+    let compiled = tokio::task::spawn_blocking(move || {
+        snapshot::validate(&snapshot)?;
+        let previous = store_.current();
+        let compiled = CompiledConfig::compile_snapshot(
+            snapshot,
+            Source::ControlPlane { version },
+            previous.as_deref(),
+            &metrics_,
+        )?;
+        if compiled.content_hash != expected_hash {
+            return Err(ConfigErrors::single(
+                "",
+                format!(
+                    "the snapshot hashes to {}, not to the {} it was sent with",
+                    compiled.content_hash, expected_hash
+                ),
+            ));
+        }
+        Ok(compiled)
+    })
+    .await
+    .map_err(|e| ConfigErrors::single("", format!("applying failed: {e}")))??;
+    tracing::info!(version, content_hash = %compiled.content_hash, "configuration applied");
+    store.apply(compiled);
+    metrics.config_swaps.inc();
+    metrics
+        .config_version
+        .set(i64::try_from(version).unwrap_or(i64::MAX));
+    Ok(())
+}
+
+fn nack(nonce: String, store: &ConfigStore, errors: &ConfigErrors) -> RequestKind {
+    let version = store.current().map_or(0, |c| match c.source {
+        Source::ControlPlane { version } => version,
+        Source::File(_) => 0,
+    });
+    RequestKind::Nack(pb::Nack {
+        nonce,
+        version,
+        errors: errors
+            .0
+            .iter()
+            .map(|e| pb::ResourceError {
+                resource: e.resource.clone(),
+                path: e.path.clone(),
+                reason: e.reason.clone(),
+            })
+            .collect(),
+        message: errors.to_string(),
+    })
+}
+
+fn request(kind: RequestKind) -> pb::DiscoveryRequest {
+    pb::DiscoveryRequest { kind: Some(kind) }
+}
