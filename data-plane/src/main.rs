@@ -48,6 +48,10 @@ struct Args {
         default_value = "default"
     )]
     group: String,
+    /// Control-plane mode: keep each applied configuration in this file (atomically, with a
+    /// checksum), and start from it when no control plane answers.
+    #[arg(long, value_name = "FILE", env = "SLUICE_DP_CACHE_FILE")]
+    cache_file: Option<PathBuf>,
     /// This node's id, stable across restarts; default: a new UUID at each start.
     #[arg(long, value_name = "ID", env = "SLUICE_DP_NODE_ID")]
     node_id: Option<String>,
@@ -167,14 +171,13 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
             labels: Default::default(),
             address: args.listen.to_string(),
         };
-        tokio::spawn(discovery::run(
-            discovery::ClientSettings {
-                endpoints: args.control_plane.clone(),
-                node,
-            },
-            store.clone(),
-            metrics.clone(),
-        ));
+        let settings = discovery::ClientSettings {
+            endpoints: args.control_plane.clone(),
+            node,
+            cache: args.cache_file.clone(),
+        };
+        discovery::start_from_cache(&settings, &store, &metrics).await;
+        tokio::spawn(discovery::run(settings, store.clone(), metrics.clone()));
     }
     {
         let metrics = metrics.clone();

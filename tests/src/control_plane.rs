@@ -18,13 +18,27 @@ pub struct ControlPlane {
     /// The discovery listener data planes stream from.
     pub discovery: SocketAddr,
     pub process: Process,
-    pub database: TestDatabase,
+    /// The registry's database URL.
+    pub database_url: String,
+    /// Owned by the first replica only: dropped (after the process) when it is.
+    _database: Option<TestDatabase>,
 }
 
 impl ControlPlane {
     /// Starts `sluice-cp` with `extra` arguments and waits until it answers.
     pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
         let database = TestDatabase::create().await?;
+        let url = database.url.clone();
+        Self::start_on(&url, Some(database), extra)
+    }
+
+    /// Another replica on this one's registry database, with ports of its own. This one must
+    /// outlive it (it owns the database).
+    pub fn replica(&self, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on(&self.database_url, None, extra)
+    }
+
+    fn start_on(url: &str, database: Option<TestDatabase>, extra: &[&str]) -> anyhow::Result<Self> {
         let (http, grpc, discovery) = (free_addr(), free_addr(), free_addr());
         let (http_arg, grpc_arg, discovery_arg) =
             (http.to_string(), grpc.to_string(), discovery.to_string());
@@ -40,10 +54,7 @@ impl ControlPlane {
         let mut process = Process::start(
             "sluice-cp",
             &args,
-            &[
-                ("DATABASE_URL", &database.url),
-                ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN),
-            ],
+            &[("DATABASE_URL", url), ("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)],
         )?;
         process.wait_ready(http, "/healthz", Duration::from_secs(30))?;
         Ok(Self {
@@ -51,7 +62,8 @@ impl ControlPlane {
             grpc,
             discovery,
             process,
-            database,
+            database_url: url.to_owned(),
+            _database: database,
         })
     }
 

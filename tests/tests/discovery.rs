@@ -113,3 +113,108 @@ async fn nodes_serve_their_groups_config_follow_commits_and_refuse_what_they_can
     assert_eq!(config(&node).await?["source"]["version"], v2);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_commit_on_one_replica_reaches_nodes_of_another() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("app").await?;
+    let a = ControlPlane::start(&[]).await?;
+    let b = a.replica(&[])?;
+    apply(&a, &document(&backend, "", "")).await?;
+    let on_b = DataPlane::start_from_control_plane(&b.discovery_url(), "default", &[])?;
+    assert_eq!(status(&on_b, "/app/x").await?, 200);
+    let ping = "      - { name: ping, path: /ping, direct_response: { status: 200 } }\n";
+    let committed = Instant::now();
+    let version = apply(&a, &document(&backend, ping, "")).await?;
+    while status(&on_b, "/ping").await? != 200 {
+        assert!(
+            committed.elapsed() < Duration::from_secs(2),
+            "a commit on replica A never reached a node of replica B"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(config(&on_b).await?["source"]["version"], version);
+    drop(on_b);
+    drop(b);
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_a_control_plane_nodes_keep_serving_and_restart_from_their_cache()
+-> anyhow::Result<()> {
+    let backend = EchoBackend::start("app").await?;
+    let cp = ControlPlane::start(&[]).await?;
+    apply(&cp, &document(&backend, "", "")).await?;
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("config.cache").display().to_string();
+    let node = DataPlane::start_from_control_plane(
+        &cp.discovery_url(),
+        "default",
+        &["--cache-file", &cache],
+    )?;
+    let discovery = cp.discovery_url();
+    // Steady traffic while the control plane goes away: not one request fails.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let url = node.url("/app/orders");
+    let traffic = tokio::spawn(async move {
+        let (mut sent, mut failed) = (0, 0);
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            sent += 1;
+            match client.get(&url).send().await {
+                Ok(response) if response.status() == 200 => {}
+                _ => failed += 1,
+            }
+        }
+        (sent, failed)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(cp);
+    let (sent, failed) = traffic.await?;
+    assert!(sent > 50, "only {sent} requests");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+
+    // A node started now, with no control plane to answer, serves from the cache.
+    let started = Instant::now();
+    let restarted =
+        DataPlane::start_from_control_plane(&discovery, "default", &["--cache-file", &cache])?;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "ready after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status(&restarted, "/app/orders").await?, 200);
+    // A node with neither a control plane nor a cache is not ready.
+    drop(node);
+    let empty = dir.path().join("none.cache").display().to_string();
+    let admin = sluice_tests::ports::free_addr();
+    let _bare = sluice_tests::process::Process::start(
+        "sluice-dp",
+        &[
+            "--control-plane",
+            &discovery,
+            "--cache-file",
+            &empty,
+            "--listen",
+            &sluice_tests::ports::free_addr().to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ],
+        &[],
+    )?;
+    let mut answered = false;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let probe = tokio::task::spawn_blocking(move || {
+            sluice_tests::http::get(admin, "/readyz", Duration::from_secs(1))
+        })
+        .await?;
+        if let Ok((code, _)) = probe {
+            answered = true;
+            assert_eq!(code, 503, "a node with no configuration must not be ready");
+        }
+    }
+    assert!(answered, "the bare node's admin listener never answered");
+    Ok(())
+}

@@ -4,9 +4,14 @@
 //! not, with an error per resource. Lost streams are reopened, trying every control-plane
 //! address in turn, with exponential backoff and jitter.
 //!
-//! Built so far: full snapshots, heartbeats, reconnects. Deltas and the on-disk copy for
-//! starting without a control plane are not built yet.
+//! With a cache file, every applied snapshot is also written to disk ([`cache`]), and a node
+//! starts from it before any control plane answers (static stability).
+//!
+//! Built so far: full snapshots, heartbeats, reconnects, the cache. Deltas are not built yet.
 
+pub mod cache;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +40,44 @@ pub struct ClientSettings {
     /// `http://host:port` of each control plane's discovery listener.
     pub endpoints: Vec<String>,
     pub node: pb::Node,
+    /// Where the last applied snapshot is kept, if anywhere.
+    pub cache: Option<PathBuf>,
+}
+
+/// Applies the cached copy, if there is a usable one: the node is then ready before any
+/// control plane answers. A damaged or unusable copy is logged and skipped.
+pub async fn start_from_cache(
+    settings: &ClientSettings,
+    store: &Arc<ConfigStore>,
+    metrics: &Arc<Metrics>,
+) {
+    let Some(path) = &settings.cache else { return };
+    let cached = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || cache::load(&path)).await
+    };
+    let response = match cached {
+        Ok(Ok(Some(response))) => response,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the cached configuration cannot be used");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the cached configuration failed");
+            return;
+        }
+    };
+    let (version, hash) = (response.version, response.content_hash.clone());
+    let Some(Payload::Snapshot(snapshot)) = response.payload else {
+        return;
+    };
+    match apply(snapshot, version, &hash, store, metrics, None).await {
+        Ok(()) => {
+            tracing::info!(version, path = %path.display(), "serving the cached configuration until a control plane answers")
+        }
+        Err(errors) => tracing::warn!(errors = %errors, "the cached configuration does not apply"),
+    }
 }
 
 /// Streams configuration from the control planes until the process ends.
@@ -42,7 +85,7 @@ pub async fn run(settings: ClientSettings, store: Arc<ConfigStore>, metrics: Arc
     let mut failures: u32 = 0;
     loop {
         for endpoint in &settings.endpoints {
-            match session(endpoint, &settings.node, &store, &metrics).await {
+            match session(endpoint, &settings, &store, &metrics).await {
                 Ok(applied) => {
                     if applied {
                         failures = 0;
@@ -67,10 +110,11 @@ pub async fn run(settings: ClientSettings, store: Arc<ConfigStore>, metrics: Arc
 /// One stream to one control plane. Returns whether anything was applied on it.
 async fn session(
     endpoint: &str,
-    node: &pb::Node,
+    settings: &ClientSettings,
     store: &Arc<ConfigStore>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<bool> {
+    let node = &settings.node;
     let channel = Endpoint::from_shared(endpoint.to_owned())?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -121,7 +165,16 @@ async fn session(
         );
         let reply = match response.payload {
             Some(Payload::Snapshot(snapshot)) => {
-                match apply(snapshot, version, &hash, store, metrics).await {
+                match apply(
+                    snapshot,
+                    version,
+                    &hash,
+                    store,
+                    metrics,
+                    settings.cache.clone(),
+                )
+                .await
+                {
                     Ok(()) => {
                         applied = true;
                         RequestKind::Ack(pb::Ack {
@@ -148,18 +201,31 @@ async fn session(
     }
 }
 
-/// Validates, compiles and swaps in a snapshot, off the request path.
+/// Validates, compiles and swaps in a snapshot, off the request path; then, when `cache` is
+/// set, keeps it on disk.
 async fn apply(
     snapshot: pb::Snapshot,
     version: u64,
     expected_hash: &str,
     store: &Arc<ConfigStore>,
     metrics: &Arc<Metrics>,
+    cache: Option<PathBuf>,
 ) -> Result<(), ConfigErrors> {
     let (store_, metrics_) = (store.clone(), metrics.clone());
     let expected_hash = expected_hash.to_owned();
     let compiled = tokio::task::spawn_blocking(move || {
         snapshot::validate(&snapshot)?;
+        // Encoded before compiling consumes the snapshot; written only once it applies.
+        let response = pb::DiscoveryResponse {
+            version,
+            content_hash: expected_hash.clone(),
+            nonce: String::new(),
+            payload: Some(Payload::Snapshot(snapshot)),
+        };
+        let encoded = cache.as_ref().map(|_| prost::Message::encode_to_vec(&response));
+        let Some(Payload::Snapshot(snapshot)) = response.payload else {
+            unreachable!("built with a snapshot just above")
+        };
         let previous = store_.current();
         let compiled = CompiledConfig::compile_snapshot(
             snapshot,
@@ -175,6 +241,12 @@ async fn apply(
                     compiled.content_hash, expected_hash
                 ),
             ));
+        }
+        if let (Some(path), Some(encoded)) = (&cache, &encoded)
+            && let Err(e) = cache::store(path, encoded)
+        {
+            // Serving goes on; only a restart without a control plane would miss it.
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the configuration cache");
         }
         Ok(compiled)
     })
