@@ -48,6 +48,37 @@ async fn status(node: &DataPlane, path: &str) -> anyhow::Result<u16> {
         .as_u16())
 }
 
+/// `GET /v1/dataplanes` on a control plane.
+async fn dataplanes(cp: &ControlPlane) -> anyhow::Result<Vec<Value>> {
+    let body: Value = reqwest::Client::new()
+        .get(cp.url("/v1/dataplanes"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(body["items"].as_array().cloned().unwrap_or_default())
+}
+
+/// Polls `GET /v1/dataplanes` until `node`'s status satisfies `test`, for up to 2 s.
+async fn status_of(
+    cp: &ControlPlane,
+    node: &str,
+    test: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let found = dataplanes(cp).await?.into_iter().find(|n| n["id"] == node);
+        if let Some(status) = &found
+            && test(status)
+        {
+            return Ok(status.clone());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "status never matched: {found:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn config(node: &DataPlane) -> anyhow::Result<Value> {
     Ok(reqwest::get(format!("http://{}/config", node.admin))
         .await?
@@ -62,8 +93,18 @@ async fn nodes_serve_their_groups_config_follow_commits_and_refuse_what_they_can
     let cp = ControlPlane::start(&[]).await?;
     let v1 = apply(&cp, &document(&backend, "", "")).await?;
 
-    let node = DataPlane::start_from_control_plane(&cp.discovery_url(), "default", &[])?;
+    let node = DataPlane::start_from_control_plane(
+        &cp.discovery_url(),
+        "default",
+        &["--node-id", "edge-1"],
+    )?;
     assert_eq!(status(&node, "/app/orders").await?, 200);
+    let recorded = status_of(&cp, "edge-1", |s| s["applied_version"] == v1).await?;
+    assert_eq!(recorded["group"], "default", "{recorded}");
+    assert_eq!(recorded["stale"], false, "{recorded}");
+    assert_eq!(recorded["versions_behind"], 0, "{recorded}");
+    assert_eq!(recorded["connected_replica"], cp.discovery.to_string());
+    assert!(recorded["last_ack_at"].is_string(), "{recorded}");
     assert_eq!(
         status(&node, "/only-staging").await?,
         404,
@@ -111,6 +152,29 @@ async fn nodes_serve_their_groups_config_follow_commits_and_refuse_what_they_can
     }
     assert_eq!(status(&node, "/ping").await?, 200);
     assert_eq!(config(&node).await?["source"]["version"], v2);
+    // The refusal and its detail show in the node's status, and the node counts as behind.
+    let refused = status_of(&cp, "edge-1", |s| !s["last_nack"].is_null()).await?;
+    let errors = refused["last_nack"]["errors"].as_array().unwrap();
+    assert!(
+        errors.iter().any(|e| e["path"] == "certificates[0]"
+            && e["reason"].as_str().unwrap_or_default().contains("key_pem")),
+        "{refused}"
+    );
+    assert_eq!(refused["applied_version"], v2, "{refused}");
+    assert_eq!(refused["versions_behind"], 1, "{refused}");
+    // And in `sluicectl status`.
+    let output = std::process::Command::new(sluice_tests::process::binary("sluicectl")?)
+        .args(["--server", &cp.url(""), "--token", ADMIN_TOKEN, "status"])
+        .env("HOME", "/nonexistent")
+        .env_remove("SLUICE_SERVER")
+        .env_remove("SLUICE_TOKEN")
+        .output()?;
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{table}");
+    assert!(
+        table.contains("edge-1") && table.contains("key_pem"),
+        "{table}"
+    );
     Ok(())
 }
 
@@ -120,7 +184,8 @@ async fn a_commit_on_one_replica_reaches_nodes_of_another() -> anyhow::Result<()
     let a = ControlPlane::start(&[]).await?;
     let b = a.replica(&[])?;
     apply(&a, &document(&backend, "", "")).await?;
-    let on_b = DataPlane::start_from_control_plane(&b.discovery_url(), "default", &[])?;
+    let on_b =
+        DataPlane::start_from_control_plane(&b.discovery_url(), "default", &["--node-id", "on-b"])?;
     assert_eq!(status(&on_b, "/app/x").await?, 200);
     let ping = "      - { name: ping, path: /ping, direct_response: { status: 200 } }\n";
     let committed = Instant::now();
@@ -133,6 +198,11 @@ async fn a_commit_on_one_replica_reaches_nodes_of_another() -> anyhow::Result<()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(config(&on_b).await?["source"]["version"], version);
+    // Both replicas report the same status: it lives in the shared registry.
+    let via_a = status_of(&a, "on-b", |s| s["applied_version"] == version).await?;
+    let via_b = status_of(&b, "on-b", |s| s["applied_version"] == version).await?;
+    assert_eq!(via_a["connected_replica"], b.discovery.to_string());
+    assert_eq!(via_a["applied_hash"], via_b["applied_hash"]);
     drop(on_b);
     drop(b);
     Ok(())

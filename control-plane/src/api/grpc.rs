@@ -582,9 +582,14 @@ impl registry_server::Registry for RegistryService {
         request: Request<pb::ListDataPlanesRequest>,
     ) -> Result<Response<pb::ListDataPlanesResponse>, Status> {
         self.caller(&request, Role::Viewer).await?;
-        Err(Status::unimplemented(
-            "data-plane status is not recorded yet: the discovery server streams configuration but keeps no node status",
-        ))
+        let group = request.into_inner().group;
+        let nodes = crate::discovery::status::list(
+            self.registry.pool(),
+            (!group.is_empty()).then_some(group.as_str()),
+        )
+        .await
+        .map_err(|e| Status::internal(format!("cannot read data-plane status: {e}")))?;
+        Ok(Response::new(pb::ListDataPlanesResponse { nodes }))
     }
 
     async fn list_tokens(

@@ -31,6 +31,9 @@ struct Cli {
     /// Discovery listener: data planes stream their configuration from here (gRPC).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7091")]
     discovery_addr: SocketAddr,
+    /// This replica's name in data-plane status; default: the discovery address.
+    #[arg(long, value_name = "NAME", env = "SLUICE_CP_REPLICA")]
+    replica_name: Option<String>,
     /// Commits within this window are pushed to data planes together.
     #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = humantime::parse_duration)]
     push_coalesce: Duration,
@@ -121,7 +124,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let discovery_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(pb::discovery_server::DiscoveryServer::new(
-            discovery::DiscoveryService::new(registry.clone(), commits, cli.push_coalesce),
+            discovery::DiscoveryService::new(
+                registry.clone(),
+                commits,
+                cli.push_coalesce,
+                cli.replica_name
+                    .clone()
+                    .unwrap_or_else(|| cli.discovery_addr.to_string()),
+            ),
         ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(discovery_listener),

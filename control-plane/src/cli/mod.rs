@@ -123,6 +123,12 @@ enum Online {
         #[command(subcommand)]
         what: ImportWhat,
     },
+    /// Data-plane status: what each node runs, when it was last heard from, what it refused.
+    Status {
+        /// Only this group's nodes.
+        #[arg(long)]
+        group: Option<String>,
+    },
     /// The history: list, show, diff and roll back versions.
     Versions {
         #[command(subcommand)]
@@ -487,6 +493,13 @@ async fn run(cli: Cli) -> Result<String, CliError> {
             Ok(ctx.show(&reply.body, Shape::Changes))
         }
         Online::Versions { action } => ctx.versions(action).await,
+        Online::Status { group } => {
+            ctx.get(
+                &format!("/v1/dataplanes{}", query(&[("group", group)])),
+                Shape::DataPlanes,
+            )
+            .await
+        }
         Online::Tokens { action } => ctx.tokens(action).await,
     }
 }

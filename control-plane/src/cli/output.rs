@@ -24,6 +24,8 @@ pub enum Shape {
     Changes,
     /// `{items: [token...]}`.
     Tokens,
+    /// `{items: [data-plane status...]}`.
+    DataPlanes,
     /// Anything else: shown as YAML.
     Other,
 }
@@ -75,6 +77,40 @@ fn table(value: &Value, shape: Shape) -> String {
             table.to_string()
         }
         Shape::Resource => serde_yaml_ng::to_string(value).unwrap_or_default(),
+        Shape::DataPlanes => {
+            let mut table = new_table(&[
+                "NODE",
+                "GROUP",
+                "REPLICA",
+                "VERSION",
+                "BEHIND",
+                "LAST SEEN",
+                "STALE",
+                "LAST NACK",
+            ]);
+            for item in items(value) {
+                let nack = if item["last_nack"].is_null() {
+                    String::new()
+                } else {
+                    format!(
+                        "{} at {}",
+                        text(&item["last_nack"]["message"]),
+                        text(&item["last_nack_at"])
+                    )
+                };
+                table.add_row([
+                    text(&item["id"]),
+                    text(&item["group"]),
+                    text(&item["connected_replica"]),
+                    text(&item["applied_version"]),
+                    text(&item["versions_behind"]),
+                    text(&item["last_seen"]),
+                    text(&item["stale"]),
+                    nack,
+                ]);
+            }
+            table.to_string()
+        }
         Shape::Versions => {
             let mut table = new_table(&["VERSION", "CREATED", "ACTOR", "CHANGES", "MESSAGE"]);
             for item in items(value) {

@@ -5,8 +5,10 @@
 //! changes, with commits close together coalesced into one push; ACK/NACK read and logged;
 //! heartbeats both ways. Commits are learnt from Postgres `LISTEN` on the channel the commit
 //! path notifies, so a commit on any replica reaches the nodes of every replica, with a
-//! periodic re-check as the catch-up for a missed notification or a lost connection. Node
-//! status in Postgres is not built yet.
+//! periodic re-check as the catch-up for a missed notification or a lost connection. Each
+//! node's status is kept in Postgres ([`status`]), so any replica can report it.
+
+pub mod status;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -40,14 +42,22 @@ pub struct DiscoveryService {
     /// Bumped on every commit this replica hears of.
     commits: watch::Receiver<u64>,
     coalesce: Duration,
+    /// This replica's name in node status.
+    replica: String,
 }
 
 impl DiscoveryService {
-    pub fn new(registry: Registry, commits: watch::Receiver<u64>, coalesce: Duration) -> Self {
+    pub fn new(
+        registry: Registry,
+        commits: watch::Receiver<u64>,
+        coalesce: Duration,
+        replica: String,
+    ) -> Self {
         DiscoveryService {
             registry,
             commits,
             coalesce,
+            replica,
         }
     }
 }
@@ -121,17 +131,25 @@ impl pb::discovery_server::Discovery for DiscoveryService {
         sluice_proto::validate::check_name(&node.group)
             .map_err(|e| Status::invalid_argument(format!("Hello.node.group: {e}")))?;
         if node.protocol_version != pb::ProtocolVersion::Current as u32 {
-            return Err(Status::failed_precondition(format!(
+            let reason = format!(
                 "this control plane speaks discovery protocol {}, the node {}",
                 pb::ProtocolVersion::Current as u32,
                 node.protocol_version
-            )));
+            );
+            if let Err(e) = status::refused(self.registry.pool(), &node, &reason).await {
+                tracing::warn!(node = %node.id, error = %e, "cannot record node status");
+            }
+            return Err(Status::failed_precondition(reason));
         }
+        status::connected(self.registry.pool(), &node, &self.replica, &hello)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot record node status: {e}")))?;
         let (tx, rx) = mpsc::channel(OUTBOUND);
         let session = Session {
             registry: self.registry.clone(),
             commits: self.commits.clone(),
             coalesce: self.coalesce,
+            replica: self.replica.clone(),
             node,
             peer,
             tx,
@@ -147,6 +165,7 @@ struct Session {
     registry: Registry,
     commits: watch::Receiver<u64>,
     coalesce: Duration,
+    replica: String,
     node: pb::Node,
     peer: Option<SocketAddr>,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
@@ -154,7 +173,19 @@ struct Session {
 }
 
 impl Session {
-    async fn run(mut self, hello: pb::Hello, mut inbound: Streaming<pb::DiscoveryRequest>) {
+    async fn run(self, hello: pb::Hello, inbound: Streaming<pb::DiscoveryRequest>) {
+        let (pool, id, replica) = (
+            self.registry.pool().clone(),
+            self.node.id.clone(),
+            self.replica.clone(),
+        );
+        self.serve(hello, inbound).await;
+        if let Err(e) = status::disconnected(&pool, &id, &replica).await {
+            tracing::warn!(node = %id, error = %e, "cannot record node status");
+        }
+    }
+
+    async fn serve(mut self, hello: pb::Hello, mut inbound: Streaming<pb::DiscoveryRequest>) {
         tracing::info!(node = %self.node.id, group = %self.node.group, peer = ?self.peer, version = hello.current_version, "data plane connected");
         // What the node runs: nothing is sent while the group's content is the same.
         let mut running_hash = hello.current_hash;
@@ -189,18 +220,24 @@ impl Session {
                 }
                 message = inbound.message() => {
                     last_heard = tokio::time::Instant::now();
-                    match message {
+                    let pool = self.registry.pool();
+                    let recorded = match message {
                         Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Ack(ack)) })) => {
                             tracing::info!(node = %self.node.id, version = ack.version, nonce = %ack.nonce, "config applied");
+                            status::acked(pool, &self.node.id, &ack).await
                         }
                         Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Nack(nack)) })) => {
                             tracing::warn!(node = %self.node.id, version = nack.version, nonce = %nack.nonce, message = %nack.message, errors = nack.errors.len(), "config refused; the node keeps its previous one");
+                            status::nacked(pool, &self.node.id, &nack).await
                         }
-                        Ok(Some(_)) => {}
+                        Ok(Some(_)) => status::seen(pool, &self.node.id).await,
                         Ok(None) | Err(_) => {
                             tracing::info!(node = %self.node.id, "data plane disconnected");
                             return;
                         }
+                    };
+                    if let Err(e) = recorded {
+                        tracing::warn!(node = %self.node.id, error = %e, "cannot record node status");
                     }
                 }
                 _ = heartbeat.tick() => {

@@ -233,6 +233,16 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ),
     ep(
         "get",
+        "/v1/dataplanes",
+        "Data-plane status (every node, or one group's): what each runs, when it was last heard from, what it last refused.",
+        VIEW,
+        Body::None,
+        Body::Json,
+        200,
+        &["group"],
+    ),
+    ep(
+        "get",
         "/v1/versions",
         "List versions, newest first.",
         VIEW,

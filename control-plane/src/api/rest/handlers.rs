@@ -685,6 +685,23 @@ pub(super) async fn list_versions(
     Ok(axum::Json(json!({ "items": versions, "next": next })).into_response())
 }
 
+pub(super) async fn list_dataplanes(
+    State(s): State<AppState>,
+    caller: Caller,
+    params: Params,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let args = QueryArgs::new(params, &["group"])?;
+    let nodes = crate::discovery::status::list(s.registry.pool(), args.text("group"))
+        .await
+        .map_err(|e| ApiError::Internal(format!("cannot read data-plane status: {e}")))?;
+    let items: Vec<Value> = nodes
+        .iter()
+        .map(crate::discovery::status::to_json)
+        .collect();
+    Ok(axum::Json(json!({ "items": items })).into_response())
+}
+
 fn version_number(text: &str) -> Result<u64, ApiError> {
     text.parse()
         .map_err(|_| ApiError::BadRequest(format!("{text:?} is not a version number")))

@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/export", get(export))
         .route("/v1/versions", get(list_versions))
+        .route("/v1/dataplanes", get(list_dataplanes))
         .route("/v1/versions/{number}", get(get_version))
         .route("/v1/versions/{from}/diff/{to}", get(diff_versions))
         .route("/v1/versions/{number}/rollback", post(rollback))
