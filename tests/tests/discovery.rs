@@ -288,3 +288,40 @@ async fn without_a_control_plane_nodes_keep_serving_and_restart_from_their_cache
     assert!(answered, "the bare node's admin listener never answered");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_speaking_another_protocol_is_refused_and_the_reason_recorded() -> anyhow::Result<()>
+{
+    use sluice_proto::pb;
+    let cp = ControlPlane::start(&[]).await?;
+    let mut client = pb::discovery_client::DiscoveryClient::connect(cp.discovery_url()).await?;
+    let hello = pb::DiscoveryRequest {
+        kind: Some(pb::discovery_request::Kind::Hello(pb::Hello {
+            node: Some(pb::Node {
+                id: "from-the-future".into(),
+                group: "default".into(),
+                build_version: "9.0.0".into(),
+                protocol_version: 99,
+                ..Default::default()
+            }),
+            current_version: 0,
+            current_hash: String::new(),
+        })),
+    };
+    let refused = client
+        .stream_config(tokio_stream::iter([hello]))
+        .await
+        .expect_err("a node with protocol 99 must be refused");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(refused.message().contains("protocol"), "{refused}");
+    let status = status_of(&cp, "from-the-future", |s| s["refused_reason"] != "").await?;
+    assert!(
+        status["refused_reason"]
+            .as_str()
+            .unwrap()
+            .contains("speaks discovery protocol 1"),
+        "{status}"
+    );
+    assert_eq!(status["build_version"], "9.0.0");
+    Ok(())
+}
