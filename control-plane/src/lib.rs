@@ -9,6 +9,7 @@ pub mod cli;
 pub mod db;
 pub mod discovery;
 pub mod import;
+pub mod metrics;
 pub mod registry;
 pub mod snapshot;
 pub mod versions;

@@ -152,6 +152,21 @@ async fn nodes_serve_their_groups_config_follow_commits_and_refuse_what_they_can
     }
     assert_eq!(status(&node, "/ping").await?, 200);
     assert_eq!(config(&node).await?["source"]["version"], v2);
+    // The control plane's metrics: the commit-to-ACK time of each ACK, and its nodes.
+    let metrics = reqwest::get(cp.url("/metrics")).await?.text().await?;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(
+        value("sluice_cp_commit_to_ack_seconds_count") >= 2.0,
+        "{metrics}"
+    );
+    assert_eq!(value("sluice_cp_connected_data_planes"), 2.0, "{metrics}");
     // The refusal and its detail show in the node's status, and the node counts as behind.
     let refused = status_of(&cp, "edge-1", |s| !s["last_nack"].is_null()).await?;
     let errors = refused["last_nack"]["errors"].as_array().unwrap();

@@ -98,6 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     let registry = Registry::new(pool.clone(), cli.version_retention);
+    let metrics = std::sync::Arc::new(sluice_control_plane::metrics::Metrics::default());
     let auth = Authenticator::new(pool, cli.admin_token.as_deref());
 
     let http = tokio::net::TcpListener::bind(cli.http_addr)
@@ -117,6 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         rest::router(rest::AppState {
             registry: registry.clone(),
             auth: auth.clone(),
+            metrics: metrics.clone(),
         }),
     )
     .with_graceful_shutdown(shutdown.clone().wait());
@@ -131,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cli.replica_name
                     .clone()
                     .unwrap_or_else(|| cli.discovery_addr.to_string()),
+                metrics.clone(),
             ),
         ))
         .serve_with_incoming_shutdown(

@@ -21,6 +21,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 use crate::registry::{NOTIFY_CHANNEL, Registry};
 
 /// Commits within this window after the first are pushed together.
@@ -44,6 +47,7 @@ pub struct DiscoveryService {
     coalesce: Duration,
     /// This replica's name in node status.
     replica: String,
+    metrics: Arc<Metrics>,
 }
 
 impl DiscoveryService {
@@ -52,12 +56,14 @@ impl DiscoveryService {
         commits: watch::Receiver<u64>,
         coalesce: Duration,
         replica: String,
+        metrics: Arc<Metrics>,
     ) -> Self {
         DiscoveryService {
             registry,
             commits,
             coalesce,
             replica,
+            metrics,
         }
     }
 }
@@ -150,6 +156,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             commits: self.commits.clone(),
             coalesce: self.coalesce,
             replica: self.replica.clone(),
+            metrics: self.metrics.clone(),
             node,
             peer,
             tx,
@@ -166,6 +173,7 @@ struct Session {
     commits: watch::Receiver<u64>,
     coalesce: Duration,
     replica: String,
+    metrics: Arc<Metrics>,
     node: pb::Node,
     peer: Option<SocketAddr>,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
@@ -174,12 +182,15 @@ struct Session {
 
 impl Session {
     async fn run(self, hello: pb::Hello, inbound: Streaming<pb::DiscoveryRequest>) {
-        let (pool, id, replica) = (
+        let (pool, id, replica, metrics) = (
             self.registry.pool().clone(),
             self.node.id.clone(),
             self.replica.clone(),
+            self.metrics.clone(),
         );
+        metrics.connected_nodes.inc();
         self.serve(hello, inbound).await;
+        metrics.connected_nodes.dec();
         if let Err(e) = status::disconnected(&pool, &id, &replica).await {
             tracing::warn!(node = %id, error = %e, "cannot record node status");
         }
@@ -224,6 +235,9 @@ impl Session {
                     let recorded = match message {
                         Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Ack(ack)) })) => {
                             tracing::info!(node = %self.node.id, version = ack.version, nonce = %ack.nonce, "config applied");
+                            if let Ok(Some(seconds)) = status::since_commit(pool, ack.version).await {
+                                self.metrics.commit_to_ack.observe(seconds);
+                            }
                             status::acked(pool, &self.node.id, &ack).await
                         }
                         Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Nack(nack)) })) => {

@@ -79,6 +79,17 @@ pub async fn nacked(pool: &PgPool, id: &str, nack: &pb::Nack) -> sqlx::Result<()
     .map(drop)
 }
 
+/// Seconds since `version` was committed, if its record is still kept.
+pub async fn since_commit(pool: &PgPool, version: u64) -> sqlx::Result<Option<f64>> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM clock_timestamp() - created_at)::float8 FROM versions \
+         WHERE number = $1",
+    )
+    .bind(i64::try_from(version).unwrap_or(i64::MAX))
+    .fetch_optional(pool)
+    .await
+}
+
 pub async fn seen(pool: &PgPool, id: &str) -> sqlx::Result<()> {
     sqlx::query("UPDATE dataplanes SET last_seen = now() WHERE id = $1")
         .bind(id)

@@ -93,6 +93,16 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ),
     ep(
         "get",
+        "/metrics",
+        "Prometheus metrics (OpenMetrics text): commit-to-ACK time, connected data planes.",
+        None,
+        Body::None,
+        Body::Text,
+        200,
+        &[],
+    ),
+    ep(
+        "get",
         "/v1/openapi.json",
         "This document.",
         None,

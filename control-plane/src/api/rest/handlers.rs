@@ -685,6 +685,18 @@ pub(super) async fn list_versions(
     Ok(axum::Json(json!({ "items": versions, "next": next })).into_response())
 }
 
+/// Prometheus metrics; no token needed, like `/healthz` (keep the listener private).
+pub(super) async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
 pub(super) async fn list_dataplanes(
     State(s): State<AppState>,
     caller: Caller,

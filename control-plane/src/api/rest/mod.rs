@@ -29,6 +29,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct AppState {
     pub registry: Registry,
     pub auth: Authenticator,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -57,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/export", get(export))
         .route("/v1/versions", get(list_versions))
