@@ -44,4 +44,5 @@ bench: services
 	service_env=$$(bash scripts/services.sh); eval "$$service_env"; \
 	tools_env=$$(bash scripts/bench-tools.sh); eval "$$tools_env"; \
 	$(CARGO) run --release --locked -p sluice-bench --bin registry; \
-	$(CARGO) run --release --locked -p sluice-bench --bin proxy
+	$(CARGO) run --release --locked -p sluice-bench --bin proxy; \
+	$(CARGO) run --release --locked -p sluice-bench --bin propagation

@@ -11,11 +11,13 @@ use anyhow::{Context, bail};
 /// Where cargo put the workspace's binaries: next to the `deps/` folder this test runs from.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
+    // A test runs from target/<profile>/deps/, a benchmark program from target/<profile>/.
     let dir = exe
         .ancestors()
         .find(|dir| dir.file_name().is_some_and(|n| n == "deps"))
         .and_then(Path::parent)
-        .context("the test binary is not in a cargo target folder")?;
+        .or_else(|| exe.parent())
+        .context("the program is not in a cargo target folder")?;
     let path = dir.join(name);
     if !path.exists() {
         bail!(

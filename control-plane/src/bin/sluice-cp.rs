@@ -34,7 +34,8 @@ struct Cli {
     /// This replica's name in data-plane status; default: the discovery address.
     #[arg(long, value_name = "NAME", env = "SLUICE_CP_REPLICA")]
     replica_name: Option<String>,
-    /// Commits within this window are pushed to data planes together.
+    /// The least time between two pushes to a data plane: a commit after a quiet spell is
+    /// pushed at once, later ones within the window wait for its end and go out together.
     #[arg(long, value_name = "DURATION", default_value = "50ms", value_parser = humantime::parse_duration)]
     push_coalesce: Duration,
     /// Bootstrap admin token: an admin credential that needs no database row. Use it to create

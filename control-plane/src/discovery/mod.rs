@@ -2,7 +2,7 @@
 //! receive their group's configuration, then every new one as versions commit.
 //!
 //! Built so far: full snapshots (deltas come next), pushed when the group's content hash
-//! changes, with commits close together coalesced into one push; ACK/NACK read and logged;
+//! changes, with commits close together coalesced into one push; ACK/NACK recorded;
 //! heartbeats both ways. Commits are learnt from Postgres `LISTEN` on the channel the commit
 //! path notifies, so a commit on any replica reaches the nodes of every replica, with a
 //! periodic re-check as the catch-up for a missed notification or a lost connection. Each
@@ -23,10 +23,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use crate::metrics::Metrics;
 use crate::registry::{NOTIFY_CHANNEL, Registry};
+use crate::snapshot::GroupSnapshot;
 
-/// Commits within this window after the first are pushed together.
+/// The least time between two pushes to one node (commits in between go out together).
 pub const DEFAULT_COALESCE: Duration = Duration::from_millis(50);
 /// Interval of the server's heartbeats.
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -48,6 +51,7 @@ pub struct DiscoveryService {
     /// This replica's name in node status.
     replica: String,
     metrics: Arc<Metrics>,
+    snapshots: Arc<SnapshotCache>,
 }
 
 impl DiscoveryService {
@@ -64,6 +68,7 @@ impl DiscoveryService {
             coalesce,
             replica,
             metrics,
+            snapshots: Arc::default(),
         }
     }
 }
@@ -157,6 +162,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             coalesce: self.coalesce,
             replica: self.replica.clone(),
             metrics: self.metrics.clone(),
+            snapshots: self.snapshots.clone(),
             node,
             peer,
             tx,
@@ -167,6 +173,35 @@ impl pb::discovery_server::Discovery for DiscoveryService {
     }
 }
 
+/// The latest snapshot of each group, shared by every stream of this replica, so a commit
+/// reads each group's state once rather than once per node.
+#[derive(Debug, Default)]
+pub struct SnapshotCache {
+    /// group → (the commit counter it was read at, the snapshot).
+    groups: tokio::sync::Mutex<HashMap<String, (u64, Arc<GroupSnapshot>)>>,
+}
+
+impl SnapshotCache {
+    /// The group's snapshot as of commit counter `seen` or later. One reader computes it
+    /// while the others wait for it (the lock), so a push to many nodes reads it once.
+    async fn get(
+        &self,
+        registry: &Registry,
+        group: &str,
+        seen: u64,
+    ) -> Result<Arc<GroupSnapshot>, crate::registry::RegistryError> {
+        let mut groups = self.groups.lock().await;
+        if let Some((at, snapshot)) = groups.get(group)
+            && *at >= seen
+        {
+            return Ok(snapshot.clone());
+        }
+        let snapshot = Arc::new(registry.snapshot(group).await?);
+        groups.insert(group.to_owned(), (seen, snapshot.clone()));
+        Ok(snapshot)
+    }
+}
+
 /// One node's stream.
 struct Session {
     registry: Registry,
@@ -174,6 +209,7 @@ struct Session {
     coalesce: Duration,
     replica: String,
     metrics: Arc<Metrics>,
+    snapshots: Arc<SnapshotCache>,
     node: pb::Node,
     peer: Option<SocketAddr>,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
@@ -203,6 +239,7 @@ impl Session {
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = tokio::time::Instant::now();
+        let mut last_push: Option<tokio::time::Instant> = None;
         self.commits.mark_changed();
         loop {
             tokio::select! {
@@ -210,20 +247,25 @@ impl Session {
                     if changed.is_err() {
                         return;
                     }
-                    // Let a burst of commits settle into one push.
-                    tokio::time::sleep(self.coalesce).await;
+                    // The first commit after a quiet spell is pushed at once; later ones wait
+                    // out the window since the last push, so a burst becomes one push.
+                    if let Some(last) = last_push {
+                        tokio::time::sleep_until(last + self.coalesce).await;
+                    }
                     self.commits.mark_unchanged();
-                    match self.registry.snapshot(&self.node.group).await {
+                    let seen = *self.commits.borrow();
+                    match self.snapshots.get(&self.registry, &self.node.group, seen).await {
                         Ok(current) if current.content_hash != running_hash => {
                             let response = self.response(
                                 current.version,
                                 current.content_hash.clone(),
-                                Payload::Snapshot(current.snapshot),
+                                Payload::Snapshot(current.snapshot.clone()),
                             );
                             if self.tx.send(Ok(response)).await.is_err() {
                                 return;
                             }
-                            running_hash = current.content_hash;
+                            last_push = Some(tokio::time::Instant::now());
+                            running_hash = current.content_hash.clone();
                         }
                         Ok(_) => {}
                         Err(e) => tracing::warn!(node = %self.node.id, error = %e, "cannot read the group's snapshot"),
