@@ -93,3 +93,31 @@ pub fn report(name: &str, rows: &[Row]) -> anyhow::Result<PathBuf> {
     println!("written: {}", path.display());
     Ok(path)
 }
+
+/// Builds the workspace binaries of `packages` with this program's profile (release under
+/// `make bench`), so the programs a benchmark starts are as optimised as the benchmark. They
+/// land next to this program's own binary.
+pub async fn build_binaries(what: &str, packages: &[&str]) -> anyhow::Result<()> {
+    let profile = if cfg!(debug_assertions) {
+        "dev"
+    } else {
+        "release"
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut args = vec!["build", "--profile", profile];
+    for package in packages {
+        args.extend(["-p", package]);
+    }
+    args.push("--bins");
+    eprintln!("{what}: building: cargo {}", args.join(" "));
+    let status = tokio::process::Command::new(&cargo)
+        .args(&args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot run cargo: {e}"))?;
+    anyhow::ensure!(status.success(), "cargo build failed ({status})");
+    Ok(())
+}

@@ -24,27 +24,8 @@ impl DataPlane {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("sluice.yaml");
         std::fs::write(&config_path, config)?;
-        let (addr, admin) = (free_addr(), free_addr());
-        let (addr_arg, admin_arg) = (addr.to_string(), admin.to_string());
         let path_arg = config_path.display().to_string();
-        let mut all = vec![
-            "--config",
-            &path_arg,
-            "--listen",
-            &addr_arg,
-            "--admin-listen",
-            &admin_arg,
-        ];
-        all.extend_from_slice(args);
-        let mut process = Process::start("sluice-dp", &all, &[])?;
-        process.wait_ready(admin, "/readyz", Duration::from_secs(20))?;
-        Ok(Self {
-            process,
-            addr,
-            admin,
-            config_path,
-            _dir: dir,
-        })
+        Self::launch(dir, config_path, &["--config", &path_arg], args)
     }
 
     /// Starts a node in control-plane mode: its configuration streamed from `control_plane`
@@ -55,18 +36,26 @@ impl DataPlane {
         args: &[&str],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let unused = dir.path().join("unused");
+        Self::launch(
+            dir,
+            unused,
+            &["--control-plane", control_plane, "--group", group],
+            args,
+        )
+    }
+
+    /// Starts `sluice-dp` with `source` arguments, its own ports and `args`, until ready.
+    fn launch(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        source: &[&str],
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let (addr, admin) = (free_addr(), free_addr());
         let (addr_arg, admin_arg) = (addr.to_string(), admin.to_string());
-        let mut all = vec![
-            "--control-plane",
-            control_plane,
-            "--group",
-            group,
-            "--listen",
-            &addr_arg,
-            "--admin-listen",
-            &admin_arg,
-        ];
+        let mut all = source.to_vec();
+        all.extend(["--listen", &addr_arg, "--admin-listen", &admin_arg]);
         all.extend_from_slice(args);
         let mut process = Process::start("sluice-dp", &all, &[])?;
         process.wait_ready(admin, "/readyz", Duration::from_secs(20))?;
@@ -74,7 +63,7 @@ impl DataPlane {
             process,
             addr,
             admin,
-            config_path: dir.path().join("unused"),
+            config_path,
             _dir: dir,
         })
     }

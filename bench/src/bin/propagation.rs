@@ -4,7 +4,6 @@
 //! the commit (the apply call's answer) until every node has ACKed it, as the control plane's
 //! `GET /v1/dataplanes` reports, polled every 2 ms. Goal: p99 ≤ 100 ms.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -73,42 +72,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-async fn build_binaries() -> anyhow::Result<()> {
-    let profile = if cfg!(debug_assertions) {
-        "dev"
-    } else {
-        "release"
-    };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let args = [
-        "build",
-        "--profile",
-        profile,
-        "-p",
-        "sluice-control-plane",
-        "-p",
-        "sluice-data-plane",
-        "--bins",
-    ];
-    eprintln!("propagation: building: cargo {}", args.join(" "));
-    let status = tokio::process::Command::new(&cargo)
-        .args(args)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .stdin(Stdio::null())
-        .status()
-        .await
-        .context("cannot run cargo")?;
-    if !status.success() {
-        bail!("cargo build failed ({status})");
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let nodes = setting("SLUICE_BENCH_NODES", 50);
     let commits = setting("SLUICE_BENCH_COMMITS", 100);
-    build_binaries().await?;
+    sluice_bench::build_binaries(
+        "propagation",
+        &["sluice-control-plane", "sluice-data-plane"],
+    )
+    .await?;
     let cp = ControlPlane::start(&[]).await?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))

@@ -190,33 +190,7 @@ fn tools() -> anyhow::Result<Tools> {
 /// Builds `sluice-dp` with this program's profile (release under `make bench`) and returns its
 /// path, next to this program's own binary.
 async fn build_sluice_dp() -> anyhow::Result<PathBuf> {
-    let profile = if cfg!(debug_assertions) {
-        "dev"
-    } else {
-        "release"
-    };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let args = [
-        "build",
-        "--profile",
-        profile,
-        "-p",
-        "sluice-data-plane",
-        "--bin",
-        "sluice-dp",
-    ];
-    eprintln!("proxy: building sluice-dp: cargo {}", args.join(" "));
-    let status = tokio::process::Command::new(&cargo)
-        .args(args)
-        .current_dir(workspace_root())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .status()
-        .await
-        .context("cannot run cargo")?;
-    if !status.success() {
-        bail!("cargo build of sluice-dp failed ({status})");
-    }
+    sluice_bench::build_binaries("proxy", &["sluice-data-plane"]).await?;
     let exe = std::env::current_exe()?;
     let path = exe
         .parent()
