@@ -80,4 +80,35 @@ impl ControlPlane {
     pub fn discovery_url(&self) -> String {
         format!("http://{}", self.discovery)
     }
+
+    /// Applies a whole declarative YAML document as the admin; returns the new version.
+    pub async fn apply(&self, document: &str) -> anyhow::Result<u64> {
+        let response = reqwest::Client::new()
+            .post(self.url("/v1/apply"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/yaml")
+            .body(document.to_owned())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        anyhow::ensure!(status == 200, "apply answered {status}: {body}");
+        body["version"]["number"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no version in {body}"))
+    }
+
+    /// `GET /v1/dataplanes`: every node's status.
+    pub async fn dataplanes(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let body: serde_json::Value = reqwest::Client::new()
+            .get(self.url("/v1/dataplanes"))
+            .bearer_auth(ADMIN_TOKEN)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(body["items"].as_array().cloned().unwrap_or_default())
+    }
 }

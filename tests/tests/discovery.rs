@@ -9,24 +9,6 @@ use sluice_tests::control_plane::{ADMIN_TOKEN, ControlPlane};
 use sluice_tests::data_plane::DataPlane;
 use sluice_tests::pki::{Leaf, TestCa};
 
-/// Applies a whole declarative document to the registry; returns the new version's number.
-async fn apply(cp: &ControlPlane, document: &str) -> anyhow::Result<u64> {
-    let response = reqwest::Client::new()
-        .post(cp.url("/v1/apply"))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "application/yaml")
-        .body(document.to_owned())
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await?;
-    let status = response.status();
-    let body: Value = response.json().await?;
-    anyhow::ensure!(status == 200, "apply answered {status}: {body}");
-    body["version"]["number"]
-        .as_u64()
-        .ok_or_else(|| anyhow::anyhow!("no version in {body}"))
-}
-
 fn document(backend: &EchoBackend, extra_routes: &str, certificates: &str) -> String {
     format!(
         "format_version: 1\n\
@@ -48,18 +30,6 @@ async fn status(node: &DataPlane, path: &str) -> anyhow::Result<u16> {
         .as_u16())
 }
 
-/// `GET /v1/dataplanes` on a control plane.
-async fn dataplanes(cp: &ControlPlane) -> anyhow::Result<Vec<Value>> {
-    let body: Value = reqwest::Client::new()
-        .get(cp.url("/v1/dataplanes"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await?
-        .json()
-        .await?;
-    Ok(body["items"].as_array().cloned().unwrap_or_default())
-}
-
 /// Polls `GET /v1/dataplanes` until `node`'s status satisfies `test`, for up to 2 s.
 async fn status_of(
     cp: &ControlPlane,
@@ -68,7 +38,7 @@ async fn status_of(
 ) -> anyhow::Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let found = dataplanes(cp).await?.into_iter().find(|n| n["id"] == node);
+        let found = cp.dataplanes().await?.into_iter().find(|n| n["id"] == node);
         if let Some(status) = &found
             && test(status)
         {
@@ -91,7 +61,7 @@ async fn nodes_serve_their_groups_config_follow_commits_and_refuse_what_they_can
 -> anyhow::Result<()> {
     let backend = EchoBackend::start("app").await?;
     let cp = ControlPlane::start(&[]).await?;
-    let v1 = apply(&cp, &document(&backend, "", "")).await?;
+    let v1 = cp.apply(&document(&backend, "", "")).await?;
 
     let node = DataPlane::start_from_control_plane(
         &cp.discovery_url(),
@@ -121,7 +91,7 @@ async fn nodes_serve_their_groups_config_follow_commits_and_refuse_what_they_can
     let ping =
         "      - { name: ping, path: /ping, direct_response: { status: 200, body: pong } }\n";
     let committed = Instant::now();
-    let v2 = apply(&cp, &document(&backend, ping, "")).await?;
+    let v2 = cp.apply(&document(&backend, ping, "")).await?;
     while status(&node, "/ping").await? != 200 {
         assert!(
             committed.elapsed() < Duration::from_secs(2),
@@ -141,7 +111,7 @@ async fn nodes_serve_their_groups_config_follow_commits_and_refuse_what_they_can
         Leaf::yaml_block(&two.key_pem, 6),
     );
     let rejections = node.metric("sluice_config_rejections_total", "").await?;
-    apply(&cp, &document(&backend, ping, &mismatched)).await?;
+    cp.apply(&document(&backend, ping, &mismatched)).await?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while node.metric("sluice_config_rejections_total", "").await? <= rejections {
         assert!(
@@ -198,13 +168,13 @@ async fn a_commit_on_one_replica_reaches_nodes_of_another() -> anyhow::Result<()
     let backend = EchoBackend::start("app").await?;
     let a = ControlPlane::start(&[]).await?;
     let b = a.replica(&[])?;
-    apply(&a, &document(&backend, "", "")).await?;
+    a.apply(&document(&backend, "", "")).await?;
     let on_b =
         DataPlane::start_from_control_plane(&b.discovery_url(), "default", &["--node-id", "on-b"])?;
     assert_eq!(status(&on_b, "/app/x").await?, 200);
     let ping = "      - { name: ping, path: /ping, direct_response: { status: 200 } }\n";
     let committed = Instant::now();
-    let version = apply(&a, &document(&backend, ping, "")).await?;
+    let version = a.apply(&document(&backend, ping, "")).await?;
     while status(&on_b, "/ping").await? != 200 {
         assert!(
             committed.elapsed() < Duration::from_secs(2),
@@ -228,7 +198,7 @@ async fn without_a_control_plane_nodes_keep_serving_and_restart_from_their_cache
 -> anyhow::Result<()> {
     let backend = EchoBackend::start("app").await?;
     let cp = ControlPlane::start(&[]).await?;
-    apply(&cp, &document(&backend, "", "")).await?;
+    cp.apply(&document(&backend, "", "")).await?;
     let dir = tempfile::tempdir()?;
     let cache = dir.path().join("config.cache").display().to_string();
     let node = DataPlane::start_from_control_plane(

@@ -6,10 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use serde_json::Value;
+use anyhow::bail;
 use sluice_bench::{Row, report};
-use sluice_tests::control_plane::{ADMIN_TOKEN, ControlPlane};
+use sluice_tests::control_plane::ControlPlane;
 use sluice_tests::data_plane::DataPlane;
 
 const COMMAND: &str = "make bench (cargo run --release -p sluice-bench --bin propagation)";
@@ -29,42 +28,14 @@ fn document(round: usize) -> String {
     )
 }
 
-async fn apply(client: &reqwest::Client, cp: &ControlPlane, round: usize) -> anyhow::Result<u64> {
-    let response = client
-        .post(cp.url("/v1/apply"))
-        .bearer_auth(ADMIN_TOKEN)
-        .header("content-type", "application/yaml")
-        .body(document(round))
-        .send()
-        .await?;
-    let status = response.status();
-    let body: Value = response.json().await?;
-    if status != 200 {
-        bail!("apply answered {status}: {body}");
-    }
-    body["version"]["number"]
-        .as_u64()
-        .context("the apply answer has no version")
-}
-
 /// Nodes that have applied `version` or a later one.
-async fn acked(client: &reqwest::Client, cp: &ControlPlane, version: u64) -> anyhow::Result<usize> {
-    let body: Value = client
-        .get(cp.url("/v1/dataplanes"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+async fn acked(cp: &ControlPlane, version: u64) -> anyhow::Result<usize> {
+    Ok(cp
+        .dataplanes()
         .await?
-        .json()
-        .await?;
-    Ok(body["items"]
-        .as_array()
-        .map(|nodes| {
-            nodes
-                .iter()
-                .filter(|n| n["applied_version"].as_u64().is_some_and(|v| v >= version))
-                .count()
-        })
-        .unwrap_or(0))
+        .iter()
+        .filter(|n| n["applied_version"].as_u64().is_some_and(|v| v >= version))
+        .count())
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -82,10 +53,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let cp = ControlPlane::start(&[]).await?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
-    apply(&client, &cp, 0).await?;
+    cp.apply(&document(0)).await?;
     eprintln!("propagation: starting {nodes} data planes");
     let mut fleet = Vec::with_capacity(nodes);
     for i in 0..nodes {
@@ -101,10 +69,10 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut times = Vec::with_capacity(commits);
     for round in 1..=commits {
-        let version = apply(&client, &cp, round).await?;
+        let version = cp.apply(&document(round)).await?;
         let committed = Instant::now();
         let deadline = committed + Duration::from_secs(10);
-        while acked(&client, &cp, version).await? < nodes {
+        while acked(&cp, version).await? < nodes {
             if Instant::now() > deadline {
                 bail!("version {version} was not ACKed by every node within 10 s");
             }

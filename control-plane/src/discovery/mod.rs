@@ -157,12 +157,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             .map_err(|e| Status::unavailable(format!("cannot record node status: {e}")))?;
         let (tx, rx) = mpsc::channel(OUTBOUND);
         let session = Session {
-            registry: self.registry.clone(),
-            commits: self.commits.clone(),
-            coalesce: self.coalesce,
-            replica: self.replica.clone(),
-            metrics: self.metrics.clone(),
-            snapshots: self.snapshots.clone(),
+            service: self.clone(),
             node,
             peer,
             tx,
@@ -204,12 +199,8 @@ impl SnapshotCache {
 
 /// One node's stream.
 struct Session {
-    registry: Registry,
-    commits: watch::Receiver<u64>,
-    coalesce: Duration,
-    replica: String,
-    metrics: Arc<Metrics>,
-    snapshots: Arc<SnapshotCache>,
+    /// The service's shared parts; its commit receiver is this stream's own copy.
+    service: DiscoveryService,
     node: pb::Node,
     peer: Option<SocketAddr>,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
@@ -219,10 +210,10 @@ struct Session {
 impl Session {
     async fn run(self, hello: pb::Hello, inbound: Streaming<pb::DiscoveryRequest>) {
         let (pool, id, replica, metrics) = (
-            self.registry.pool().clone(),
+            self.service.registry.pool().clone(),
             self.node.id.clone(),
-            self.replica.clone(),
-            self.metrics.clone(),
+            self.service.replica.clone(),
+            self.service.metrics.clone(),
         );
         metrics.connected_nodes.inc();
         self.serve(hello, inbound).await;
@@ -240,21 +231,21 @@ impl Session {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = tokio::time::Instant::now();
         let mut last_push: Option<tokio::time::Instant> = None;
-        self.commits.mark_changed();
+        self.service.commits.mark_changed();
         loop {
             tokio::select! {
-                changed = self.commits.changed() => {
+                changed = self.service.commits.changed() => {
                     if changed.is_err() {
                         return;
                     }
                     // The first commit after a quiet spell is pushed at once; later ones wait
                     // out the window since the last push, so a burst becomes one push.
                     if let Some(last) = last_push {
-                        tokio::time::sleep_until(last + self.coalesce).await;
+                        tokio::time::sleep_until(last + self.service.coalesce).await;
                     }
-                    self.commits.mark_unchanged();
-                    let seen = *self.commits.borrow();
-                    match self.snapshots.get(&self.registry, &self.node.group, seen).await {
+                    self.service.commits.mark_unchanged();
+                    let seen = *self.service.commits.borrow();
+                    match self.service.snapshots.get(&self.service.registry, &self.node.group, seen).await {
                         Ok(current) if current.content_hash != running_hash => {
                             let response = self.response(
                                 current.version,
@@ -273,12 +264,12 @@ impl Session {
                 }
                 message = inbound.message() => {
                     last_heard = tokio::time::Instant::now();
-                    let pool = self.registry.pool();
+                    let pool = self.service.registry.pool();
                     let recorded = match message {
                         Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Ack(ack)) })) => {
                             tracing::info!(node = %self.node.id, version = ack.version, nonce = %ack.nonce, "config applied");
                             if let Ok(Some(seconds)) = status::since_commit(pool, ack.version).await {
-                                self.metrics.commit_to_ack.observe(seconds);
+                                self.service.metrics.commit_to_ack.observe(seconds);
                             }
                             status::acked(pool, &self.node.id, &ack).await
                         }
