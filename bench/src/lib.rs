@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub mod large;
+
 use serde::Serialize;
 
 /// One measured figure, beside its peer (another system measured in the same run, or the
@@ -59,6 +61,12 @@ pub async fn timed<T>(f: impl Future<Output = T>) -> (T, Duration) {
     let start = Instant::now();
     let out = f.await;
     (out, start.elapsed())
+}
+
+/// The `p`th percentile (nearest rank) of an ascending, non-empty slice.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 pub fn ms(d: Duration) -> f64 {

@@ -38,6 +38,11 @@ impl ControlPlane {
         Self::start_on(&self.database_url, None, extra)
     }
 
+    /// A control plane on an existing registry database, which the caller owns.
+    pub fn on_database(url: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on(url, None, extra)
+    }
+
     fn start_on(url: &str, database: Option<TestDatabase>, extra: &[&str]) -> anyhow::Result<Self> {
         let (http, grpc, discovery) = (free_addr(), free_addr(), free_addr());
         let (http_arg, grpc_arg, discovery_arg) =
@@ -97,6 +102,20 @@ impl ControlPlane {
         body["version"]["number"]
             .as_u64()
             .ok_or_else(|| anyhow::anyhow!("no version in {body}"))
+    }
+
+    /// The sum of a metric's series whose labels contain `labels` ("" for all), from the
+    /// REST listener's `/metrics`.
+    pub async fn metric(&self, name: &str, labels: &str) -> anyhow::Result<f64> {
+        let text = reqwest::Client::new()
+            .get(self.url("/metrics"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(crate::http::metric_sum(&text, name, labels))
     }
 
     /// `GET /v1/dataplanes`: every node's status.

@@ -58,7 +58,8 @@ impl DataPlane {
         all.extend(["--listen", &addr_arg, "--admin-listen", &admin_arg]);
         all.extend_from_slice(args);
         let mut process = Process::start("sluice-dp", &all, &[])?;
-        process.wait_ready(admin, "/readyz", Duration::from_secs(20))?;
+        // Long enough for a first snapshot of a million keys (the scale benchmark).
+        process.wait_ready(admin, "/readyz", Duration::from_secs(60))?;
         Ok(Self {
             process,
             addr,
@@ -96,15 +97,6 @@ impl DataPlane {
             response.status()
         );
         let text = response.text().await?;
-        Ok(text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' '))
-            .filter(|(series, _)| {
-                let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-                metric == name && rest.contains(labels)
-            })
-            .filter_map(|(_, value)| value.parse::<f64>().ok())
-            .sum())
+        Ok(crate::http::metric_sum(&text, name, labels))
     }
 }

@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 GET for readiness checks and admin endpoints, with timeouts, so the
-//! harness needs no HTTP client of its own; and a raw WebSocket upgrade with an echo check.
+//! harness needs no HTTP client of its own; a raw WebSocket upgrade with an echo check; and
+//! reading a Prometheus exposition.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -56,4 +57,19 @@ pub fn websocket_echo(addr: SocketAddr, message: &[u8]) -> anyhow::Result<(Strin
     let mut echoed = vec![0u8; message.len()];
     stream.read_exact(&mut echoed)?;
     Ok((String::from_utf8_lossy(&head).into_owned(), echoed))
+}
+
+/// The sum of the series of metric `name` whose labels contain `labels` ("" for all) in a
+/// Prometheus text exposition.
+pub fn metric_sum(exposition: &str, name: &str, labels: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            metric == name && rest.contains(labels)
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
 }

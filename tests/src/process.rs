@@ -60,6 +60,11 @@ impl Process {
         })
     }
 
+    /// The operating system's id of the process.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until `GET path` on `addr` answers 200, failing with the process's log when it
     /// exits first or `timeout` passes.
     pub fn wait_ready(

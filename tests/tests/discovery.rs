@@ -123,20 +123,12 @@ async fn nodes_serve_their_groups_config_follow_commits_and_refuse_what_they_can
     assert_eq!(status(&node, "/ping").await?, 200);
     assert_eq!(config(&node).await?["source"]["version"], v2);
     // The control plane's metrics: the commit-to-ACK time of each ACK, and its nodes.
-    let metrics = reqwest::get(cp.url("/metrics")).await?.text().await?;
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(-1.0)
-    };
     assert!(
-        value("sluice_cp_commit_to_ack_seconds_count") >= 2.0,
-        "{metrics}"
+        cp.metric("sluice_cp_commit_to_ack_seconds_count", "")
+            .await?
+            >= 2.0
     );
-    assert_eq!(value("sluice_cp_connected_data_planes"), 2.0, "{metrics}");
+    assert_eq!(cp.metric("sluice_cp_connected_data_planes", "").await?, 2.0);
     // The refusal and its detail show in the node's status, and the node counts as behind.
     let refused = status_of(&cp, "edge-1", |s| !s["last_nack"].is_null()).await?;
     let errors = refused["last_nack"]["errors"].as_array().unwrap();
@@ -159,6 +151,180 @@ async fn nodes_serve_their_groups_config_follow_commits_and_refuse_what_they_can
     assert!(
         table.contains("edge-1") && table.contains("key_pem"),
         "{table}"
+    );
+    Ok(())
+}
+
+/// Two consumers with an API key each; `acme_key` is acme's key's SHA-256.
+fn consumers(acme_key: &str) -> String {
+    format!(
+        "consumers:\n  - name: acme\n    credentials:\n      - name: acme-key\n        api_key: {{ key_sha256: \"{acme_key}\" }}\n\
+         \x20 - name: globex\n    credentials:\n      - name: globex-key\n        api_key: {{ key_sha256: \"{}\" }}\n",
+        "b".repeat(64)
+    )
+}
+
+/// Polls `/config` until the node runs `version`, for up to 2 s.
+async fn runs_version(node: &DataPlane, version: u64) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let running = config(node).await?;
+        if running["source"]["version"] == version {
+            return Ok(running);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "version {version} never arrived: {running}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn small_changes_travel_as_deltas_and_a_rollback_reaches_every_node() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("app").await?;
+    let cp = ControlPlane::start(&[]).await?;
+    let with_key = |key: &str| document(&backend, "", "") + &consumers(key);
+    let v1 = cp.apply(&with_key(&"a".repeat(64))).await?;
+    let nodes = [
+        DataPlane::start_from_control_plane(&cp.discovery_url(), "default", &["--node-id", "a"])?,
+        DataPlane::start_from_control_plane(&cp.discovery_url(), "default", &["--node-id", "b"])?,
+    ];
+    let mut v1_hash = Value::Null;
+    for node in &nodes {
+        v1_hash = runs_version(node, v1).await?["content_hash"].clone();
+    }
+
+    // One key changes: each node gets a delta, applies it in place and proves by the content
+    // hash that it holds what the control plane holds.
+    let v2 = cp.apply(&with_key(&"c".repeat(64))).await?;
+    for (node, id) in nodes.iter().zip(["a", "b"]) {
+        let running = runs_version(node, v2).await?;
+        assert_eq!(running["resources"]["credentials"], 2, "{running}");
+        assert_eq!(
+            node.metric("sluice_config_apply_seconds_count", "kind=\"delta\"")
+                .await?,
+            1.0,
+            "the change arrived as one delta"
+        );
+        let hash = running["content_hash"].clone();
+        assert_ne!(hash, v1_hash);
+        status_of(&cp, id, |s| {
+            s["applied_version"] == v2 && s["applied_hash"] == hash
+        })
+        .await?;
+    }
+    let pushed = |kind: &'static str, what: &'static str| {
+        let cp = &cp;
+        async move {
+            cp.metric(
+                &format!("sluice_cp_push_bytes_{what}"),
+                &format!("kind=\"{kind}\""),
+            )
+            .await
+        }
+    };
+    assert_eq!(pushed("delta", "count").await?, 2.0);
+    let delta_bytes = pushed("delta", "sum").await? / 2.0;
+    let snapshot_bytes = pushed("snapshot", "sum").await? / pushed("snapshot", "count").await?;
+    assert!(
+        delta_bytes * 3.0 < snapshot_bytes,
+        "a one-key delta of {delta_bytes} bytes against a snapshot of {snapshot_bytes}"
+    );
+
+    // A rollback to version 1 is a new version with version 1's content, on every node.
+    let response = reqwest::Client::new()
+        .post(cp.url(&format!("/v1/versions/{v1}/rollback")))
+        .bearer_auth(ADMIN_TOKEN)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status() == 200,
+        "rollback answered {}",
+        response.status()
+    );
+    let v3 = v2 + 1;
+    for node in &nodes {
+        let running = runs_version(node, v3).await?;
+        assert_eq!(running["content_hash"], v1_hash, "{running}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_delta_that_does_not_fit_what_the_node_holds_is_followed_by_the_snapshot()
+-> anyhow::Result<()> {
+    let backend = EchoBackend::start("app").await?;
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("config.cache");
+    let cache_arg = cache.display().to_string();
+    // A node caches version 1 of one registry, which has a consumer...
+    let first = ControlPlane::start(&[]).await?;
+    let v1 = first
+        .apply(&(document(&backend, "", "") + &consumers(&"a".repeat(64))))
+        .await?;
+    let node = DataPlane::start_from_control_plane(
+        &first.discovery_url(),
+        "default",
+        &["--node-id", "moved", "--cache-file", &cache_arg],
+    )?;
+    runs_version(&node, v1).await?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !cache.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "the cache was never written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(node);
+    drop(first);
+    // ...and restarts against another registry, whose version 1 has none: the delta from
+    // "version 1" cannot give the state the control plane means.
+    let second = ControlPlane::start(&[]).await?;
+    second.apply(&document(&backend, "", "")).await?;
+    let ping = "      - { name: ping, path: /ping, direct_response: { status: 200 } }\n";
+    let v2 = second.apply(&document(&backend, ping, "")).await?;
+    let node = DataPlane::start_from_control_plane(
+        &second.discovery_url(),
+        "default",
+        &["--node-id", "moved", "--cache-file", &cache_arg],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let running = loop {
+        let running = config(&node).await?;
+        if running["source"]["version"] == v2 && running["resources"]["consumers"] == 0 {
+            break running;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never converged: {running}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status(&node, "/ping").await?, 200);
+    // The node applied the delta, found the hash wrong, put its config back and refused it;
+    // the control plane then sent the snapshot.
+    assert_eq!(
+        node.metric("sluice_config_apply_seconds_count", "kind=\"delta\"")
+            .await?,
+        1.0
+    );
+    assert!(node.metric("sluice_config_rejections_total", "").await? >= 1.0);
+    assert_eq!(
+        second
+            .metric("sluice_cp_push_bytes_count", "kind=\"delta\"")
+            .await?,
+        1.0
+    );
+    assert_eq!(
+        second
+            .metric("sluice_cp_push_bytes_count", "kind=\"snapshot\"")
+            .await?,
+        1.0
+    );
+    let recorded = status_of(&second, "moved", |s| {
+        s["applied_hash"] == running["content_hash"] && !s["last_nack"].is_null()
+    })
+    .await?;
+    assert_eq!(
+        recorded["last_nack"]["errors"][0]["path"], "content_hash",
+        "{recorded}"
     );
     Ok(())
 }

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use sluice_bench::{Row, report};
+use sluice_bench::{Row, percentile, report};
 use sluice_tests::control_plane::ControlPlane;
 use sluice_tests::data_plane::DataPlane;
 
@@ -36,11 +36,6 @@ async fn acked(cp: &ControlPlane, version: u64) -> anyhow::Result<usize> {
         .iter()
         .filter(|n| n["applied_version"].as_u64().is_some_and(|v| v >= version))
         .count())
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 #[tokio::main]

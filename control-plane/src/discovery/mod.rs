@@ -1,10 +1,11 @@
 //! The discovery server: data planes open one stream each, say who they are (`Hello`), and
 //! receive their group's configuration, then every new one as versions commit.
 //!
-//! Built so far: full snapshots (deltas come next), pushed when the group's content hash
-//! changes, with commits close together coalesced into one push; ACK/NACK recorded;
-//! heartbeats both ways. Commits are learnt from Postgres `LISTEN` on the channel the commit
-//! path notifies, so a commit on any replica reaches the nodes of every replica, with a
+//! A node is sent a delta from the version it runs when that version is still in the change
+//! log and the delta is smaller than the snapshot, else the whole snapshot; a NACKed delta is
+//! answered with the snapshot. Pushes go out when the group's content hash changes, with
+//! commits close together coalesced into one push; ACK/NACK recorded; heartbeats both ways.
+//! Commits are learnt from Postgres `LISTEN` on the channel the commit path notifies, so a commit on any replica reaches the nodes of every replica, with a
 //! periodic re-check as the catch-up for a missed notification or a lost connection. Each
 //! node's status is kept in Postgres ([`status`]), so any replica can report it.
 
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+use prost::Message;
 use sluice_proto::pb::{self, discovery_request::Kind as RequestKind, discovery_response::Payload};
 use sqlx::postgres::PgListener;
 use tokio::sync::{mpsc, watch};
@@ -168,12 +170,19 @@ impl pb::discovery_server::Discovery for DiscoveryService {
     }
 }
 
-/// The latest snapshot of each group, shared by every stream of this replica, so a commit
-/// reads each group's state once rather than once per node.
+/// Deltas kept for reuse; past this many the cache starts again.
+const DELTAS_KEPT: usize = 256;
+
+/// The latest snapshot of each group, and recent deltas, shared by every stream of this
+/// replica, so a commit reads each group's state (and each delta) once rather than once per
+/// node.
 #[derive(Debug, Default)]
 pub struct SnapshotCache {
     /// group → (the commit counter it was read at, the snapshot).
     groups: tokio::sync::Mutex<HashMap<String, (u64, Arc<GroupSnapshot>)>>,
+    /// (group, from, to) → the delta. Versions never change once committed, so an entry never
+    /// goes stale.
+    deltas: tokio::sync::Mutex<HashMap<(String, u64, u64), Arc<pb::Delta>>>,
 }
 
 impl SnapshotCache {
@@ -195,6 +204,43 @@ impl SnapshotCache {
         groups.insert(group.to_owned(), (seen, snapshot.clone()));
         Ok(snapshot)
     }
+
+    /// The delta of `group` from version `from` to `to`; an error when `from` is no longer
+    /// retained.
+    async fn delta(
+        &self,
+        registry: &Registry,
+        group: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Arc<pb::Delta>, crate::registry::RegistryError> {
+        let key = (group.to_owned(), from, to);
+        let mut deltas = self.deltas.lock().await;
+        if let Some(delta) = deltas.get(&key) {
+            return Ok(delta.clone());
+        }
+        let delta = Arc::new(registry.delta(group, from, to).await?);
+        if deltas.len() >= DELTAS_KEPT {
+            deltas.clear();
+        }
+        deltas.insert(key, delta.clone());
+        Ok(delta)
+    }
+}
+
+/// What a stream last sent its node.
+struct Sent {
+    /// The content hash the node runs or was sent: nothing is sent while the group's content
+    /// is the same.
+    hash: String,
+    /// The version a delta can start from: what the node said it runs, then each version
+    /// sent to it; unknown after it refuses a snapshot.
+    base: Option<u64>,
+    /// The nonce of the last push when it was a delta, whose NACK is answered with the
+    /// snapshot.
+    delta_nonce: Option<String>,
+    /// When the last push went out, for coalescing.
+    at: Option<tokio::time::Instant>,
 }
 
 /// One node's stream.
@@ -225,12 +271,15 @@ impl Session {
 
     async fn serve(mut self, hello: pb::Hello, mut inbound: Streaming<pb::DiscoveryRequest>) {
         tracing::info!(node = %self.node.id, group = %self.node.group, peer = ?self.peer, version = hello.current_version, "data plane connected");
-        // What the node runs: nothing is sent while the group's content is the same.
-        let mut running_hash = hello.current_hash;
+        let mut sent = Sent {
+            hash: hello.current_hash,
+            base: (hello.current_version > 0).then_some(hello.current_version),
+            delta_nonce: None,
+            at: None,
+        };
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = tokio::time::Instant::now();
-        let mut last_push: Option<tokio::time::Instant> = None;
         self.service.commits.mark_changed();
         loop {
             tokio::select! {
@@ -240,23 +289,17 @@ impl Session {
                     }
                     // The first commit after a quiet spell is pushed at once; later ones wait
                     // out the window since the last push, so a burst becomes one push.
-                    if let Some(last) = last_push {
+                    if let Some(last) = sent.at {
                         tokio::time::sleep_until(last + self.service.coalesce).await;
                     }
                     self.service.commits.mark_unchanged();
                     let seen = *self.service.commits.borrow();
                     match self.service.snapshots.get(&self.service.registry, &self.node.group, seen).await {
-                        Ok(current) if current.content_hash != running_hash => {
-                            let response = self.response(
-                                current.version,
-                                current.content_hash.clone(),
-                                Payload::Snapshot(current.snapshot.clone()),
-                            );
-                            if self.tx.send(Ok(response)).await.is_err() {
+                        Ok(current) if current.content_hash != sent.hash => {
+                            let base = sent.base;
+                            if self.push(&current, base, &mut sent).await.is_err() {
                                 return;
                             }
-                            last_push = Some(tokio::time::Instant::now());
-                            running_hash = current.content_hash.clone();
                         }
                         Ok(_) => {}
                         Err(e) => tracing::warn!(node = %self.node.id, error = %e, "cannot read the group's snapshot"),
@@ -275,7 +318,24 @@ impl Session {
                         }
                         Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Nack(nack)) })) => {
                             tracing::warn!(node = %self.node.id, version = nack.version, nonce = %nack.nonce, message = %nack.message, errors = nack.errors.len(), "config refused; the node keeps its previous one");
-                            status::nacked(pool, &self.node.id, &nack).await
+                            let recorded = status::nacked(pool, &self.node.id, &nack).await;
+                            if sent.delta_nonce.as_deref() == Some(nack.nonce.as_str()) {
+                                // The node could not take the delta (another base, a hash
+                                // that did not match): the whole snapshot sets it right.
+                                let seen = *self.service.commits.borrow();
+                                match self.service.snapshots.get(&self.service.registry, &self.node.group, seen).await {
+                                    Ok(current) => {
+                                        if self.push(&current, None, &mut sent).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(e) => tracing::warn!(node = %self.node.id, error = %e, "cannot read the group's snapshot"),
+                                }
+                            } else {
+                                // Its old config stands, whatever version it is.
+                                sent.base = None;
+                            }
+                            recorded
                         }
                         Ok(Some(_)) => status::seen(pool, &self.node.id).await,
                         Ok(None) | Err(_) => {
@@ -300,6 +360,54 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Sends what brings the node from `base` to `current`: a delta when `base` is still in the
+    /// change log and the delta is the smaller, else the snapshot. Fails when the stream is
+    /// gone.
+    async fn push(
+        &mut self,
+        current: &GroupSnapshot,
+        base: Option<u64>,
+        sent: &mut Sent,
+    ) -> Result<(), ()> {
+        let service = &self.service;
+        let delta = match base {
+            Some(base) if base < current.version => {
+                match service
+                    .snapshots
+                    .delta(&service.registry, &self.node.group, base, current.version)
+                    .await
+                {
+                    Ok(delta) => Some(delta),
+                    Err(e) => {
+                        tracing::debug!(node = %self.node.id, base, error = %e, "no delta; sending the snapshot");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let (kind, bytes, payload) = match delta {
+            Some(delta) if delta.encoded_len() < current.encoded_len => (
+                "delta",
+                delta.encoded_len(),
+                Payload::Delta(delta.as_ref().clone()),
+            ),
+            _ => (
+                "snapshot",
+                current.encoded_len,
+                Payload::Snapshot(current.snapshot.clone()),
+            ),
+        };
+        let response = self.response(current.version, current.content_hash.clone(), payload);
+        sent.delta_nonce = (kind == "delta").then(|| response.nonce.clone());
+        self.tx.send(Ok(response)).await.map_err(|_| ())?;
+        self.service.metrics.pushed(kind, bytes);
+        sent.hash = current.content_hash.clone();
+        sent.base = Some(current.version);
+        sent.at = Some(tokio::time::Instant::now());
+        Ok(())
     }
 
     fn response(

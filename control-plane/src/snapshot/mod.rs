@@ -19,6 +19,8 @@ pub struct GroupSnapshot {
     pub content_hash: String,
     /// Canonical: every list sorted by id.
     pub snapshot: pb::Snapshot,
+    /// Its encoded size, for choosing between it and a delta.
+    pub encoded_len: usize,
 }
 
 impl Registry {
@@ -29,6 +31,7 @@ impl Registry {
         Ok(GroupSnapshot {
             version,
             content_hash: snapshot::content_hash(&snapshot),
+            encoded_len: prost::Message::encoded_len(&snapshot),
             snapshot,
         })
     }

@@ -6,6 +6,7 @@
 //! the config they started with. Upstream runtimes (connection pools, counters) are carried
 //! over from the previous config when their upstream did not change.
 
+pub mod holdings;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -16,6 +17,8 @@ use std::time::SystemTime;
 use arc_swap::ArcSwapOption;
 use sluice_proto::declarative::{self, Format};
 use sluice_proto::{ConfigErrors, pb, snapshot};
+
+pub use holdings::Holdings;
 
 use crate::router::Router;
 use crate::telemetry::Metrics;
@@ -47,18 +50,19 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn of(r: &pb::ConfigSet) -> Self {
+    fn of(held: &Holdings, routes: usize) -> Self {
+        use pb::ResourceKind as Kind;
         Counts {
-            apis: r.apis.len(),
-            routes: r.apis.iter().map(|a| a.routes.len()).sum(),
-            upstreams: r.upstreams.len(),
-            consumers: r.consumers.len(),
-            credentials: r.credentials.len(),
-            plans: r.plans.len(),
-            subscriptions: r.subscriptions.len(),
-            policies: r.policies.len(),
-            brokers: r.brokers.len(),
-            certificates: r.certificates.len(),
+            apis: held.count(Kind::Api),
+            routes,
+            upstreams: held.count(Kind::Upstream),
+            consumers: held.count(Kind::Consumer),
+            credentials: held.count(Kind::Credential),
+            plans: held.count(Kind::Plan),
+            subscriptions: held.count(Kind::Subscription),
+            policies: held.count(Kind::Policy),
+            brokers: held.count(Kind::Broker),
+            certificates: held.count(Kind::Certificate),
         }
     }
 }
@@ -73,11 +77,14 @@ pub struct CompiledConfig {
     pub content_hash: String,
     pub loaded_at: SystemTime,
     pub counts: Counts,
-    pub router: Router,
+    pub router: Arc<Router>,
     /// By upstream id.
-    pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    pub upstreams: Arc<HashMap<Arc<str>, Arc<Upstream>>>,
     /// What the TLS listener presents, by SNI.
-    pub certificates: CertificateStore,
+    pub certificates: Arc<CertificateStore>,
+    /// The resources it was compiled from, which the next delta applies to. Shares its
+    /// structure with the previous config's.
+    pub holdings: Holdings,
 }
 
 /// Why a configuration could not be loaded.
@@ -108,8 +115,12 @@ impl CompiledConfig {
             path: path.to_owned(),
             errors,
         };
+        let started = std::time::Instant::now();
         let resources = declarative::load(&text, Format::from_path(path)).map_err(invalid)?;
-        Self::compile(resources, Source::File(path.to_owned()), previous, metrics).map_err(invalid)
+        let compiled = Self::compile(resources, Source::File(path.to_owned()), previous, metrics)
+            .map_err(invalid)?;
+        metrics.config_applied("file", started.elapsed().as_secs_f64());
+        Ok(compiled)
     }
 
     /// Compiles validated resources. `previous` lends its upstream runtimes to unchanged
@@ -123,20 +134,59 @@ impl CompiledConfig {
         Self::compile_snapshot(snapshot::from_config(resources), source, previous, metrics)
     }
 
-    /// Compiles a validated discovery snapshot (its packed API keys are for the access
-    /// issue's authentication, not used yet).
+    /// Compiles a validated discovery snapshot.
     pub fn compile_snapshot(
         snapshot: pb::Snapshot,
         source: Source,
         previous: Option<&CompiledConfig>,
         metrics: &Metrics,
     ) -> Result<Self, ConfigErrors> {
-        let content_hash = snapshot::content_hash(&snapshot);
-        let packed_keys = snapshot.api_keys.len();
-        let resources = snapshot.resources.unwrap_or_default();
+        let holdings = Holdings::from_snapshot(snapshot)?;
+        let content_hash = holdings.content_hash();
+        Self::build(holdings, content_hash, source, previous, metrics)
+    }
+
+    /// `previous` with a delta applied, as `version`. Only a change to an API, upstream,
+    /// plan, policy, broker or certificate recompiles the router, upstreams and certificates;
+    /// consumers, credentials and subscriptions change in place (structurally shared), so a
+    /// small delta costs the same however large the config is. The content hash is the one the
+    /// delta was sent with, unchecked: re-encoding a large config to check it takes longer
+    /// than the apply, so the caller checks it after the swap ([`Holdings::content_hash`]).
+    pub fn with_delta(
+        previous: &CompiledConfig,
+        delta: &pb::Delta,
+        version: u64,
+        content_hash: String,
+        metrics: &Metrics,
+    ) -> Result<Self, ConfigErrors> {
+        let (holdings, changed) = previous.holdings.apply(delta)?;
+        let source = Source::ControlPlane { version };
+        if changed.structural {
+            return Self::build(holdings, content_hash, source, Some(previous), metrics);
+        }
+        Ok(Self {
+            source,
+            content_hash,
+            loaded_at: SystemTime::now(),
+            counts: Counts::of(&holdings, previous.counts.routes),
+            router: previous.router.clone(),
+            upstreams: previous.upstreams.clone(),
+            certificates: previous.certificates.clone(),
+            holdings,
+        })
+    }
+
+    /// Compiles the router, upstream runtimes and certificates of `holdings`.
+    fn build(
+        holdings: Holdings,
+        content_hash: String,
+        source: Source,
+        previous: Option<&CompiledConfig>,
+        metrics: &Metrics,
+    ) -> Result<Self, ConfigErrors> {
         let mut errors = Vec::new();
         let mut upstreams = HashMap::new();
-        for (i, upstream) in resources.upstreams.iter().enumerate() {
+        for (i, upstream) in holdings.upstreams().enumerate() {
             let id = upstream.meta.as_ref().map_or("", |m| m.id.as_str());
             let old = previous.and_then(|p| p.upstreams.get(id));
             match Upstream::reuse(upstream, old, metrics) {
@@ -153,14 +203,15 @@ impl CompiledConfig {
                 }),
             }
         }
-        let certificates = CertificateStore::compile(&resources.certificates)
+        let certificates: Vec<pb::Certificate> = holdings.certificates().cloned().collect();
+        let certificates = CertificateStore::compile(&certificates)
             .map_err(|(i, reason)| {
                 errors.push(sluice_proto::FieldError {
                     path: format!("certificates[{i}]"),
                     reason,
                     resource: Some(pb::ResourceRef {
                         kind: pb::ResourceKind::Certificate as i32,
-                        id: resources.certificates[i]
+                        id: certificates[i]
                             .meta
                             .as_ref()
                             .map_or(String::new(), |m| m.id.clone()),
@@ -171,18 +222,19 @@ impl CompiledConfig {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let router = Router::compile(&resources.apis, &|id| upstreams.get(id).cloned(), metrics)
+        let apis: Vec<pb::Api> = holdings.apis().cloned().collect();
+        let router = Router::compile(&apis, &|id| upstreams.get(id).cloned(), metrics)
             .map_err(|e| ConfigErrors::single("apis", e.to_string()))?;
-        let mut counts = Counts::of(&resources);
-        counts.credentials += packed_keys;
+        let routes = apis.iter().map(|a| a.routes.len()).sum();
         Ok(Self {
             source,
             content_hash,
             loaded_at: SystemTime::now(),
-            counts,
-            router,
-            upstreams,
-            certificates,
+            counts: Counts::of(&holdings, routes),
+            router: Arc::new(router),
+            upstreams: Arc::new(upstreams),
+            certificates: Arc::new(certificates),
+            holdings,
         })
     }
 }
@@ -203,5 +255,10 @@ impl ConfigStore {
     /// Publishes a fully built configuration.
     pub fn apply(&self, config: CompiledConfig) {
         self.current.store(Some(Arc::new(config)));
+    }
+
+    /// Puts back a configuration that was replaced (a delta that proved wrong).
+    pub fn restore(&self, config: Arc<CompiledConfig>) {
+        self.current.store(Some(config));
     }
 }

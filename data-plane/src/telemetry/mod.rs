@@ -51,6 +51,17 @@ struct MirrorLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApplyLabels {
+    kind: &'static str,
+}
+
+/// Config apply buckets, seconds: 0.1 ms to 30 s.
+const APPLY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 30.0,
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -72,6 +83,7 @@ pub struct Metrics {
     pub config_version: Gauge,
     pub config_swaps: Counter,
     pub config_rejections: Counter,
+    config_apply: Family<ApplyLabels, Histogram>,
     pub access_log_dropped: Gauge<u64, AtomicU64>,
 }
 
@@ -186,6 +198,14 @@ impl Metrics {
             "Configurations refused (the previous one kept serving)",
             config_rejections.clone(),
         );
+        let config_apply = Family::<ApplyLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(APPLY_BUCKETS)) as fn() -> _,
+        );
+        registry.register(
+            "config_apply_seconds",
+            "Time to check, compile and swap in a configuration, by kind (file, snapshot, delta)",
+            config_apply.clone(),
+        );
         let access_log_dropped = Gauge::<u64, AtomicU64>::default();
         registry.register(
             "access_log_dropped",
@@ -207,6 +227,7 @@ impl Metrics {
             config_version,
             config_swaps,
             config_rejections,
+            config_apply,
             access_log_dropped,
         }
     }
@@ -284,6 +305,14 @@ impl Metrics {
     }
 
     /// Counts a request answered before routing.
+    /// Records the time an applied configuration took: `kind` is `file`, `snapshot` or
+    /// `delta`.
+    pub fn config_applied(&self, kind: &'static str, seconds: f64) {
+        self.config_apply
+            .get_or_create(&ApplyLabels { kind })
+            .observe(seconds);
+    }
+
     pub fn unrouted(&self, reason: &'static str) {
         self.unrouted.get_or_create(&ReasonLabels { reason }).inc();
     }
