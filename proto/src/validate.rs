@@ -84,6 +84,31 @@ pub fn config_set_located(config: &ConfigSet, locate: &dyn Locate) -> Result<(),
     }
 }
 
+/// Checks some resources in the context of those they refer to: checks `config`, but
+/// reports only the errors about resources that `judged` accepts, and errors about no
+/// resource. The context resources were valid when they were written; their errors (a
+/// reference to something not in the set, say) are not the judged ones'.
+pub fn config_set_judging(
+    config: &ConfigSet,
+    locate: &dyn Locate,
+    judged: impl Fn(&pb::ResourceRef) -> bool,
+) -> Result<(), ConfigErrors> {
+    match config_set_located(config, locate) {
+        Ok(()) => Ok(()),
+        Err(ConfigErrors(errors)) => {
+            let errors: Vec<FieldError> = errors
+                .into_iter()
+                .filter(|e| e.resource.as_ref().is_none_or(&judged))
+                .collect();
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+}
+
 /// A name of a resource or a group: lowercase letters, digits, `-`, `_`, `.`, starting with a
 /// letter or digit.
 pub fn check_name(name: &str) -> Result<(), String> {

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sluice_proto::pb::{ConfigSet, Resource, ResourceKind};
-use sluice_proto::{ConfigErrors, FieldError, validate};
+use sluice_proto::{ConfigErrors, validate};
 use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -697,24 +697,10 @@ async fn validate_in_context(
         .filter(|c| c.after.is_some())
         .map(|c| c.id.as_str())
         .collect();
-    match validate::config_set(&context) {
-        Ok(()) => Ok(()),
-        Err(ConfigErrors(errors)) => {
-            let errors: Vec<FieldError> = errors
-                .into_iter()
-                .filter(|e| {
-                    e.resource
-                        .as_ref()
-                        .is_none_or(|r| upserted.contains(r.id.as_str()))
-                })
-                .collect();
-            if errors.is_empty() {
-                Ok(())
-            } else {
-                Err(RegistryError::Invalid(ConfigErrors(errors)))
-            }
-        }
-    }
+    validate::config_set_judging(&context, &validate::ByPosition, |r| {
+        upserted.contains(r.id.as_str())
+    })
+    .map_err(RegistryError::Invalid)
 }
 
 /// Keeps `resource_ids`: every id in use, of any kind (route ids included), so that one id

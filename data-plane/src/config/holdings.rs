@@ -137,8 +137,7 @@ impl Holdings {
         }
     }
 
-    /// Checks upserted resources with the resources they refer to as context; errors about
-    /// the context itself are not the delta's and are left out.
+    /// Checks upserted resources with the resources they refer to as context.
     fn check_upserted(
         &self,
         upserted: Vec<Resource>,
@@ -160,24 +159,7 @@ impl Holdings {
             set.push(resource.clone());
         }
         let ours: Vec<(i32, &str)> = upserted.iter().map(|r| (r.kind() as i32, r.id())).collect();
-        match validate::config_set_located(&set, &counts) {
-            Ok(()) => Ok(()),
-            Err(ConfigErrors(errors)) => {
-                let errors: Vec<FieldError> = errors
-                    .into_iter()
-                    .filter(|e| {
-                        e.resource
-                            .as_ref()
-                            .is_none_or(|r| ours.contains(&(r.kind, r.id.as_str())))
-                    })
-                    .collect();
-                if errors.is_empty() {
-                    Ok(())
-                } else {
-                    Err(ConfigErrors(errors))
-                }
-            }
-        }
+        validate::config_set_judging(&set, &counts, |r| ours.contains(&(r.kind, r.id.as_str())))
     }
 
     fn insert(&mut self, resource: Resource) {
