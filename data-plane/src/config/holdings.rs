@@ -6,6 +6,7 @@
 //! what it holds byte for byte as the control plane encoded it, and check the content hash a
 //! delta was sent with ([`Holdings::encode_snapshot`]).
 
+use std::collections::HashSet;
 use std::ops::Bound;
 
 use imbl::OrdMap;
@@ -144,21 +145,21 @@ impl Holdings {
         counts: KindCounts,
     ) -> Result<(), ConfigErrors> {
         let mut set: ConfigSet = upserted.iter().cloned().collect();
-        let mut context: Vec<&Resource> = Vec::new();
+        // Sets, not scans: a delta may upsert a hundred thousand subscriptions.
+        let ours: HashSet<(i32, &str)> =
+            upserted.iter().map(|r| (r.kind() as i32, r.id())).collect();
+        let mut context: HashSet<(i32, &str)> = HashSet::new();
         for resource in &upserted {
             for (kind, id) in resource.references() {
-                if let Some(found) = self.get(kind, id)
-                    && !context.iter().any(|r| r.kind() == kind && r.id() == id)
-                    && !upserted.iter().any(|r| r.kind() == kind && r.id() == id)
+                let key = (kind as i32, id);
+                if !ours.contains(&key)
+                    && let Some(found) = self.get(kind, id)
+                    && context.insert(key)
                 {
-                    context.push(found);
+                    set.push(found.clone());
                 }
             }
         }
-        for resource in context {
-            set.push(resource.clone());
-        }
-        let ours: Vec<(i32, &str)> = upserted.iter().map(|r| (r.kind() as i32, r.id())).collect();
         validate::config_set_judging(&set, &counts, |r| ours.contains(&(r.kind, r.id.as_str())))
     }
 
