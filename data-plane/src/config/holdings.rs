@@ -110,7 +110,7 @@ impl Holdings {
             match packed(entry) {
                 Ok((id, key)) => {
                     let consumer = Uuid::from_bytes(key.consumer_id).to_string();
-                    if !next.contains(ResourceKind::Consumer, &consumer) {
+                    if next.get(ResourceKind::Consumer, &consumer).is_none() {
                         errors.push(api_key_error(
                             format!("{at}.consumer_id"),
                             format!("no consumer has the id {consumer}"),
@@ -191,12 +191,8 @@ impl Holdings {
         self.resources.get(&(kind as i32, id.to_owned()))
     }
 
-    fn contains(&self, kind: ResourceKind, id: &str) -> bool {
-        self.get(kind, id).is_some()
-    }
-
     /// The resources of one kind, by id.
-    pub fn of_kind(&self, kind: ResourceKind) -> impl Iterator<Item = &Resource> {
+    fn of_kind(&self, kind: ResourceKind) -> impl Iterator<Item = &Resource> {
         let start = (kind as i32, String::new());
         let end = (kind as i32 + 1, String::new());
         self.resources
@@ -238,10 +234,6 @@ impl Holdings {
             })
     }
 
-    pub fn api_keys(&self) -> &OrdMap<[u8; 16], ApiKey> {
-        &self.api_keys
-    }
-
     /// Every resource but the packed API keys, as one config set (canonical order).
     pub fn config_set(&self) -> ConfigSet {
         self.resources.values().cloned().collect()
@@ -280,13 +272,8 @@ impl Holdings {
     /// Lowercase hex SHA-256 of [`Self::encode_snapshot`]: equal to
     /// [`sluice_proto::snapshot::content_hash`] of the same configuration.
     pub fn content_hash(&self) -> String {
-        hash_of(&self.encode_snapshot())
+        hex::encode(Sha256::digest(self.encode_snapshot()))
     }
-}
-
-/// Lowercase hex SHA-256 of an encoded snapshot.
-pub fn hash_of(encoded_snapshot: &[u8]) -> String {
-    hex::encode(Sha256::digest(encoded_snapshot))
 }
 
 fn packed(entry: &pb::ApiKeyEntry) -> Result<([u8; 16], ApiKey), String> {
@@ -435,7 +422,7 @@ subscriptions:
         assert_eq!(held.encode_snapshot(), canonical.encode_to_vec());
         assert_eq!(held.content_hash(), snapshot::content_hash(&canonical));
         assert_eq!(held.count(ResourceKind::Credential), 3);
-        assert_eq!(held.api_keys().len(), 2);
+        assert_eq!(held.api_keys.len(), 2);
     }
 
     #[test]

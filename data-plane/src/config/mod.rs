@@ -34,6 +34,16 @@ pub enum Source {
     ControlPlane { version: u64 },
 }
 
+impl Source {
+    /// The control-plane version, for a config that came from one.
+    pub fn control_plane_version(&self) -> Option<u64> {
+        match self {
+            Source::ControlPlane { version } => Some(*version),
+            Source::File(_) => None,
+        }
+    }
+}
+
 /// How many resources of each kind a configuration has (for `/config`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {

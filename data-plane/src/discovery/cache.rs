@@ -19,7 +19,7 @@ use crate::config::Holdings;
 
 /// A configuration to keep: what it is and its version.
 #[derive(Debug)]
-struct Copy {
+struct Pending {
     version: u64,
     content_hash: String,
     holdings: Holdings,
@@ -30,13 +30,13 @@ struct Copy {
 /// overtaken, never followed, by the copies queued behind it.
 #[derive(Debug)]
 pub struct Writer {
-    latest: watch::Sender<Option<Arc<Copy>>>,
+    latest: watch::Sender<Option<Arc<Pending>>>,
 }
 
 impl Writer {
     /// Starts the writer for `path`.
     pub fn spawn(path: PathBuf) -> Self {
-        let (latest, mut queued) = watch::channel(None::<Arc<Copy>>);
+        let (latest, mut queued) = watch::channel(None::<Arc<Pending>>);
         tokio::spawn(async move {
             while queued.changed().await.is_ok() {
                 let Some(copy) = queued.borrow_and_update().clone() else {
@@ -63,7 +63,7 @@ impl Writer {
 
     /// Queues `holdings` (a cheap, shared clone) as the copy to keep.
     pub fn save(&self, version: u64, content_hash: &str, holdings: Holdings) {
-        self.latest.send_replace(Some(Arc::new(Copy {
+        self.latest.send_replace(Some(Arc::new(Pending {
             version,
             content_hash: content_hash.to_owned(),
             holdings,

@@ -132,10 +132,10 @@ async fn session(
     let running = store.current();
     let hello = pb::Hello {
         node: Some(node.clone()),
-        current_version: running.as_ref().map_or(0, |c| match c.source {
-            Source::ControlPlane { version } => version,
-            Source::File(_) => 0,
-        }),
+        current_version: running
+            .as_ref()
+            .and_then(|c| c.source.control_plane_version())
+            .unwrap_or(0),
         current_hash: running
             .as_ref()
             .map(|c| c.content_hash.clone())
@@ -247,10 +247,9 @@ async fn apply_delta(
 ) -> Result<Holdings, ConfigErrors> {
     let started = std::time::Instant::now();
     let running = store.current();
-    let running_version = running.as_ref().and_then(|c| match c.source {
-        Source::ControlPlane { version } => Some(version),
-        Source::File(_) => None,
-    });
+    let running_version = running
+        .as_ref()
+        .and_then(|c| c.source.control_plane_version());
     let (Some(previous), Some(running_version)) = (running, running_version) else {
         return Err(ConfigErrors::single(
             "base_version",
@@ -316,10 +315,10 @@ fn swap(
 }
 
 fn nack(nonce: String, store: &ConfigStore, errors: &ConfigErrors) -> RequestKind {
-    let version = store.current().map_or(0, |c| match c.source {
-        Source::ControlPlane { version } => version,
-        Source::File(_) => 0,
-    });
+    let version = store
+        .current()
+        .and_then(|c| c.source.control_plane_version())
+        .unwrap_or(0);
     RequestKind::Nack(pb::Nack {
         nonce,
         version,
