@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // BTreeMap keeps map fields ordered, so encoding a snapshot is deterministic and
         // its content hash depends only on its content.
         .btree_map(".")
+        // Parts of a snapshot are slices of the one encoded copy, not copies of it.
+        .bytes(".sluice.v1.SnapshotPart.data")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -140,17 +140,7 @@ impl ConfigSet {
 
     /// Every resource, kind by kind in the order of the lists.
     pub fn into_resources(self) -> Vec<Resource> {
-        let mut out = Vec::with_capacity(self.len());
-        out.extend(self.apis.into_iter().map(Resource::from));
-        out.extend(self.upstreams.into_iter().map(Resource::from));
-        out.extend(self.consumers.into_iter().map(Resource::from));
-        out.extend(self.credentials.into_iter().map(Resource::from));
-        out.extend(self.plans.into_iter().map(Resource::from));
-        out.extend(self.subscriptions.into_iter().map(Resource::from));
-        out.extend(self.policies.into_iter().map(Resource::from));
-        out.extend(self.brokers.into_iter().map(Resource::from));
-        out.extend(self.certificates.into_iter().map(Resource::from));
-        out
+        self.into_iter().collect()
     }
 
     /// The number of resources.
@@ -168,6 +158,29 @@ impl ConfigSet {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Every resource, kind by kind in the order of the lists, one at a time: a large set is taken
+/// apart without a second copy of it.
+impl IntoIterator for ConfigSet {
+    type Item = Resource;
+    type IntoIter = Box<dyn Iterator<Item = Resource> + Send>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(
+            self.apis
+                .into_iter()
+                .map(Resource::from)
+                .chain(self.upstreams.into_iter().map(Resource::from))
+                .chain(self.consumers.into_iter().map(Resource::from))
+                .chain(self.credentials.into_iter().map(Resource::from))
+                .chain(self.plans.into_iter().map(Resource::from))
+                .chain(self.subscriptions.into_iter().map(Resource::from))
+                .chain(self.policies.into_iter().map(Resource::from))
+                .chain(self.brokers.into_iter().map(Resource::from))
+                .chain(self.certificates.into_iter().map(Resource::from)),
+        )
     }
 }
 

@@ -112,48 +112,93 @@ fn take_api_keys(config: &mut ConfigSet) -> Vec<pb::ApiKeyEntry> {
 }
 
 /// Checks a snapshot before a node applies it: the shared rules on `resources`, then every
-/// packed API key (well-formed ids and hash, an id no other resource has, a consumer in the
-/// snapshot, a key no other credential has).
+/// packed API key by [`ApiKeyRules`].
 pub fn validate(snapshot: &pb::Snapshot) -> Result<(), ConfigErrors> {
     let empty = ConfigSet::default();
     let resources = snapshot.resources.as_ref().unwrap_or(&empty);
-    let mut errors = match validate::config_set(resources) {
+    let errors = match validate::config_set(resources) {
         Ok(()) => Vec::new(),
         Err(ConfigErrors(errors)) => errors,
     };
-    let mut ids: HashSet<&str> = HashSet::new();
-    validate::for_each_meta(resources, |_, _, meta| {
-        ids.insert(meta.id.as_str());
-    });
-    let consumers: HashSet<&str> = resources
-        .consumers
-        .iter()
-        .filter_map(|c| c.meta.as_ref().map(|m| m.id.as_str()))
-        .collect();
-    let mut keys: HashMap<Vec<u8>, String> = resources
-        .credentials
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| match &c.kind {
-            Some(pb::credential::Kind::ApiKey(key)) => Some((
-                hex::decode(&key.key_sha256).ok()?,
-                format!("credentials[{i}]"),
-            )),
-            _ => None,
-        })
-        .collect();
-    let mut entry_ids: HashMap<[u8; 16], usize> = HashMap::new();
+    let mut rules = ApiKeyRules::new(resources);
     for (i, entry) in snapshot.api_keys.iter().enumerate() {
-        let base = format!("api_keys[{i}]");
+        rules.check(i, entry);
+    }
+    rules.finish(errors)
+}
+
+/// The facts of a well-formed packed API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedKey {
+    pub id: [u8; 16],
+    pub consumer_id: [u8; 16],
+    pub key_sha256: [u8; 32],
+}
+
+/// The rules for a snapshot's packed API keys, checked one entry at a time so that a node can
+/// check a million of them as it decodes them, without holding them all decoded: well-formed
+/// ids and hash, an id no resource has, entries in ascending id order (so each id once, and
+/// the order the content hash is taken in), a consumer in the snapshot, and a key no other
+/// credential has.
+#[derive(Debug)]
+pub struct ApiKeyRules {
+    resource_ids: HashSet<Uuid>,
+    consumers: HashSet<Uuid>,
+    /// The hashes of the API keys among the resources' own credentials, with their paths.
+    resource_keys: HashMap<[u8; 32], String>,
+    previous_id: Option<(Uuid, usize)>,
+    /// The first 128 bits of each entry's key, with its index: sorted at the end to find a
+    /// key used twice. Two SHA-256s agreeing in 128 bits are taken for one key; by chance that
+    /// happens about once in 10^26 snapshots of a million keys.
+    keys: Vec<([u8; 16], u32)>,
+    /// By entry index, so the errors found at the end sort in with the others.
+    errors: Vec<(usize, FieldError)>,
+}
+
+impl ApiKeyRules {
+    pub fn new(resources: &ConfigSet) -> Self {
+        let mut resource_ids = HashSet::new();
+        validate::for_each_meta(resources, |_, _, meta| {
+            if let Ok(id) = Uuid::parse_str(&meta.id) {
+                resource_ids.insert(id);
+            }
+        });
+        let consumers = resources
+            .consumers
+            .iter()
+            .filter_map(|c| Uuid::parse_str(&c.meta.as_ref()?.id).ok())
+            .collect();
+        let resource_keys = resources
+            .credentials
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match &c.kind {
+                Some(pb::credential::Kind::ApiKey(key)) => {
+                    let mut hash = [0u8; 32];
+                    hex::decode_to_slice(&key.key_sha256, &mut hash).ok()?;
+                    Some((hash, format!("credentials[{i}]")))
+                }
+                _ => None,
+            })
+            .collect();
+        ApiKeyRules {
+            resource_ids,
+            consumers,
+            resource_keys,
+            previous_id: None,
+            keys: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Checks the entry at `index` (entries are checked in order); returns its facts when it
+    /// is well-formed. What is wrong is kept for [`Self::finish`].
+    pub fn check(&mut self, index: usize, entry: &pb::ApiKeyEntry) -> Option<PackedKey> {
+        let base = format!("api_keys[{index}]");
+        let errors_before = self.errors.len();
         let mut fail = |field: &str, reason: String, id: Option<Uuid>| {
-            errors.push(FieldError {
-                path: format!("{base}.{field}"),
-                reason,
-                resource: id.map(|id| pb::ResourceRef {
-                    kind: ResourceKind::Credential as i32,
-                    id: id.to_string(),
-                }),
-            });
+            self.errors
+                .push((index, key_error(format!("{base}.{field}"), reason, id)));
         };
         let id = match uuid_bytes(&entry.id) {
             Ok(id) => Some(id),
@@ -163,48 +208,115 @@ pub fn validate(snapshot: &pb::Snapshot) -> Result<(), ConfigErrors> {
             }
         };
         if let Some(id) = id {
-            if ids.contains(id.to_string().as_str()) {
+            if self.resource_ids.contains(&id) {
                 fail(
                     "id",
                     format!("{id} is also the id of a resource in `resources`"),
                     Some(id),
                 );
-            } else if let Some(first) = entry_ids.insert(*id.as_bytes(), i) {
-                fail(
+            }
+            match self.previous_id {
+                Some((previous, at)) if previous == id => fail(
                     "id",
-                    format!("{id} is also the id of api_keys[{first}]"),
+                    format!("{id} is also the id of api_keys[{at}]"),
                     Some(id),
-                );
-            }
-        }
-        match uuid_bytes(&entry.consumer_id) {
-            Ok(consumer) if !consumers.contains(consumer.to_string().as_str()) => fail(
-                "consumer_id",
-                format!("no consumer has the id {consumer} in this snapshot"),
-                id,
-            ),
-            Ok(_) => {}
-            Err(reason) => fail("consumer_id", reason, id),
-        }
-        if entry.key_sha256.len() == 32 {
-            if let Some(first) = keys.insert(entry.key_sha256.clone(), base.clone()) {
-                fail("key_sha256", format!("the same key as {first}"), id);
-            }
-        } else {
-            fail(
-                "key_sha256",
-                format!(
-                    "must be 32 bytes (a SHA-256), not {}",
-                    entry.key_sha256.len()
                 ),
-                id,
-            );
+                Some((previous, at)) if previous > id => fail(
+                    "id",
+                    format!(
+                        "{id} comes before the id of api_keys[{at}] ({previous}); entries are sorted by id"
+                    ),
+                    Some(id),
+                ),
+                _ => {}
+            }
+            self.previous_id = Some((id, index));
+        }
+        let consumer = match uuid_bytes(&entry.consumer_id) {
+            Ok(consumer) if !self.consumers.contains(&consumer) => {
+                fail(
+                    "consumer_id",
+                    format!("no consumer has the id {consumer} in this snapshot"),
+                    id,
+                );
+                None
+            }
+            Ok(consumer) => Some(consumer),
+            Err(reason) => {
+                fail("consumer_id", reason, id);
+                None
+            }
+        };
+        let key: Option<[u8; 32]> = match entry.key_sha256.as_slice().try_into() {
+            Ok(key) => {
+                if let Some(other) = self.resource_keys.get(&key) {
+                    fail("key_sha256", format!("the same key as {other}"), id);
+                }
+                let mut prefix = [0u8; 16];
+                prefix.copy_from_slice(&entry.key_sha256[..16]);
+                self.keys
+                    .push((prefix, u32::try_from(index).unwrap_or(u32::MAX)));
+                Some(key)
+            }
+            Err(_) => {
+                fail(
+                    "key_sha256",
+                    format!(
+                        "must be 32 bytes (a SHA-256), not {}",
+                        entry.key_sha256.len()
+                    ),
+                    id,
+                );
+                None
+            }
+        };
+        match (id, consumer, key) {
+            (Some(id), Some(consumer), Some(key_sha256)) if self.errors.len() == errors_before => {
+                Some(PackedKey {
+                    id: *id.as_bytes(),
+                    consumer_id: *consumer.as_bytes(),
+                    key_sha256,
+                })
+            }
+            _ => None,
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigErrors(errors))
+
+    /// Adds what was found wrong with the API keys to `errors` (the resources' own).
+    pub fn finish(mut self, mut errors: Vec<FieldError>) -> Result<(), ConfigErrors> {
+        self.keys.sort_unstable();
+        for pair in self.keys.windows(2) {
+            let ((key, first), (other, at)) = (pair[0], pair[1]);
+            if key == other {
+                let at = at as usize;
+                self.errors.push((
+                    at,
+                    key_error(
+                        format!("api_keys[{at}].key_sha256"),
+                        format!("the same key as api_keys[{first}]"),
+                        None,
+                    ),
+                ));
+            }
+        }
+        self.errors.sort_by_key(|(index, _)| *index);
+        errors.extend(self.errors.into_iter().map(|(_, error)| error));
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn key_error(path: String, reason: String, id: Option<Uuid>) -> FieldError {
+    FieldError {
+        path,
+        reason,
+        resource: id.map(|id| pb::ResourceRef {
+            kind: ResourceKind::Credential as i32,
+            id: id.to_string(),
+        }),
     }
 }
 
@@ -339,7 +451,9 @@ consumers:
             ..Default::default()
         });
         let errors = validate(&snapshot).unwrap_err();
-        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        let mut paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        // api_keys[4]'s id may also be out of order, by chance of the UUIDs: one path.
+        paths.dedup();
         assert_eq!(
             paths,
             [
@@ -353,10 +467,16 @@ consumers:
             ],
             "{errors}"
         );
-        assert!(
-            errors.to_string().contains("no consumer has the id"),
-            "{errors}"
-        );
+        for expected in [
+            "no consumer has the id",
+            "entries are sorted by id",
+            "the same key as api_keys[0]",
+        ] {
+            assert!(
+                errors.to_string().contains(expected),
+                "{expected}: {errors}"
+            );
+        }
     }
 
     #[test]

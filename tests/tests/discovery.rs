@@ -470,7 +470,10 @@ async fn a_node_speaking_another_protocol_is_refused_and_the_reason_recorded() -
         status["refused_reason"]
             .as_str()
             .unwrap()
-            .contains("speaks discovery protocol 1"),
+            .contains(&format!(
+                "speaks discovery protocol {}",
+                pb::ProtocolVersion::Current as u32
+            )),
         "{status}"
     );
     assert_eq!(status["build_version"], "9.0.0");

@@ -170,6 +170,10 @@ impl pb::discovery_server::Discovery for DiscoveryService {
     }
 }
 
+/// The largest piece a snapshot is sent in: a node's receive buffer grows to the largest
+/// message it gets, and keeps that size.
+const SNAPSHOT_PART_BYTES: usize = 4 * 1024 * 1024;
+
 /// Deltas kept for reuse; past this many the cache starts again.
 const DELTAS_KEPT: usize = 256;
 
@@ -388,26 +392,60 @@ impl Session {
             }
             _ => None,
         };
-        let (kind, bytes, payload) = match delta {
-            Some(delta) if delta.encoded_len() < current.encoded_len => (
-                "delta",
-                delta.encoded_len(),
-                Payload::Delta(delta.as_ref().clone()),
-            ),
-            _ => (
-                "snapshot",
-                current.encoded_len,
-                Payload::Snapshot(current.snapshot.clone()),
-            ),
+        let kind = match delta {
+            Some(delta) if delta.encoded_len() < current.encoded.len() => {
+                let response = self.response(
+                    current.version,
+                    current.content_hash.clone(),
+                    Payload::Delta(delta.as_ref().clone()),
+                );
+                sent.delta_nonce = Some(response.nonce.clone());
+                self.tx.send(Ok(response)).await.map_err(|_| ())?;
+                self.service.metrics.pushed("delta", delta.encoded_len());
+                "delta"
+            }
+            _ => {
+                self.send_snapshot(current).await?;
+                sent.delta_nonce = None;
+                self.service
+                    .metrics
+                    .pushed("snapshot", current.encoded.len());
+                "snapshot"
+            }
         };
-        let response = self.response(current.version, current.content_hash.clone(), payload);
-        sent.delta_nonce = (kind == "delta").then(|| response.nonce.clone());
-        self.tx.send(Ok(response)).await.map_err(|_| ())?;
-        self.service.metrics.pushed(kind, bytes);
+        tracing::debug!(node = %self.node.id, version = current.version, kind, "pushed");
         sent.hash = current.content_hash.clone();
         sent.base = Some(current.version);
         sent.at = Some(tokio::time::Instant::now());
         Ok(())
+    }
+
+    /// Sends the snapshot in parts of at most [`SNAPSHOT_PART_BYTES`], slices of its one
+    /// encoded copy, all under one nonce.
+    async fn send_snapshot(&mut self, current: &GroupSnapshot) -> Result<(), ()> {
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let total = current.encoded.len();
+        let mut offset = 0;
+        // An empty snapshot is still one (empty) part.
+        loop {
+            let end = (offset + SNAPSHOT_PART_BYTES).min(total);
+            let part = pb::DiscoveryResponse {
+                version: current.version,
+                content_hash: current.content_hash.clone(),
+                nonce: nonce.clone(),
+                payload: Some(Payload::SnapshotPart(pb::SnapshotPart {
+                    offset: offset as u64,
+                    total_bytes: total as u64,
+                    data: current.encoded.slice(offset..end),
+                })),
+            };
+            self.tx.send(Ok(part)).await.map_err(|_| ())?;
+            offset = end;
+            if offset >= total {
+                return Ok(());
+            }
+        }
     }
 
     fn response(

@@ -2,6 +2,8 @@
 //! the delta between two versions of it, read from the change log. Both are shaped (API keys
 //! packed, lists sorted) by [`sluice_proto::snapshot`].
 
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use sluice_proto::pb::{self, ConfigSet, Resource};
 use sluice_proto::snapshot;
 use sqlx::Row;
@@ -19,8 +21,8 @@ pub struct GroupSnapshot {
     pub content_hash: String,
     /// Canonical: every list sorted by id.
     pub snapshot: pb::Snapshot,
-    /// Its encoded size, for choosing between it and a delta.
-    pub encoded_len: usize,
+    /// `snapshot` encoded, once for every node it is sent to, in parts.
+    pub encoded: Bytes,
 }
 
 impl Registry {
@@ -28,11 +30,13 @@ impl Registry {
     pub async fn snapshot(&self, group: &str) -> Result<GroupSnapshot, RegistryError> {
         let (version, resources) = self.state(Some(group)).await?;
         let snapshot = snapshot::from_config(resources);
+        // Canonical already, so its encoding is what the content hash is taken over.
+        let encoded = Bytes::from(prost::Message::encode_to_vec(&snapshot));
         Ok(GroupSnapshot {
             version,
-            content_hash: snapshot::content_hash(&snapshot),
-            encoded_len: prost::Message::encoded_len(&snapshot),
+            content_hash: hex::encode(Sha256::digest(&encoded)),
             snapshot,
+            encoded,
         })
     }
 

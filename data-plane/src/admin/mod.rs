@@ -154,6 +154,11 @@ mod tests {
         let (status, body) = get(admin(&store), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("sluice_config_swaps_total"), "{body}");
-        assert!(body.contains("sluice_requests_total{"), "{body}");
+        assert!(
+            body.contains("sluice_upstream_duration_seconds_sum{"),
+            "{body}"
+        );
+        // A route's series appear with its first request, not before.
+        assert!(!body.contains("sluice_requests_total{"), "{body}");
     }
 }

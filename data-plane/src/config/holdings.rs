@@ -1,29 +1,62 @@
 //! What a node holds of its configuration, resource by resource, in structurally shared maps
-//! ([`imbl::OrdMap`]): a clone is O(1), and a delta changes only the entries it names, so a
-//! one-consumer delta on a million API keys copies a few tree nodes rather than the config.
+//! ([`ChunkedMap`]): a clone is O(1), and a delta changes only the entries it names, so a
+//! one-consumer delta on a million API keys copies a few chunks rather than the config.
+//!
+//! Each resource is held as its encoding (a `Resource` message, a few hundred bytes) and
+//! decoded when it is needed, which is seldom: to check a delta against it, or to compile the
+//! router when an API changes. API keys, most of a large config, are held packed in 80 bytes
+//! each. So a node holds about what the snapshot weighs, not the three times more it would
+//! take decoded.
 //!
 //! The maps are ordered as a canonical snapshot is (kind, then id), so the node can re-encode
 //! what it holds byte for byte as the control plane encoded it, and check the content hash a
-//! delta was sent with ([`Holdings::encode_snapshot`]).
+//! delta was sent with ([`Holdings::content_hash`]).
 
 use std::collections::HashSet;
-use std::ops::Bound;
 
-use imbl::OrdMap;
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint};
+use prost_types::Timestamp;
 use sha2::{Digest, Sha256};
 use sluice_proto::pb::{self, ConfigSet, Resource, ResourceKind};
+use sluice_proto::snapshot::{ApiKeyRules, PackedKey};
 use sluice_proto::validate::{self, Locate};
 use sluice_proto::{ConfigErrors, FieldError};
 use uuid::Uuid;
 
+use super::chunked::{self, ChunkedMap};
+
 /// An API-key credential as the node keeps it: fixed-size fields, no heap allocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApiKey {
     pub consumer_id: [u8; 16],
     pub key_sha256: [u8; 32],
-    pub expires_at: Option<prost_types::Timestamp>,
     pub revoked: bool,
+    /// `expires_at`, spelled out: an `Option<Timestamp>` would take 24 of the 64 bytes.
+    has_expiry: bool,
+    expires_nanos: i32,
+    expires_seconds: i64,
+}
+
+impl ApiKey {
+    fn new(key: PackedKey, expires_at: Option<Timestamp>, revoked: bool) -> Self {
+        let expiry = expires_at.unwrap_or_default();
+        ApiKey {
+            consumer_id: key.consumer_id,
+            key_sha256: key.key_sha256,
+            revoked,
+            has_expiry: expires_at.is_some(),
+            expires_nanos: expiry.nanos,
+            expires_seconds: expiry.seconds,
+        }
+    }
+
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        self.has_expiry.then_some(Timestamp {
+            seconds: self.expires_seconds,
+            nanos: self.expires_nanos,
+        })
+    }
 }
 
 /// Kinds whose change recompiles the router, upstreams and certificates, and is checked
@@ -38,15 +71,18 @@ const STRUCTURAL: [ResourceKind; 6] = [
     ResourceKind::Certificate,
 ];
 
+/// A resource's encoding as a `Resource` message. The oneof's field numbers are the
+/// `ConfigSet`'s, so it is also the resource's encoding as an element of a `ConfigSet`.
+type Encoded = Box<[u8]>;
+
 /// The resources of one configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Holdings {
-    /// Every resource but packed API keys, by (kind number, id). The kind numbers are the
-    /// `ConfigSet` field numbers, so in this order the resources encode as the canonical
-    /// `ConfigSet`.
-    resources: OrdMap<(i32, String), Resource>,
+    /// Every resource but packed API keys, by (kind number, id); in this order they encode
+    /// as the canonical `ConfigSet` (ids are canonical UUIDs, which sort as their text does).
+    resources: ChunkedMap<(i32, Uuid), Encoded>,
     /// Packed API-key credentials, by credential id.
-    api_keys: OrdMap<[u8; 16], ApiKey>,
+    api_keys: ChunkedMap<[u8; 16], ApiKey>,
     /// How many of `resources` are of each kind (by kind number), kept as they change so
     /// counting costs nothing.
     counts: [usize; 10],
@@ -60,26 +96,16 @@ pub struct Changed {
 }
 
 impl Holdings {
-    /// Takes in a validated snapshot.
-    pub fn from_snapshot(snapshot: pb::Snapshot) -> Result<Self, ConfigErrors> {
-        let mut holdings = Holdings::default();
-        for resource in snapshot.resources.unwrap_or_default().into_resources() {
-            holdings.insert(resource);
-        }
-        let mut errors = Vec::new();
-        for (i, entry) in snapshot.api_keys.into_iter().enumerate() {
-            match packed(&entry) {
-                Ok((id, key)) => {
-                    holdings.api_keys.insert(id, key);
-                }
-                Err(reason) => errors.push(api_key_error(format!("api_keys[{i}]"), reason, None)),
-            }
-        }
-        if errors.is_empty() {
-            Ok(holdings)
-        } else {
-            Err(ConfigErrors(errors))
-        }
+    /// Takes in an encoded snapshot, whole ([`SnapshotReader`]).
+    pub fn from_encoded(snapshot: &[u8]) -> Result<Self, ConfigErrors> {
+        let mut reader = SnapshotReader::default();
+        reader.feed(snapshot)?;
+        reader.finish()
+    }
+
+    /// Takes in a decoded snapshot (a standalone file's, and tests').
+    pub fn from_snapshot(snapshot: &pb::Snapshot) -> Result<Self, ConfigErrors> {
+        Self::from_encoded(&snapshot.encode_to_vec())
     }
 
     /// These holdings with `delta` applied, checked: the upserted resources one by one
@@ -94,31 +120,41 @@ impl Holdings {
         for removed in &delta.removed {
             let kind = ResourceKind::try_from(removed.kind).unwrap_or(ResourceKind::Unspecified);
             changed.structural |= STRUCTURAL.contains(&kind);
-            next.remove(kind, &removed.id);
+            // An id that is no UUID names nothing held.
+            if let Ok(id) = Uuid::parse_str(&removed.id) {
+                next.remove(kind, id);
+            }
         }
         let upserted = delta.upserted.clone().unwrap_or_default();
         let upserted_counts = KindCounts::of(&upserted);
         let resources = upserted.into_resources();
+        let mut errors = Vec::new();
         for resource in &resources {
             changed.structural |= STRUCTURAL.contains(&resource.kind());
-            next.remove(resource.kind(), resource.id());
-            next.insert(resource.clone());
+            // A malformed id is named by the check below.
+            if let Ok(id) = Uuid::parse_str(resource.id()) {
+                next.remove(resource.kind(), id);
+                next.insert(resource, id);
+            }
         }
-        let mut errors = Vec::new();
         for (i, entry) in delta.upserted_api_keys.iter().enumerate() {
             let at = format!("upserted_api_keys[{i}]");
             match packed(entry) {
-                Ok((id, key)) => {
-                    let consumer = Uuid::from_bytes(key.consumer_id).to_string();
-                    if next.get(ResourceKind::Consumer, &consumer).is_none() {
+                Ok(key) => {
+                    let consumer = Uuid::from_bytes(key.consumer_id);
+                    if !next
+                        .resources
+                        .contains_key(&(ResourceKind::Consumer as i32, consumer))
+                    {
                         errors.push(api_key_error(
                             format!("{at}.consumer_id"),
                             format!("no consumer has the id {consumer}"),
-                            Some(Uuid::from_bytes(id)),
+                            Some(Uuid::from_bytes(key.id)),
                         ));
                     }
-                    next.remove(ResourceKind::Credential, &Uuid::from_bytes(id).to_string());
-                    next.api_keys.insert(id, key);
+                    next.remove(ResourceKind::Credential, Uuid::from_bytes(key.id));
+                    next.api_keys
+                        .insert(key.id, ApiKey::new(key, entry.expires_at, entry.revoked));
                 }
                 Err(reason) => errors.push(api_key_error(at, reason, None)),
             }
@@ -153,51 +189,52 @@ impl Holdings {
             for (kind, id) in resource.references() {
                 let key = (kind as i32, id);
                 if !ours.contains(&key)
+                    && !context.contains(&key)
                     && let Some(found) = self.get(kind, id)
-                    && context.insert(key)
                 {
-                    set.push(found.clone());
+                    context.insert(key);
+                    set.push(found);
                 }
             }
         }
         validate::config_set_judging(&set, &counts, |r| ours.contains(&(r.kind, r.id.as_str())))
     }
 
-    fn insert(&mut self, resource: Resource) {
+    fn insert(&mut self, resource: &Resource, id: Uuid) {
         let kind = resource.kind() as usize;
-        let key = (kind as i32, resource.id().to_owned());
-        if self.resources.insert(key, resource).is_none() {
+        if self
+            .resources
+            .insert((kind as i32, id), encoded(resource))
+            .is_none()
+        {
             self.counts[kind] += 1;
         }
     }
 
     /// Removes whatever is held under `id` as `kind`; a credential may be held packed.
-    fn remove(&mut self, kind: ResourceKind, id: &str) {
-        if self
-            .resources
-            .remove(&(kind as i32, id.to_owned()))
-            .is_some()
-        {
+    fn remove(&mut self, kind: ResourceKind, id: Uuid) {
+        if self.resources.remove(&(kind as i32, id)).is_some() {
             self.counts[kind as usize] -= 1;
         }
-        if kind == ResourceKind::Credential
-            && let Ok(id) = Uuid::parse_str(id)
-        {
+        if kind == ResourceKind::Credential {
             self.api_keys.remove(id.as_bytes());
         }
     }
 
-    fn get(&self, kind: ResourceKind, id: &str) -> Option<&Resource> {
-        self.resources.get(&(kind as i32, id.to_owned()))
+    /// The resource held under `id` as `kind`, decoded.
+    fn get(&self, kind: ResourceKind, id: &str) -> Option<Resource> {
+        let id = Uuid::parse_str(id).ok()?;
+        self.resources
+            .get(&(kind as i32, id))
+            .map(|bytes| decoded(bytes))
     }
 
-    /// The resources of one kind, by id.
-    fn of_kind(&self, kind: ResourceKind) -> impl Iterator<Item = &Resource> {
-        let start = (kind as i32, String::new());
-        let end = (kind as i32 + 1, String::new());
+    /// The resources of one kind, by id, decoded.
+    fn of_kind(&self, kind: ResourceKind) -> impl Iterator<Item = Resource> {
         self.resources
-            .range((Bound::Included(start), Bound::Excluded(end)))
-            .map(|(_, resource)| resource)
+            .iter_from(&(kind as i32, Uuid::nil()))
+            .take_while(move |((k, _), _)| *k == kind as i32)
+            .map(|(_, bytes)| decoded(bytes))
     }
 
     /// How many resources of `kind` are held (API keys included among credentials).
@@ -210,73 +247,321 @@ impl Holdings {
         }
     }
 
-    pub fn apis(&self) -> impl Iterator<Item = &pb::Api> {
+    pub fn apis(&self) -> impl Iterator<Item = pb::Api> {
         self.of_kind(ResourceKind::Api)
-            .filter_map(|r| match &r.kind {
+            .filter_map(|r| match r.kind {
                 Some(pb::resource::Kind::Api(api)) => Some(api),
                 _ => None,
             })
     }
 
-    pub fn upstreams(&self) -> impl Iterator<Item = &pb::Upstream> {
+    pub fn upstreams(&self) -> impl Iterator<Item = pb::Upstream> {
         self.of_kind(ResourceKind::Upstream)
-            .filter_map(|r| match &r.kind {
+            .filter_map(|r| match r.kind {
                 Some(pb::resource::Kind::Upstream(upstream)) => Some(upstream),
                 _ => None,
             })
     }
 
-    pub fn certificates(&self) -> impl Iterator<Item = &pb::Certificate> {
+    pub fn certificates(&self) -> impl Iterator<Item = pb::Certificate> {
         self.of_kind(ResourceKind::Certificate)
-            .filter_map(|r| match &r.kind {
+            .filter_map(|r| match r.kind {
                 Some(pb::resource::Kind::Certificate(certificate)) => Some(certificate),
                 _ => None,
             })
     }
 
-    /// Every resource but the packed API keys, as one config set (canonical order).
+    /// Every resource but the packed API keys, decoded, as one config set (canonical order).
     pub fn config_set(&self) -> ConfigSet {
-        self.resources.values().cloned().collect()
+        self.resources
+            .iter()
+            .map(|(_, bytes)| decoded(bytes))
+            .collect()
     }
 
-    /// The canonical encoding of the snapshot these holdings are: the same bytes as
-    /// `snapshot::from_config` of the same resources, encoded.
-    pub fn encode_snapshot(&self) -> Vec<u8> {
-        use prost::encoding::{WireType, encode_key, encode_varint};
-        let set_len: usize = self.resources.values().map(Message::encoded_len).sum();
-        let mut out = Vec::with_capacity(set_len + self.api_keys.len() * 80 + 16);
-        // Field 1: the ConfigSet, whose element encodings are exactly those of `Resource`.
-        encode_key(1, WireType::LengthDelimited, &mut out);
-        encode_varint(set_len as u64, &mut out);
-        for resource in self.resources.values() {
-            resource.encode(&mut out).expect("a Vec grows as needed");
+    /// Writes the canonical encoding of the snapshot these holdings are, piece by piece: the
+    /// same bytes as `snapshot::from_config` of the same resources, encoded.
+    pub fn write_snapshot(&self, mut write: impl FnMut(&[u8])) {
+        let set_len: usize = self.resources.iter().map(|(_, bytes)| bytes.len()).sum();
+        let mut scratch = Vec::with_capacity(128);
+        // Field 1: the ConfigSet, whose elements are the held encodings.
+        encode_key(1, WireType::LengthDelimited, &mut scratch);
+        encode_varint(set_len as u64, &mut scratch);
+        write(&scratch);
+        for (_, bytes) in self.resources.iter() {
+            write(bytes);
         }
         // Field 2: the packed keys, one reused entry so no key allocates.
         let mut entry = pb::ApiKeyEntry::default();
-        for (id, key) in &self.api_keys {
+        for (id, key) in self.api_keys.iter() {
             entry.id.clear();
             entry.id.extend_from_slice(id);
             entry.consumer_id.clear();
             entry.consumer_id.extend_from_slice(&key.consumer_id);
             entry.key_sha256.clear();
             entry.key_sha256.extend_from_slice(&key.key_sha256);
-            entry.expires_at = key.expires_at;
+            entry.expires_at = key.expires_at();
             entry.revoked = key.revoked;
-            encode_key(2, WireType::LengthDelimited, &mut out);
-            encode_varint(entry.encoded_len() as u64, &mut out);
-            entry.encode(&mut out).expect("a Vec grows as needed");
+            scratch.clear();
+            encode_key(2, WireType::LengthDelimited, &mut scratch);
+            encode_varint(entry.encoded_len() as u64, &mut scratch);
+            entry.encode(&mut scratch).expect("a Vec grows as needed");
+            write(&scratch);
         }
+    }
+
+    /// [`Self::write_snapshot`] into one buffer.
+    pub fn encode_snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_snapshot(|bytes| out.extend_from_slice(bytes));
         out
     }
 
-    /// Lowercase hex SHA-256 of [`Self::encode_snapshot`]: equal to
+    /// Lowercase hex SHA-256 of the snapshot encoding, hashed as it is written: equal to
     /// [`sluice_proto::snapshot::content_hash`] of the same configuration.
     pub fn content_hash(&self) -> String {
-        hex::encode(Sha256::digest(self.encode_snapshot()))
+        let mut hasher = Sha256::new();
+        self.write_snapshot(|bytes| hasher.update(bytes));
+        hex::encode(hasher.finalize())
     }
 }
 
-fn packed(entry: &pb::ApiKeyEntry) -> Result<([u8; 16], ApiKey), String> {
+fn encoded(resource: &Resource) -> Encoded {
+    resource.encode_to_vec().into_boxed_slice()
+}
+
+fn decoded(bytes: &[u8]) -> Resource {
+    Resource::decode(bytes).expect("held resources are encoded by this node")
+}
+
+/// Takes in an encoded snapshot as it arrives, piece by piece, checking it as
+/// `snapshot::validate` checks one: the resources (the first field, a few percent of a large
+/// snapshot) once they are all in, then each API key as it comes, packed at once. So a
+/// snapshot of a million keys is never held whole, encoded or decoded.
+#[derive(Debug, Default)]
+pub struct SnapshotReader {
+    /// The start of a field whose end has not arrived yet.
+    pending: Vec<u8>,
+    /// Set once the resources are in.
+    taken: Option<Taken>,
+    /// How many API keys have come.
+    keys: usize,
+}
+
+#[derive(Debug)]
+struct Taken {
+    holdings: Holdings,
+    errors: Vec<FieldError>,
+    rules: ApiKeyRules,
+    api_keys: chunked::Builder<[u8; 16], ApiKey>,
+}
+
+impl SnapshotReader {
+    /// Takes in the next bytes of the snapshot. An error here (bytes that are no snapshot)
+    /// ends the reading; what is wrong with the resources and keys is told by [`Self::finish`].
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), ConfigErrors> {
+        let undecodable =
+            |e: String| ConfigErrors::single("", format!("the snapshot does not decode: {e}"));
+        if !self.pending.is_empty() {
+            // Complete the pending field from the front of `bytes`: byte by byte while its
+            // header is cut short, then all it lacks.
+            let mut pending = std::mem::take(&mut self.pending);
+            while let Next::Incomplete { field_len } = next_field(&pending).map_err(undecodable)? {
+                if bytes.is_empty() {
+                    self.pending = pending;
+                    return Ok(());
+                }
+                let wanted = field_len.map_or(1, |len| len - pending.len());
+                let (front, rest) = bytes.split_at(wanted.min(bytes.len()));
+                pending.extend_from_slice(front);
+                bytes = rest;
+            }
+            self.read_fields(&pending).map_err(undecodable)?;
+        }
+        let read = self.read_fields(bytes).map_err(undecodable)?;
+        let rest = &bytes[read..];
+        if let Ok(Next::Incomplete {
+            field_len: Some(len),
+        }) = next_field(rest)
+        {
+            // One allocation for a large field (the resources), not a doubling series.
+            self.pending.reserve_exact(len);
+        }
+        self.pending.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// The holdings, once every byte is in; or everything found wrong.
+    pub fn finish(mut self) -> Result<Holdings, ConfigErrors> {
+        if !self.pending.is_empty() {
+            return Err(ConfigErrors::single(
+                "",
+                format!(
+                    "the snapshot does not decode: it ends inside a field ({} bytes of it came)",
+                    self.pending.len()
+                ),
+            ));
+        }
+        let Taken {
+            mut holdings,
+            errors,
+            rules,
+            api_keys,
+        } = match self.taken.take() {
+            Some(taken) => taken,
+            None => take_resources(ConfigSet::default()),
+        };
+        holdings.api_keys = api_keys.build();
+        rules.finish(errors)?;
+        Ok(holdings)
+    }
+
+    /// Reads the complete fields at the start of `bytes`; returns how many bytes they took.
+    fn read_fields(&mut self, bytes: &[u8]) -> Result<usize, String> {
+        let mut read = 0;
+        while let Next::Field { number, body } = next_field(&bytes[read..])? {
+            let (start, end) = (read + body.start, read + body.end);
+            self.read_field(number, &bytes[start..end])?;
+            read = end;
+        }
+        Ok(read)
+    }
+
+    fn read_field(&mut self, number: u32, bytes: &[u8]) -> Result<(), String> {
+        match number {
+            1 if self.taken.is_some() => {
+                Err("`resources` must come once, before `api_keys`".to_owned())
+            }
+            1 => {
+                let set = ConfigSet::decode(bytes).map_err(|e| format!("resources: {e}"))?;
+                self.taken = Some(take_resources(set));
+                Ok(())
+            }
+            2 => {
+                let index = self.keys;
+                self.keys += 1;
+                let taken = self
+                    .taken
+                    .get_or_insert_with(|| take_resources(ConfigSet::default()));
+                let entry = pb::ApiKeyEntry::decode(bytes)
+                    .map_err(|e| format!("api_keys[{index}]: {e}"))?;
+                if let Some(key) = taken.rules.check(index, &entry)
+                    // One out of order was named by the rules; the snapshot will be refused.
+                    && taken.api_keys.last().is_none_or(|last| *last < key.id)
+                {
+                    taken
+                        .api_keys
+                        .push(key.id, ApiKey::new(key, entry.expires_at, entry.revoked));
+                }
+                Ok(())
+            }
+            // A field a newer control plane may add: not for this node.
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks the resources and holds them; the API keys are checked against them as they come.
+fn take_resources(set: ConfigSet) -> Taken {
+    let errors = match validate::config_set(&set) {
+        Ok(()) => Vec::new(),
+        Err(ConfigErrors(errors)) => errors,
+    };
+    let rules = ApiKeyRules::new(&set);
+    let mut holdings = Holdings::default();
+    let mut resources = Vec::with_capacity(set.len());
+    // One at a time: each decoded resource is freed as its encoding is kept.
+    for resource in set {
+        // A malformed id was reported by the validator.
+        if let Ok(id) = Uuid::parse_str(resource.id()) {
+            holdings.counts[resource.kind() as usize] += 1;
+            resources.push(((resource.kind() as i32, id), encoded(&resource)));
+        }
+    }
+    resources.sort_unstable_by_key(|(key, _)| *key);
+    // Two resources with one id were reported by the validator too.
+    resources.dedup_by(|a, b| a.0 == b.0);
+    holdings.resources = ChunkedMap::from_sorted(resources);
+    Taken {
+        holdings,
+        errors,
+        rules,
+        api_keys: chunked::Builder::default(),
+    }
+}
+
+/// The next field of an encoded message, if all of it is in `bytes`.
+enum Next {
+    /// Field `number`, a length-delimited one, whose contents are `bytes[body]`; other wire
+    /// types come back with an empty body.
+    Field {
+        number: u32,
+        body: std::ops::Range<usize>,
+    },
+    /// The field is cut short; `field_len` is its whole length (header included) once its
+    /// header is in.
+    Incomplete { field_len: Option<usize> },
+}
+
+fn next_field(bytes: &[u8]) -> Result<Next, String> {
+    let incomplete = Ok(Next::Incomplete { field_len: None });
+    let Some((key, key_len)) = varint(bytes)? else {
+        return incomplete;
+    };
+    let number =
+        u32::try_from(key >> 3).map_err(|_| format!("field number {} is too large", key >> 3))?;
+    let (header, body_len) = match key & 7 {
+        // Varint.
+        0 => match varint(&bytes[key_len..])? {
+            Some((_, len)) => (key_len + len, 0),
+            None => return incomplete,
+        },
+        // 64-bit, 32-bit.
+        1 => (key_len + 8, 0),
+        5 => (key_len + 4, 0),
+        // Length-delimited.
+        2 => match varint(&bytes[key_len..])? {
+            Some((len, len_len)) => (
+                key_len + len_len,
+                usize::try_from(len).map_err(|_| format!("field {number} is too long"))?,
+            ),
+            None => return incomplete,
+        },
+        wire => {
+            return Err(format!(
+                "field {number} has wire type {wire}, which no field here has"
+            ));
+        }
+    };
+    let end = header.saturating_add(body_len);
+    if bytes.len() < end {
+        return Ok(Next::Incomplete {
+            field_len: Some(end),
+        });
+    }
+    Ok(Next::Field {
+        number,
+        body: if key & 7 == 2 { header..end } else { end..end },
+    })
+}
+
+/// The varint at the start of `bytes` and its length; `None` when it is cut short.
+fn varint(bytes: &[u8]) -> Result<Option<(u64, usize)>, String> {
+    let mut value = 0u64;
+    for (i, byte) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((value, i + 1)));
+        }
+    }
+    if bytes.len() >= 10 {
+        Err("a varint runs past ten bytes".to_owned())
+    } else {
+        Ok(None)
+    }
+}
+
+fn packed(entry: &pb::ApiKeyEntry) -> Result<PackedKey, String> {
     let id: [u8; 16] = entry
         .id
         .as_slice()
@@ -294,15 +579,11 @@ fn packed(entry: &pb::ApiKeyEntry) -> Result<([u8; 16], ApiKey), String> {
             entry.key_sha256.len()
         )
     })?;
-    Ok((
+    Ok(PackedKey {
         id,
-        ApiKey {
-            consumer_id,
-            key_sha256,
-            expires_at: entry.expires_at,
-            revoked: entry.revoked,
-        },
-    ))
+        consumer_id,
+        key_sha256,
+    })
 }
 
 fn api_key_error(path: String, reason: String, id: Option<Uuid>) -> FieldError {
@@ -411,7 +692,33 @@ subscriptions:
     }
 
     fn holdings(config: &ConfigSet) -> Holdings {
-        Holdings::from_snapshot(snapshot::from_config(config.clone())).unwrap()
+        Holdings::from_snapshot(&snapshot::from_config(config.clone())).unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_read_in_pieces_is_the_snapshot_read_whole() {
+        let encoded = snapshot::from_config(load(DOC)).encode_to_vec();
+        let whole = Holdings::from_encoded(&encoded).unwrap();
+        assert_eq!(whole.encode_snapshot(), encoded);
+        for piece in [1, 2, 3, 7, 64, encoded.len()] {
+            let mut reader = SnapshotReader::default();
+            for chunk in encoded.chunks(piece) {
+                reader.feed(chunk).unwrap();
+            }
+            assert_eq!(
+                reader.finish().unwrap().encode_snapshot(),
+                encoded,
+                "pieces of {piece}"
+            );
+        }
+        let mut cut = SnapshotReader::default();
+        cut.feed(&encoded[..encoded.len() - 1]).unwrap();
+        let error = cut.finish().unwrap_err().to_string();
+        assert!(error.contains("ends inside a field"), "{error}");
+        let mut twice = SnapshotReader::default();
+        twice.feed(&encoded).unwrap();
+        let error = twice.feed(&encoded).unwrap_err().to_string();
+        assert!(error.contains("`resources` must come once"), "{error}");
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! the config they started with. Upstream runtimes (connection pools, counters) are carried
 //! over from the previous config when their upstream did not change.
 
+pub mod chunked;
 pub mod holdings;
 pub mod watch;
+pub mod worker;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,7 @@ use arc_swap::ArcSwapOption;
 use sluice_proto::declarative::{self, Format};
 use sluice_proto::{ConfigErrors, pb, snapshot};
 
-pub use holdings::Holdings;
+pub use holdings::{Holdings, SnapshotReader};
 
 use crate::router::Router;
 use crate::telemetry::Metrics;
@@ -141,17 +143,19 @@ impl CompiledConfig {
         previous: Option<&CompiledConfig>,
         metrics: &Metrics,
     ) -> Result<Self, ConfigErrors> {
-        Self::compile_snapshot(snapshot::from_config(resources), source, previous, metrics)
+        let holdings = Holdings::from_snapshot(&snapshot::from_config(resources))?;
+        let content_hash = holdings.content_hash();
+        Self::build(holdings, content_hash, source, previous, metrics)
     }
 
-    /// Compiles a validated discovery snapshot.
+    /// Checks and compiles a discovery snapshot, read in by `reader`.
     pub fn compile_snapshot(
-        snapshot: pb::Snapshot,
+        reader: SnapshotReader,
         source: Source,
         previous: Option<&CompiledConfig>,
         metrics: &Metrics,
     ) -> Result<Self, ConfigErrors> {
-        let holdings = Holdings::from_snapshot(snapshot)?;
+        let holdings = reader.finish()?;
         let content_hash = holdings.content_hash();
         Self::build(holdings, content_hash, source, previous, metrics)
     }
@@ -199,7 +203,7 @@ impl CompiledConfig {
         for (i, upstream) in holdings.upstreams().enumerate() {
             let id = upstream.meta.as_ref().map_or("", |m| m.id.as_str());
             let old = previous.and_then(|p| p.upstreams.get(id));
-            match Upstream::reuse(upstream, old, metrics) {
+            match Upstream::reuse(&upstream, old, metrics) {
                 Ok(runtime) => {
                     upstreams.insert(runtime.id.clone(), runtime);
                 }
@@ -213,7 +217,7 @@ impl CompiledConfig {
                 }),
             }
         }
-        let certificates: Vec<pb::Certificate> = holdings.certificates().cloned().collect();
+        let certificates: Vec<pb::Certificate> = holdings.certificates().collect();
         let certificates = CertificateStore::compile(&certificates)
             .map_err(|(i, reason)| {
                 errors.push(sluice_proto::FieldError {
@@ -232,7 +236,7 @@ impl CompiledConfig {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let apis: Vec<pb::Api> = holdings.apis().cloned().collect();
+        let apis: Vec<pb::Api> = holdings.apis().collect();
         let router = Router::compile(&apis, &|id| upstreams.get(id).cloned(), metrics)
             .map_err(|e| ConfigErrors::single("apis", e.to_string()))?;
         let routes = apis.iter().map(|a| a.routes.len()).sum();

@@ -35,7 +35,7 @@ pub async fn watch_file(
         last = now;
         let (path, store, metrics) = (path.clone(), store.clone(), metrics.clone());
         // Compiling a large file is CPU work: keep it off the runtime's request threads.
-        let outcome = tokio::task::spawn_blocking(move || {
+        let outcome = super::worker::run(move || {
             let previous = store.current();
             let result = CompiledConfig::from_file(&path, previous.as_deref(), &metrics);
             match result {

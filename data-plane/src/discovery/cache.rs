@@ -6,15 +6,17 @@
 //! to a temporary file in the same folder, synced, then renamed over the old one, so a crash
 //! leaves either the old copy or the new one, never a torn file; the checksum catches the rest.
 
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use prost::Message;
 use sha2::{Digest, Sha256};
 use sluice_proto::pb;
 use tokio::sync::watch;
 
+use super::wire::{Payload, Received};
 use crate::config::Holdings;
 
 /// A configuration to keep: what it is and its version.
@@ -44,8 +46,7 @@ impl Writer {
                 };
                 let path = path.clone();
                 let written = tokio::task::spawn_blocking(move || {
-                    let encoded = copy.holdings.encode_snapshot();
-                    store_snapshot(&path, copy.version, &copy.content_hash, &encoded)
+                    store_snapshot(&path, copy.version, &copy.content_hash, &copy.holdings)
                 })
                 .await;
                 match written {
@@ -71,14 +72,17 @@ impl Writer {
     }
 }
 
-/// Writes an encoded snapshot, with its version and content hash, as the copy at `path`.
+/// Writes `holdings` as the snapshot of `version`, with its content hash, as the copy at
+/// `path`. The snapshot is written as it is encoded, never whole in memory.
 pub fn store_snapshot(
     path: &Path,
     version: u64,
     content_hash: &str,
-    encoded_snapshot: &[u8],
+    holdings: &Holdings,
 ) -> std::io::Result<()> {
     use prost::encoding::{WireType, encode_key, encode_varint};
+    let mut snapshot_len = 0;
+    holdings.write_snapshot(|bytes| snapshot_len += bytes.len());
     // A `DiscoveryResponse` whose payload is the snapshot: prost writes fields in number order,
     // so the header fields then field 10 are the bytes it would have written.
     let mut header = pb::DiscoveryResponse {
@@ -89,26 +93,41 @@ pub fn store_snapshot(
     }
     .encode_to_vec();
     encode_key(10, WireType::LengthDelimited, &mut header);
-    encode_varint(encoded_snapshot.len() as u64, &mut header);
-    store(path, &[&header, encoded_snapshot])
+    encode_varint(snapshot_len as u64, &mut header);
+    store(path, |write| {
+        write(&header);
+        holdings.write_snapshot(write);
+    })
 }
 
-/// Writes a payload (an encoded `DiscoveryResponse`, given in parts) to `path` atomically.
-fn store(path: &Path, payload: &[&[u8]]) -> std::io::Result<()> {
+/// Writes a payload (an encoded `DiscoveryResponse`, written in parts by `payload`) to `path`
+/// atomically, after its checksum.
+fn store(path: &Path, payload: impl FnOnce(&mut dyn FnMut(&[u8]))) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, temp.as_file_mut());
+    // The checksum comes first but is known last: a placeholder, then the real one.
+    out.write_all(&[0; 32])?;
     let mut checksum = Sha256::new();
-    for part in payload {
+    let mut failed = None;
+    payload(&mut |part: &[u8]| {
         checksum.update(part);
+        if failed.is_none() {
+            failed = out.write_all(part).err();
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
-    temp.write_all(&checksum.finalize())?;
-    for part in payload {
-        temp.write_all(part)?;
-    }
-    temp.as_file().sync_all()?;
+    out.flush()?;
+    drop(out);
+    let file = temp.as_file_mut();
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&checksum.finalize())?;
+    file.sync_all()?;
     temp.persist(path).map_err(|e| e.error)?;
     // The rename itself must survive a crash too.
     std::fs::File::open(dir)?.sync_all()
@@ -123,10 +142,18 @@ pub enum CacheError {
     Damaged(PathBuf, &'static str),
 }
 
+/// A snapshot read back from disk, still encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cached {
+    pub version: u64,
+    pub content_hash: String,
+    pub snapshot: Bytes,
+}
+
 /// Reads the copy at `path`: `Ok(None)` when there is none.
-pub fn load(path: &Path) -> Result<Option<pb::DiscoveryResponse>, CacheError> {
+pub fn load(path: &Path) -> Result<Option<Cached>, CacheError> {
     let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+        Ok(bytes) => Bytes::from(bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(CacheError::Read(path.to_owned(), e)),
     };
@@ -134,40 +161,54 @@ pub fn load(path: &Path) -> Result<Option<pb::DiscoveryResponse>, CacheError> {
     if bytes.len() < 32 {
         return Err(damaged("shorter than its checksum"));
     }
-    let (checksum, payload) = bytes.split_at(32);
-    if Sha256::digest(payload).as_slice() != checksum {
+    let (checksum, payload) = (bytes.slice(..32), bytes.slice(32..));
+    if Sha256::digest(&payload).as_slice() != checksum {
         return Err(damaged("its checksum does not match"));
     }
-    let response =
-        pb::DiscoveryResponse::decode(payload).map_err(|_| damaged("it does not decode"))?;
-    if !matches!(
-        response.payload,
-        Some(pb::discovery_response::Payload::Snapshot(_))
-    ) {
+    let response = Received::decode(payload).map_err(|_| damaged("it does not decode"))?;
+    let Some(Payload::Snapshot(snapshot)) = response.payload else {
         return Err(damaged("it holds no snapshot"));
-    }
-    Ok(Some(response))
+    };
+    Ok(Some(Cached {
+        version: response.version,
+        content_hash: response.content_hash,
+        snapshot,
+    }))
 }
 
 #[cfg(test)]
 mod tests {
+    use sluice_proto::declarative::{self, Format};
+    use sluice_proto::snapshot;
+
     use super::*;
+
+    fn holdings() -> (pb::Snapshot, Holdings) {
+        let config = declarative::load(
+            r#"
+format_version: 1
+consumers:
+  - name: acme
+    credentials:
+      - name: main
+        api_key: { key_sha256: "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824" }
+"#,
+            Format::Yaml,
+        )
+        .unwrap();
+        let snapshot = snapshot::from_config(config);
+        let holdings = Holdings::from_snapshot(&snapshot).unwrap();
+        (snapshot, holdings)
+    }
 
     #[test]
     fn a_stored_copy_loads_and_a_damaged_one_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.cache");
         assert!(load(&path).unwrap().is_none());
-        let response = pb::DiscoveryResponse {
-            version: 7,
-            content_hash: "abc".into(),
-            nonce: String::new(),
-            payload: Some(pb::discovery_response::Payload::Snapshot(
-                pb::Snapshot::default(),
-            )),
-        };
-        store(&path, &[&response.encode_to_vec()]).unwrap();
-        assert_eq!(load(&path).unwrap(), Some(response));
+        let (_, held) = holdings();
+        store_snapshot(&path, 7, "abc", &held).unwrap();
+        assert_eq!(load(&path).unwrap().unwrap().version, 7);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
@@ -177,29 +218,26 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_stored_from_its_encoding_loads_as_the_whole_response() {
+    fn a_stored_snapshot_loads_as_the_response_the_control_plane_sent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.cache");
-        let snapshot = pb::Snapshot {
-            resources: Some(pb::ConfigSet::default()),
-            api_keys: vec![pb::ApiKeyEntry {
-                id: vec![1; 16],
-                consumer_id: vec![2; 16],
-                key_sha256: vec![3; 32],
-                expires_at: None,
-                revoked: true,
-            }],
+        let (snapshot, held) = holdings();
+        store_snapshot(&path, 9, "hash", &held).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let sent = pb::DiscoveryResponse {
+            version: 9,
+            content_hash: "hash".into(),
+            nonce: String::new(),
+            payload: Some(pb::discovery_response::Payload::Snapshot(snapshot.clone())),
         };
-        store_snapshot(&path, 9, "hash", &snapshot.encode_to_vec()).unwrap();
-        let response = load(&path).unwrap().unwrap();
+        assert_eq!(bytes[32..], sent.encode_to_vec());
         assert_eq!(
-            response,
-            pb::DiscoveryResponse {
+            load(&path).unwrap(),
+            Some(Cached {
                 version: 9,
                 content_hash: "hash".into(),
-                nonce: String::new(),
-                payload: Some(pb::discovery_response::Payload::Snapshot(snapshot)),
-            }
+                snapshot: Bytes::from(snapshot.encode_to_vec()),
+            })
         );
     }
 }

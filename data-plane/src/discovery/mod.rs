@@ -13,20 +13,23 @@
 //! back and NACKs, and the control plane answers with a snapshot.
 
 pub mod cache;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rand::Rng;
-use sluice_proto::pb::{self, discovery_request::Kind as RequestKind, discovery_response::Payload};
-use sluice_proto::{ConfigErrors, snapshot};
+use sluice_proto::ConfigErrors;
+use sluice_proto::pb::{self, discovery_request::Kind as RequestKind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use crate::config::{CompiledConfig, ConfigStore, Holdings, Source};
+use crate::config::{CompiledConfig, ConfigStore, Holdings, SnapshotReader, Source, worker};
 use crate::telemetry::Metrics;
+use wire::Payload;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -59,8 +62,8 @@ pub async fn start_from_cache(
         let path = path.clone();
         tokio::task::spawn_blocking(move || cache::load(&path)).await
     };
-    let response = match cached {
-        Ok(Ok(Some(response))) => response,
+    let cached = match cached {
+        Ok(Ok(Some(cached))) => cached,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "the cached configuration cannot be used");
@@ -71,11 +74,23 @@ pub async fn start_from_cache(
             return;
         }
     };
-    let (version, hash) = (response.version, response.content_hash.clone());
-    let Some(Payload::Snapshot(snapshot)) = response.payload else {
-        return;
+    let version = cached.version;
+    let started = std::time::Instant::now();
+    let applied = match read_whole(cached.snapshot).await {
+        Ok(reader) => {
+            apply_snapshot(
+                reader,
+                version,
+                &cached.content_hash,
+                started,
+                store,
+                metrics,
+            )
+            .await
+        }
+        Err(errors) => Err(errors),
     };
-    match apply_snapshot(snapshot, version, &hash, store, metrics).await {
+    match applied {
         Ok(_) => {
             tracing::info!(version, path = %path.display(), "serving the cached configuration until a control plane answers")
         }
@@ -126,8 +141,6 @@ async fn session(
         .keep_alive_timeout(Duration::from_secs(5))
         .connect()
         .await?;
-    let mut client = pb::discovery_client::DiscoveryClient::new(channel)
-        .max_decoding_message_size(MAX_RESPONSE_BYTES);
     let (tx, rx) = mpsc::channel(8);
     let running = store.current();
     let hello = pb::Hello {
@@ -142,13 +155,12 @@ async fn session(
             .unwrap_or_default(),
     };
     tx.send(request(RequestKind::Hello(hello))).await?;
-    let mut inbound = client
-        .stream_config(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut inbound =
+        wire::stream_config(channel, ReceiverStream::new(rx), MAX_RESPONSE_BYTES).await?;
     tracing::info!(control_plane = %endpoint, "discovery stream open");
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut applied = false;
+    let mut parts = Parts::default();
     loop {
         let message = tokio::select! {
             message = tokio::time::timeout(SILENCE, inbound.message()) => message,
@@ -169,10 +181,29 @@ async fn session(
             response.content_hash.clone(),
         );
         let outcome = match response.payload {
-            Some(Payload::Snapshot(snapshot)) => {
-                apply_snapshot(snapshot, version, &hash, store, metrics).await
+            Some(Payload::SnapshotPart(part)) => {
+                match parts.take_in(part, &nonce, version, &hash).await {
+                    Ok(Some((reader, started))) => {
+                        apply_snapshot(reader, version, &hash, started, store, metrics).await
+                    }
+                    Ok(None) => continue,
+                    Err(errors) => Err(errors),
+                }
             }
-            Some(Payload::Delta(delta)) => apply_delta(delta, version, &hash, store, metrics).await,
+            Some(Payload::Snapshot(snapshot)) => {
+                parts.abandon();
+                let started = std::time::Instant::now();
+                match read_whole(snapshot).await {
+                    Ok(reader) => {
+                        apply_snapshot(reader, version, &hash, started, store, metrics).await
+                    }
+                    Err(errors) => Err(errors),
+                }
+            }
+            Some(Payload::Delta(delta)) => {
+                parts.abandon();
+                apply_delta(*delta, version, &hash, store, metrics).await
+            }
             Some(Payload::Heartbeat(_)) | None => continue,
         };
         let reply = match outcome {
@@ -197,23 +228,130 @@ async fn session(
     }
 }
 
+/// A snapshot whole in one message (the on-disk copy), read in on the configuration thread.
+async fn read_whole(snapshot: Bytes) -> Result<SnapshotReader, ConfigErrors> {
+    worker::run(move || {
+        let mut reader = SnapshotReader::default();
+        reader.feed(&snapshot)?;
+        Ok(reader)
+    })
+    .await
+    .map_err(|e| ConfigErrors::single("", format!("reading the snapshot failed: {e}")))?
+}
+
+/// The snapshot whose parts are arriving, taken in part by part.
+#[derive(Default)]
+struct Parts {
+    reading: Option<Reading>,
+    /// A snapshot whose parts are refused: the rest of its parts are let go by quietly.
+    refused_nonce: Option<String>,
+}
+
+struct Reading {
+    nonce: String,
+    version: u64,
+    content_hash: String,
+    total: u64,
+    next_offset: u64,
+    reader: SnapshotReader,
+    started: std::time::Instant,
+}
+
+impl Parts {
+    /// Takes in one part; returns the reader once the last is in. Reading runs on the
+    /// configuration thread: taking in the resources checks all of them.
+    async fn take_in(
+        &mut self,
+        part: pb::SnapshotPart,
+        nonce: &str,
+        version: u64,
+        content_hash: &str,
+    ) -> Result<Option<(SnapshotReader, std::time::Instant)>, ConfigErrors> {
+        if self.refused_nonce.as_deref() == Some(nonce) {
+            return Ok(None);
+        }
+        let follows = |r: &Reading| {
+            r.nonce == nonce
+                && r.version == version
+                && r.content_hash == content_hash
+                && r.total == part.total_bytes
+                && r.next_offset == part.offset
+        };
+        let mut reading = match self.reading.take() {
+            Some(reading) if follows(&reading) => reading,
+            _ if part.offset == 0 => Reading {
+                nonce: nonce.to_owned(),
+                version,
+                content_hash: content_hash.to_owned(),
+                total: part.total_bytes,
+                next_offset: 0,
+                reader: SnapshotReader::default(),
+                started: std::time::Instant::now(),
+            },
+            _ => {
+                self.refused_nonce = Some(nonce.to_owned());
+                return Err(ConfigErrors::single(
+                    "snapshot_part.offset",
+                    format!(
+                        "a part at offset {} of a snapshot whose earlier parts did not come",
+                        part.offset
+                    ),
+                ));
+            }
+        };
+        let end = part.offset + part.data.len() as u64;
+        if end > part.total_bytes {
+            self.refused_nonce = Some(nonce.to_owned());
+            return Err(ConfigErrors::single(
+                "snapshot_part.data",
+                format!(
+                    "the part ends at byte {end}, past the snapshot's {} bytes",
+                    part.total_bytes
+                ),
+            ));
+        }
+        let mut reader = reading.reader;
+        let (reader, fed) = worker::run(move || {
+            let fed = reader.feed(&part.data);
+            (reader, fed)
+        })
+        .await
+        .map_err(|e| ConfigErrors::single("", format!("reading the snapshot failed: {e}")))?;
+        if let Err(errors) = fed {
+            self.refused_nonce = Some(nonce.to_owned());
+            return Err(errors);
+        }
+        reading.reader = reader;
+        reading.next_offset = end;
+        if end == reading.total {
+            return Ok(Some((reading.reader, reading.started)));
+        }
+        self.reading = Some(reading);
+        Ok(None)
+    }
+
+    /// Another response came: a snapshot not yet whole is not coming.
+    fn abandon(&mut self) {
+        self.reading = None;
+    }
+}
+
 /// Validates, compiles and swaps in a snapshot, off the request path. Returns what the new
 /// config holds, for the on-disk copy.
 async fn apply_snapshot(
-    snapshot: pb::Snapshot,
+    reader: SnapshotReader,
     version: u64,
     expected_hash: &str,
+    started: std::time::Instant,
     store: &Arc<ConfigStore>,
     metrics: &Arc<Metrics>,
 ) -> Result<Holdings, ConfigErrors> {
-    let started = std::time::Instant::now();
     let (store_, metrics_) = (store.clone(), metrics.clone());
     let expected_hash = expected_hash.to_owned();
-    let compiled = tokio::task::spawn_blocking(move || {
-        snapshot::validate(&snapshot)?;
+    let compiled = worker::run(move || {
         let previous = store_.current();
         let compiled = CompiledConfig::compile_snapshot(
-            snapshot,
+            reader,
             Source::ControlPlane { version },
             previous.as_deref(),
             &metrics_,
@@ -267,7 +405,7 @@ async fn apply_delta(
     }
     let (previous_, metrics_) = (previous.clone(), metrics.clone());
     let expected = expected_hash.to_owned();
-    let compiled = tokio::task::spawn_blocking(move || {
+    let compiled = worker::run(move || {
         CompiledConfig::with_delta(&previous_, &delta, version, expected, &metrics_)
     })
     .await
@@ -275,7 +413,7 @@ async fn apply_delta(
     let holdings = compiled.holdings.clone();
     swap(compiled, version, "delta", started, store, metrics);
     let to_check = holdings.clone();
-    let held_hash = tokio::task::spawn_blocking(move || to_check.content_hash())
+    let held_hash = worker::run(move || to_check.content_hash())
         .await
         .map_err(|e| ConfigErrors::single("", format!("checking failed: {e}")))?;
     if held_hash != expected_hash {
@@ -337,4 +475,88 @@ fn nack(nonce: String, store: &ConfigStore, errors: &ConfigErrors) -> RequestKin
 
 fn request(kind: RequestKind) -> pb::DiscoveryRequest {
     pb::DiscoveryRequest { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use sluice_proto::declarative::{self, Format};
+    use sluice_proto::snapshot;
+
+    use super::*;
+
+    fn parts_of(encoded: &Bytes, size: usize) -> Vec<pb::SnapshotPart> {
+        (0..encoded.len())
+            .step_by(size)
+            .map(|offset| pb::SnapshotPart {
+                offset: offset as u64,
+                total_bytes: encoded.len() as u64,
+                data: encoded.slice(offset..(offset + size).min(encoded.len())),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_in_parts_is_read_once_all_are_in_and_a_gap_is_refused() {
+        let config = declarative::load(
+            r#"
+format_version: 1
+upstreams:
+  - name: backend
+    targets: [{ url: "http://127.0.0.1:9" }]
+consumers:
+  - name: acme
+    credentials:
+      - name: main
+        api_key: { key_sha256: "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824" }
+"#,
+            Format::Yaml,
+        )
+        .unwrap();
+        let snapshot = snapshot::from_config(config);
+        let encoded = Bytes::from(snapshot.encode_to_vec());
+        let hash = snapshot::content_hash(&snapshot);
+
+        let mut parts = Parts::default();
+        let all = parts_of(&encoded, 50);
+        assert!(all.len() > 2, "the snapshot is cut into several parts");
+        let last = all.len() - 1;
+        for (i, part) in all.into_iter().enumerate() {
+            let read = parts.take_in(part, "1", 4, &hash).await.unwrap();
+            match read {
+                Some((reader, _)) => {
+                    assert_eq!(i, last, "read only once the last part is in");
+                    let held = reader.finish().unwrap();
+                    assert_eq!(held.content_hash(), hash);
+                }
+                None => assert!(i < last),
+            }
+        }
+
+        // A part that does not follow the one before is refused, and the rest of that
+        // snapshot's parts are let go without another refusal.
+        let mut parts = Parts::default();
+        let mut all = parts_of(&encoded, 50).into_iter();
+        assert!(
+            parts
+                .take_in(all.next().unwrap(), "2", 4, &hash)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let _skipped = all.next();
+        let error = parts
+            .take_in(all.next().unwrap(), "2", 4, &hash)
+            .await
+            .unwrap_err();
+        assert_eq!(error.0[0].path, "snapshot_part.offset", "{error}");
+        for part in all {
+            assert!(parts.take_in(part, "2", 4, &hash).await.unwrap().is_none());
+        }
+        // The next snapshot starts afresh.
+        for part in parts_of(&encoded, encoded.len()) {
+            let (reader, _) = parts.take_in(part, "3", 5, &hash).await.unwrap().unwrap();
+            assert_eq!(reader.finish().unwrap().content_hash(), hash);
+        }
+    }
 }

@@ -230,14 +230,15 @@ impl Router {
                 let action = Action::compile(route, upstream).map_err(error)?;
                 let first_segment = pattern.first_literal_segment().map(str::to_owned);
                 let rank = (route.priority, pattern.exactness(), pattern.literal_len());
+                let name: Arc<str> = route.name.as_str().into();
                 ranked.push(Ranked {
                     route: Route {
                         id: route.id.as_str().into(),
-                        name: route.name.as_str().into(),
+                        metrics: metrics.route(&api_name, &name),
+                        name,
                         api_id: api_id.clone(),
                         api_name: api_name.clone(),
                         action,
-                        metrics: metrics.route(&api_name, &route.name),
                         pattern,
                         methods,
                         headers,

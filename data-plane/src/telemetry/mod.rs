@@ -4,8 +4,8 @@
 //! ([`Metrics::route`], [`Metrics::upstream`]): a request only bumps atomics it already holds,
 //! it never hashes label sets.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -87,19 +87,57 @@ pub struct Metrics {
     pub access_log_dropped: Gauge<u64, AtomicU64>,
 }
 
-/// A route's series, held by the compiled route.
-#[derive(Debug, Clone)]
+/// A route's series, held by the compiled route and made on its first request: a config of
+/// 20k routes would otherwise hold 20k sets of series (about a kilobyte each) for routes that
+/// may never see a request. A route's series appear in `/metrics` once it has served one.
+#[derive(Debug)]
 pub struct RouteMetrics {
+    requests: Family<RouteStatusLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram>,
+    api: Arc<str>,
+    route: Arc<str>,
+    series: OnceLock<RouteSeries>,
+}
+
+#[derive(Debug)]
+struct RouteSeries {
     /// By status class: 1xx to 5xx.
     by_class: [Counter; 5],
-    pub duration: Histogram,
+    duration: Histogram,
 }
 
 impl RouteMetrics {
     pub fn record(&self, status: u16, seconds: f64) {
+        let series = self.series.get_or_init(|| {
+            let class = |status_class| {
+                self.requests
+                    .get_or_create(&RouteStatusLabels {
+                        api: self.api.to_string(),
+                        route: self.route.to_string(),
+                        status_class,
+                    })
+                    .clone()
+            };
+            RouteSeries {
+                by_class: [
+                    class("1xx"),
+                    class("2xx"),
+                    class("3xx"),
+                    class("4xx"),
+                    class("5xx"),
+                ],
+                duration: self
+                    .request_duration
+                    .get_or_create(&RouteLabels {
+                        api: self.api.to_string(),
+                        route: self.route.to_string(),
+                    })
+                    .clone(),
+            }
+        });
         let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.by_class[class].inc();
-        self.duration.observe(seconds);
+        series.by_class[class].inc();
+        series.duration.observe(seconds);
     }
 }
 
@@ -232,31 +270,13 @@ impl Metrics {
         }
     }
 
-    pub fn route(&self, api: &str, route: &str) -> RouteMetrics {
-        let class = |status_class| {
-            self.requests
-                .get_or_create(&RouteStatusLabels {
-                    api: api.to_owned(),
-                    route: route.to_owned(),
-                    status_class,
-                })
-                .clone()
-        };
+    pub fn route(&self, api: &Arc<str>, route: &Arc<str>) -> RouteMetrics {
         RouteMetrics {
-            by_class: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
-            duration: self
-                .request_duration
-                .get_or_create(&RouteLabels {
-                    api: api.to_owned(),
-                    route: route.to_owned(),
-                })
-                .clone(),
+            requests: self.requests.clone(),
+            request_duration: self.request_duration.clone(),
+            api: api.clone(),
+            route: route.clone(),
+            series: OnceLock::new(),
         }
     }
 
