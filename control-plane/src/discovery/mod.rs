@@ -423,8 +423,7 @@ impl Session {
     /// Sends the snapshot in parts of at most [`SNAPSHOT_PART_BYTES`], slices of its one
     /// encoded copy, all under one nonce.
     async fn send_snapshot(&mut self, current: &GroupSnapshot) -> Result<(), ()> {
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
+        let nonce = self.next_nonce();
         let total = current.encoded.len();
         let mut offset = 0;
         // An empty snapshot is still one (empty) part.
@@ -454,13 +453,18 @@ impl Session {
         content_hash: String,
         payload: Payload,
     ) -> pb::DiscoveryResponse {
-        self.nonce += 1;
         pb::DiscoveryResponse {
             version,
             content_hash,
-            nonce: self.nonce.to_string(),
+            nonce: self.next_nonce(),
             payload: Some(payload),
         }
+    }
+
+    /// Unique per response on the stream (the parts of a snapshot share theirs).
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
     }
 }
 

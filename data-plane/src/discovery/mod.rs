@@ -75,22 +75,15 @@ pub async fn start_from_cache(
         }
     };
     let version = cached.version;
-    let started = std::time::Instant::now();
-    let applied = match read_whole(cached.snapshot).await {
-        Ok(reader) => {
-            apply_snapshot(
-                reader,
-                version,
-                &cached.content_hash,
-                started,
-                store,
-                metrics,
-            )
-            .await
-        }
-        Err(errors) => Err(errors),
-    };
-    match applied {
+    match apply_whole(
+        cached.snapshot,
+        version,
+        &cached.content_hash,
+        store,
+        metrics,
+    )
+    .await
+    {
         Ok(_) => {
             tracing::info!(version, path = %path.display(), "serving the cached configuration until a control plane answers")
         }
@@ -192,13 +185,7 @@ async fn session(
             }
             Some(Payload::Snapshot(snapshot)) => {
                 parts.abandon();
-                let started = std::time::Instant::now();
-                match read_whole(snapshot).await {
-                    Ok(reader) => {
-                        apply_snapshot(reader, version, &hash, started, store, metrics).await
-                    }
-                    Err(errors) => Err(errors),
-                }
+                apply_whole(snapshot, version, &hash, store, metrics).await
             }
             Some(Payload::Delta(delta)) => {
                 parts.abandon();
@@ -228,15 +215,24 @@ async fn session(
     }
 }
 
-/// A snapshot whole in one message (the on-disk copy), read in on the configuration thread.
-async fn read_whole(snapshot: Bytes) -> Result<SnapshotReader, ConfigErrors> {
-    worker::run(move || {
+/// Reads in (on the configuration thread) and applies a snapshot whole in one message: the
+/// on-disk copy.
+async fn apply_whole(
+    snapshot: Bytes,
+    version: u64,
+    expected_hash: &str,
+    store: &Arc<ConfigStore>,
+    metrics: &Arc<Metrics>,
+) -> Result<Holdings, ConfigErrors> {
+    let started = std::time::Instant::now();
+    let reader = worker::run(move || {
         let mut reader = SnapshotReader::default();
         reader.feed(&snapshot)?;
         Ok(reader)
     })
     .await
-    .map_err(|e| ConfigErrors::single("", format!("reading the snapshot failed: {e}")))?
+    .map_err(|e| ConfigErrors::single("", format!("reading the snapshot failed: {e}")))??;
+    apply_snapshot(reader, version, expected_hash, started, store, metrics).await
 }
 
 /// The snapshot whose parts are arriving, taken in part by part.
