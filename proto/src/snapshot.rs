@@ -198,7 +198,7 @@ impl ApiKeyRules {
         let errors_before = self.errors.len();
         let mut fail = |field: &str, reason: String, id: Option<Uuid>| {
             self.errors
-                .push((index, key_error(format!("{base}.{field}"), reason, id)));
+                .push((index, api_key_error(format!("{base}.{field}"), reason, id)));
         };
         let id = match uuid_bytes(&entry.id) {
             Ok(id) => Some(id),
@@ -291,7 +291,7 @@ impl ApiKeyRules {
                 let at = at as usize;
                 self.errors.push((
                     at,
-                    key_error(
+                    api_key_error(
                         format!("api_keys[{at}].key_sha256"),
                         format!("the same key as api_keys[{first}]"),
                         None,
@@ -309,7 +309,8 @@ impl ApiKeyRules {
     }
 }
 
-fn key_error(path: String, reason: String, id: Option<Uuid>) -> FieldError {
+/// An error at `path` about a packed API key, naming the credential when its id is known.
+pub fn api_key_error(path: String, reason: String, id: Option<Uuid>) -> FieldError {
     FieldError {
         path,
         reason,

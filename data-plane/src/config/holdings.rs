@@ -19,7 +19,7 @@ use prost::encoding::{WireType, encode_key, encode_varint};
 use prost_types::Timestamp;
 use sha2::{Digest, Sha256};
 use sluice_proto::pb::{self, ConfigSet, Resource, ResourceKind};
-use sluice_proto::snapshot::{ApiKeyRules, PackedKey};
+use sluice_proto::snapshot::{ApiKeyRules, PackedKey, api_key_error};
 use sluice_proto::validate::{self, Locate};
 use sluice_proto::{ConfigErrors, FieldError};
 use uuid::Uuid;
@@ -584,17 +584,6 @@ fn packed(entry: &pb::ApiKeyEntry) -> Result<PackedKey, String> {
         consumer_id,
         key_sha256,
     })
-}
-
-fn api_key_error(path: String, reason: String, id: Option<Uuid>) -> FieldError {
-    FieldError {
-        path,
-        reason,
-        resource: id.map(|id| pb::ResourceRef {
-            kind: ResourceKind::Credential as i32,
-            id: id.to_string(),
-        }),
-    }
 }
 
 /// How many resources of each kind a delta upserted: the first that many of each list in the

@@ -285,24 +285,28 @@ impl Parts {
                 started: std::time::Instant::now(),
             },
             _ => {
-                self.refused_nonce = Some(nonce.to_owned());
-                return Err(ConfigErrors::single(
-                    "snapshot_part.offset",
-                    format!(
-                        "a part at offset {} of a snapshot whose earlier parts did not come",
-                        part.offset
+                return Err(self.refuse(
+                    nonce,
+                    ConfigErrors::single(
+                        "snapshot_part.offset",
+                        format!(
+                            "a part at offset {} of a snapshot whose earlier parts did not come",
+                            part.offset
+                        ),
                     ),
                 ));
             }
         };
         let end = part.offset + part.data.len() as u64;
         if end > part.total_bytes {
-            self.refused_nonce = Some(nonce.to_owned());
-            return Err(ConfigErrors::single(
-                "snapshot_part.data",
-                format!(
-                    "the part ends at byte {end}, past the snapshot's {} bytes",
-                    part.total_bytes
+            return Err(self.refuse(
+                nonce,
+                ConfigErrors::single(
+                    "snapshot_part.data",
+                    format!(
+                        "the part ends at byte {end}, past the snapshot's {} bytes",
+                        part.total_bytes
+                    ),
                 ),
             ));
         }
@@ -314,8 +318,7 @@ impl Parts {
         .await
         .map_err(|e| ConfigErrors::single("", format!("reading the snapshot failed: {e}")))?;
         if let Err(errors) = fed {
-            self.refused_nonce = Some(nonce.to_owned());
-            return Err(errors);
+            return Err(self.refuse(nonce, errors));
         }
         reading.reader = reader;
         reading.next_offset = end;
@@ -324,6 +327,12 @@ impl Parts {
         }
         self.reading = Some(reading);
         Ok(None)
+    }
+
+    /// Refuses the snapshot of `nonce`: the rest of its parts are let go.
+    fn refuse(&mut self, nonce: &str, errors: ConfigErrors) -> ConfigErrors {
+        self.refused_nonce = Some(nonce.to_owned());
+        errors
     }
 
     /// Another response came: a snapshot not yet whole is not coming.
