@@ -8,8 +8,10 @@
 //! `events`.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod discovery;
+pub mod ratelimit;
 pub mod router;
 pub mod server;
 pub mod telemetry;

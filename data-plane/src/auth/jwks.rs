@@ -1,0 +1,1 @@
+//! JWKS documents: fetched, cached and refreshed per URL.

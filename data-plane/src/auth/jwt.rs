@@ -1,0 +1,1 @@
+//! JWT bearer tokens: verification against an issuer's keys.

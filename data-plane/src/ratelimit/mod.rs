@@ -1,0 +1,1 @@
+//! Rate limits: GCRA budgets counted in the node's memory or in Redis.
