@@ -91,6 +91,7 @@ pub fn registry_config() -> ConfigSet {
             meta: meta(ResourceKind::Consumer, name.clone()),
             custom_id: format!("CUST-{c}"),
             disabled: false,
+            policy_ids: Vec::new(),
         });
         set.subscriptions.push(pb::Subscription {
             meta: meta(

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use sluice_data_plane::auth::AccessGuard;
+use sluice_data_plane::auth::jwks::JwksCache;
 use sluice_data_plane::config::{CompiledConfig, ConfigStore, watch};
+use sluice_data_plane::ratelimit::RedisLimiter;
 use sluice_data_plane::server::pipeline::{Gateway, Limits};
 use sluice_data_plane::server::{self, Listener, ListenerSettings};
 use sluice_data_plane::telemetry::Metrics;
@@ -105,6 +108,32 @@ struct Args {
     /// On SIGTERM, how long requests in flight may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Redis for rate limits with `mode: redis` and plans' monthly quotas, shared by every
+    /// node (`redis://host:6379/0`, `rediss://` for TLS). Without it those budgets follow
+    /// their policy's `fail_open`.
+    #[arg(long, value_name = "URL", env = "SLUICE_DP_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key the node writes; nodes sharing budgets share the prefix.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "sluice:",
+        env = "SLUICE_DP_REDIS_PREFIX"
+    )]
+    redis_prefix: String,
+    /// Longest a request waits on Redis for its rate limits (connecting included); past it,
+    /// the policy's `fail_open` decides.
+    #[arg(long, value_name = "DURATION", default_value = "25ms", value_parser = humantime::parse_duration, env = "SLUICE_DP_REDIS_TIMEOUT")]
+    redis_timeout: Duration,
+    /// Most rate-limit budgets counted in this node's memory at once (one per consumer,
+    /// address or API and policy); idle ones make room first.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    local_rate_limit_budgets: usize,
+    /// Failed authentications a client address may make per minute; past it, its attempts
+    /// are refused (429) without being checked until the minute's budget allows another.
+    /// 0 turns this off.
+    #[arg(long, value_name = "N", default_value_t = 60)]
+    auth_failures_per_minute: u64,
 }
 
 fn main() -> ExitCode {
@@ -133,11 +162,28 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
-    let store = Arc::new(ConfigStore::default());
+    let store = Arc::new(ConfigStore::new(JwksCache::new(
+        tokio::runtime::Handle::current(),
+    )));
     let metrics = Arc::new(Metrics::new());
+    let redis = match &args.redis_url {
+        Some(url) => match RedisLimiter::new(url, args.redis_prefix.clone(), args.redis_timeout) {
+            Ok(redis) => Some(redis),
+            Err(e) => {
+                eprintln!("sluice-dp: --redis-url: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let guard = Arc::new(AccessGuard::new(
+        redis,
+        args.local_rate_limit_budgets,
+        args.auth_failures_per_minute,
+    ));
 
     if let Some(path) = &args.config {
-        match CompiledConfig::from_file(path, None, &metrics) {
+        match CompiledConfig::from_file(path, None, &metrics, &store.jwks) {
             Ok(config) => {
                 tracing::info!(path = %path.display(), content_hash = %config.content_hash, routes = config.router.len(), "configuration applied");
                 store.apply(config);
@@ -240,6 +286,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
         Limits {
             max_body_bytes: args.max_body_bytes,
         },
+        guard,
     ));
     let settings = ListenerSettings {
         header_read_timeout: args.header_read_timeout,

@@ -55,6 +55,12 @@ impl Resource {
         use pb::route::Action;
         let mut refs = Vec::new();
         match &self.kind {
+            Some(Kind::Consumer(consumer)) => refs.extend(
+                consumer
+                    .policy_ids
+                    .iter()
+                    .map(|id| (ResourceKind::Policy, id.as_str())),
+            ),
             Some(Kind::Api(api)) => {
                 refs.extend(
                     api.policy_ids

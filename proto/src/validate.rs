@@ -20,6 +20,16 @@ pub const JWT_ALGORITHMS: &[&str] = &[
     "ES384", "EdDSA",
 ];
 
+/// Request headers the data plane sets from the caller's identity, lower-case. Copies sent by
+/// the client are removed first, so an upstream can trust them; nothing else may set them.
+pub const IDENTITY_HEADERS: &[&str] = &[
+    "x-consumer-id",
+    "x-consumer-name",
+    "x-consumer-custom-id",
+    "x-subscription-id",
+    "x-credential-id",
+];
+
 /// Where a resource sits in the source the [`ConfigSet`] came from, for error paths.
 pub trait Locate {
     /// The path of the `index`-th resource of `kind` in the config set.
@@ -406,8 +416,14 @@ impl<'a> Checker<'a> {
             let base = self.enter(ResourceKind::Upstream, i, upstream.meta.as_ref());
             self.upstream(&base, upstream);
         }
+        let policies: HashMap<&str, &pb::Policy> = config
+            .policies
+            .iter()
+            .filter_map(|p| Some((p.meta.as_ref()?.id.as_str(), p)))
+            .collect();
         for (i, consumer) in config.consumers.iter().enumerate() {
-            self.enter(ResourceKind::Consumer, i, consumer.meta.as_ref());
+            let base = self.enter(ResourceKind::Consumer, i, consumer.meta.as_ref());
+            self.consumer_policies(&base, consumer, &policies);
         }
         self.credentials(config);
         for (i, plan) in config.plans.iter().enumerate() {
@@ -420,6 +436,9 @@ impl<'a> Checker<'a> {
             }
             for (j, limit) in plan.rate_limits.iter().enumerate() {
                 self.rate_limit(&format!("{base}.rate_limits[{j}]"), limit);
+            }
+            if pb::rate_limit_policy::Mode::try_from(plan.mode).is_err() {
+                self.error(format!("{base}.mode"), "unknown mode");
             }
         }
         self.subscriptions(config);
@@ -532,6 +551,48 @@ impl<'a> Checker<'a> {
                 let group = self.group.to_owned();
                 self.error(path(), format!("no {what} {id} in group {group:?}"));
             }
+        }
+    }
+
+    /// A consumer's policies follow it on every API, before any route is known: only those
+    /// that need nothing but the caller (IP lists, and rate limits counted per consumer).
+    fn consumer_policies(
+        &mut self,
+        base: &str,
+        consumer: &pb::Consumer,
+        policies: &HashMap<&str, &pb::Policy>,
+    ) {
+        use pb::policy::Kind;
+        use pb::rate_limit_policy::Scope;
+        for (j, id) in consumer.policy_ids.iter().enumerate() {
+            let path = || format!("{base}.policies[{j}]");
+            self.reference(path, ResourceKind::Policy, id);
+            let kind = match policies.get(id.as_str()).map(|p| &p.kind) {
+                // A dangling reference was named just above.
+                None | Some(None) => continue,
+                Some(Some(Kind::IpRestriction(_))) => continue,
+                Some(Some(Kind::RateLimit(r)))
+                    if matches!(
+                        Scope::try_from(r.scope),
+                        Ok(Scope::Consumer | Scope::Unspecified)
+                    ) =>
+                {
+                    continue;
+                }
+                Some(Some(Kind::RateLimit(_))) => "a rate_limit policy not counted per consumer",
+                Some(Some(Kind::KeyAuth(_))) => "a key_auth policy",
+                Some(Some(Kind::Jwt(_))) => "a jwt policy",
+                Some(Some(Kind::Mtls(_))) => "an mtls policy",
+                Some(Some(Kind::Cors(_))) => "a cors policy",
+                Some(Some(Kind::RequestSize(_))) => "a request_size policy",
+            };
+            self.error(
+                path(),
+                format!(
+                    "policy {id} is {kind}; a consumer's policies may only be ip_restriction, \
+                     or rate_limit with scope consumer"
+                ),
+            );
         }
     }
 
@@ -1160,6 +1221,21 @@ impl<'a> Checker<'a> {
                 "mixes HMAC (HS*) with public-key algorithms, which allows key confusion; \
                  use separate issuers",
             );
+        }
+        for (claim, header) in &issuer.claim_headers {
+            if claim.is_empty() {
+                self.error(format!("{path}.claim_headers"), "a claim name is empty");
+            }
+            let at = || format!("{path}.claim_headers.{claim}");
+            self.check(at, check_header_name(header));
+            if IDENTITY_HEADERS.contains(&header.to_ascii_lowercase().as_str()) {
+                self.error(
+                    at(),
+                    format!(
+                        "{header:?} is set by the gateway from the consumer; pick another header"
+                    ),
+                );
+            }
         }
         match &issuer.keys {
             None => self.error(path.to_owned(), "needs exactly one of jwks_url, jwks"),

@@ -135,7 +135,9 @@ mod tests {
 
     #[tokio::test]
     async fn not_ready_until_a_config_is_applied() {
-        let store = Arc::new(ConfigStore::default());
+        let store = Arc::new(ConfigStore::new(crate::auth::jwks::JwksCache::new(
+            tokio::runtime::Handle::current(),
+        )));
         let metrics = Arc::new(Metrics::new());
         let admin = |store: &Arc<ConfigStore>| router(store.clone(), metrics.clone());
         assert_eq!(get(admin(&store), "/healthz").await.0, StatusCode::OK);
@@ -144,7 +146,7 @@ mod tests {
         assert!(body.contains("not-ready"), "{body}");
 
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/sluice.yaml");
-        store.apply(CompiledConfig::from_file(&example, None, &metrics).unwrap());
+        store.apply(CompiledConfig::from_file(&example, None, &metrics, &store.jwks).unwrap());
         assert_eq!(get(admin(&store), "/readyz").await.0, StatusCode::OK);
         let (status, body) = get(admin(&store), "/config").await;
         assert_eq!(status, StatusCode::OK);

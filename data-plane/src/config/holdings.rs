@@ -83,9 +83,157 @@ pub struct Holdings {
     resources: ChunkedMap<(i32, Uuid), Encoded>,
     /// Packed API-key credentials, by credential id.
     api_keys: ChunkedMap<[u8; 16], ApiKey>,
+    /// The lookups a request makes, kept as the maps change: see [`Indexes`].
+    indexes: Indexes,
     /// How many of `resources` are of each kind (by kind number), kept as they change so
     /// counting costs nothing.
     counts: [usize; 10],
+}
+
+/// What a request looks credentials and subscriptions up by. Ids in the values, so the
+/// resources are held once.
+#[derive(Debug, Clone, Default)]
+struct Indexes {
+    /// API keys by the first 4 bytes of their SHA-256, then credential id: 20 bytes a key
+    /// (a million keys add a fifth of what they weigh in a snapshot). The credential's whole
+    /// hash is compared on lookup.
+    api_keys: ChunkedMap<([u8; 4], [u8; 16]), ()>,
+    /// Subscription id by (consumer id, API id): a consumer has one subscription per API.
+    subscriptions: ChunkedMap<([u8; 16], [u8; 16]), [u8; 16]>,
+    /// JWT and client-certificate credential ids by the SHA-256 of what identifies them
+    /// ([`CredentialIdentity::digest`]).
+    identities: ChunkedMap<[u8; 32], [u8; 16]>,
+}
+
+/// What names a credential other than an API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialIdentity<'a> {
+    /// A JWT's issuer and the value of its issuer's consumer claim.
+    Jwt { issuer: &'a str, subject: &'a str },
+    /// A client certificate's SHA-256, lowercase hex.
+    CertificateFingerprint(&'a str),
+    /// A client certificate's subject distinguished name (RFC 4514, as `x509-parser` prints it).
+    CertificateSubject(&'a str),
+}
+
+impl CredentialIdentity<'_> {
+    fn digest(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        // A tag and separators that cannot occur inside the parts keep the kinds apart.
+        match self {
+            CredentialIdentity::Jwt { issuer, subject } => {
+                hasher.update(b"jwt\0");
+                hasher.update(issuer.as_bytes());
+                hasher.update(b"\0");
+                hasher.update(subject.as_bytes());
+            }
+            CredentialIdentity::CertificateFingerprint(fingerprint) => {
+                hasher.update(b"mtls-sha256\0");
+                hasher.update(fingerprint.to_ascii_lowercase().as_bytes());
+            }
+            CredentialIdentity::CertificateSubject(subject) => {
+                hasher.update(b"mtls-subject\0");
+                hasher.update(subject.as_bytes());
+            }
+        }
+        hasher.finalize().into()
+    }
+
+    /// What identifies `credential`, when it is a JWT or client-certificate credential.
+    fn of(credential: &pb::Credential) -> Option<CredentialIdentity<'_>> {
+        use pb::credential::Kind;
+        match &credential.kind {
+            Some(Kind::Jwt(jwt)) => Some(CredentialIdentity::Jwt {
+                issuer: &jwt.issuer,
+                subject: &jwt.subject,
+            }),
+            Some(Kind::Mtls(mtls)) if !mtls.fingerprint_sha256.is_empty() => Some(
+                CredentialIdentity::CertificateFingerprint(&mtls.fingerprint_sha256),
+            ),
+            Some(Kind::Mtls(mtls)) => Some(CredentialIdentity::CertificateSubject(&mtls.subject)),
+            Some(Kind::ApiKey(_)) | None => None,
+        }
+    }
+}
+
+/// The index entries one held resource makes.
+enum IndexEntry {
+    Subscription { consumer_api: ([u8; 16], [u8; 16]) },
+    Identity { digest: [u8; 32] },
+}
+
+impl IndexEntry {
+    fn of(resource: &Resource) -> Option<IndexEntry> {
+        match &resource.kind {
+            Some(pb::resource::Kind::Subscription(s)) => Some(IndexEntry::Subscription {
+                consumer_api: (uuid_bytes(&s.consumer_id)?, uuid_bytes(&s.api_id)?),
+            }),
+            Some(pb::resource::Kind::Credential(c)) => Some(IndexEntry::Identity {
+                digest: CredentialIdentity::of(c)?.digest(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
+    Uuid::parse_str(id).ok().map(Uuid::into_bytes)
+}
+
+fn key_head(sha256: &[u8; 32]) -> [u8; 4] {
+    [sha256[0], sha256[1], sha256[2], sha256[3]]
+}
+
+impl Indexes {
+    /// The indexes of a whole snapshot's resources (API keys aside), sorted and packed at
+    /// once rather than inserted one at a time.
+    fn from_entries(entries: Vec<(IndexEntry, [u8; 16])>) -> Self {
+        let mut subscriptions = Vec::new();
+        let mut identities = Vec::new();
+        for (entry, id) in entries {
+            match entry {
+                IndexEntry::Subscription { consumer_api } => subscriptions.push((consumer_api, id)),
+                IndexEntry::Identity { digest } => identities.push((digest, id)),
+            }
+        }
+        // Two resources with one key were reported by the validator; one is kept.
+        subscriptions.sort_unstable_by_key(|(key, _)| *key);
+        subscriptions.dedup_by_key(|(key, _)| *key);
+        identities.sort_unstable_by_key(|(key, _)| *key);
+        identities.dedup_by_key(|(key, _)| *key);
+        Indexes {
+            api_keys: ChunkedMap::default(),
+            subscriptions: ChunkedMap::from_sorted(subscriptions),
+            identities: ChunkedMap::from_sorted(identities),
+        }
+    }
+
+    fn add(&mut self, entry: IndexEntry, id: [u8; 16]) {
+        match entry {
+            IndexEntry::Subscription { consumer_api } => {
+                self.subscriptions.insert(consumer_api, id);
+            }
+            IndexEntry::Identity { digest } => {
+                self.identities.insert(digest, id);
+            }
+        }
+    }
+
+    /// Removes the entry `id` made, unless another resource has taken its place since.
+    fn drop(&mut self, entry: IndexEntry, id: [u8; 16]) {
+        match entry {
+            IndexEntry::Subscription { consumer_api } => {
+                if self.subscriptions.get(&consumer_api) == Some(&id) {
+                    self.subscriptions.remove(&consumer_api);
+                }
+            }
+            IndexEntry::Identity { digest } => {
+                if self.identities.get(&digest) == Some(&id) {
+                    self.identities.remove(&digest);
+                }
+            }
+        }
+    }
 }
 
 /// What a delta changed, for deciding what to recompile.
@@ -153,6 +301,9 @@ impl Holdings {
                         ));
                     }
                     next.remove(ResourceKind::Credential, Uuid::from_bytes(key.id));
+                    next.indexes
+                        .api_keys
+                        .insert((key_head(&key.key_sha256), key.id), ());
                     next.api_keys
                         .insert(key.id, ApiKey::new(key, entry.expires_at, entry.revoked));
                 }
@@ -201,6 +352,9 @@ impl Holdings {
     }
 
     fn insert(&mut self, resource: &Resource, id: Uuid) {
+        if let Some(entry) = IndexEntry::of(resource) {
+            self.indexes.add(entry, id.into_bytes());
+        }
         let kind = resource.kind() as usize;
         if self
             .resources
@@ -213,12 +367,85 @@ impl Holdings {
 
     /// Removes whatever is held under `id` as `kind`; a credential may be held packed.
     fn remove(&mut self, kind: ResourceKind, id: Uuid) {
-        if self.resources.remove(&(kind as i32, id)).is_some() {
+        if let Some(old) = self.resources.remove(&(kind as i32, id)) {
             self.counts[kind as usize] -= 1;
+            if let Some(entry) = IndexEntry::of(&decoded(&old)) {
+                self.indexes.drop(entry, id.into_bytes());
+            }
         }
-        if kind == ResourceKind::Credential {
-            self.api_keys.remove(id.as_bytes());
+        if kind == ResourceKind::Credential
+            && let Some(old) = self.api_keys.remove(id.as_bytes())
+        {
+            self.indexes
+                .api_keys
+                .remove(&(key_head(&old.key_sha256), id.into_bytes()));
         }
+    }
+
+    /// The API-key credential whose key hashes to `key_sha256`: its id and what is held of it.
+    pub fn api_key(&self, key_sha256: &[u8; 32]) -> Option<([u8; 16], &ApiKey)> {
+        let head = key_head(key_sha256);
+        self.indexes
+            .api_keys
+            .iter_from(&(head, [0; 16]))
+            .take_while(|((h, _), _)| *h == head)
+            .find_map(|((_, id), _)| {
+                let key = self.api_keys.get(id)?;
+                (key.key_sha256 == *key_sha256).then_some((*id, key))
+            })
+    }
+
+    /// The JWT or client-certificate credential `identity` names.
+    pub fn credential(&self, identity: &CredentialIdentity<'_>) -> Option<pb::Credential> {
+        let id = self.indexes.identities.get(&identity.digest())?;
+        match self
+            .resources
+            .get(&(ResourceKind::Credential as i32, Uuid::from_bytes(*id)))
+            .map(|bytes| decoded(bytes).kind)
+        {
+            Some(Some(pb::resource::Kind::Credential(credential))) => Some(credential),
+            _ => None,
+        }
+    }
+
+    pub fn consumer(&self, id: &[u8; 16]) -> Option<pb::Consumer> {
+        match self
+            .resources
+            .get(&(ResourceKind::Consumer as i32, Uuid::from_bytes(*id)))
+            .map(|bytes| decoded(bytes).kind)
+        {
+            Some(Some(pb::resource::Kind::Consumer(consumer))) => Some(consumer),
+            _ => None,
+        }
+    }
+
+    /// The consumer's subscription to the API, whatever its status.
+    pub fn subscription(&self, consumer: &[u8; 16], api: &[u8; 16]) -> Option<pb::Subscription> {
+        let id = self.indexes.subscriptions.get(&(*consumer, *api))?;
+        match self
+            .resources
+            .get(&(ResourceKind::Subscription as i32, Uuid::from_bytes(*id)))
+            .map(|bytes| decoded(bytes).kind)
+        {
+            Some(Some(pb::resource::Kind::Subscription(subscription))) => Some(subscription),
+            _ => None,
+        }
+    }
+
+    pub fn plans(&self) -> impl Iterator<Item = pb::Plan> {
+        self.of_kind(ResourceKind::Plan)
+            .filter_map(|r| match r.kind {
+                Some(pb::resource::Kind::Plan(plan)) => Some(plan),
+                _ => None,
+            })
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = pb::Policy> {
+        self.of_kind(ResourceKind::Policy)
+            .filter_map(|r| match r.kind {
+                Some(pb::resource::Kind::Policy(policy)) => Some(policy),
+                _ => None,
+            })
     }
 
     /// The resource held under `id` as `kind`, decoded.
@@ -412,6 +639,13 @@ impl SnapshotReader {
             None => take_resources(ConfigSet::default()),
         };
         holdings.api_keys = api_keys.build();
+        let mut heads: Vec<([u8; 4], [u8; 16])> = holdings
+            .api_keys
+            .iter()
+            .map(|(id, key)| (key_head(&key.key_sha256), *id))
+            .collect();
+        heads.sort_unstable();
+        holdings.indexes.api_keys = ChunkedMap::from_sorted(heads.into_iter().map(|k| (k, ())));
         rules.finish(errors)?;
         Ok(holdings)
     }
@@ -470,14 +704,19 @@ fn take_resources(set: ConfigSet) -> Taken {
     let rules = ApiKeyRules::new(&set);
     let mut holdings = Holdings::default();
     let mut resources = Vec::with_capacity(set.len());
+    let mut indexes = Vec::new();
     // One at a time: each decoded resource is freed as its encoding is kept.
     for resource in set {
         // A malformed id was reported by the validator.
         if let Ok(id) = Uuid::parse_str(resource.id()) {
             holdings.counts[resource.kind() as usize] += 1;
+            if let Some(entry) = IndexEntry::of(&resource) {
+                indexes.push((entry, id.into_bytes()));
+            }
             resources.push(((resource.kind() as i32, id), encoded(&resource)));
         }
     }
+    holdings.indexes = Indexes::from_entries(indexes);
     resources.sort_unstable_by_key(|(key, _)| *key);
     // Two resources with one id were reported by the validator too.
     resources.dedup_by(|a, b| a.0 == b.0);

@@ -22,6 +22,8 @@ use sluice_proto::{ConfigErrors, pb, snapshot};
 
 pub use holdings::{Holdings, SnapshotReader};
 
+use crate::auth::AccessPolicies;
+use crate::auth::jwks::JwksCache;
 use crate::router::Router;
 use crate::telemetry::Metrics;
 use crate::tls::CertificateStore;
@@ -94,6 +96,8 @@ pub struct CompiledConfig {
     pub upstreams: Arc<HashMap<Arc<str>, Arc<Upstream>>>,
     /// What the TLS listener presents, by SNI.
     pub certificates: Arc<CertificateStore>,
+    /// Policies and plans, compiled; routes hold what they need of them.
+    pub access: Arc<AccessPolicies>,
     /// The resources it was compiled from, which the next delta applies to. Shares its
     /// structure with the previous config's.
     pub holdings: Holdings,
@@ -118,6 +122,7 @@ impl CompiledConfig {
         path: &Path,
         previous: Option<&CompiledConfig>,
         metrics: &Metrics,
+        jwks: &JwksCache,
     ) -> Result<Self, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
             path: path.to_owned(),
@@ -129,8 +134,14 @@ impl CompiledConfig {
         };
         let started = std::time::Instant::now();
         let resources = declarative::load(&text, Format::from_path(path)).map_err(invalid)?;
-        let compiled = Self::compile(resources, Source::File(path.to_owned()), previous, metrics)
-            .map_err(invalid)?;
+        let compiled = Self::compile(
+            resources,
+            Source::File(path.to_owned()),
+            previous,
+            metrics,
+            jwks,
+        )
+        .map_err(invalid)?;
         metrics.config_applied("file", started.elapsed().as_secs_f64());
         Ok(compiled)
     }
@@ -142,10 +153,11 @@ impl CompiledConfig {
         source: Source,
         previous: Option<&CompiledConfig>,
         metrics: &Metrics,
+        jwks: &JwksCache,
     ) -> Result<Self, ConfigErrors> {
         let holdings = Holdings::from_snapshot(&snapshot::from_config(resources))?;
         let content_hash = holdings.content_hash();
-        Self::build(holdings, content_hash, source, previous, metrics)
+        Self::build(holdings, content_hash, source, previous, metrics, jwks)
     }
 
     /// Checks and compiles a discovery snapshot, read in by `reader`.
@@ -154,10 +166,11 @@ impl CompiledConfig {
         source: Source,
         previous: Option<&CompiledConfig>,
         metrics: &Metrics,
+        jwks: &JwksCache,
     ) -> Result<Self, ConfigErrors> {
         let holdings = reader.finish()?;
         let content_hash = holdings.content_hash();
-        Self::build(holdings, content_hash, source, previous, metrics)
+        Self::build(holdings, content_hash, source, previous, metrics, jwks)
     }
 
     /// `previous` with a delta applied, as `version`. Only a change to an API, upstream,
@@ -172,11 +185,19 @@ impl CompiledConfig {
         version: u64,
         content_hash: String,
         metrics: &Metrics,
+        jwks: &JwksCache,
     ) -> Result<Self, ConfigErrors> {
         let (holdings, changed) = previous.holdings.apply(delta)?;
         let source = Source::ControlPlane { version };
         if changed.structural {
-            return Self::build(holdings, content_hash, source, Some(previous), metrics);
+            return Self::build(
+                holdings,
+                content_hash,
+                source,
+                Some(previous),
+                metrics,
+                jwks,
+            );
         }
         Ok(Self {
             source,
@@ -186,6 +207,7 @@ impl CompiledConfig {
             router: previous.router.clone(),
             upstreams: previous.upstreams.clone(),
             certificates: previous.certificates.clone(),
+            access: previous.access.clone(),
             holdings,
         })
     }
@@ -197,6 +219,7 @@ impl CompiledConfig {
         source: Source,
         previous: Option<&CompiledConfig>,
         metrics: &Metrics,
+        jwks: &JwksCache,
     ) -> Result<Self, ConfigErrors> {
         let mut errors = Vec::new();
         let mut upstreams = HashMap::new();
@@ -233,11 +256,18 @@ impl CompiledConfig {
                 })
             })
             .unwrap_or_default();
+        let access = match AccessPolicies::compile(&holdings, jwks) {
+            Ok(access) => access,
+            Err(ConfigErrors(more)) => {
+                errors.extend(more);
+                AccessPolicies::default()
+            }
+        };
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         let apis: Vec<pb::Api> = holdings.apis().collect();
-        let router = Router::compile(&apis, &|id| upstreams.get(id).cloned(), metrics)
+        let router = Router::compile(&apis, &|id| upstreams.get(id).cloned(), &access, metrics)
             .map_err(|e| ConfigErrors::single("apis", e.to_string()))?;
         let routes = apis.iter().map(|a| a.routes.len()).sum();
         Ok(Self {
@@ -248,19 +278,29 @@ impl CompiledConfig {
             router: Arc::new(router),
             upstreams: Arc::new(upstreams),
             certificates: Arc::new(certificates),
+            access: Arc::new(access),
             holdings,
         })
     }
 }
 
 /// The one place the running configuration lives. Empty until a config is applied; the node
-/// is not ready before then.
-#[derive(Debug, Default)]
+/// is not ready before then. It also keeps what every configuration is compiled against and
+/// that must outlive each one: the JWKS sources.
+#[derive(Debug)]
 pub struct ConfigStore {
     current: ArcSwapOption<CompiledConfig>,
+    pub jwks: JwksCache,
 }
 
 impl ConfigStore {
+    pub fn new(jwks: JwksCache) -> Self {
+        ConfigStore {
+            current: ArcSwapOption::empty(),
+            jwks,
+        }
+    }
+
     /// The configuration to serve a request with, if any is applied.
     pub fn current(&self) -> Option<Arc<CompiledConfig>> {
         self.current.load_full()

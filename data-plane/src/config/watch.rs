@@ -37,7 +37,7 @@ pub async fn watch_file(
         // Compiling a large file is CPU work: keep it off the runtime's request threads.
         let outcome = super::worker::run(move || {
             let previous = store.current();
-            let result = CompiledConfig::from_file(&path, previous.as_deref(), &metrics);
+            let result = CompiledConfig::from_file(&path, previous.as_deref(), &metrics, &store.jwks);
             match result {
                 Ok(config) => {
                     tracing::info!(path = %path.display(), content_hash = %config.content_hash, "configuration reloaded");

@@ -360,6 +360,7 @@ async fn apply_snapshot(
             Source::ControlPlane { version },
             previous.as_deref(),
             &metrics_,
+            &store_.jwks,
         )?;
         if compiled.content_hash != expected_hash {
             return Err(hash_mismatch(
@@ -408,10 +409,17 @@ async fn apply_delta(
             ),
         ));
     }
-    let (previous_, metrics_) = (previous.clone(), metrics.clone());
+    let (previous_, metrics_, store_) = (previous.clone(), metrics.clone(), store.clone());
     let expected = expected_hash.to_owned();
     let compiled = worker::run(move || {
-        CompiledConfig::with_delta(&previous_, &delta, version, expected, &metrics_)
+        CompiledConfig::with_delta(
+            &previous_,
+            &delta,
+            version,
+            expected,
+            &metrics_,
+            &store_.jwks,
+        )
     })
     .await
     .map_err(|e| ConfigErrors::single("", format!("applying failed: {e}")))??;

@@ -25,6 +25,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 use sluice_proto::pb;
 
+use crate::auth::{AccessPolicies, RouteAccess};
 use crate::telemetry::{Metrics, RouteMetrics};
 use crate::upstream::Upstream;
 
@@ -36,6 +37,8 @@ pub struct Route {
     pub api_id: Arc<str>,
     pub api_name: Arc<str>,
     pub action: Action,
+    /// Authentication, authorization and limits.
+    pub access: RouteAccess,
     pub metrics: RouteMetrics,
     pattern: Pattern,
     methods: Vec<Method>,
@@ -177,6 +180,7 @@ impl Router {
     pub fn compile(
         apis: &[pb::Api],
         upstream: &dyn Fn(&str) -> Option<Arc<Upstream>>,
+        policies: &AccessPolicies,
         metrics: &Metrics,
     ) -> Result<Self, CompileError> {
         struct Ranked {
@@ -228,6 +232,7 @@ impl Router {
                     })
                     .collect::<Result<_, CompileError>>()?;
                 let action = Action::compile(route, upstream).map_err(error)?;
+                let access = RouteAccess::compile(api, route, policies).map_err(error)?;
                 let first_segment = pattern.first_literal_segment().map(str::to_owned);
                 let rank = (route.priority, pattern.exactness(), pattern.literal_len());
                 let name: Arc<str> = route.name.as_str().into();
@@ -239,6 +244,7 @@ impl Router {
                         api_id: api_id.clone(),
                         api_name: api_name.clone(),
                         action,
+                        access,
                         pattern,
                         methods,
                         headers,

@@ -12,7 +12,13 @@ fn router(doc: &str) -> Router {
             (runtime.id.to_string(), runtime)
         })
         .collect();
-    Router::compile(&config.apis, &|id| upstreams.get(id).cloned(), &metrics).unwrap()
+    Router::compile(
+        &config.apis,
+        &|id| upstreams.get(id).cloned(),
+        &AccessPolicies::default(),
+        &metrics,
+    )
+    .unwrap()
 }
 
 fn route<'a>(router: &'a Router, host: &str, method: &str, path: &str) -> Option<Matched<'a>> {

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
+use crate::auth::{Denial, rate_limit_headers};
 use crate::router::path::PathError;
 use crate::upstream::{ProxyBody, UpstreamError};
 
@@ -29,6 +30,9 @@ pub enum GatewayError {
     NotServed(&'static str),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// Access control refused the request (401, 403, 429, 503).
+    #[error("{}", .0.detail)]
+    Denied(Box<Denial>),
 }
 
 impl GatewayError {
@@ -41,6 +45,7 @@ impl GatewayError {
             GatewayError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no-route"),
             GatewayError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
             GatewayError::NotServed(_) => (StatusCode::NOT_IMPLEMENTED, "not-implemented"),
+            GatewayError::Denied(denial) => (denial.status, denial.reason),
             GatewayError::Upstream(e) => match e {
                 UpstreamError::NoTarget(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, "no-healthy-upstream")
@@ -94,7 +99,8 @@ impl GatewayError {
     pub fn to_response(&self, request_id: &HeaderValue) -> Response<ProxyBody> {
         let (status, kind) = self.classify();
         let body = serde_json::json!({
-            "type": format!("https://sluice.dev/problems/{kind}"),
+            // Reason codes are snake_case in metrics and logs, kebab-case in problem types.
+            "type": format!("https://sluice.dev/problems/{}", kind.replace('_', "-")),
             "title": status.canonical_reason().unwrap_or_default(),
             "status": status.as_u16(),
             "detail": self.detail(),
@@ -111,7 +117,12 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let GatewayError::Denied(denial) = self {
+            if let Some(challenge) = &denial.challenge {
+                headers.insert(header::WWW_AUTHENTICATE, challenge.clone());
+            }
+            rate_limit_headers(headers, denial.rate.as_ref(), denial.retry_after);
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
             let seconds = match self {
                 // Whole seconds, rounded up: never tell a client to come back too early.
                 GatewayError::Upstream(UpstreamError::CircuitOpen { retry_after, .. }) => {

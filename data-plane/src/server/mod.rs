@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth::mtls::ClientCertificate;
 use framing::{FramingGuard, Verdicts};
 use pipeline::{ConnectionInfo, Gateway};
 
@@ -181,18 +182,26 @@ async fn accept(
             _ = async { stopped.wait_for(|stop| *stop).await.map(|_| ()) } => return,
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnectionInfo { client, scheme };
         let gateway = gateway.clone();
         let verdicts = Arc::new(Verdicts::default());
         let framing = verdicts.clone();
-        let service = service_fn(move |request| {
-            let gateway = gateway.clone();
-            let ambiguous = framing.next_is_ambiguous();
-            async move { Ok::<_, Infallible>(gateway.handle(info, request, ambiguous).await) }
-        });
+        // The connection's service; over TLS, made once the handshake has told whether the
+        // client presented a certificate.
+        let make_service = move |info: ConnectionInfo| {
+            service_fn(move |request| {
+                let (gateway, info) = (gateway.clone(), info.clone());
+                let ambiguous = framing.next_is_ambiguous();
+                async move { Ok::<_, Infallible>(gateway.handle(info, request, ambiguous).await) }
+            })
+        };
         let builder = builder.clone();
         match listener.tls.clone() {
             None => {
+                let service = make_service(ConnectionInfo {
+                    client,
+                    scheme,
+                    certificate: None,
+                });
                 let stream = FramingGuard::new(stream, max_head, max_headers, verdicts);
                 let connection = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -226,6 +235,17 @@ async fn accept(
                             return;
                         }
                     };
+                    let certificate = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(ClientCertificate::from_chain)
+                        .map(Arc::new);
+                    let service = make_service(ConnectionInfo {
+                        client,
+                        scheme,
+                        certificate,
+                    });
                     let stream = FramingGuard::new(stream, max_head, max_headers, verdicts);
                     let connection = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)

@@ -5,10 +5,17 @@
 //! 2. Take the current config once; the request finishes on it even if a new one is swapped
 //!    in meanwhile.
 //! 3. [`path::normalize`] the path once: the router and the upstream see the same path.
-//! 4. Route: host, path, methods, headers, query.
-//! 5. Enforce the body size limit: declared lengths at once, streamed bodies as they arrive.
-//! 6. Dispatch: a direct response, or proxy to the route's upstream.
-//! 7. Response headers (`X-Request-Id`), metrics and one access-log line.
+//! 4. Route: host, path, methods, headers, query (a CORS preflight by the method it asks
+//!    about).
+//! 5. A CORS preflight is answered here, from the route's `cors` policy.
+//! 6. Enforce the body size limit (the node's, or the route's `request_size` if smaller):
+//!    declared lengths at once, streamed bodies as they arrive.
+//! 7. Access control ([`crate::auth`]): IP lists, authentication, subscription, scopes,
+//!    rate limits.
+//! 8. Dispatch: a direct response, or proxy to the route's upstream with the caller's
+//!    identity headers (the client's own copies removed).
+//! 9. Response headers (`X-Request-Id`, CORS, `RateLimit-*`), metrics and one access-log
+//!    line.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -29,7 +36,11 @@ use hyper_util::rt::TokioIo;
 
 use super::error::GatewayError;
 use super::forwarding::{self, X_REQUEST_ID};
+use crate::auth::cors::Cors;
+use crate::auth::mtls::ClientCertificate;
+use crate::auth::{AccessGuard, Caller, Denial, Identity, RouteAccess, rate_limit_headers};
 use crate::config::ConfigStore;
+use crate::ratelimit::Decision;
 use crate::router::path;
 use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, Route};
 use crate::telemetry::Metrics;
@@ -44,11 +55,13 @@ pub struct Limits {
 }
 
 /// What the pipeline knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub client: SocketAddr,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub scheme: &'static str,
+    /// The certificate the client presented in its TLS handshake, if any.
+    pub certificate: Option<Arc<ClientCertificate>>,
 }
 
 /// The data plane's request handler.
@@ -57,6 +70,7 @@ pub struct Gateway {
     store: Arc<ConfigStore>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    guard: Arc<AccessGuard>,
 }
 
 /// What one request amounted to, for the access log and metrics.
@@ -64,16 +78,29 @@ pub struct Gateway {
 struct Outcome {
     route: Option<Arc<Route>>,
     upstream: Option<Arc<str>>,
-    /// Why the gateway answered itself, when it did.
+    /// Why the gateway answered itself, or why access control let the request through.
     reason: Option<&'static str>,
+    /// Access control's verdict (`allow`, `deny`), on routes with policies.
+    decision: Option<&'static str>,
+    consumer: Option<uuid::Uuid>,
+    /// The route's CORS policy and the request's `Origin`, to decorate the answer with.
+    cors: Option<(Arc<Cors>, HeaderValue)>,
+    /// The tightest rate-limit budget the request was counted against.
+    rate: Option<Decision>,
 }
 
 impl Gateway {
-    pub fn new(store: Arc<ConfigStore>, metrics: Arc<Metrics>, limits: Limits) -> Self {
+    pub fn new(
+        store: Arc<ConfigStore>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        guard: Arc<AccessGuard>,
+    ) -> Self {
         Gateway {
             store,
             metrics,
             limits,
+            guard,
         }
     }
 
@@ -95,6 +122,7 @@ impl Gateway {
         let request_id = forwarding::request_id(request.headers());
         let method = request.method().clone();
         let raw_path = request.uri().path().to_owned();
+        let client = connection.client;
         self.metrics.in_flight.inc();
         let mut outcome = Outcome::default();
         let mut response = match self
@@ -110,16 +138,22 @@ impl Gateway {
             Ok(response) => response,
             Err(error) => {
                 let (_, reason) = error.classify();
-                outcome.reason = Some(reason);
+                // Access control named its own reason (a hidden API answers as no route).
+                outcome.reason.get_or_insert(reason);
                 if matches!(error, GatewayError::Upstream(_)) {
                     tracing::warn!(request_id = ?request_id, error = %error, "upstream error");
                 }
                 error.to_response(&request_id)
             }
         };
-        response
-            .headers_mut()
-            .insert(X_REQUEST_ID.clone(), request_id.clone());
+        let headers = response.headers_mut();
+        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        if let Some((cors, origin)) = &outcome.cors {
+            cors.decorate(Some(origin), headers);
+        }
+        if outcome.rate.is_some() && !headers.contains_key("ratelimit-limit") {
+            rate_limit_headers(headers, outcome.rate.as_ref(), None);
+        }
         self.metrics.in_flight.dec();
 
         let status = response.status().as_u16();
@@ -131,7 +165,7 @@ impl Gateway {
         tracing::info!(
             target: "sluice::access",
             request_id = request_id.to_str().unwrap_or_default(),
-            client = %connection.client.ip(),
+            client = %client.ip(),
             method = %method,
             path = %raw_path,
             status,
@@ -139,6 +173,8 @@ impl Gateway {
             api = outcome.route.as_ref().map(|r| &*r.api_name),
             route = outcome.route.as_ref().map(|r| &*r.name),
             upstream = outcome.upstream.as_deref(),
+            consumer = outcome.consumer.map(tracing::field::display),
+            decision = outcome.decision,
             reason = outcome.reason,
         );
         response
@@ -168,16 +204,97 @@ impl Gateway {
             query: request.uri().query(),
             headers: request.headers(),
         };
-        let matched = config
-            .router
-            .route(&parts)
-            .ok_or_else(|| GatewayError::NoRoute {
-                method: request.method().to_string(),
-                path: normalized.to_string(),
-            })?;
-        outcome.route = Some(matched.route.clone());
-        check_declared_length(&request, self.limits.max_body_bytes)?;
-        match &matched.route.action {
+        let no_route = || GatewayError::NoRoute {
+            method: request.method().to_string(),
+            path: normalized.to_string(),
+        };
+        let preflight = Cors::is_preflight(request.method(), request.headers());
+        let matched = match config.router.route(&parts) {
+            Some(matched) => matched,
+            // A preflight asks about another method, which the route may be limited to.
+            None if preflight => {
+                let asked = request
+                    .headers()
+                    .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+                    .and_then(|m| http::Method::from_bytes(m.as_bytes()).ok())
+                    .ok_or_else(no_route)?;
+                let parts = RequestParts {
+                    method: &asked,
+                    ..parts
+                };
+                config.router.route(&parts).ok_or_else(no_route)?
+            }
+            None => return Err(no_route()),
+        };
+        let route = matched.route.clone();
+        outcome.route = Some(route.clone());
+        let access = &route.access;
+        if let Some(cors) = &access.cors {
+            if preflight {
+                return match cors.preflight(request.headers()) {
+                    Ok((status, headers)) => {
+                        let mut response = Response::new(empty_body());
+                        *response.status_mut() = status;
+                        *response.headers_mut() = headers;
+                        Ok(response)
+                    }
+                    Err(refusal) => {
+                        outcome.reason = Some("cors_refused");
+                        Err(GatewayError::Denied(Box::new(Denial {
+                            status: StatusCode::FORBIDDEN,
+                            reason: "cors_refused",
+                            detail: refusal.0,
+                            challenge: None,
+                            rate: None,
+                            retry_after: None,
+                        })))
+                    }
+                };
+            }
+            if let Some(origin) = request.headers().get(header::ORIGIN) {
+                outcome.cors = Some((cors.clone(), origin.clone()));
+            }
+        }
+        let max_body_bytes = access
+            .max_body_bytes
+            .map_or(self.limits.max_body_bytes, |m| {
+                m.min(self.limits.max_body_bytes)
+            });
+        check_declared_length(&request, max_body_bytes)?;
+        let identity = if access.is_open() {
+            None
+        } else {
+            let caller = Caller {
+                ip: connection.client.ip(),
+                headers: request.headers(),
+                query: request.uri().query(),
+                certificate: connection.certificate.as_deref(),
+            };
+            match access
+                .check(&caller, &config.holdings, &config.access, &self.guard)
+                .await
+            {
+                Ok(admission) => {
+                    self.metrics.access_decision("allow", admission.reason);
+                    outcome.decision = Some("allow");
+                    outcome.reason = Some(admission.reason);
+                    outcome.rate = admission.rate.map(|r| r.decision);
+                    outcome.consumer = admission.identity.as_ref().map(|i| i.consumer_id);
+                    admission.identity
+                }
+                Err(denial) => {
+                    self.metrics.access_decision("deny", denial.reason);
+                    outcome.decision = Some("deny");
+                    outcome.reason = Some(denial.reason);
+                    if denial.status == StatusCode::NOT_FOUND {
+                        // The API hides itself: the answer is the one for no route at all.
+                        return Err(no_route());
+                    }
+                    return Err(GatewayError::Denied(denial));
+                }
+            }
+        };
+        match &route.action {
             Action::DirectResponse(direct) => Ok(direct_response(direct)),
             Action::NotServed(what) => Err(GatewayError::NotServed(what)),
             Action::Proxy(proxy) => {
@@ -188,8 +305,13 @@ impl Gateway {
                 outcome.upstream = Some(upstream.name.clone());
                 let forwarded_path = forwarded_path(proxy, &matched, &normalized);
                 self.proxy(
-                    proxy,
-                    &upstream,
+                    Forward {
+                        proxy,
+                        upstream: &upstream,
+                        access,
+                        identity: identity.as_ref(),
+                        max_body_bytes,
+                    },
                     connection,
                     request,
                     forwarded_path,
@@ -205,13 +327,19 @@ impl Gateway {
     /// mirrors) and stream the response back.
     async fn proxy(
         &self,
-        proxy: &ProxyAction,
-        upstream: &Arc<Upstream>,
+        forward: Forward<'_>,
         connection: ConnectionInfo,
         request: Request<Incoming>,
         forwarded_path: String,
         request_id: &HeaderValue,
     ) -> Result<Response<ProxyBody>, GatewayError> {
+        let Forward {
+            proxy,
+            upstream,
+            access,
+            identity,
+            max_body_bytes,
+        } = forward;
         let pass = match &upstream.circuit {
             Some(circuit) => {
                 Some(
@@ -235,7 +363,11 @@ impl Gateway {
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let client_version = parts.version;
-        let path_and_query = PathAndQuery::try_from(match parts.uri.query() {
+        let query = match identity {
+            Some(identity) => identity.forwarded_query(parts.uri.query()),
+            None => parts.uri.query().map(std::borrow::Cow::Borrowed),
+        };
+        let path_and_query = PathAndQuery::try_from(match query {
             Some(query) => format!("{forwarded_path}?{query}"),
             None => forwarded_path,
         })
@@ -247,6 +379,13 @@ impl Gateway {
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         forwarding::strip_hop_by_hop(&mut parts.headers);
+        // Only the gateway says who the caller is.
+        for reserved in access.reserved_headers() {
+            parts.headers.remove(reserved);
+        }
+        if let Some(identity) = identity {
+            identity.apply(&mut parts.headers);
+        }
         let traceparent = forwarding::traceparent(&parts.headers);
         forwarding::set_forwarding(
             &mut parts.headers,
@@ -271,7 +410,7 @@ impl Gateway {
         let method = parts.method.clone();
         let retry_template = (upstream.retry.attempts > 0 && !has_body && upgrade.is_none())
             .then(|| parts.headers.clone());
-        let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
+        let limit = usize::try_from(max_body_bytes).unwrap_or(usize::MAX);
         let body_state = Arc::new(BodyState {
             fault: OnceLock::new(),
             done: AtomicBool::new(!has_body),
@@ -352,7 +491,7 @@ impl Gateway {
         // A failure while sending is the client's when its body was what failed.
         let response = response.map_err(|e| match body_state.fault.get() {
             Some(BodyFault::TooLarge) => GatewayError::BodyTooLarge {
-                limit: self.limits.max_body_bytes,
+                limit: max_body_bytes,
             },
             Some(BodyFault::Malformed) => {
                 GatewayError::Malformed("the request body is not validly framed")
@@ -391,6 +530,16 @@ impl Gateway {
             .boxed(),
         ))
     }
+}
+
+/// What a proxied request is sent with, besides the request itself.
+struct Forward<'a> {
+    proxy: &'a ProxyAction,
+    /// The route's upstream or a canary.
+    upstream: &'a Arc<Upstream>,
+    access: &'a RouteAccess,
+    identity: Option<&'a Identity>,
+    max_body_bytes: u64,
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upgraded upstream

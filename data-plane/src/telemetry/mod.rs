@@ -66,6 +66,12 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccessLabels {
+    decision: &'static str,
+    reason: &'static str,
+}
+
 /// Every metric the node exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -78,6 +84,7 @@ pub struct Metrics {
     ejections: Family<UpstreamLabels, Counter>,
     mirrored: Family<MirrorLabels, Counter>,
     unrouted: Family<ReasonLabels, Counter>,
+    access: Family<AccessLabels, Counter>,
     pub in_flight: Gauge,
     pub client_connections: Gauge,
     pub config_version: Gauge,
@@ -206,6 +213,13 @@ impl Metrics {
             "Requests answered before any route: no route, bad path, malformed, not ready",
             unrouted.clone(),
         );
+        let access = Family::<AccessLabels, Counter>::default();
+        registry.register(
+            "access_decisions",
+            "Access-control decisions on routes with policies, by decision (allow, deny) and \
+             reason code",
+            access.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "requests_in_flight",
@@ -260,6 +274,7 @@ impl Metrics {
             ejections,
             mirrored,
             unrouted,
+            access,
             in_flight,
             client_connections,
             config_version,
@@ -331,6 +346,14 @@ impl Metrics {
         self.config_apply
             .get_or_create(&ApplyLabels { kind })
             .observe(seconds);
+    }
+
+    /// Counts one access-control decision on a route with policies: `decision` is `allow`
+    /// or `deny`, `reason` one of a fixed set of codes (see `docs/access.md`).
+    pub fn access_decision(&self, decision: &'static str, reason: &'static str) {
+        self.access
+            .get_or_create(&AccessLabels { decision, reason })
+            .inc();
     }
 
     pub fn unrouted(&self, reason: &'static str) {

@@ -13,6 +13,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use sluice_proto::pb;
 
+use crate::auth::mtls::DeferredClientAuth;
 use crate::config::ConfigStore;
 
 /// The crypto provider every TLS config of the node is built with.
@@ -117,11 +118,13 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// The TLS listener's configuration: TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`, the
-/// certificate chosen per handshake by [`SniResolver`].
+/// certificate chosen per handshake by [`SniResolver`], and client certificates asked for
+/// while the configuration has an `mtls` policy ([`DeferredClientAuth`]).
 pub fn server_config(store: Arc<ConfigStore>) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+        .with_client_cert_verifier(Arc::new(DeferredClientAuth::new(store.clone(), provider)))
         .with_cert_resolver(Arc::new(SniResolver { store }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))

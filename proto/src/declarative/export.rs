@@ -64,6 +64,7 @@ pub fn export(config: &ConfigSet) -> doc::Document {
                     credentials: credentials.remove(meta.id.as_str()).unwrap_or_default(),
                     custom_id: c.custom_id.clone(),
                     disabled: c.disabled,
+                    policies: names_of(&c.policy_ids),
                     name: meta.name,
                     id: Some(meta.id),
                     group: group_of(&meta.group),
@@ -81,6 +82,8 @@ pub fn export(config: &ConfigSet) -> doc::Document {
                     rate_limits: p.rate_limits.iter().map(export_rate_limit).collect(),
                     monthly_quota: p.monthly_quota,
                     scopes: p.scopes.clone(),
+                    mode: export_mode(p.mode),
+                    fail_open: p.fail_open,
                     name: meta.name,
                     id: Some(meta.id),
                     group: group_of(&meta.group),
@@ -474,6 +477,7 @@ fn export_policy(p: &pb::Policy) -> doc::Policy {
             out.key_auth = Some(doc::KeyAuthPolicy {
                 headers: k.headers.clone(),
                 query_params: k.query_params.clone(),
+                hide_credentials: k.hide_credentials,
             });
         }
         Some(Kind::Jwt(j)) => {
@@ -498,6 +502,11 @@ fn export_policy(p: &pb::Policy) -> doc::Policy {
                             leeway: duration_s(i.leeway_s),
                             consumer_claim: i.consumer_claim.clone(),
                             jwks_refresh: duration_s(i.jwks_refresh_s),
+                            claim_headers: i
+                                .claim_headers
+                                .iter()
+                                .map(|(c, h)| (c.clone(), h.clone()))
+                                .collect(),
                         }
                     })
                     .collect(),
@@ -509,7 +518,7 @@ fn export_policy(p: &pb::Policy) -> doc::Policy {
             })
         }
         Some(Kind::RateLimit(r)) => {
-            use pb::rate_limit_policy::{Mode, Scope};
+            use pb::rate_limit_policy::Scope;
             out.rate_limit = Some(doc::RateLimitPolicy {
                 limits: r.limits.iter().map(export_rate_limit).collect(),
                 scope: match Scope::try_from(r.scope) {
@@ -518,11 +527,7 @@ fn export_policy(p: &pb::Policy) -> doc::Policy {
                     Ok(Scope::Ip) => Some(doc::RateLimitScope::Ip),
                     _ => None,
                 },
-                mode: match Mode::try_from(r.mode) {
-                    Ok(Mode::Local) => Some(doc::RateLimitMode::Local),
-                    Ok(Mode::Redis) => Some(doc::RateLimitMode::Redis),
-                    _ => None,
-                },
+                mode: export_mode(r.mode),
                 fail_open: r.fail_open,
             });
         }
@@ -581,4 +586,13 @@ pub fn export_resource(resource: &pb::Resource) -> serde_json::Value {
         .and_then(|items| items.get(0))
         .cloned()
         .unwrap_or_default()
+}
+
+fn export_mode(mode: i32) -> Option<doc::RateLimitMode> {
+    use pb::rate_limit_policy::Mode;
+    match Mode::try_from(mode) {
+        Ok(Mode::Local) => Some(doc::RateLimitMode::Local),
+        Ok(Mode::Redis) => Some(doc::RateLimitMode::Redis),
+        _ => None,
+    }
 }

@@ -477,6 +477,10 @@ pub struct Consumer {
     pub custom_id: String,
     #[serde(default, skip_serializing_if = "is_false")]
     pub disabled: bool,
+    /// Policy names that follow this consumer on every API: `ip_restriction` and
+    /// `rate_limit` (scope `consumer`) only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<Credential>,
 }
@@ -555,6 +559,14 @@ pub struct Plan {
     pub monthly_quota: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
+    /// Where the rate limits are counted: `local` (default, per node) or `redis` (shared by
+    /// all nodes). The monthly quota is always counted in Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RateLimitMode>,
+    /// While Redis is unreachable: allow (true) or refuse (false, default) requests that
+    /// Redis would count.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fail_open: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -650,6 +662,9 @@ pub struct KeyAuthPolicy {
     /// Query parameters searched after the headers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub query_params: Vec<String>,
+    /// Remove the key from the request before proxying it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub hide_credentials: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -684,6 +699,9 @@ pub struct JwtIssuer {
     /// How often the JWKS is refetched, e.g. "5m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks_refresh: Option<String>,
+    /// Claims passed upstream as headers: claim name to header name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub claim_headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -624,8 +624,19 @@ impl<'a> Normalizer<'a> {
         }
     }
 
-    fn consumer(&mut self, _i: usize, consumer: &doc::Consumer) -> pb::Consumer {
+    fn consumer(&mut self, i: usize, consumer: &doc::Consumer) -> pb::Consumer {
+        let group = consumer
+            .group
+            .as_deref()
+            .unwrap_or(self.default_group)
+            .to_owned();
         pb::Consumer {
+            policy_ids: self.resolve_all(
+                &format!("consumers[{i}].policies"),
+                ResourceKind::Policy,
+                &group,
+                &consumer.policies,
+            ),
             meta: Some(self.meta(
                 ResourceKind::Consumer,
                 consumer.id.as_deref(),
@@ -788,6 +799,8 @@ impl<'a> Normalizer<'a> {
             rate_limits: self.rate_limits(&plan.rate_limits),
             monthly_quota: plan.monthly_quota,
             scopes: plan.scopes.clone(),
+            mode: rate_limit_mode(plan.mode) as i32,
+            fail_open: plan.fail_open,
         }
     }
 
@@ -844,6 +857,7 @@ impl<'a> Normalizer<'a> {
             Some(Kind::KeyAuth(pb::KeyAuthPolicy {
                 headers: k.headers.clone(),
                 query_params: k.query_params.clone(),
+                hide_credentials: k.hide_credentials,
             }))
         } else if let Some(jwt) = &p.jwt {
             Some(Kind::Jwt(pb::JwtPolicy {
@@ -856,7 +870,7 @@ impl<'a> Normalizer<'a> {
                 ca_pem: m.ca_pem.clone(),
             }))
         } else if let Some(r) = &p.rate_limit {
-            use pb::rate_limit_policy::{Mode, Scope};
+            use pb::rate_limit_policy::Scope;
             Some(Kind::RateLimit(pb::RateLimitPolicy {
                 limits: self.rate_limits(&r.limits),
                 scope: match r.scope {
@@ -865,11 +879,7 @@ impl<'a> Normalizer<'a> {
                     Some(doc::RateLimitScope::Api) => Scope::Api,
                     Some(doc::RateLimitScope::Ip) => Scope::Ip,
                 } as i32,
-                mode: match r.mode {
-                    None => Mode::Unspecified,
-                    Some(doc::RateLimitMode::Local) => Mode::Local,
-                    Some(doc::RateLimitMode::Redis) => Mode::Redis,
-                } as i32,
+                mode: rate_limit_mode(r.mode) as i32,
                 fail_open: r.fail_open,
             }))
         } else if let Some(c) = &p.cors {
@@ -928,6 +938,11 @@ impl<'a> Normalizer<'a> {
             consumer_claim: issuer.consumer_claim.clone(),
             jwks_refresh_s: self
                 .duration_s(format!("{path}.jwks_refresh"), issuer.jwks_refresh.as_ref()),
+            claim_headers: issuer
+                .claim_headers
+                .iter()
+                .map(|(claim, header)| (claim.clone(), header.clone()))
+                .collect(),
         }
     }
 
@@ -994,4 +1009,13 @@ fn default_route_name(route: &doc::Route) -> String {
 /// Formats milliseconds the way documents write durations ("250ms", "5s", "1m 30s").
 pub fn format_ms(ms: u64) -> String {
     humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+fn rate_limit_mode(mode: Option<doc::RateLimitMode>) -> pb::rate_limit_policy::Mode {
+    use pb::rate_limit_policy::Mode;
+    match mode {
+        None => Mode::Unspecified,
+        Some(doc::RateLimitMode::Local) => Mode::Local,
+        Some(doc::RateLimitMode::Redis) => Mode::Redis,
+    }
 }

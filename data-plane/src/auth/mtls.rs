@@ -1,0 +1,175 @@
+//! Client certificates: asked for on the TLS listener, checked against each `mtls` policy's
+//! CAs on the routes that have one, and mapped to a consumer by fingerprint or subject.
+//!
+//! The handshake proves the client holds the certificate's key, and nothing more: which CAs
+//! a certificate must chain to depends on the route, which is known only once the request
+//! is read. So the listener takes any certificate ([`DeferredClientAuth`]) and each route's
+//! policy verifies the chain ([`MtlsAuth::verify`]), answering 401 with a reason rather than
+//! failing the handshake with none.
+
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use sha2::{Digest, Sha256};
+use sluice_proto::pb;
+
+use crate::config::ConfigStore;
+
+/// The certificate chain a client presented in its handshake, with what identifies it.
+#[derive(Debug, Clone)]
+pub struct ClientCertificate {
+    chain: Vec<CertificateDer<'static>>,
+    /// SHA-256 of the leaf certificate, lowercase hex.
+    pub fingerprint_sha256: String,
+    /// The leaf's subject distinguished name as `x509-parser` prints it
+    /// (`CN=acme-client, O=Acme`); `None` when the certificate does not parse.
+    pub subject: Option<String>,
+}
+
+impl ClientCertificate {
+    /// `None` for an empty chain (no certificate).
+    pub fn from_chain(chain: &[CertificateDer<'_>]) -> Option<Self> {
+        let leaf = chain.first()?;
+        let subject = x509_parser::parse_x509_certificate(leaf)
+            .ok()
+            .map(|(_, certificate)| certificate.subject().to_string());
+        Some(ClientCertificate {
+            fingerprint_sha256: hex::encode(Sha256::digest(leaf)),
+            subject,
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+        })
+    }
+}
+
+/// One `mtls` policy: the CAs its client certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct MtlsAuth {
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// Why a certificate was refused: a reason code and what to tell the client.
+pub type CertificateRefusal = (&'static str, String);
+
+impl MtlsAuth {
+    pub fn compile(policy: &pb::MtlsPolicy) -> Result<Self, String> {
+        let cas =
+            sluice_proto::tls::parse_chain(&policy.ca_pem).map_err(|e| format!("ca_pem: {e}"))?;
+        let mut roots = RootCertStore::empty();
+        for (i, ca) in cas.into_iter().enumerate() {
+            roots
+                .add(ca)
+                .map_err(|e| format!("ca_pem: certificate {i} cannot be a trust anchor: {e}"))?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+                .build()
+                .map_err(|e| format!("ca_pem: {e}"))?;
+        Ok(MtlsAuth { verifier })
+    }
+
+    /// Checks that `certificate` chains to the policy's CAs, is valid now and is meant for
+    /// client authentication.
+    pub fn verify(&self, certificate: &ClientCertificate) -> Result<(), CertificateRefusal> {
+        let (leaf, intermediates) = certificate
+            .chain
+            .split_first()
+            .ok_or(("missing_credential", "no client certificate".to_owned()))?;
+        self.verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(drop)
+            .map_err(|e| {
+                let reason = match &e {
+                    rustls::Error::InvalidCertificate(
+                        CertificateError::Expired | CertificateError::ExpiredContext { .. },
+                    ) => "certificate_expired",
+                    rustls::Error::InvalidCertificate(
+                        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+                    ) => "certificate_not_yet_valid",
+                    _ => "certificate_untrusted",
+                };
+                (reason, format!("the client certificate is refused: {e}"))
+            })
+    }
+}
+
+/// The TLS listener's client-certificate verifier: asks for a certificate while the running
+/// configuration has an `mtls` policy (browsers would otherwise prompt their users), never
+/// requires one, and checks only that the client holds the certificate's key. The chain is
+/// verified per route by [`MtlsAuth::verify`].
+#[derive(Debug)]
+pub struct DeferredClientAuth {
+    store: Arc<ConfigStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl DeferredClientAuth {
+    pub fn new(store: Arc<ConfigStore>, provider: Arc<CryptoProvider>) -> Self {
+        DeferredClientAuth { store, provider }
+    }
+}
+
+impl ClientCertVerifier for DeferredClientAuth {
+    fn offer_client_auth(&self) -> bool {
+        self.store
+            .current()
+            .is_some_and(|config| config.access.asks_for_certificates())
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: a route's CAs are not known at the handshake, and clients send the
+        // certificate they are configured with whatever the hints say.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
