@@ -109,8 +109,8 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// Redis for rate limits with `mode: redis` and plans' monthly quotas, shared by every
-    /// node (`redis://host:6379/0`, `rediss://` for TLS). Without it those budgets follow
-    /// their policy's `fail_open`.
+    /// node (`redis://host:6379/0`). Without it those budgets follow their policy's
+    /// `fail_open`.
     #[arg(long, value_name = "URL", env = "SLUICE_DP_REDIS_URL")]
     redis_url: Option<String>,
     /// Prefix of every Redis key the node writes; nodes sharing budgets share the prefix.

@@ -20,6 +20,10 @@ pub const JWT_ALGORITHMS: &[&str] = &[
     "ES384", "EdDSA",
 ];
 
+/// How far ahead of the steady rate a burst may let requests run: the data plane's limiter
+/// counts in microseconds and bounds this.
+pub const MAX_BURST_AHEAD_US: u64 = 50 * 365 * 86_400 * 1_000_000;
+
 /// Request headers the data plane sets from the caller's identity, lower-case. Copies sent by
 /// the client are removed first, so an upstream can trust them; nothing else may set them.
 pub const IDENTITY_HEADERS: &[&str] = &[
@@ -1093,15 +1097,40 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// Also the bounds the data plane's limiter counts within (microsecond steps), so a
+    /// limit accepted here always compiles on a node.
     fn rate_limit(&mut self, path: &str, limit: &pb::RateLimit) {
+        use pb::rate_limit::Period;
         if limit.limit == 0 {
             self.error(format!("{path}.limit"), "must be at least 1");
         }
-        match pb::rate_limit::Period::try_from(limit.period) {
-            Ok(pb::rate_limit::Period::Unspecified) | Err(_) => {
+        let period_us: u64 = match Period::try_from(limit.period) {
+            Ok(Period::Unspecified) | Err(_) => {
                 self.error(format!("{path}.per"), "must be second, minute, hour or day");
+                return;
             }
-            Ok(_) => {}
+            Ok(Period::Second) => 1_000_000,
+            Ok(Period::Minute) => 60_000_000,
+            Ok(Period::Hour) => 3_600_000_000,
+            Ok(Period::Day) => 86_400_000_000,
+        };
+        if limit.limit == 0 {
+            return;
+        }
+        let spacing_us = period_us / limit.limit;
+        if spacing_us == 0 {
+            self.error(
+                format!("{path}.limit"),
+                format!("must be at most {period_us} per period (one request per microsecond)"),
+            );
+        } else if spacing_us
+            .checked_mul(limit.burst)
+            .is_none_or(|us| us > MAX_BURST_AHEAD_US)
+        {
+            self.error(
+                format!("{path}.burst"),
+                "lets requests run more than 50 years ahead (burst × period / limit)",
+            );
         }
     }
 

@@ -32,9 +32,10 @@ pub use self::local::LocalLimiter;
 pub use self::redis::{RedisLimiter, RedisUnavailable};
 
 /// The largest tolerance (`burst * period / limit`) a rate may have, in microseconds: 50 years
-/// of 365 days. Times are counted in microseconds, and in Redis they are Lua doubles, exact up
-/// to 2^53 µs (285 years) since 1970; a 50-year tolerance keeps every sum exact until past 2200.
-const MAX_TOLERANCE_US: u64 = 50 * 365 * 86_400 * 1_000_000;
+/// of 365 days (the validator refuses more). Times are counted in microseconds, and in Redis
+/// they are Lua doubles, exact up to 2^53 µs (285 years) since 1970; a 50-year tolerance keeps
+/// every sum exact until past 2200.
+const MAX_TOLERANCE_US: u64 = sluice_proto::validate::MAX_BURST_AHEAD_US;
 
 /// One rate limit: `limit` requests per `period`, `burst` more at once.
 ///
