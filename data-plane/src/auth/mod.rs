@@ -92,6 +92,9 @@ struct FailureThrottle {
 /// failures still spend their budget, so they are caught once room frees up).
 const MAX_THROTTLED: usize = 100_000;
 
+/// Past this many throttled addresses, those whose wait is over are swept out first.
+const SWEEP_THROTTLED: usize = 1024;
+
 /// The budget scope of failed authentications.
 const FAILURES_SCOPE: [u8; 16] = *b"sluice:authfails";
 
@@ -115,7 +118,17 @@ impl FailureThrottle {
             return None;
         }
         let until = *self.throttled.read().ok()?.get(&client)?;
-        until.checked_duration_since(Instant::now())
+        let wait = until.checked_duration_since(Instant::now());
+        if wait.is_none()
+            && let Ok(mut throttled) = self.throttled.write()
+        {
+            // Its wait is over: forget it, and let requests skip the lock once nobody waits.
+            if throttled.get(&client).is_some_and(|u| *u <= Instant::now()) {
+                throttled.remove(&client);
+            }
+            self.any.store(!throttled.is_empty(), Ordering::Relaxed);
+        }
+        wait
     }
 
     fn failed(&self, client: IpAddr, local: &LocalLimiter) {
@@ -140,7 +153,9 @@ impl FailureThrottle {
         let Ok(mut throttled) = self.throttled.write() else {
             return;
         };
-        if throttled.len() >= MAX_THROTTLED {
+        // Addresses whose wait is over are dropped as others are added, so requests stop
+        // taking the lock soon after the last guesser is done.
+        if throttled.len() >= SWEEP_THROTTLED {
             throttled.retain(|_, until| *until > now);
         }
         if throttled.len() < MAX_THROTTLED {

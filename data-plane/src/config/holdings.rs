@@ -1041,6 +1041,58 @@ subscriptions:
     }
 
     #[test]
+    fn requests_find_keys_credentials_and_subscriptions_as_deltas_change_them() {
+        use sha2::{Digest, Sha256};
+        let before = load(DOC);
+        let held = holdings(&before);
+        let acme_key: [u8; 32] =
+            hex::decode("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824")
+                .unwrap()
+                .try_into()
+                .unwrap();
+        let (_, key) = held.api_key(&acme_key).unwrap();
+        let acme = key.consumer_id;
+        assert!(held.api_key(&Sha256::digest(b"nobody").into()).is_none());
+        let jwt = CredentialIdentity::Jwt {
+            issuer: "https://id.example.com",
+            subject: "acme",
+        };
+        assert_eq!(
+            uuid_bytes(&held.credential(&jwt).unwrap().consumer_id),
+            Some(acme)
+        );
+        let orders = uuid_bytes(before.apis[0].meta.as_ref().unwrap().id.as_str()).unwrap();
+        assert!(held.subscription(&acme, &orders).is_some());
+
+        // The JWT subject changes and the subscription goes: the old entries go with them.
+        let after = load(
+            &DOC.replace("subject: \"acme\"", "subject: \"acme-2\"")
+                .replace(
+                    "subscriptions:\n  - consumer: acme\n    api: orders\n    plan: gold\n",
+                    "",
+                )
+                .replace("2cf24dba", "3cf24dba"),
+        );
+        let (next, _) = held.apply(&delta_between(&before, &after)).unwrap();
+        assert!(next.credential(&jwt).is_none());
+        let moved = CredentialIdentity::Jwt {
+            issuer: "https://id.example.com",
+            subject: "acme-2",
+        };
+        assert!(next.credential(&moved).is_some());
+        assert!(next.subscription(&acme, &orders).is_none());
+        assert!(
+            next.api_key(&acme_key).is_none(),
+            "the old key no longer opens"
+        );
+        let mut new_key = acme_key;
+        new_key[0] = 0x3c;
+        assert!(next.api_key(&new_key).is_some());
+        // The holdings the delta applied to still answer as they did.
+        assert!(held.credential(&jwt).is_some() && held.subscription(&acme, &orders).is_some());
+    }
+
+    #[test]
     fn applying_a_delta_leaves_the_old_holdings_as_they_were() {
         let before = load(DOC);
         let held = holdings(&before);
