@@ -39,7 +39,7 @@ use sha2::{Digest, Sha256};
 use sluice_proto::{ConfigErrors, FieldError, pb};
 use uuid::Uuid;
 
-use crate::config::holdings::{CredentialIdentity, Holdings};
+use crate::config::holdings::{CredentialIdentity, HeldSubscription, Holdings};
 use crate::ratelimit::{
     Budget, BudgetKey, Decision, LocalLimiter, Quota, Rate, RedisLimiter, Subject,
 };
@@ -515,8 +515,7 @@ impl RouteAccess {
             }
         }
         let subscription = self.subscription(held, &consumer_id)?;
-        let plan_id = uuid_bytes(&subscription.plan_id);
-        let plan = policies.plans.get(&plan_id);
+        let plan = policies.plans.get(&subscription.plan_id);
         for scope in &self.scopes {
             let held_scope = authenticated.scopes.contains(scope)
                 || plan.is_some_and(|p| p.scopes.contains(scope));
@@ -528,10 +527,9 @@ impl RouteAccess {
             }
         }
         let meta = consumer.meta.unwrap_or_default();
-        let subscription_id = subscription.meta.map(|m| m.id).unwrap_or_default();
         let subscriber = Subscriber {
             consumer_id,
-            subscription_id: uuid_bytes(&subscription_id),
+            subscription_id: subscription.id,
             plan: plan.cloned(),
             consumer_limits,
         };
@@ -541,7 +539,7 @@ impl RouteAccess {
                 consumer_id: Uuid::from_bytes(consumer_id),
                 consumer_name: meta.name,
                 custom_id: consumer.custom_id,
-                subscription_id,
+                subscription_id: Uuid::from_bytes(subscription.id),
                 credential_id: Uuid::from_bytes(authenticated.credential_id),
                 claim_headers: authenticated.claim_headers,
                 hidden_key: authenticated.hidden_key,
@@ -714,8 +712,7 @@ impl RouteAccess {
         &self,
         held: &Holdings,
         consumer_id: &[u8; 16],
-    ) -> Result<pb::Subscription, Box<Denial>> {
-        use pb::subscription::Status;
+    ) -> Result<HeldSubscription, Box<Denial>> {
         let subscription = held
             .subscription(consumer_id, &self.api_id)
             .ok_or_else(|| {
@@ -724,13 +721,13 @@ impl RouteAccess {
                     "the consumer has no subscription to this API".into(),
                 )
             })?;
-        if subscription.status == Status::Suspended as i32 {
+        if subscription.suspended {
             return Err(self.forbidden(
                 "subscription_suspended",
                 "the consumer's subscription to this API is suspended".into(),
             ));
         }
-        if has_passed(subscription.expires_at) {
+        if has_passed(subscription.expires_at()) {
             return Err(self.forbidden(
                 "subscription_expired",
                 "the consumer's subscription to this API has expired".into(),
@@ -993,7 +990,7 @@ pub struct Identity {
     pub consumer_id: Uuid,
     pub consumer_name: String,
     pub custom_id: String,
-    pub subscription_id: String,
+    pub subscription_id: Uuid,
     pub credential_id: Uuid,
     claim_headers: Vec<(HeaderName, HeaderValue)>,
     hidden_key: Option<KeyLocation>,
@@ -1013,7 +1010,7 @@ impl Identity {
         if !self.custom_id.is_empty() {
             set(&IDENTITY_HEADERS[2], &self.custom_id);
         }
-        set(&IDENTITY_HEADERS[3], &self.subscription_id);
+        set(&IDENTITY_HEADERS[3], &self.subscription_id.to_string());
         set(&IDENTITY_HEADERS[4], &self.credential_id.to_string());
         for (name, value) in &self.claim_headers {
             headers.insert(name.clone(), value.clone());

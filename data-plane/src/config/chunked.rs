@@ -21,6 +21,10 @@ type Chunk<K, V> = Arc<Vec<(K, V)>>;
 pub struct ChunkedMap<K, V> {
     /// Non-empty chunks, each sorted, every key of one below every key of the next.
     chunks: Arc<Vec<Chunk<K, V>>>,
+    /// The last key of each chunk, side by side: finding a key's chunk searches these, not
+    /// the chunks themselves, whose last entries lie in as many places in memory as there are
+    /// chunks (a lookup on a million keys would otherwise miss the cache a score of times).
+    fences: Arc<Vec<K>>,
     len: usize,
 }
 
@@ -28,6 +32,7 @@ impl<K, V> Default for ChunkedMap<K, V> {
     fn default() -> Self {
         ChunkedMap {
             chunks: Arc::default(),
+            fences: Arc::default(),
             len: 0,
         }
     }
@@ -87,8 +92,14 @@ impl<K: Ord + Clone, V: Clone> Builder<K, V> {
             self.chunks.push(Arc::new(self.filling));
         }
         self.chunks.shrink_to_fit();
+        let fences = self
+            .chunks
+            .iter()
+            .filter_map(|chunk| chunk.last().map(|(key, _)| key.clone()))
+            .collect();
         ChunkedMap {
             chunks: Arc::new(self.chunks),
+            fences: Arc::new(fences),
             len: self.len,
         }
     }
@@ -117,9 +128,7 @@ impl<K: Ord + Clone, V: Clone> ChunkedMap<K, V> {
 
     /// The chunk `key` belongs in: the first whose last key is not below it, else the last.
     fn chunk_for(&self, key: &K) -> usize {
-        let after = self
-            .chunks
-            .partition_point(|chunk| chunk.last().is_some_and(|(last, _)| last < key));
+        let after = self.fences.partition_point(|last| last < key);
         after.min(self.chunks.len().saturating_sub(1))
     }
 
@@ -136,6 +145,7 @@ impl<K: Ord + Clone, V: Clone> ChunkedMap<K, V> {
     /// Inserts or replaces; returns the value replaced.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         if self.chunks.is_empty() {
+            Arc::make_mut(&mut self.fences).push(key.clone());
             Arc::make_mut(&mut self.chunks).push(Arc::new(vec![(key, value)]));
             self.len = 1;
             return None;
@@ -146,6 +156,11 @@ impl<K: Ord + Clone, V: Clone> ChunkedMap<K, V> {
         match chunk.binary_search_by(|(k, _)| k.cmp(&key)) {
             Ok(at) => Some(std::mem::replace(&mut chunk[at].1, value)),
             Err(at) => {
+                let fences = Arc::make_mut(&mut self.fences);
+                if at == chunk.len() {
+                    // A new last key (the last chunk takes whatever sorts after all).
+                    fences[c] = key.clone();
+                }
                 // Grow by one, not by doubling: most chunks are never touched again.
                 chunk.reserve_exact(1);
                 chunk.insert(at, (key, value));
@@ -153,7 +168,11 @@ impl<K: Ord + Clone, V: Clone> ChunkedMap<K, V> {
                 if chunk.len() >= 2 * CHUNK {
                     let upper = chunk.split_off(CHUNK);
                     chunk.shrink_to_fit();
+                    let lower_last = chunk.last().map(|(k, _)| k.clone());
                     chunks.insert(c + 1, Arc::new(upper));
+                    if let Some(lower_last) = lower_last {
+                        fences.insert(c, lower_last);
+                    }
                 }
                 None
             }
@@ -171,8 +190,14 @@ impl<K: Ord + Clone, V: Clone> ChunkedMap<K, V> {
         let chunks = Arc::make_mut(&mut self.chunks);
         let chunk = Arc::make_mut(&mut chunks[c]);
         let (_, value) = chunk.remove(at);
-        if chunk.is_empty() {
-            chunks.remove(c);
+        let fences = Arc::make_mut(&mut self.fences);
+        match chunk.last() {
+            None => {
+                chunks.remove(c);
+                fences.remove(c);
+            }
+            Some((last, _)) if at == chunk.len() => fences[c] = last.clone(),
+            Some(_) => {}
         }
         self.len -= 1;
         Some(value)
@@ -191,14 +216,18 @@ impl<K: Ord + Clone, V: Clone> ChunkedMap<K, V> {
         from: &K,
     ) -> impl Iterator<Item = (&'a K, &'a V)> + use<'a, K, V> {
         let c = self.chunk_for(from);
-        let skip = self
-            .chunks
-            .get(c)
-            .map_or(0, |chunk| chunk.partition_point(|(k, _)| k < from));
-        self.chunks[c.min(self.chunks.len())..]
+        let (first, rest) = match self.chunks.get(c) {
+            Some(chunk) => {
+                // Into the first chunk by binary search, not by stepping over its entries.
+                let skip = chunk.partition_point(|(k, _)| k < from);
+                (&chunk[skip..], &self.chunks[c + 1..])
+            }
+            None => (&[][..], &self.chunks[..0]),
+        };
+        first
             .iter()
-            .flat_map(|chunk| chunk.iter().map(|(k, v)| (k, v)))
-            .skip(skip)
+            .chain(rest.iter().flat_map(|chunk| chunk.iter()))
+            .map(|(k, v)| (k, v))
     }
 }
 
@@ -244,6 +273,16 @@ mod tests {
                 .iter()
                 .all(|chunk| !chunk.is_empty() && chunk.len() < 2 * CHUNK)
         );
+        let lasts: Vec<u32> = map.chunks.iter().map(|c| c.last().unwrap().0).collect();
+        assert_eq!(*map.fences, lasts, "the fences are the chunks' last keys");
+        for from in [0, 1, 3999, 4001, 7999, 9000] {
+            assert!(
+                map.iter_from(&from)
+                    .map(|(k, v)| (*k, *v))
+                    .eq(model.range(from..).map(|(k, v)| (*k, *v))),
+                "iter_from({from})"
+            );
+        }
         for (old, expected) in kept {
             assert!(old.iter().map(|(k, v)| (*k, *v)).eq(expected));
         }
