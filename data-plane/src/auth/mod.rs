@@ -526,7 +526,7 @@ impl RouteAccess {
                 ));
             }
         }
-        let meta = consumer.meta.unwrap_or_default();
+        let consumer_name = consumer.name().to_owned();
         let subscriber = Subscriber {
             consumer_id,
             subscription_id: subscription.id,
@@ -537,7 +537,7 @@ impl RouteAccess {
         Ok(Admission {
             identity: Some(Identity {
                 consumer_id: Uuid::from_bytes(consumer_id),
-                consumer_name: meta.name,
+                consumer_name,
                 custom_id: consumer.custom_id,
                 subscription_id: Uuid::from_bytes(subscription.id),
                 credential_id: Uuid::from_bytes(authenticated.credential_id),

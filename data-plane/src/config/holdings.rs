@@ -157,6 +157,41 @@ impl CredentialIdentity<'_> {
     }
 }
 
+/// A held consumer's encoding (a `Resource`), decoded for the fields a request reads: prost
+/// skips the rest (labels, description, ...) without allocating for them.
+#[derive(Clone, PartialEq, Message)]
+struct ConsumerResourceView {
+    /// `Resource.kind.consumer`.
+    #[prost(message, optional, tag = "3")]
+    consumer: Option<ConsumerView>,
+}
+
+/// The fields of a `Consumer` a request reads; the tags are `Consumer`'s.
+#[derive(Clone, PartialEq, Message)]
+pub struct ConsumerView {
+    #[prost(message, optional, tag = "1")]
+    meta: Option<MetaNameView>,
+    #[prost(string, tag = "2")]
+    pub custom_id: String,
+    #[prost(bool, tag = "3")]
+    pub disabled: bool,
+    #[prost(string, repeated, tag = "4")]
+    pub policy_ids: Vec<String>,
+}
+
+impl ConsumerView {
+    pub fn name(&self) -> &str {
+        self.meta.as_ref().map_or("", |m| m.name.as_str())
+    }
+}
+
+/// `Meta.name`, with `Meta`'s tag.
+#[derive(Clone, PartialEq, Message)]
+struct MetaNameView {
+    #[prost(string, tag = "3")]
+    name: String,
+}
+
 /// A subscription as a request checks it: 56 bytes, nothing to decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldSubscription {
@@ -443,15 +478,12 @@ impl Holdings {
         }
     }
 
-    pub fn consumer(&self, id: &[u8; 16]) -> Option<pb::Consumer> {
-        match self
+    /// What a request reads of a consumer.
+    pub fn consumer(&self, id: &[u8; 16]) -> Option<ConsumerView> {
+        let bytes = self
             .resources
-            .get(&(ResourceKind::Consumer as i32, Uuid::from_bytes(*id)))
-            .map(|bytes| decoded(bytes).kind)
-        {
-            Some(Some(pb::resource::Kind::Consumer(consumer))) => Some(consumer),
-            _ => None,
-        }
+            .get(&(ResourceKind::Consumer as i32, Uuid::from_bytes(*id)))?;
+        ConsumerResourceView::decode(&bytes[..]).ok()?.consumer
     }
 
     /// The consumer's subscription to the API, whatever its status.
@@ -1117,6 +1149,29 @@ subscriptions:
         assert!(next.api_key(&new_key).is_some());
         // The holdings the delta applied to still answer as they did.
         assert!(held.credential(&jwt).is_some() && held.subscription(&acme, &orders).is_some());
+    }
+
+    #[test]
+    fn a_consumer_view_reads_the_fields_of_the_consumer() {
+        let mut config = load(DOC);
+        config.consumers[0].policy_ids = vec!["p-1".into()];
+        config.consumers[0].disabled = true;
+        config.consumers[0].custom_id = "CUST-9".into();
+        let consumer = config.consumers[0].clone();
+        let encoded = Resource::from(consumer.clone()).encode_to_vec();
+        let view = ConsumerResourceView::decode(&encoded[..])
+            .unwrap()
+            .consumer
+            .unwrap();
+        assert_eq!(view.name(), consumer.meta.unwrap().name);
+        assert_eq!(
+            (
+                view.custom_id.as_str(),
+                view.disabled,
+                view.policy_ids.clone()
+            ),
+            ("CUST-9", true, vec!["p-1".to_owned()])
+        );
     }
 
     #[test]
