@@ -45,5 +45,7 @@ bench: services
 	tools_env=$$(bash scripts/bench-tools.sh); eval "$$tools_env"; \
 	$(CARGO) run --release --locked -p sluice-bench --bin registry; \
 	$(CARGO) run --release --locked -p sluice-bench --bin proxy; \
+	$(CARGO) run --release --locked -p sluice-bench --bin access; \
+	$(CARGO) bench --locked -p sluice-bench --bench access_decision; \
 	$(CARGO) run --release --locked -p sluice-bench --bin propagation; \
 	$(CARGO) run --release --locked -p sluice-bench --bin scale

@@ -1,6 +1,9 @@
 //! The large registry of the scale benchmarks: 100k consumers with 10 API keys each (1M
 //! keys), 100k subscriptions, 1000 APIs of 20 routes (20k routes), 50 upstreams, 10 plans,
 //! built directly as protobuf (what an apply commits).
+//!
+//! [`access_config`] turns it into the access-control benchmark's fixture: every API behind a
+//! `key_auth` policy, every plan with a local rate limit no request reaches.
 
 use sluice_proto::declarative::normalize::{derived_id, derived_route_id, hash_api_key};
 use sluice_proto::pb::{self, ConfigSet, ResourceKind};
@@ -28,6 +31,12 @@ pub fn id(kind: ResourceKind, name: &str) -> String {
 
 /// Everything but the API keys.
 pub fn registry_config() -> ConfigSet {
+    registry_config_of(CONSUMERS)
+}
+
+/// [`registry_config`] with `consumers` consumers (and as many subscriptions): consumer `c`
+/// subscribes to `api-{c % APIS}` under `plan-{c % PLANS}`.
+pub fn registry_config_of(consumers: usize) -> ConfigSet {
     let mut set = ConfigSet::default();
     for u in 0..UPSTREAMS {
         set.upstreams.push(pb::Upstream {
@@ -85,7 +94,7 @@ pub fn registry_config() -> ConfigSet {
             ..Default::default()
         });
     }
-    for c in 0..CONSUMERS {
+    for c in 0..consumers {
         let name = format!("c-{c}");
         set.consumers.push(pb::Consumer {
             meta: meta(ResourceKind::Consumer, name.clone()),
@@ -109,11 +118,21 @@ pub fn registry_config() -> ConfigSet {
 }
 
 pub fn api_keys() -> Vec<pb::Credential> {
-    let mut keys = Vec::with_capacity(CONSUMERS * KEYS_PER_CONSUMER);
-    for c in 0..CONSUMERS {
+    api_keys_of(CONSUMERS)
+}
+
+/// The plaintext of consumer `c`'s `k`th API key (what a client sends).
+pub fn api_key(c: usize, k: usize) -> String {
+    format!("bench-key-{c}-{k}-0123456789")
+}
+
+/// [`KEYS_PER_CONSUMER`] API keys for each of `consumers` consumers.
+pub fn api_keys_of(consumers: usize) -> Vec<pb::Credential> {
+    let mut keys = Vec::with_capacity(consumers * KEYS_PER_CONSUMER);
+    for c in 0..consumers {
         let consumer_id = id(ResourceKind::Consumer, &format!("c-{c}"));
         for k in 0..KEYS_PER_CONSUMER {
-            let plaintext = format!("bench-key-{c}-{k}-0123456789");
+            let plaintext = api_key(c, k);
             keys.push(pb::Credential {
                 meta: meta(ResourceKind::Credential, format!("c-{c}-key-{k}")),
                 consumer_id: consumer_id.clone(),
@@ -127,4 +146,41 @@ pub fn api_keys() -> Vec<pb::Credential> {
         }
     }
     keys
+}
+
+/// The `key_auth` policy [`access_config`] puts on every API (the key in `x-api-key`).
+pub const KEY_AUTH_POLICY: &str = "bench-keys";
+
+/// The rate limit of every plan in [`access_config`]: a million requests a second with a
+/// burst of a million, the most a local limit may count (one request per microsecond), so
+/// that it is checked and counted on every request but never refuses one.
+pub fn unreached_rate_limit() -> pb::RateLimit {
+    pb::RateLimit {
+        limit: 1_000_000,
+        period: pb::rate_limit::Period::Second as i32,
+        burst: 1_000_000,
+    }
+}
+
+/// The large registry with `consumers` consumers and their API keys, every API behind
+/// [`KEY_AUTH_POLICY`] and every plan limited by [`unreached_rate_limit`], counted in the
+/// node's memory: a request with any of the keys is authenticated, its consumer and
+/// subscription to the API of its consumer (`api-{c % APIS}`) checked, and counted against
+/// its subscription's local budget.
+pub fn access_config(consumers: usize) -> ConfigSet {
+    let mut set = registry_config_of(consumers);
+    let policy_id = id(ResourceKind::Policy, KEY_AUTH_POLICY);
+    set.policies.push(pb::Policy {
+        meta: meta(ResourceKind::Policy, KEY_AUTH_POLICY.into()),
+        kind: Some(pb::policy::Kind::KeyAuth(pb::KeyAuthPolicy::default())),
+    });
+    for api in &mut set.apis {
+        api.policy_ids = vec![policy_id.clone()];
+    }
+    for plan in &mut set.plans {
+        plan.rate_limits = vec![unreached_rate_limit()];
+        plan.mode = pb::rate_limit_policy::Mode::Local as i32;
+    }
+    set.credentials = api_keys_of(consumers);
+    set
 }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub mod harness;
 pub mod large;
 
 use serde::Serialize;
