@@ -806,6 +806,22 @@ pub struct Target {
     pub fixed: Measurement,
 }
 
+/// Measures the backend on its own (`direct`): the baseline for the latency a proxy adds.
+pub async fn measure_direct(bench: &Bench<'_>, backend_port: u16) -> anyhow::Result<Target> {
+    let (max, fixed) = bench
+        .measure("direct", &Endpoint::plain(backend_port), None)
+        .await?;
+    Ok(Target {
+        name: "direct".into(),
+        started_as: Some(bench.backend.command.clone()),
+        idle_rss_mb: None,
+        peak_rss_mb: None,
+        processes: None,
+        max,
+        fixed,
+    })
+}
+
 /// Starts a proxy, lets it settle, records its idle RSS, measures it, records its peak RSS
 /// and stops it. `ready` is where it says it is ready (its admin address and path).
 pub async fn measure_proxy(

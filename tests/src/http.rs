@@ -73,3 +73,12 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &str) -> f64 {
         .filter_map(|(_, value)| value.parse::<f64>().ok())
         .sum()
 }
+
+/// The kind of a problem+json body (`https://sluice.dev/problems/<kind>`), or "" when the body
+/// is none.
+pub fn problem_kind(body: &serde_json::Value) -> &str {
+    body["type"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("https://sluice.dev/problems/"))
+        .unwrap_or_default()
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sluice_tests::backend::EchoBackend;
 use sluice_tests::data_plane::DataPlane;
+use sluice_tests::http::problem_kind as problem;
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -95,13 +96,6 @@ async fn get(
     let headers = response.headers().clone();
     let body = response.json().await.unwrap_or(Value::Null);
     (status, headers, body)
-}
-
-fn problem(body: &Value) -> &str {
-    body["type"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("https://sluice.dev/problems/"))
-        .unwrap_or_default()
 }
 
 #[tokio::test]

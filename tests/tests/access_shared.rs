@@ -54,6 +54,25 @@ subscriptions:
     )
 }
 
+/// Two nodes on `config` sharing budgets under the test's Redis prefix. What
+/// these tests measure is how exactly budgets are shared: a loaded test machine may take
+/// longer than the default 25 ms to answer, which would refuse requests (503).
+fn two_nodes_sharing(config: &str, redis: &TestRedis) -> [DataPlane; 2] {
+    let url = redis_url();
+    let args = [
+        "--redis-url",
+        &url,
+        "--redis-prefix",
+        &redis.prefix,
+        "--redis-timeout",
+        "2s",
+    ];
+    [
+        DataPlane::start(config, &args).unwrap(),
+        DataPlane::start(config, &args).unwrap(),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_a_redis_limit() {
     const LIMIT: u64 = 50;
@@ -67,20 +86,7 @@ async fn two_nodes_share_a_redis_limit() {
         "  - name: plan\n    mode: redis\n    rate_limits: [{{ limit: {LIMIT}, per: second, burst: {BURST} }}]\n"
     );
     let config = config(&backend, &plan, "", "");
-    // What is measured here is how exactly the budget is shared; a loaded test machine may
-    // take longer than the default 25 ms to answer, which would refuse requests (503).
-    let args = [
-        "--redis-url",
-        &redis_url(),
-        "--redis-prefix",
-        &redis.prefix,
-        "--redis-timeout",
-        "2s",
-    ];
-    let nodes = [
-        DataPlane::start(&config, &args).unwrap(),
-        DataPlane::start(&config, &args).unwrap(),
-    ];
+    let nodes = two_nodes_sharing(&config, &redis);
     let urls: Vec<String> = nodes.iter().map(|n| n.url("/orders")).collect();
     let (accepted, refused, other) = (
         Arc::new(AtomicU64::new(0)),
@@ -256,18 +262,7 @@ async fn monthly_quotas_are_counted_in_redis_across_nodes() {
         "",
         "",
     );
-    let args = [
-        "--redis-url",
-        &redis_url(),
-        "--redis-prefix",
-        &redis.prefix,
-        "--redis-timeout",
-        "2s",
-    ];
-    let nodes = [
-        DataPlane::start(&config, &args).unwrap(),
-        DataPlane::start(&config, &args).unwrap(),
-    ];
+    let nodes = two_nodes_sharing(&config, &redis);
     let client = client();
     let mut statuses = Vec::new();
     for i in 0..5 {

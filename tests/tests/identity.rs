@@ -16,6 +16,7 @@ use rustls_pki_types::ServerName;
 use serde_json::{Value, json};
 use sluice_tests::backend::EchoBackend;
 use sluice_tests::data_plane::DataPlane;
+use sluice_tests::http::problem_kind as problem;
 use sluice_tests::pki::{Leaf, TestCa};
 use sluice_tests::ports::free_addr;
 use tokio::net::TcpListener;
@@ -161,13 +162,6 @@ async fn call(node: &DataPlane, token: &str) -> (u16, reqwest::header::HeaderMap
         headers,
         response.json().await.unwrap_or(Value::Null),
     )
-}
-
-fn problem(body: &Value) -> &str {
-    body["type"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("https://sluice.dev/problems/"))
-        .unwrap_or_default()
 }
 
 #[tokio::test]

@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use sluice_bench::harness::{
-    self, Bench, CpuMeter, Endpoint, Measurement, Settings, SluiceTarget, Target, Tools,
-    clock_ticks, print_targets, warnings,
+    self, Bench, CpuMeter, Measurement, Settings, SluiceTarget, Target, Tools, clock_ticks,
+    print_targets, warnings,
 };
 use sluice_bench::large::{KEY_AUTH_POLICY, api_key, unreached_rate_limit};
 use sluice_bench::{Row, report};
@@ -403,18 +403,7 @@ async fn run(redis: Option<&Redis>) -> anyhow::Result<()> {
         backend: &backend,
     };
 
-    let (max, fixed) = bench
-        .measure("direct", &Endpoint::plain(backend_port), None)
-        .await?;
-    let direct = Target {
-        name: "direct".into(),
-        started_as: Some(backend.command.clone()),
-        idle_rss_mb: None,
-        peak_rss_mb: None,
-        processes: None,
-        max,
-        fixed,
-    };
+    let direct = harness::measure_direct(&bench, backend_port).await?;
     let nginx = if settings.measures("nginx") {
         Some(harness::measure_nginx(&bench, &dir, backend_port).await?)
     } else {

@@ -20,8 +20,8 @@
 //! `scripts/bench-tools.sh` finds or installs them).
 
 use sluice_bench::harness::{
-    self, Bench, Endpoint, Measurement, Settings, SluiceTarget, Target, Tools, clock_ticks,
-    print_targets, warnings,
+    self, Bench, Measurement, Settings, SluiceTarget, Target, Tools, clock_ticks, print_targets,
+    warnings,
 };
 use sluice_bench::{Row, report};
 
@@ -250,18 +250,7 @@ async fn run() -> anyhow::Result<()> {
         backend: &backend,
     };
 
-    let (max, fixed) = bench
-        .measure("direct", &Endpoint::plain(backend_port), None)
-        .await?;
-    let direct = Target {
-        name: "direct".into(),
-        started_as: Some(backend.command.clone()),
-        idle_rss_mb: None,
-        peak_rss_mb: None,
-        processes: None,
-        max,
-        fixed,
-    };
+    let direct = harness::measure_direct(&bench, backend_port).await?;
 
     let nginx = if settings.measures("nginx") {
         Some(harness::measure_nginx(&bench, &dir, backend_port).await?)
