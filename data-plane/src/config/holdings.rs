@@ -1,6 +1,8 @@
 //! What a node holds of its configuration, resource by resource, in structurally shared maps
-//! ([`ChunkedMap`]): a clone is O(1), and a delta changes only the entries it names, so a
-//! one-consumer delta on a million API keys copies a few chunks rather than the config.
+//! ([`ChunkedMap`], [`HashedMap`], [`KeyTable`]): a clone is O(1), and a delta changes only
+//! the entries it names, so a one-consumer delta on a million API keys copies a few chunks
+//! rather than the config. What a request looks up (a key by its hash, a consumer, a
+//! subscription) is held in hashed maps, found in a few cache misses; the rest in sorted ones.
 //!
 //! Each resource is held as its encoding (a `Resource` message, a few hundred bytes) and
 //! decoded when it is needed, which is seldom: to check a delta against it, or to compile the
@@ -24,40 +26,10 @@ use sluice_proto::validate::{self, Locate};
 use sluice_proto::{ConfigErrors, FieldError};
 use uuid::Uuid;
 
-use super::chunked::{self, ChunkedMap};
-
-/// An API-key credential as the node keeps it: fixed-size fields, no heap allocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ApiKey {
-    pub consumer_id: [u8; 16],
-    pub key_sha256: [u8; 32],
-    pub revoked: bool,
-    /// `expires_at`, spelled out: an `Option<Timestamp>` would take 24 of the 64 bytes.
-    has_expiry: bool,
-    expires_nanos: i32,
-    expires_seconds: i64,
-}
-
-impl ApiKey {
-    fn new(key: PackedKey, expires_at: Option<Timestamp>, revoked: bool) -> Self {
-        let expiry = expires_at.unwrap_or_default();
-        ApiKey {
-            consumer_id: key.consumer_id,
-            key_sha256: key.key_sha256,
-            revoked,
-            has_expiry: expires_at.is_some(),
-            expires_nanos: expiry.nanos,
-            expires_seconds: expiry.seconds,
-        }
-    }
-
-    pub fn expires_at(&self) -> Option<Timestamp> {
-        self.has_expiry.then_some(Timestamp {
-            seconds: self.expires_seconds,
-            nanos: self.expires_nanos,
-        })
-    }
-}
+use super::chunked::ChunkedMap;
+use super::hashed::HashedMap;
+pub use super::keys::ApiKey;
+use super::keys::{self, KeyTable};
 
 /// Kinds whose change recompiles the router, upstreams and certificates, and is checked
 /// against the whole configuration. The others (consumers, credentials, subscriptions: the
@@ -78,11 +50,14 @@ type Encoded = Box<[u8]>;
 /// The resources of one configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Holdings {
-    /// Every resource but packed API keys, by (kind number, id); in this order they encode
-    /// as the canonical `ConfigSet` (ids are canonical UUIDs, which sort as their text does).
+    /// Every resource but consumers and packed API keys, by (kind number, id); in this order
+    /// they encode as the canonical `ConfigSet` (ids are canonical UUIDs, which sort as their
+    /// text does).
     resources: ChunkedMap<(i32, Uuid), Encoded>,
-    /// Packed API-key credentials, by credential id.
-    api_keys: ChunkedMap<[u8; 16], ApiKey>,
+    /// Consumers, by id: every authenticated request reads one. Sorted by id when listed.
+    consumers: HashedMap<[u8; 16], Encoded>,
+    /// Packed API-key credentials, by hash and by credential id.
+    api_keys: KeyTable,
     /// The lookups a request makes, kept as the maps change: see [`Indexes`].
     indexes: Indexes,
     /// How many of `resources` are of each kind (by kind number), kept as they change so
@@ -94,16 +69,12 @@ pub struct Holdings {
 /// resources are held once.
 #[derive(Debug, Clone, Default)]
 struct Indexes {
-    /// API keys by the first 4 bytes of their SHA-256, then credential id: 20 bytes a key
-    /// (a million keys add a fifth of what they weigh in a snapshot). The credential's whole
-    /// hash is compared on lookup.
-    api_keys: ChunkedMap<([u8; 4], [u8; 16]), ()>,
     /// What a request needs of a subscription, by (consumer id, API id): a consumer has one
     /// subscription per API. Held here rather than decoded from the resource on each request.
-    subscriptions: ChunkedMap<([u8; 16], [u8; 16]), HeldSubscription>,
+    subscriptions: HashedMap<([u8; 16], [u8; 16]), HeldSubscription>,
     /// JWT and client-certificate credential ids by the SHA-256 of what identifies them
     /// ([`CredentialIdentity::digest`]).
-    identities: ChunkedMap<[u8; 32], [u8; 16]>,
+    identities: HashedMap<[u8; 32], [u8; 16]>,
 }
 
 /// What names a credential other than an API key.
@@ -248,13 +219,9 @@ fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
     Uuid::parse_str(id).ok().map(Uuid::into_bytes)
 }
 
-fn key_head(sha256: &[u8; 32]) -> [u8; 4] {
-    [sha256[0], sha256[1], sha256[2], sha256[3]]
-}
-
 impl Indexes {
-    /// The indexes of a whole snapshot's resources (API keys aside), sorted and packed at
-    /// once rather than inserted one at a time.
+    /// The indexes of a whole snapshot's resources (API keys aside), built at once rather
+    /// than inserted one at a time.
     fn from_entries(entries: Vec<(IndexEntry, [u8; 16])>) -> Self {
         let mut subscriptions = Vec::new();
         let mut identities = Vec::new();
@@ -267,14 +234,9 @@ impl Indexes {
             }
         }
         // Two resources with one key were reported by the validator; one is kept.
-        subscriptions.sort_unstable_by_key(|(key, _)| *key);
-        subscriptions.dedup_by_key(|(key, _)| *key);
-        identities.sort_unstable_by_key(|(key, _)| *key);
-        identities.dedup_by_key(|(key, _)| *key);
         Indexes {
-            api_keys: ChunkedMap::default(),
-            subscriptions: ChunkedMap::from_sorted(subscriptions),
-            identities: ChunkedMap::from_sorted(identities),
+            subscriptions: HashedMap::from_entries(subscriptions),
+            identities: HashedMap::from_entries(identities),
         }
     }
 
@@ -335,12 +297,18 @@ impl Holdings {
     pub fn apply(&self, delta: &pb::Delta) -> Result<(Holdings, Changed), ConfigErrors> {
         let mut next = self.clone();
         let mut changed = Changed::default();
+        // API keys change in one batch at the end, each shard of the table copied once.
+        let mut keys_leaving = Vec::new();
+        let mut keys_joining = Vec::new();
         for removed in &delta.removed {
             let kind = ResourceKind::try_from(removed.kind).unwrap_or(ResourceKind::Unspecified);
             changed.structural |= STRUCTURAL.contains(&kind);
             // An id that is no UUID names nothing held.
             if let Ok(id) = Uuid::parse_str(&removed.id) {
                 next.remove(kind, id);
+                if kind == ResourceKind::Credential {
+                    keys_leaving.push(id.into_bytes());
+                }
             }
         }
         let upserted = delta.upserted.clone().unwrap_or_default();
@@ -353,33 +321,32 @@ impl Holdings {
             if let Ok(id) = Uuid::parse_str(resource.id()) {
                 next.remove(resource.kind(), id);
                 next.insert(resource, id);
+                if resource.kind() == ResourceKind::Credential {
+                    keys_leaving.push(id.into_bytes());
+                }
             }
         }
         for (i, entry) in delta.upserted_api_keys.iter().enumerate() {
             let at = format!("upserted_api_keys[{i}]");
             match packed(entry) {
                 Ok(key) => {
-                    let consumer = Uuid::from_bytes(key.consumer_id);
-                    if !next
-                        .resources
-                        .contains_key(&(ResourceKind::Consumer as i32, consumer))
-                    {
+                    if next.consumers.get(&key.consumer_id).is_none() {
                         errors.push(api_key_error(
                             format!("{at}.consumer_id"),
-                            format!("no consumer has the id {consumer}"),
+                            format!(
+                                "no consumer has the id {}",
+                                Uuid::from_bytes(key.consumer_id)
+                            ),
                             Some(Uuid::from_bytes(key.id)),
                         ));
                     }
                     next.remove(ResourceKind::Credential, Uuid::from_bytes(key.id));
-                    next.indexes
-                        .api_keys
-                        .insert((key_head(&key.key_sha256), key.id), ());
-                    next.api_keys
-                        .insert(key.id, ApiKey::new(key, entry.expires_at, entry.revoked));
+                    keys_joining.push(ApiKey::new(key, entry.expires_at, entry.revoked));
                 }
                 Err(reason) => errors.push(api_key_error(at, reason, None)),
             }
         }
+        next.api_keys.update(&keys_leaving, &keys_joining);
         let checked = if changed.structural {
             validate::config_set(&next.config_set())
         } else {
@@ -425,52 +392,75 @@ impl Holdings {
         if let Some(entry) = IndexEntry::of(resource, id.into_bytes()) {
             self.indexes.add(entry, id.into_bytes());
         }
-        let kind = resource.kind() as usize;
-        if self
-            .resources
-            .insert((kind as i32, id), encoded(resource))
-            .is_none()
-        {
-            self.counts[kind] += 1;
+        let kind = resource.kind();
+        let held = encoded(resource);
+        let replaced = if kind == ResourceKind::Consumer {
+            self.consumers.insert(id.into_bytes(), held)
+        } else {
+            self.resources.insert((kind as i32, id), held)
+        };
+        if replaced.is_none() {
+            self.counts[kind as usize] += 1;
         }
     }
 
-    /// Removes whatever is held under `id` as `kind`; a credential may be held packed.
+    /// Removes the resource held under `id` as `kind` (not a packed API key: those leave in
+    /// one batch, see [`Self::apply`]).
     fn remove(&mut self, kind: ResourceKind, id: Uuid) {
-        if let Some(old) = self.resources.remove(&(kind as i32, id)) {
+        let old = if kind == ResourceKind::Consumer {
+            self.consumers.remove(id.as_bytes())
+        } else {
+            self.resources.remove(&(kind as i32, id))
+        };
+        if let Some(old) = old {
             self.counts[kind as usize] -= 1;
             if let Some(entry) = IndexEntry::of(&decoded(&old), id.into_bytes()) {
                 self.indexes.drop(entry, id.into_bytes());
             }
         }
-        if kind == ResourceKind::Credential
-            && let Some(old) = self.api_keys.remove(id.as_bytes())
-        {
-            self.indexes
-                .api_keys
-                .remove(&(key_head(&old.key_sha256), id.into_bytes()));
+    }
+
+    /// The encoding held under `id` as `kind`.
+    fn held(&self, kind: ResourceKind, id: Uuid) -> Option<&Encoded> {
+        if kind == ResourceKind::Consumer {
+            self.consumers.get(id.as_bytes())
+        } else {
+            self.resources.get(&(kind as i32, id))
         }
     }
 
-    /// The API-key credential whose key hashes to `key_sha256`: its id and what is held of it.
-    pub fn api_key(&self, key_sha256: &[u8; 32]) -> Option<([u8; 16], &ApiKey)> {
-        let head = key_head(key_sha256);
-        self.indexes
-            .api_keys
-            .iter_from(&(head, [0; 16]))
-            .take_while(|((h, _), _)| *h == head)
-            .find_map(|((_, id), _)| {
-                let key = self.api_keys.get(id)?;
-                (key.key_sha256 == *key_sha256).then_some((*id, key))
-            })
+    /// The consumers' encodings, by id.
+    fn consumers_in_order(&self) -> Vec<&Encoded> {
+        let mut consumers: Vec<(&[u8; 16], &Encoded)> = self.consumers.iter().collect();
+        consumers.sort_unstable_by_key(|(id, _)| **id);
+        consumers.into_iter().map(|(_, bytes)| bytes).collect()
+    }
+
+    /// Every resource's encoding but the packed API keys', in the canonical order: by kind
+    /// number, then by id.
+    fn encodings(&self) -> impl Iterator<Item = &Encoded> {
+        let consumer = ResourceKind::Consumer as i32;
+        let before = self
+            .resources
+            .iter()
+            .take_while(move |((kind, _), _)| *kind < consumer);
+        let after = self.resources.iter_from(&(consumer + 1, Uuid::nil()));
+        before
+            .map(|(_, bytes)| bytes)
+            .chain(self.consumers_in_order())
+            .chain(after.map(|(_, bytes)| bytes))
+    }
+
+    /// The API-key credential whose key hashes to `key_sha256`.
+    pub fn api_key(&self, key_sha256: &[u8; 32]) -> Option<&ApiKey> {
+        self.api_keys.get(key_sha256)
     }
 
     /// The JWT or client-certificate credential `identity` names.
     pub fn credential(&self, identity: &CredentialIdentity<'_>) -> Option<pb::Credential> {
         let id = self.indexes.identities.get(&identity.digest())?;
         match self
-            .resources
-            .get(&(ResourceKind::Credential as i32, Uuid::from_bytes(*id)))
+            .held(ResourceKind::Credential, Uuid::from_bytes(*id))
             .map(|bytes| decoded(bytes).kind)
         {
             Some(Some(pb::resource::Kind::Credential(credential))) => Some(credential),
@@ -480,9 +470,7 @@ impl Holdings {
 
     /// What a request reads of a consumer.
     pub fn consumer(&self, id: &[u8; 16]) -> Option<ConsumerView> {
-        let bytes = self
-            .resources
-            .get(&(ResourceKind::Consumer as i32, Uuid::from_bytes(*id)))?;
+        let bytes = self.consumers.get(id)?;
         ConsumerResourceView::decode(&bytes[..]).ok()?.consumer
     }
 
@@ -510,13 +498,12 @@ impl Holdings {
     /// The resource held under `id` as `kind`, decoded.
     fn get(&self, kind: ResourceKind, id: &str) -> Option<Resource> {
         let id = Uuid::parse_str(id).ok()?;
-        self.resources
-            .get(&(kind as i32, id))
-            .map(|bytes| decoded(bytes))
+        self.held(kind, id).map(|bytes| decoded(bytes))
     }
 
-    /// The resources of one kind, by id, decoded.
+    /// The resources of one kind (not consumers), by id, decoded.
     fn of_kind(&self, kind: ResourceKind) -> impl Iterator<Item = Resource> {
+        debug_assert_ne!(kind, ResourceKind::Consumer, "consumers are held apart");
         self.resources
             .iter_from(&(kind as i32, Uuid::nil()))
             .take_while(move |((k, _), _)| *k == kind as i32)
@@ -559,29 +546,26 @@ impl Holdings {
 
     /// Every resource but the packed API keys, decoded, as one config set (canonical order).
     pub fn config_set(&self) -> ConfigSet {
-        self.resources
-            .iter()
-            .map(|(_, bytes)| decoded(bytes))
-            .collect()
+        self.encodings().map(|bytes| decoded(bytes)).collect()
     }
 
     /// Writes the canonical encoding of the snapshot these holdings are, piece by piece: the
     /// same bytes as `snapshot::from_config` of the same resources, encoded.
     pub fn write_snapshot(&self, mut write: impl FnMut(&[u8])) {
-        let set_len: usize = self.resources.iter().map(|(_, bytes)| bytes.len()).sum();
+        let set_len: usize = self.encodings().map(|bytes| bytes.len()).sum();
         let mut scratch = Vec::with_capacity(128);
         // Field 1: the ConfigSet, whose elements are the held encodings.
         encode_key(1, WireType::LengthDelimited, &mut scratch);
         encode_varint(set_len as u64, &mut scratch);
         write(&scratch);
-        for (_, bytes) in self.resources.iter() {
+        for bytes in self.encodings() {
             write(bytes);
         }
         // Field 2: the packed keys, one reused entry so no key allocates.
         let mut entry = pb::ApiKeyEntry::default();
-        for (id, key) in self.api_keys.iter() {
+        for key in self.api_keys.iter() {
             entry.id.clear();
-            entry.id.extend_from_slice(id);
+            entry.id.extend_from_slice(&key.id);
             entry.consumer_id.clear();
             entry.consumer_id.extend_from_slice(&key.consumer_id);
             entry.key_sha256.clear();
@@ -639,7 +623,7 @@ struct Taken {
     holdings: Holdings,
     errors: Vec<FieldError>,
     rules: ApiKeyRules,
-    api_keys: chunked::Builder<[u8; 16], ApiKey>,
+    api_keys: keys::Builder,
 }
 
 impl SnapshotReader {
@@ -698,13 +682,6 @@ impl SnapshotReader {
             None => take_resources(ConfigSet::default()),
         };
         holdings.api_keys = api_keys.build();
-        let mut heads: Vec<([u8; 4], [u8; 16])> = holdings
-            .api_keys
-            .iter()
-            .map(|(id, key)| (key_head(&key.key_sha256), *id))
-            .collect();
-        heads.sort_unstable();
-        holdings.indexes.api_keys = ChunkedMap::from_sorted(heads.into_iter().map(|k| (k, ())));
         rules.finish(errors)?;
         Ok(holdings)
     }
@@ -744,7 +721,7 @@ impl SnapshotReader {
                 {
                     taken
                         .api_keys
-                        .push(key.id, ApiKey::new(key, entry.expires_at, entry.revoked));
+                        .push(ApiKey::new(key, entry.expires_at, entry.revoked));
                 }
                 Ok(())
             }
@@ -763,6 +740,7 @@ fn take_resources(set: ConfigSet) -> Taken {
     let rules = ApiKeyRules::new(&set);
     let mut holdings = Holdings::default();
     let mut resources = Vec::with_capacity(set.len());
+    let mut consumers = Vec::new();
     let mut indexes = Vec::new();
     // One at a time: each decoded resource is freed as its encoding is kept.
     for resource in set {
@@ -772,10 +750,16 @@ fn take_resources(set: ConfigSet) -> Taken {
             if let Some(entry) = IndexEntry::of(&resource, id.into_bytes()) {
                 indexes.push((entry, id.into_bytes()));
             }
-            resources.push(((resource.kind() as i32, id), encoded(&resource)));
+            if resource.kind() == ResourceKind::Consumer {
+                consumers.push((id.into_bytes(), encoded(&resource)));
+            } else {
+                resources.push(((resource.kind() as i32, id), encoded(&resource)));
+            }
         }
     }
     holdings.indexes = Indexes::from_entries(indexes);
+    // Two consumers with one id were reported by the validator too.
+    holdings.consumers = HashedMap::from_entries(consumers);
     resources.sort_unstable_by_key(|(key, _)| *key);
     // Two resources with one id were reported by the validator too.
     resources.dedup_by(|a, b| a.0 == b.0);
@@ -784,7 +768,7 @@ fn take_resources(set: ConfigSet) -> Taken {
         holdings,
         errors,
         rules,
-        api_keys: chunked::Builder::default(),
+        api_keys: keys::Builder::default(),
     }
 }
 
@@ -1109,7 +1093,7 @@ subscriptions:
                 .unwrap()
                 .try_into()
                 .unwrap();
-        let (_, key) = held.api_key(&acme_key).unwrap();
+        let key = held.api_key(&acme_key).unwrap();
         let acme = key.consumer_id;
         assert!(held.api_key(&Sha256::digest(b"nobody").into()).is_none());
         let jwt = CredentialIdentity::Jwt {

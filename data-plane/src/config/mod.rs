@@ -7,7 +7,9 @@
 //! over from the previous config when their upstream did not change.
 
 pub mod chunked;
+pub mod hashed;
 pub mod holdings;
+pub mod keys;
 pub mod watch;
 pub mod worker;
 
