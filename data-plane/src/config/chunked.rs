@@ -138,10 +138,6 @@ impl<K: Ord + Clone, V: Clone> ChunkedMap<K, V> {
         Some(&chunk[at].1)
     }
 
-    pub fn contains_key(&self, key: &K) -> bool {
-        self.get(key).is_some()
-    }
-
     /// Inserts or replaces; returns the value replaced.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         if self.chunks.is_empty() {
