@@ -552,13 +552,15 @@ impl Holdings {
     /// Writes the canonical encoding of the snapshot these holdings are, piece by piece: the
     /// same bytes as `snapshot::from_config` of the same resources, encoded.
     pub fn write_snapshot(&self, mut write: impl FnMut(&[u8])) {
-        let set_len: usize = self.encodings().map(|bytes| bytes.len()).sum();
+        // Listed once: the listing sorts the consumers.
+        let held: Vec<&Encoded> = self.encodings().collect();
+        let set_len: usize = held.iter().map(|bytes| bytes.len()).sum();
         let mut scratch = Vec::with_capacity(128);
         // Field 1: the ConfigSet, whose elements are the held encodings.
         encode_key(1, WireType::LengthDelimited, &mut scratch);
         encode_varint(set_len as u64, &mut scratch);
         write(&scratch);
-        for bytes in self.encodings() {
+        for bytes in held {
             write(bytes);
         }
         // Field 2: the packed keys, one reused entry so no key allocates.
