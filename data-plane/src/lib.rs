@@ -11,6 +11,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod discovery;
+pub mod events;
 pub mod ratelimit;
 pub mod router;
 pub mod server;

@@ -105,6 +105,10 @@ struct Args {
         env = "SLUICE_DP_MAX_CONNECTIONS"
     )]
     max_connections: usize,
+    /// How long a publish route remembers the answer to an `Idempotency-Key` (in Redis with
+    /// --redis-url, shared by every node; else in this node's memory).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration, env = "SLUICE_DP_IDEMPOTENCY_TTL")]
+    idempotency_ttl: Duration,
     /// On SIGTERM, how long requests in flight may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -285,6 +289,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
         metrics,
         Limits {
             max_body_bytes: args.max_body_bytes,
+            idempotency_ttl: args.idempotency_ttl,
         },
         guard,
     ));

@@ -536,6 +536,14 @@ impl Holdings {
             })
     }
 
+    pub fn brokers(&self) -> impl Iterator<Item = pb::Broker> {
+        self.of_kind(ResourceKind::Broker)
+            .filter_map(|r| match r.kind {
+                Some(pb::resource::Kind::Broker(broker)) => Some(broker),
+                _ => None,
+            })
+    }
+
     pub fn certificates(&self) -> impl Iterator<Item = pb::Certificate> {
         self.of_kind(ResourceKind::Certificate)
             .filter_map(|r| match r.kind {

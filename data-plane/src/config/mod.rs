@@ -26,6 +26,7 @@ pub use holdings::{Holdings, SnapshotReader};
 
 use crate::auth::AccessPolicies;
 use crate::auth::jwks::JwksCache;
+use crate::events::Broker;
 use crate::router::Router;
 use crate::telemetry::Metrics;
 use crate::tls::CertificateStore;
@@ -96,6 +97,8 @@ pub struct CompiledConfig {
     pub router: Arc<Router>,
     /// By upstream id.
     pub upstreams: Arc<HashMap<Arc<str>, Arc<Upstream>>>,
+    /// Broker runtimes (producers, subscriber feeds, the memory broker's events), by id.
+    pub brokers: Arc<HashMap<Arc<str>, Arc<Broker>>>,
     /// What the TLS listener presents, by SNI.
     pub certificates: Arc<CertificateStore>,
     /// Policies and plans, compiled; routes hold what they need of them.
@@ -208,6 +211,7 @@ impl CompiledConfig {
             counts: Counts::of(&holdings, previous.counts.routes),
             router: previous.router.clone(),
             upstreams: previous.upstreams.clone(),
+            brokers: previous.brokers.clone(),
             certificates: previous.certificates.clone(),
             access: previous.access.clone(),
             holdings,
@@ -242,6 +246,24 @@ impl CompiledConfig {
                 }),
             }
         }
+        let mut brokers = HashMap::new();
+        for (i, broker) in holdings.brokers().enumerate() {
+            let id = broker.meta.as_ref().map_or("", |m| m.id.as_str());
+            let old = previous.and_then(|p| p.brokers.get(id));
+            match Broker::reuse(&broker, old, metrics) {
+                Ok(runtime) => {
+                    brokers.insert(runtime.id.clone(), runtime);
+                }
+                Err(reason) => errors.push(sluice_proto::FieldError {
+                    path: format!("brokers[{i}]"),
+                    reason,
+                    resource: Some(pb::ResourceRef {
+                        kind: pb::ResourceKind::Broker as i32,
+                        id: id.to_owned(),
+                    }),
+                }),
+            }
+        }
         let certificates: Vec<pb::Certificate> = holdings.certificates().collect();
         let certificates = CertificateStore::compile(&certificates)
             .map_err(|(i, reason)| {
@@ -269,8 +291,14 @@ impl CompiledConfig {
             return Err(ConfigErrors(errors));
         }
         let apis: Vec<pb::Api> = holdings.apis().collect();
-        let router = Router::compile(&apis, &|id| upstreams.get(id).cloned(), &access, metrics)
-            .map_err(|e| ConfigErrors::single("apis", e.to_string()))?;
+        let router = Router::compile(
+            &apis,
+            &|id| upstreams.get(id).cloned(),
+            &|id| brokers.get(id).cloned(),
+            &access,
+            metrics,
+        )
+        .map_err(|e| ConfigErrors::single("apis", e.to_string()))?;
         let routes = apis.iter().map(|a| a.routes.len()).sum();
         Ok(Self {
             source,
@@ -279,6 +307,7 @@ impl CompiledConfig {
             counts: Counts::of(&holdings, routes),
             router: Arc::new(router),
             upstreams: Arc::new(upstreams),
+            brokers: Arc::new(brokers),
             certificates: Arc::new(certificates),
             access: Arc::new(access),
             holdings,

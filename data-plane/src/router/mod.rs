@@ -26,6 +26,9 @@ use regex::Regex;
 use sluice_proto::pb;
 
 use crate::auth::{AccessPolicies, RouteAccess};
+use crate::events::Broker;
+use crate::events::publish::PublishRoute;
+use crate::events::subscribe::SubscribeRoute;
 use crate::telemetry::{Metrics, RouteMetrics};
 use crate::upstream::Upstream;
 
@@ -51,9 +54,8 @@ pub struct Route {
 pub enum Action {
     Proxy(ProxyAction),
     DirectResponse(DirectResponse),
-    /// An action this build of the node does not serve yet (publish, subscribe): answered
-    /// with 501 rather than guessed at.
-    NotServed(&'static str),
+    Publish(PublishRoute),
+    Subscribe(SubscribeRoute),
 }
 
 #[derive(Debug)]
@@ -180,6 +182,7 @@ impl Router {
     pub fn compile(
         apis: &[pb::Api],
         upstream: &dyn Fn(&str) -> Option<Arc<Upstream>>,
+        broker: &dyn Fn(&str) -> Option<Arc<Broker>>,
         policies: &AccessPolicies,
         metrics: &Metrics,
     ) -> Result<Self, CompileError> {
@@ -231,7 +234,7 @@ impl Router {
                         })
                     })
                     .collect::<Result<_, CompileError>>()?;
-                let action = Action::compile(route, upstream).map_err(error)?;
+                let action = Action::compile(route, upstream, broker).map_err(error)?;
                 let access = RouteAccess::compile(api, route, policies).map_err(error)?;
                 let first_segment = pattern.first_literal_segment().map(str::to_owned);
                 let rank = (route.priority, pattern.exactness(), pattern.literal_len());
@@ -376,6 +379,7 @@ impl Action {
     fn compile(
         route: &pb::Route,
         upstream: &dyn Fn(&str) -> Option<Arc<Upstream>>,
+        broker: &dyn Fn(&str) -> Option<Arc<Broker>>,
     ) -> Result<Self, String> {
         use pb::route::Action as A;
         Ok(match &route.action {
@@ -404,8 +408,10 @@ impl Action {
                     body: Bytes::from(direct.body.clone()),
                 })
             }
-            Some(A::Publish(_)) => Action::NotServed("publishing to a topic"),
-            Some(A::Subscribe(_)) => Action::NotServed("subscribing to a topic"),
+            Some(A::Publish(publish)) => Action::Publish(PublishRoute::compile(publish, broker)?),
+            Some(A::Subscribe(subscribe)) => {
+                Action::Subscribe(SubscribeRoute::compile(subscribe, broker)?)
+            }
             None => return Err("has no action".into()),
         })
     }

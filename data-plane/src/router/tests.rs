@@ -15,6 +15,7 @@ fn router(doc: &str) -> Router {
     Router::compile(
         &config.apis,
         &|id| upstreams.get(id).cloned(),
+        &|_| None,
         &AccessPolicies::default(),
         &metrics,
     )

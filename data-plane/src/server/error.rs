@@ -7,6 +7,9 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
 use crate::auth::{Denial, rate_limit_headers};
+use crate::events::PublishError;
+use crate::events::idempotency::IdempotencyError;
+use crate::events::subscribe::SubscribeError;
 use crate::router::path::PathError;
 use crate::upstream::{ProxyBody, UpstreamError};
 
@@ -33,6 +36,32 @@ pub enum GatewayError {
     /// Access control refused the request (401, 403, 429, 503).
     #[error("{}", .0.detail)]
     Denied(Box<Denial>),
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    /// A publish route's request is not a valid event (a missing CloudEvents attribute, a
+    /// body that is not JSON where JSON is needed, no value for the record key).
+    #[error("{0}")]
+    InvalidEvent(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The event breaks its route's JSON Schema; nothing was published.
+    #[error("the event does not match the route's schema ({} errors)", .0.len())]
+    SchemaViolation(Vec<SchemaError>),
+    /// The broker did not take the event; the client was not told it did.
+    #[error(transparent)]
+    Publish(PublishError),
+    #[error(transparent)]
+    Subscribe(SubscribeError),
+    #[error(transparent)]
+    Idempotency(IdempotencyError),
+}
+
+/// One JSON Schema violation: where in the event, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SchemaError {
+    /// RFC 6901 pointer into the event data ("" for the whole).
+    pub pointer: String,
+    pub detail: String,
 }
 
 impl GatewayError {
@@ -46,6 +75,39 @@ impl GatewayError {
             GatewayError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
             GatewayError::NotServed(_) => (StatusCode::NOT_IMPLEMENTED, "not-implemented"),
             GatewayError::Denied(denial) => (denial.status, denial.reason),
+            GatewayError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body-timeout"),
+            GatewayError::InvalidEvent(_) => (StatusCode::BAD_REQUEST, "invalid-event"),
+            GatewayError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
+            }
+            GatewayError::SchemaViolation(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "schema-violation")
+            }
+            GatewayError::Publish(e) => match e {
+                PublishError::QueueFull { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "broker-overloaded")
+                }
+                PublishError::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "broker-timeout"),
+                PublishError::Refused { .. } => (StatusCode::BAD_GATEWAY, "broker-refused"),
+            },
+            GatewayError::Idempotency(e) => match e {
+                IdempotencyError::BadKey => (StatusCode::BAD_REQUEST, "invalid-idempotency-key"),
+                IdempotencyError::InProgress => (StatusCode::CONFLICT, "idempotency-in-progress"),
+                IdempotencyError::Mismatch => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused")
+                }
+                IdempotencyError::Unavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "idempotency-unavailable")
+                }
+            },
+            GatewayError::Subscribe(e) => match e {
+                SubscribeError::Unavailable { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable")
+                }
+                SubscribeError::Busy { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "subscribers-busy")
+                }
+            },
             GatewayError::Upstream(e) => match e {
                 UpstreamError::NoTarget(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, "no-healthy-upstream")
@@ -82,6 +144,10 @@ impl GatewayError {
                     format!("upstream {upstream} failed to answer")
                 }
             },
+            // The reason may name the broker's addresses: it goes to the log only.
+            GatewayError::Subscribe(SubscribeError::Unavailable { broker, topic, .. }) => {
+                format!("broker {broker} cannot serve topic {topic} now")
+            }
             other => other.to_string(),
         }
     }
@@ -91,14 +157,16 @@ impl GatewayError {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            GatewayError::Malformed(_) | GatewayError::BodyTooLarge { .. }
+            GatewayError::Malformed(_)
+                | GatewayError::BodyTooLarge { .. }
+                | GatewayError::BodyTimeout
         )
     }
 
     /// The problem+json response, tagged with the request id.
     pub fn to_response(&self, request_id: &HeaderValue) -> Response<ProxyBody> {
         let (status, kind) = self.classify();
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             // Reason codes are snake_case in metrics and logs, kebab-case in problem types.
             "type": format!("https://sluice.dev/problems/{}", kind.replace('_', "-")),
             "title": status.canonical_reason().unwrap_or_default(),
@@ -106,6 +174,9 @@ impl GatewayError {
             "detail": self.detail(),
             "request_id": request_id.to_str().unwrap_or_default(),
         });
+        if let GatewayError::SchemaViolation(errors) = self {
+            body["errors"] = serde_json::json!(errors);
+        }
         let mut response = Response::new(
             Full::new(Bytes::from(body.to_string()))
                 .map_err(|never| match never {})

@@ -12,8 +12,10 @@
 //!    declared lengths at once, streamed bodies as they arrive.
 //! 7. Access control ([`crate::auth`]): IP lists, authentication, subscription, scopes,
 //!    rate limits.
-//! 8. Dispatch: a direct response, or proxy to the route's upstream with the caller's
-//!    identity headers (the client's own copies removed).
+//! 8. Dispatch: a direct response; proxy to the route's upstream with the caller's identity
+//!    headers (the client's own copies removed); publish the request as an event
+//!    ([`crate::events::publish`]); or stream a topic to the client
+//!    ([`crate::events::subscribe`]).
 //! 9. Response headers (`X-Request-Id`, CORS, `RateLimit-*`), metrics and one access-log
 //!    line.
 
@@ -40,6 +42,8 @@ use crate::auth::cors::Cors;
 use crate::auth::mtls::ClientCertificate;
 use crate::auth::{AccessGuard, Caller, Denial, Identity, RouteAccess, rate_limit_headers};
 use crate::config::ConfigStore;
+use crate::events::idempotency::Idempotency;
+use crate::events::publish::PublishContext;
 use crate::ratelimit::Decision;
 use crate::router::path;
 use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, Route};
@@ -52,6 +56,8 @@ use crate::upstream::{Lease, ProxyBody, Target, Upstream, UpstreamError, empty_b
 pub struct Limits {
     /// Largest request body accepted, declared or streamed (413 beyond).
     pub max_body_bytes: u64,
+    /// How long a publish route remembers an `Idempotency-Key`'s answer.
+    pub idempotency_ttl: std::time::Duration,
 }
 
 /// What the pipeline knows about the connection a request came on.
@@ -71,6 +77,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     limits: Limits,
     guard: Arc<AccessGuard>,
+    /// Publish routes' idempotency keys (in Redis when the guard has it, else here).
+    idempotency: Idempotency,
 }
 
 /// What one request amounted to, for the access log and metrics.
@@ -101,6 +109,7 @@ impl Gateway {
             metrics,
             limits,
             guard,
+            idempotency: Idempotency::new(limits.idempotency_ttl),
         }
     }
 
@@ -140,8 +149,14 @@ impl Gateway {
                 let (_, reason) = error.classify();
                 // Access control named its own reason (a hidden API answers as no route).
                 outcome.reason.get_or_insert(reason);
-                if matches!(error, GatewayError::Upstream(_)) {
-                    tracing::warn!(request_id = ?request_id, error = %error, "upstream error");
+                match &error {
+                    GatewayError::Upstream(_) => {
+                        tracing::warn!(request_id = ?request_id, error = %error, "upstream error");
+                    }
+                    GatewayError::Publish(_) | GatewayError::Subscribe(_) => {
+                        tracing::warn!(request_id = ?request_id, error = %error, "broker error");
+                    }
+                    _ => {}
                 }
                 error.to_response(&request_id)
             }
@@ -296,7 +311,20 @@ impl Gateway {
         };
         match &route.action {
             Action::DirectResponse(direct) => Ok(direct_response(direct)),
-            Action::NotServed(what) => Err(GatewayError::NotServed(what)),
+            Action::Publish(publish) => {
+                let context = PublishContext {
+                    route_id: &route.id,
+                    params: &matched.params,
+                    identity: identity.as_ref(),
+                    request_id,
+                    max_body_bytes,
+                    metrics: &self.metrics,
+                    idempotency: &self.idempotency,
+                    redis: self.guard.redis.as_ref(),
+                };
+                publish.serve(request, context).await
+            }
+            Action::Subscribe(subscribe) => subscribe.serve(&request, &self.metrics).await,
             Action::Proxy(proxy) => {
                 let upstream = proxy
                     .traffic

@@ -51,6 +51,22 @@ struct MirrorLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicLabels {
+    topic: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PublishLabels {
+    topic: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BrokerLabels {
+    broker: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApplyLabels {
     kind: &'static str,
 }
@@ -92,6 +108,12 @@ pub struct Metrics {
     pub config_rejections: Counter,
     config_apply: Family<ApplyLabels, Histogram>,
     pub access_log_dropped: Gauge<u64, AtomicU64>,
+    publishes: Family<PublishLabels, Counter>,
+    publish_duration: Family<TopicLabels, Histogram>,
+    producer_queue: Family<BrokerLabels, Gauge>,
+    subscribers: Family<TopicLabels, Gauge>,
+    delivered: Family<TopicLabels, Counter>,
+    closed_slow: Family<TopicLabels, Counter>,
 }
 
 /// A route's series, held by the compiled route and made on its first request: a config of
@@ -264,8 +286,53 @@ impl Metrics {
             "Log lines dropped because the log writer fell behind",
             access_log_dropped.clone(),
         );
+        let publishes = Family::<PublishLabels, Counter>::default();
+        registry.register(
+            "event_publishes",
+            "Publish requests by topic and outcome: acknowledged (durable, the broker has it), \
+             queued (fire-and-forget), rejected (bad request or schema), queue_full, timeout, \
+             refused",
+            publishes.clone(),
+        );
+        let publish_duration =
+            Family::<TopicLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        registry.register(
+            "event_publish_duration_seconds",
+            "Time from a publish request to its answer (durable: the broker's acknowledgement)",
+            publish_duration.clone(),
+        );
+        let producer_queue = Family::<BrokerLabels, Gauge>::default();
+        registry.register(
+            "event_producer_queue",
+            "Events in a Kafka producer's queue, waiting for the broker (sampled per publish)",
+            producer_queue.clone(),
+        );
+        let subscribers = Family::<TopicLabels, Gauge>::default();
+        registry.register(
+            "event_subscribers",
+            "Clients streaming a topic (SSE)",
+            subscribers.clone(),
+        );
+        let delivered = Family::<TopicLabels, Counter>::default();
+        registry.register(
+            "event_deliveries",
+            "Events written to subscribers",
+            delivered.clone(),
+        );
+        let closed_slow = Family::<TopicLabels, Counter>::default();
+        registry.register(
+            "event_subscribers_closed_slow",
+            "Subscribers closed because they fell behind the stream (they resume by position)",
+            closed_slow.clone(),
+        );
         Metrics {
             registry,
+            publishes,
+            publish_duration,
+            producer_queue,
+            subscribers,
+            delivered,
+            closed_slow,
             requests,
             request_duration,
             upstream_duration,
@@ -354,6 +421,53 @@ impl Metrics {
         self.access
             .get_or_create(&AccessLabels { decision, reason })
             .inc();
+    }
+
+    /// Counts one publish request and its time to answer.
+    pub fn event_published(&self, topic: &str, outcome: &'static str, seconds: f64) {
+        self.publishes
+            .get_or_create(&PublishLabels {
+                topic: topic.to_owned(),
+                outcome,
+            })
+            .inc();
+        self.publish_duration
+            .get_or_create(&TopicLabels {
+                topic: topic.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn producer_queue(&self, broker: &str) -> Gauge {
+        self.producer_queue
+            .get_or_create(&BrokerLabels {
+                broker: broker.to_owned(),
+            })
+            .clone()
+    }
+
+    pub fn subscribers(&self, topic: &str) -> Gauge {
+        self.subscribers
+            .get_or_create(&TopicLabels {
+                topic: topic.to_owned(),
+            })
+            .clone()
+    }
+
+    pub fn delivered(&self, topic: &str) -> Counter {
+        self.delivered
+            .get_or_create(&TopicLabels {
+                topic: topic.to_owned(),
+            })
+            .clone()
+    }
+
+    pub fn closed_slow(&self, topic: &str) -> Counter {
+        self.closed_slow
+            .get_or_create(&TopicLabels {
+                topic: topic.to_owned(),
+            })
+            .clone()
     }
 
     pub fn unrouted(&self, reason: &'static str) {

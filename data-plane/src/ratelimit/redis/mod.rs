@@ -181,6 +181,35 @@ impl RedisLimiter {
         }
     }
 
+    /// Runs one command on the limiter's shared connection within its timeout: for other
+    /// state the nodes share in Redis (publish idempotency keys). Keys are not prefixed here:
+    /// use [`RedisLimiter::key`].
+    pub async fn query<T: ::redis::FromRedisValue>(
+        &self,
+        command: &::redis::Cmd,
+    ) -> Result<T, RedisUnavailable> {
+        let outcome = tokio::time::timeout(self.timeout, async {
+            let mut connection = self.connection().await?;
+            command.query_async::<T>(&mut connection).await
+        })
+        .await;
+        let error = match outcome {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => RedisUnavailable::from_redis(&error, self.timeout),
+            Err(_elapsed) => RedisUnavailable::Timeout {
+                timeout: self.timeout,
+            },
+        };
+        // The next command connects afresh: this connection may be to a Redis that is gone.
+        *self.lock_connection() = None;
+        Err(error)
+    }
+
+    /// `suffix` under the node's key prefix.
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.key_prefix)
+    }
+
     /// Records a failure: opens the breaker and drops the connection, so the probe after the
     /// cooldown starts afresh (a connection that timed out may be to a Redis that is gone).
     fn failed(&self, pass: breaker::Pass<'_>, error: RedisUnavailable) -> RedisUnavailable {

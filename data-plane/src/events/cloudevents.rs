@@ -1,0 +1,304 @@
+//! CloudEvents 1.0 on the publish path: what an HTTP request must carry in each mode, and
+//! how it maps onto a Kafka record (the CloudEvents Kafka protocol binding).
+//!
+//! - **structured**: the body is the whole event as `application/cloudevents+json`; it goes
+//!   to the topic as it is, with a `content-type` record header saying so.
+//! - **binary**: the event's attributes arrive as `ce-*` HTTP headers and its data as the
+//!   body; each `ce-name` header becomes a `ce_name` record header, and `Content-Type`
+//!   becomes `content-type`.
+//! - **none**: the body is the event's data; the gateway gives it an id.
+
+use bytes::Bytes;
+use http::HeaderMap;
+use serde_json::Value;
+
+/// The attributes every CloudEvent must have (besides `specversion`).
+const REQUIRED: [&str; 3] = ["id", "source", "type"];
+
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// How a route reads events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    None,
+    Structured,
+    Binary,
+}
+
+/// Why a request is not a valid event in its route's mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    /// 415: the wrong kind of body for the mode.
+    #[error("{0}")]
+    MediaType(String),
+    /// 400: a missing or malformed attribute.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What a request contributes to its record, once checked.
+#[derive(Debug, PartialEq)]
+pub struct Event {
+    /// The event's id: the CloudEvent's own, or one the gateway made (mode `none`).
+    pub id: String,
+    /// Record headers from the event's attributes and content type.
+    pub headers: Vec<(String, Bytes)>,
+    /// The parsed JSON the route's schema applies to, when the body had to be parsed
+    /// anyway (structured mode: the event's `data`).
+    pub data: Option<Value>,
+}
+
+/// Reads an event from a request's headers and body in `mode`.
+pub fn read(mode: Mode, headers: &HeaderMap, body: &Bytes) -> Result<Event, EventError> {
+    match mode {
+        Mode::None => {
+            let mut record_headers = Vec::new();
+            if let Some(content_type) = headers.get(http::header::CONTENT_TYPE) {
+                record_headers.push(("content-type".to_owned(), bytes_of(content_type)));
+            }
+            Ok(Event {
+                // The thread-local generator: `Uuid::new_v4` costs a syscall per event.
+                id: uuid::Builder::from_random_bytes(rand::random())
+                    .into_uuid()
+                    .to_string(),
+                headers: record_headers,
+                data: None,
+            })
+        }
+        Mode::Structured => structured(headers, body),
+        Mode::Binary => binary(headers),
+    }
+}
+
+fn structured(headers: &HeaderMap, body: &Bytes) -> Result<Event, EventError> {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if !essence.eq_ignore_ascii_case(STRUCTURED_CONTENT_TYPE) {
+        return Err(EventError::MediaType(format!(
+            "this route takes structured CloudEvents: Content-Type must be \
+             {STRUCTURED_CONTENT_TYPE}, not {content_type:?}"
+        )));
+    }
+    let mut event: serde_json::Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|e| EventError::Invalid(format!("the body is not a JSON object: {e}")))?;
+    match event.get("specversion") {
+        Some(Value::String(version)) if version == "1.0" => {}
+        Some(other) => {
+            return Err(EventError::Invalid(format!(
+                "specversion must be \"1.0\", not {other}"
+            )));
+        }
+        None => return Err(EventError::Invalid("specversion is required".into())),
+    }
+    for attribute in REQUIRED {
+        match event.get(attribute) {
+            Some(Value::String(value)) if !value.is_empty() => {}
+            Some(_) => {
+                return Err(EventError::Invalid(format!(
+                    "{attribute} must be a non-empty string"
+                )));
+            }
+            None => return Err(EventError::Invalid(format!("{attribute} is required"))),
+        }
+    }
+    if event.contains_key("data") && event.contains_key("data_base64") {
+        return Err(EventError::Invalid(
+            "an event has data or data_base64, not both".into(),
+        ));
+    }
+    let Some(Value::String(id)) = event.get("id").cloned() else {
+        return Err(EventError::Invalid("id is required".into()));
+    };
+    Ok(Event {
+        id,
+        headers: vec![(
+            "content-type".to_owned(),
+            Bytes::from_static(STRUCTURED_CONTENT_TYPE.as_bytes()),
+        )],
+        data: Some(event.remove("data").unwrap_or(Value::Null)),
+    })
+}
+
+fn binary(headers: &HeaderMap) -> Result<Event, EventError> {
+    let attribute = |name: &str| -> Result<&str, EventError> {
+        let header = format!("ce-{name}");
+        let value = headers
+            .get(&header)
+            .ok_or_else(|| EventError::Invalid(format!("header {header} is required")))?;
+        let value = value
+            .to_str()
+            .map_err(|_| EventError::Invalid(format!("header {header} is not visible ASCII")))?;
+        if value.is_empty() {
+            return Err(EventError::Invalid(format!("header {header} is empty")));
+        }
+        Ok(value)
+    };
+    let version = attribute("specversion")?;
+    if version != "1.0" {
+        return Err(EventError::Invalid(format!(
+            "ce-specversion must be 1.0, not {version:?}"
+        )));
+    }
+    for name in REQUIRED {
+        attribute(name)?;
+    }
+    let mut record_headers = Vec::new();
+    for (name, value) in headers {
+        let Some(attribute) = name.as_str().strip_prefix("ce-") else {
+            continue;
+        };
+        // CloudEvents attribute names: lower-case letters and digits, at most 20.
+        if attribute.is_empty()
+            || attribute.len() > 20
+            || !attribute
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(EventError::Invalid(format!(
+                "header {name}: CloudEvents attribute names are 1 to 20 lower-case letters \
+                 and digits"
+            )));
+        }
+        record_headers.push((format!("ce_{attribute}"), bytes_of(value)));
+    }
+    if let Some(content_type) = headers.get(http::header::CONTENT_TYPE) {
+        record_headers.push(("content-type".to_owned(), bytes_of(content_type)));
+    }
+    Ok(Event {
+        id: attribute("id")?.to_owned(),
+        headers: record_headers,
+        data: None,
+    })
+}
+
+fn bytes_of(value: &http::HeaderValue) -> Bytes {
+    Bytes::copy_from_slice(value.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_static(k),
+                    http::HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn structured_events_keep_their_id_and_expose_their_data() {
+        let body = Bytes::from_static(
+            br#"{"specversion":"1.0","id":"e-1","source":"/shop","type":"order.created","data":{"total":3}}"#,
+        );
+        let event = read(
+            Mode::Structured,
+            &headers(&[(
+                "content-type",
+                "application/cloudevents+json; charset=utf-8",
+            )]),
+            &body,
+        )
+        .unwrap();
+        assert_eq!(event.id, "e-1");
+        assert_eq!(event.data, Some(serde_json::json!({"total": 3})));
+        assert_eq!(event.headers[0].0, "content-type");
+    }
+
+    #[test]
+    fn structured_mode_names_what_is_wrong() {
+        let ce = headers(&[("content-type", "application/cloudevents+json")]);
+        let cases: [(&[u8], &str); 5] = [
+            (b"[1]", "not a JSON object"),
+            (
+                br#"{"id":"1","source":"s","type":"t"}"#,
+                "specversion is required",
+            ),
+            (
+                br#"{"specversion":"0.3","id":"1","source":"s","type":"t"}"#,
+                "must be \"1.0\"",
+            ),
+            (
+                br#"{"specversion":"1.0","source":"s","type":"t"}"#,
+                "id is required",
+            ),
+            (
+                br#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#,
+                "id must be a non-empty",
+            ),
+        ];
+        for (body, expected) in cases {
+            let error = read(Mode::Structured, &ce, &Bytes::copy_from_slice(body)).unwrap_err();
+            assert!(
+                matches!(&error, EventError::Invalid(m) if m.contains(expected)),
+                "{error:?} should say {expected:?}"
+            );
+        }
+        let json = headers(&[("content-type", "application/json")]);
+        assert!(matches!(
+            read(Mode::Structured, &json, &Bytes::from_static(b"{}")),
+            Err(EventError::MediaType(_))
+        ));
+    }
+
+    #[test]
+    fn binary_mode_maps_ce_headers_to_record_headers() {
+        let event = read(
+            Mode::Binary,
+            &headers(&[
+                ("ce-specversion", "1.0"),
+                ("ce-id", "b-7"),
+                ("ce-source", "/shop"),
+                ("ce-type", "order.paid"),
+                ("ce-subject", "order-9"),
+                ("content-type", "application/json"),
+                ("x-other", "not copied"),
+            ]),
+            &Bytes::from_static(b"{}"),
+        )
+        .unwrap();
+        assert_eq!(event.id, "b-7");
+        let names: Vec<&str> = event.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ce_specversion",
+                "ce_id",
+                "ce_source",
+                "ce_type",
+                "ce_subject",
+                "content-type"
+            ]
+        );
+        let missing = read(
+            Mode::Binary,
+            &headers(&[
+                ("ce-specversion", "1.0"),
+                ("ce-id", "1"),
+                ("ce-source", "s"),
+            ]),
+            &Bytes::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            missing,
+            EventError::Invalid("header ce-type is required".into())
+        );
+    }
+
+    #[test]
+    fn plain_events_get_a_fresh_id() {
+        let a = read(Mode::None, &HeaderMap::new(), &Bytes::new()).unwrap();
+        let b = read(Mode::None, &HeaderMap::new(), &Bytes::new()).unwrap();
+        assert_ne!(a.id, b.id);
+        assert!(uuid::Uuid::parse_str(&a.id).is_ok());
+    }
+}

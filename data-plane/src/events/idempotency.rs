@@ -1,0 +1,345 @@
+//! `Idempotency-Key` on publish routes: a repeat of a request within the TTL gets the first
+//! request's answer, and the event is published once, however many copies arrive and on
+//! whichever nodes.
+//!
+//! A key is scoped to its route and consumer. The first request **claims** the key (an atomic
+//! `SET NX` in Redis when the node has `--redis-url`, shared by every node; else a table in
+//! this node's memory), publishes, and stores its 202 under the key for the TTL. A repeat
+//! that finds the answer gets it back with `Idempotency-Replayed: true`; one that finds the
+//! claim still pending waits for it (the copies of a retry storm all get the one answer). A
+//! publish that fails releases its claim, so the client's retry publishes afresh. The same key
+//! with a different request (another body or path) is refused with 422.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::ratelimit::{RedisLimiter, RedisUnavailable};
+
+/// How long a repeat waits for the first copy's answer before it is told 409.
+pub const IN_PROGRESS_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a claim outlives a node that died while publishing: after this, a retry may
+/// publish again.
+const CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// Pause between looks at a pending claim.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Keys kept in a node's memory when it has no Redis; beyond, new keys are refused (503).
+pub const MEMORY_KEYS: usize = 100_000;
+
+/// The longest `Idempotency-Key` accepted.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// The first request's answer, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+/// What a request with an `Idempotency-Key` does.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// It is the first: publish, then [`Idempotency::complete`] or [`Idempotency::release`].
+    Won,
+    /// An earlier copy was answered: answer the same.
+    Replay(StoredAnswer),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdempotencyError {
+    #[error("Idempotency-Key: at most {MAX_KEY_LEN} visible ASCII characters, not empty")]
+    BadKey,
+    #[error("a request with this Idempotency-Key is still being published; retry later")]
+    InProgress,
+    #[error("this Idempotency-Key was used for a different request")]
+    Mismatch,
+    #[error("idempotency keys cannot be checked now: {0}")]
+    Unavailable(String),
+}
+
+/// The node's idempotency keys: in Redis when given one, else in memory.
+#[derive(Debug)]
+pub struct Idempotency {
+    ttl: Duration,
+    memory: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl Idempotency {
+    pub fn new(ttl: Duration) -> Self {
+        Idempotency {
+            ttl,
+            memory: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The key a request is stored under: its route, its consumer (or `-`), and the client's
+    /// key. Checked first: see [`IdempotencyError::BadKey`].
+    pub fn scope(
+        route: &str,
+        consumer: Option<uuid::Uuid>,
+        key: &[u8],
+    ) -> Result<String, IdempotencyError> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN || !key.iter().all(u8::is_ascii_graphic) {
+            return Err(IdempotencyError::BadKey);
+        }
+        let consumer = consumer.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        Ok(format!(
+            "idem:{route}:{consumer}:{}",
+            String::from_utf8_lossy(key)
+        ))
+    }
+
+    /// What the request is, so a reuse of its key for another request is noticed.
+    pub fn fingerprint(path: &str, body: &[u8]) -> String {
+        let mut hash = Sha256::new();
+        hash.update(path.as_bytes());
+        hash.update([0]);
+        hash.update(body);
+        hex::encode(&hash.finalize()[..16])
+    }
+
+    /// Claims `scope` for this request, or finds the answer to an earlier copy (waiting up to
+    /// [`IN_PROGRESS_WAIT`] while that copy is being published).
+    pub async fn claim(
+        &self,
+        redis: Option<&RedisLimiter>,
+        scope: &str,
+        fingerprint: &str,
+    ) -> Result<Claim, IdempotencyError> {
+        let deadline = Instant::now() + IN_PROGRESS_WAIT;
+        let pending = format!("p|{fingerprint}");
+        loop {
+            let found = match redis {
+                Some(redis) => {
+                    let key = redis.key(scope);
+                    let claimed: Option<String> = redis
+                        .query(
+                            ::redis::cmd("SET")
+                                .arg(&key)
+                                .arg(&pending)
+                                .arg("NX")
+                                .arg("PX")
+                                .arg(millis(CLAIM_TTL)),
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                    if claimed.is_some() {
+                        return Ok(Claim::Won);
+                    }
+                    redis
+                        .query::<Option<String>>(::redis::cmd("GET").arg(&key))
+                        .await
+                        .map_err(unavailable)?
+                }
+                None => {
+                    let mut memory = self.lock();
+                    let now = Instant::now();
+                    match memory.get(scope) {
+                        Some((value, expires)) if *expires > now => Some(value.clone()),
+                        _ => {
+                            if memory.len() >= MEMORY_KEYS {
+                                memory.retain(|_, (_, expires)| *expires > now);
+                            }
+                            if memory.len() >= MEMORY_KEYS {
+                                return Err(IdempotencyError::Unavailable(format!(
+                                    "this node holds {MEMORY_KEYS} keys already"
+                                )));
+                            }
+                            memory.insert(scope.to_owned(), (pending.clone(), now + CLAIM_TTL));
+                            return Ok(Claim::Won);
+                        }
+                    }
+                }
+            };
+            match found.as_deref().map(parse) {
+                // Expired or released between the two looks: claim again.
+                None => continue,
+                Some(Stored::Pending { fingerprint: other }) => {
+                    if other != fingerprint {
+                        return Err(IdempotencyError::Mismatch);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(IdempotencyError::InProgress);
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+                Some(Stored::Done {
+                    fingerprint: other,
+                    answer,
+                }) => {
+                    if other != fingerprint {
+                        return Err(IdempotencyError::Mismatch);
+                    }
+                    return Ok(Claim::Replay(answer));
+                }
+                Some(Stored::Unreadable) => {
+                    return Err(IdempotencyError::Unavailable(
+                        "the stored answer is unreadable".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Stores the answer of a request that won its claim. A failure to store is logged: the
+    /// event is published and the client gets its answer; a repeat may publish again.
+    pub async fn complete(
+        &self,
+        redis: Option<&RedisLimiter>,
+        scope: &str,
+        fingerprint: &str,
+        answer: &StoredAnswer,
+    ) {
+        let value = format!("d|{fingerprint}|{}|{}", answer.status, answer.body);
+        match redis {
+            Some(redis) => {
+                let stored = redis
+                    .query::<()>(
+                        ::redis::cmd("SET")
+                            .arg(redis.key(scope))
+                            .arg(value)
+                            .arg("PX")
+                            .arg(millis(self.ttl)),
+                    )
+                    .await;
+                if let Err(error) = stored {
+                    tracing::warn!(%error, "idempotency: cannot store an answer in Redis");
+                }
+            }
+            None => {
+                self.lock()
+                    .insert(scope.to_owned(), (value, Instant::now() + self.ttl));
+            }
+        }
+    }
+
+    /// Gives up a claim whose publish failed, so that a retry publishes.
+    pub async fn release(&self, redis: Option<&RedisLimiter>, scope: &str) {
+        match redis {
+            Some(redis) => {
+                if let Err(error) = redis
+                    .query::<()>(::redis::cmd("DEL").arg(redis.key(scope)))
+                    .await
+                {
+                    tracing::warn!(%error, "idempotency: cannot release a claim in Redis");
+                }
+            }
+            None => {
+                self.lock().remove(scope);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn unavailable(error: RedisUnavailable) -> IdempotencyError {
+    IdempotencyError::Unavailable(error.to_string())
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+enum Stored {
+    Pending {
+        fingerprint: String,
+    },
+    Done {
+        fingerprint: String,
+        answer: StoredAnswer,
+    },
+    Unreadable,
+}
+
+/// `p|FP` (claimed) or `d|FP|STATUS|BODY` (answered).
+fn parse(value: &str) -> Stored {
+    let mut parts = value.splitn(4, '|');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("p"), Some(fingerprint), None, None) => Stored::Pending {
+            fingerprint: fingerprint.to_owned(),
+        },
+        (Some("d"), Some(fingerprint), Some(status), Some(body)) => match status.parse() {
+            Ok(status) => Stored::Done {
+                fingerprint: fingerprint.to_owned(),
+                answer: StoredAnswer {
+                    status,
+                    body: body.to_owned(),
+                },
+            },
+            Err(_) => Stored::Unreadable,
+        },
+        _ => Stored::Unreadable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_first_copy_wins_and_the_others_get_its_answer() {
+        let store = Idempotency::new(Duration::from_secs(60));
+        let scope = Idempotency::scope("r1", None, b"key-1").unwrap();
+        let fp = Idempotency::fingerprint("/orders", b"{}");
+        assert_eq!(store.claim(None, &scope, &fp).await.unwrap(), Claim::Won);
+        let answer = StoredAnswer {
+            status: 202,
+            body: r#"{"offset":7}"#.into(),
+        };
+        let waiting = async {
+            // A concurrent copy waits for the first one's answer.
+            store.claim(None, &scope, &fp).await
+        };
+        let completing = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            store.complete(None, &scope, &fp, &answer).await;
+        };
+        let (repeat, ()) = tokio::join!(waiting, completing);
+        assert_eq!(repeat.unwrap(), Claim::Replay(answer.clone()));
+        let other = Idempotency::fingerprint("/orders", b"{\"x\":1}");
+        assert!(matches!(
+            store.claim(None, &scope, &other).await,
+            Err(IdempotencyError::Mismatch)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_released_claim_lets_the_retry_publish() {
+        let store = Idempotency::new(Duration::from_secs(60));
+        let scope = Idempotency::scope("r1", Some(uuid::Uuid::nil()), b"k").unwrap();
+        assert_eq!(store.claim(None, &scope, "fp").await.unwrap(), Claim::Won);
+        store.release(None, &scope).await;
+        assert_eq!(store.claim(None, &scope, "fp").await.unwrap(), Claim::Won);
+    }
+
+    #[test]
+    fn keys_are_checked_and_scoped() {
+        assert!(Idempotency::scope("r", None, b"").is_err());
+        assert!(Idempotency::scope("r", None, b"has space").is_err());
+        assert!(Idempotency::scope("r", None, &[b'a'; 256]).is_err());
+        assert_ne!(
+            Idempotency::scope("r", None, b"k").unwrap(),
+            Idempotency::scope("r", Some(uuid::Uuid::nil()), b"k").unwrap(),
+            "each consumer has its own keys"
+        );
+    }
+
+    #[test]
+    fn a_stored_body_may_hold_the_separator() {
+        assert!(matches!(
+            parse("d|ab|202|{\"a\":\"x|y\"}"),
+            Stored::Done { answer, .. } if answer.body == "{\"a\":\"x|y\"}"
+        ));
+        assert!(matches!(parse("garbage"), Stored::Unreadable));
+    }
+}

@@ -1,0 +1,188 @@
+//! The event bridge: brokers, and the routes that publish requests as events
+//! ([`publish`]) or stream a topic to clients ([`subscribe`]).
+//!
+//! A [`Broker`] is the node's runtime for one broker resource: a Kafka producer
+//! ([`kafka`]) or the in-process [`memory`] broker. Like upstreams, brokers are kept across
+//! configuration swaps while their resource is unchanged, so a new config neither reconnects
+//! the producer nor (for the memory broker) loses the events it holds.
+
+pub mod cloudevents;
+pub mod feed;
+pub mod idempotency;
+pub mod kafka;
+pub mod memory;
+pub mod publish;
+pub mod subscribe;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use sluice_proto::pb;
+
+use crate::telemetry::Metrics;
+
+/// One event on its way to a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: Arc<str>,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    /// Record headers, in order; names may repeat.
+    pub headers: Vec<(String, Bytes)>,
+    /// Milliseconds since the Unix epoch: the event's create time.
+    pub timestamp_ms: i64,
+}
+
+/// Where the broker stored an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: i64,
+}
+
+/// How long a publish waits for its acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Until the broker acknowledged the event (or the delivery timeout).
+    Durable,
+    /// Until the event is queued in the producer; the broker may still lose it.
+    FireAndForget,
+}
+
+/// Why an event was not published. Every variant means the client must not be told the
+/// event was accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The producer's bounded queue is full: the broker is slow or down.
+    #[error("broker {broker} is not keeping up; its producer queue is full")]
+    QueueFull { broker: Arc<str> },
+    /// No acknowledgement within the delivery timeout (broker down or unreachable).
+    #[error("broker {broker} did not acknowledge the event within {timeout:?}")]
+    Timeout { broker: Arc<str>, timeout: Duration },
+    /// The broker refused the event for good (too large, unknown topic, not authorised).
+    #[error("broker {broker} refused the event: {reason}")]
+    Refused { broker: Arc<str>, reason: String },
+}
+
+/// The node's runtime for one broker resource.
+#[derive(Debug)]
+pub struct Broker {
+    pub id: Arc<str>,
+    pub name: Arc<str>,
+    /// The resource as compiled, minus what does not change the runtime (version, labels).
+    fingerprint: Vec<u8>,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Kafka(kafka::KafkaBroker),
+    Memory(memory::MemoryBroker),
+}
+
+impl Broker {
+    /// The runtime for `config`: `previous` itself when the resource did not change.
+    pub fn reuse(
+        config: &pb::Broker,
+        previous: Option<&Arc<Broker>>,
+        metrics: &Metrics,
+    ) -> Result<Arc<Self>, String> {
+        let fingerprint = fingerprint(config);
+        if let Some(previous) = previous
+            && previous.fingerprint == fingerprint
+        {
+            return Ok(previous.clone());
+        }
+        let meta = config.meta.clone().unwrap_or_default();
+        let name: Arc<str> = meta.name.into();
+        let kind = match &config.kind {
+            Some(pb::broker::Kind::Kafka(kafka)) => {
+                Kind::Kafka(kafka::KafkaBroker::new(&name, kafka, metrics)?)
+            }
+            Some(pb::broker::Kind::Memory(memory)) => {
+                Kind::Memory(memory::MemoryBroker::new(memory))
+            }
+            None => return Err("needs exactly one of kafka, memory".into()),
+        };
+        Ok(Arc::new(Broker {
+            id: meta.id.into(),
+            name,
+            fingerprint,
+            kind,
+        }))
+    }
+
+    /// Publishes one event. `Durable` returns where the broker stored it; `FireAndForget`
+    /// returns `None` once the event is queued.
+    pub async fn publish(
+        &self,
+        record: Record,
+        delivery: Delivery,
+    ) -> Result<Option<Delivered>, PublishError> {
+        match &self.kind {
+            Kind::Kafka(kafka) => kafka.publish(&self.name, record, delivery).await,
+            Kind::Memory(memory) => Ok(Some(memory.publish(record))),
+        }
+    }
+
+    /// Opens a subscriber's stream of `topic` from `start`.
+    pub async fn subscribe(
+        &self,
+        topic: &Arc<str>,
+        start: subscribe::Start,
+    ) -> Result<subscribe::Source, subscribe::SubscribeError> {
+        use subscribe::{Position, Source, Start};
+        match &self.kind {
+            Kind::Kafka(kafka) => {
+                kafka
+                    .feeds
+                    .subscribe(&kafka.settings, &self.name, topic, start)
+                    .await
+            }
+            Kind::Memory(memory) => {
+                // One partition, 0.
+                let from = match &start {
+                    Start::Latest => None,
+                    Start::Earliest => Some(0),
+                    Start::After(position) => Some(position.0.get(&0).copied().unwrap_or(0)),
+                };
+                let opened = memory.subscribe(topic, from);
+                let position = match start {
+                    Start::Latest => Position([(0, opened.next_offset)].into()),
+                    Start::Earliest => Position([(0, 0)].into()),
+                    Start::After(position) => position,
+                };
+                Ok(Source {
+                    position,
+                    backlog: opened.backlog,
+                    live: opened.live,
+                })
+            }
+        }
+    }
+
+    /// Whether events survive the node (documented: the memory broker's do not).
+    pub fn is_durable(&self) -> bool {
+        matches!(self.kind, Kind::Kafka(_))
+    }
+}
+
+fn fingerprint(config: &pb::Broker) -> Vec<u8> {
+    let mut config = config.clone();
+    if let Some(meta) = config.meta.as_mut() {
+        meta.resource_version = 0;
+        meta.labels.clear();
+        meta.description.clear();
+    }
+    config.encode_to_vec()
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,395 @@
+//! The `publish` route action: the request becomes one event on a topic.
+//!
+//! In order: read the body (bounded in size and time), read the event in the route's
+//! CloudEvents mode, check the route's JSON Schema (a violation is a 422 listing each error
+//! with its JSON pointer, and nothing reaches the topic), pick the record key, add the
+//! caller's identity, the request id and `traceparent` as record headers, and publish.
+//! A durable route answers 202 only with the broker's acknowledgement in hand: the body says
+//! where the event is (topic, partition, offset). A fire-and-forget route answers 202 once
+//! the event is queued, and says so.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use serde_json::Value;
+use sluice_proto::pb;
+
+use super::cloudevents::{self, EventError, Mode};
+use super::idempotency::{Claim, Idempotency, StoredAnswer};
+use super::{Broker, Delivered, Delivery, Record, now_ms};
+use crate::auth::Identity;
+use crate::ratelimit::RedisLimiter;
+use crate::server::error::{GatewayError, SchemaError};
+use crate::server::forwarding;
+use crate::telemetry::Metrics;
+use crate::upstream::ProxyBody;
+
+/// A client must send the whole event body within this time (408 beyond).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// At most this many schema violations are listed in a 422.
+const MAX_SCHEMA_ERRORS: usize = 20;
+
+/// A compiled publish action.
+#[derive(Debug)]
+pub struct PublishRoute {
+    pub broker: Arc<Broker>,
+    pub topic: Arc<str>,
+    key: Option<KeySource>,
+    delivery: Delivery,
+    mode: Mode,
+    schema: Option<jsonschema::Validator>,
+}
+
+/// Where a record's key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeySource {
+    PathParam(String),
+    Header(http::HeaderName),
+    JsonPointer(String),
+    ConsumerId,
+}
+
+/// What one publish needs from the request around it and from the node.
+#[derive(Debug)]
+pub struct PublishContext<'a> {
+    /// The route's id: idempotency keys are scoped to it.
+    pub route_id: &'a str,
+    pub params: &'a [(&'a str, String)],
+    pub identity: Option<&'a Identity>,
+    pub request_id: &'a HeaderValue,
+    pub max_body_bytes: u64,
+    pub metrics: &'a Metrics,
+    pub idempotency: &'a Idempotency,
+    /// Where idempotency keys are shared between nodes, when the node has Redis.
+    pub redis: Option<&'a RedisLimiter>,
+}
+
+static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+static IDEMPOTENCY_REPLAYED: http::HeaderName =
+    http::HeaderName::from_static("idempotency-replayed");
+
+impl PublishRoute {
+    pub fn compile(
+        action: &pb::PublishAction,
+        broker: &dyn Fn(&str) -> Option<Arc<Broker>>,
+    ) -> Result<Self, String> {
+        use pb::publish_action::{CloudEvents, Delivery as D};
+        let broker = broker(&action.broker_id)
+            .ok_or_else(|| format!("no broker has the id {}", action.broker_id))?;
+        let key = match action.key.as_ref().and_then(|k| k.kind.as_ref()) {
+            None => None,
+            Some(pb::value_source::Kind::PathParam(name)) => {
+                Some(KeySource::PathParam(name.clone()))
+            }
+            Some(pb::value_source::Kind::Header(name)) => Some(KeySource::Header(
+                http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?,
+            )),
+            Some(pb::value_source::Kind::JsonPointer(pointer)) => {
+                Some(KeySource::JsonPointer(pointer.clone()))
+            }
+            Some(pb::value_source::Kind::ConsumerId(true)) => Some(KeySource::ConsumerId),
+            Some(pb::value_source::Kind::ConsumerId(false)) => None,
+        };
+        let delivery = match D::try_from(action.delivery) {
+            Ok(D::FireAndForget) => Delivery::FireAndForget,
+            _ => Delivery::Durable,
+        };
+        let mode = match CloudEvents::try_from(action.cloud_events) {
+            Ok(CloudEvents::Structured) => Mode::Structured,
+            Ok(CloudEvents::Binary) => Mode::Binary,
+            _ => Mode::None,
+        };
+        let schema = if action.json_schema.is_empty() {
+            None
+        } else {
+            let schema: Value = serde_json::from_str(&action.json_schema)
+                .map_err(|e| format!("json_schema is not JSON: {e}"))?;
+            Some(
+                jsonschema::validator_for(&schema)
+                    .map_err(|e| format!("json_schema is not a valid JSON Schema: {e}"))?,
+            )
+        };
+        Ok(PublishRoute {
+            broker,
+            topic: action.topic.as_str().into(),
+            key,
+            delivery,
+            mode,
+            schema,
+        })
+    }
+
+    /// Publishes `request` as one event and answers with the outcome.
+    pub async fn serve<B>(
+        &self,
+        request: Request<B>,
+        context: PublishContext<'_>,
+    ) -> Result<Response<ProxyBody>, GatewayError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let started = Instant::now();
+        let result = self.publish_once(request, &context).await;
+        let outcome = match &result {
+            Ok(_) if self.delivery == Delivery::Durable => "acknowledged",
+            Ok(_) => "queued",
+            Err(GatewayError::Publish(e)) => e.outcome(),
+            Err(_) => "rejected",
+        };
+        context
+            .metrics
+            .event_published(&self.topic, outcome, started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Reads the body, then publishes, unless the request repeats an earlier one's
+    /// `Idempotency-Key` (see [`super::idempotency`]).
+    async fn publish_once<B>(
+        &self,
+        request: Request<B>,
+        context: &PublishContext<'_>,
+    ) -> Result<Response<ProxyBody>, GatewayError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let (parts, body) = request.into_parts();
+        let body = read_body(body, context.max_body_bytes).await?;
+        let Some(key) = parts.headers.get(&IDEMPOTENCY_KEY) else {
+            let answer = self.publish(&parts, body, context).await?;
+            return Ok(accepted(answer.to_string(), false));
+        };
+        let consumer = context.identity.map(|i| i.consumer_id);
+        let scope = Idempotency::scope(context.route_id, consumer, key.as_bytes())
+            .map_err(GatewayError::Idempotency)?;
+        let fingerprint = Idempotency::fingerprint(parts.uri.path(), &body);
+        let store = context.idempotency;
+        match store
+            .claim(context.redis, &scope, &fingerprint)
+            .await
+            .map_err(GatewayError::Idempotency)?
+        {
+            Claim::Replay(answer) => return Ok(accepted(answer.body, true)),
+            Claim::Won => {}
+        }
+        match self.publish(&parts, body, context).await {
+            Ok(answer) => {
+                let answer = StoredAnswer {
+                    status: StatusCode::ACCEPTED.as_u16(),
+                    body: answer.to_string(),
+                };
+                store
+                    .complete(context.redis, &scope, &fingerprint, &answer)
+                    .await;
+                Ok(accepted(answer.body, false))
+            }
+            Err(error) => {
+                store.release(context.redis, &scope).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Publishes the request as one event; the 202's body.
+    async fn publish(
+        &self,
+        parts: &http::request::Parts,
+        body: Bytes,
+        context: &PublishContext<'_>,
+    ) -> Result<Value, GatewayError> {
+        let event = cloudevents::read(self.mode, &parts.headers, &body).map_err(|e| match e {
+            EventError::MediaType(detail) => GatewayError::UnsupportedMediaType(detail),
+            EventError::Invalid(detail) => GatewayError::InvalidEvent(detail),
+        })?;
+        // The body as JSON, parsed at most once, for the schema and a JSON-pointer key.
+        let mut json: Option<Value> = None;
+        let needs_json =
+            self.schema.is_some() || matches!(self.key, Some(KeySource::JsonPointer(_)));
+        if needs_json {
+            json =
+                Some(serde_json::from_slice(&body).map_err(|e| {
+                    GatewayError::InvalidEvent(format!("the body is not JSON: {e}"))
+                })?);
+        }
+        if let Some(schema) = &self.schema {
+            // In structured mode the schema is for the event's data, not its envelope.
+            let data = event
+                .data
+                .as_ref()
+                .or(json.as_ref())
+                .unwrap_or(&Value::Null);
+            let errors: Vec<SchemaError> = schema
+                .iter_errors(data)
+                .take(MAX_SCHEMA_ERRORS)
+                .map(|error| SchemaError {
+                    pointer: error.instance_path().to_string(),
+                    detail: error.to_string(),
+                })
+                .collect();
+            if !errors.is_empty() {
+                return Err(GatewayError::SchemaViolation(errors));
+            }
+        }
+        let key = self.key(&parts.headers, json.as_ref(), context)?;
+        let mut headers = event.headers;
+        headers.push(("sluice-event-id".into(), Bytes::from(event.id.clone())));
+        headers.push((
+            "sluice-request-id".into(),
+            Bytes::copy_from_slice(context.request_id.as_bytes()),
+        ));
+        headers.push((
+            "traceparent".into(),
+            Bytes::copy_from_slice(forwarding::traceparent(&parts.headers).as_bytes()),
+        ));
+        if let Some(identity) = context.identity {
+            headers.push((
+                "sluice-consumer-id".into(),
+                Bytes::from(identity.consumer_id.to_string()),
+            ));
+            headers.push((
+                "sluice-consumer-name".into(),
+                Bytes::from(identity.consumer_name.clone()),
+            ));
+            headers.push((
+                "sluice-subscription-id".into(),
+                Bytes::from(identity.subscription_id.to_string()),
+            ));
+        }
+        let record = Record {
+            topic: self.topic.clone(),
+            key,
+            value: body,
+            headers,
+            timestamp_ms: now_ms(),
+        };
+        let delivered = self
+            .broker
+            .publish(record, self.delivery)
+            .await
+            .map_err(GatewayError::Publish)?;
+        Ok(answer(&event.id, &self.topic, delivered))
+    }
+
+    fn key(
+        &self,
+        headers: &HeaderMap,
+        json: Option<&Value>,
+        context: &PublishContext<'_>,
+    ) -> Result<Option<Bytes>, GatewayError> {
+        let missing = |what: String| {
+            Err(GatewayError::InvalidEvent(format!(
+                "{what}: it is the event's key"
+            )))
+        };
+        Ok(Some(match &self.key {
+            None => return Ok(None),
+            Some(KeySource::PathParam(name)) => {
+                match context.params.iter().find(|(param, _)| param == name) {
+                    Some((_, value)) => Bytes::from(value.clone()),
+                    None => return missing(format!("the path has no parameter {name}")),
+                }
+            }
+            Some(KeySource::Header(name)) => match headers.get(name) {
+                Some(value) => Bytes::copy_from_slice(value.as_bytes()),
+                None => return missing(format!("header {name} is required")),
+            },
+            Some(KeySource::JsonPointer(pointer)) => {
+                match json.and_then(|json| json.pointer(pointer)) {
+                    // A string is the key as it is; any other value, its JSON text.
+                    Some(Value::String(text)) => Bytes::from(text.clone()),
+                    Some(Value::Null) | None => {
+                        return missing(format!("the body has no value at {pointer}"));
+                    }
+                    Some(other) => Bytes::from(other.to_string()),
+                }
+            }
+            Some(KeySource::ConsumerId) => match context.identity {
+                Some(identity) => Bytes::from(identity.consumer_id.to_string()),
+                None => return missing("the request has no authenticated consumer".into()),
+            },
+        }))
+    }
+}
+
+impl super::PublishError {
+    /// The `outcome` label of the publish metric.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            super::PublishError::QueueFull { .. } => "queue_full",
+            super::PublishError::Timeout { .. } => "timeout",
+            super::PublishError::Refused { .. } => "refused",
+        }
+    }
+}
+
+/// Reads a whole body, at most `limit` bytes, within [`BODY_TIMEOUT`].
+async fn read_body<B>(body: B, limit: u64) -> Result<Bytes, GatewayError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Err(_) => Err(GatewayError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => {
+            Err(GatewayError::BodyTooLarge { limit })
+        }
+        Ok(Err(_)) => Err(GatewayError::Malformed("the request body ended early")),
+    }
+}
+
+/// The 202's body: where the event went (durable) or that it was queued (fire-and-forget).
+fn answer(id: &str, topic: &str, delivered: Option<Delivered>) -> Value {
+    match delivered {
+        Some(at) => serde_json::json!({
+            "id": id,
+            "topic": topic,
+            "partition": at.partition,
+            "offset": at.offset,
+            "timestamp": rfc3339_ms(at.timestamp_ms),
+        }),
+        None => serde_json::json!({
+            "id": id,
+            "topic": topic,
+            "delivery": "fire_and_forget",
+        }),
+    }
+}
+
+/// The 202 itself; `replayed`: the answer to an earlier request with the same
+/// `Idempotency-Key`.
+fn accepted(body: String, replayed: bool) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = StatusCode::ACCEPTED;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if replayed {
+        headers.insert(
+            IDEMPOTENCY_REPLAYED.clone(),
+            HeaderValue::from_static("true"),
+        );
+    }
+    response
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs()))
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,250 @@
+//! The publish action on the memory broker: what is answered, and what reaches the topic.
+
+use http_body_util::BodyExt;
+use serde_json::json;
+
+use super::*;
+use crate::events::Kind;
+
+fn memory_broker(metrics: &Metrics) -> Arc<Broker> {
+    Broker::reuse(
+        &pb::Broker {
+            meta: Some(pb::Meta {
+                id: "b1".into(),
+                name: "events".into(),
+                ..Default::default()
+            }),
+            kind: Some(pb::broker::Kind::Memory(pb::MemoryBroker::default())),
+        },
+        None,
+        metrics,
+    )
+    .unwrap()
+}
+
+fn route(broker: &Arc<Broker>, action: pb::PublishAction) -> PublishRoute {
+    let action = pb::PublishAction {
+        broker_id: "b1".into(),
+        topic: "orders".into(),
+        ..action
+    };
+    PublishRoute::compile(&action, &|_| Some(broker.clone())).unwrap()
+}
+
+/// The events on the route's topic so far.
+fn topic_events(route: &PublishRoute) -> Vec<Arc<crate::events::memory::StoredEvent>> {
+    match &route.broker.kind {
+        Kind::Memory(memory) => memory.subscribe(&route.topic, Some(0)).backlog,
+        Kind::Kafka(_) => unreachable!("these tests use the memory broker"),
+    }
+}
+
+async fn publish(
+    route: &PublishRoute,
+    request: Request<Full<Bytes>>,
+    params: &[(&str, String)],
+) -> (StatusCode, HeaderMap, Value) {
+    let metrics = Metrics::new();
+    let request_id = HeaderValue::from_static("req-1");
+    let idempotency = Idempotency::new(Duration::from_secs(60));
+    let context = PublishContext {
+        route_id: "r1",
+        params,
+        identity: None,
+        request_id: &request_id,
+        max_body_bytes: 1024,
+        metrics: &metrics,
+        idempotency: &idempotency,
+        redis: None,
+    };
+    let response = match route.serve(request, context).await {
+        Ok(response) => response,
+        Err(error) => error.to_response(&request_id),
+    };
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, serde_json::from_slice(&body).unwrap())
+}
+
+fn post(body: &'static str, headers: &[(&'static str, &'static str)]) -> Request<Full<Bytes>> {
+    let mut request = Request::post("/orders")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    for (name, value) in headers {
+        request
+            .headers_mut()
+            .insert(*name, HeaderValue::from_static(value));
+    }
+    request
+}
+
+#[tokio::test]
+async fn a_durable_publish_answers_where_the_event_is() {
+    let metrics = Metrics::new();
+    let broker = memory_broker(&metrics);
+    let route = route(
+        &broker,
+        pb::PublishAction {
+            key: Some(pb::ValueSource {
+                kind: Some(pb::value_source::Kind::PathParam("order".into())),
+            }),
+            ..Default::default()
+        },
+    );
+    let params = [("order", "o-42".to_owned())];
+    let (status, _, first) = publish(
+        &route,
+        post(r#"{"total":3}"#, &[("content-type", "application/json")]),
+        &params,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    assert_eq!(first["topic"], "orders");
+    assert_eq!(first["partition"], 0);
+    assert_eq!(first["offset"], 0);
+    assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
+    let (_, _, second) = publish(&route, post("{}", &[]), &params).await;
+    assert_eq!(second["offset"], 1);
+    assert_ne!(first["id"], second["id"]);
+
+    let events = topic_events(&route);
+    assert_eq!(events.len(), 2);
+    let record = &events[0].record;
+    assert_eq!(record.key.as_deref(), Some(&b"o-42"[..]));
+    assert_eq!(&record.value[..], br#"{"total":3}"#);
+    let header = |name: &str| {
+        record
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("sluice-event-id").as_deref(), first["id"].as_str());
+    assert_eq!(header("sluice-request-id").as_deref(), Some("req-1"));
+    assert_eq!(header("content-type").as_deref(), Some("application/json"));
+    assert!(header("traceparent").unwrap().starts_with("00-"));
+}
+
+#[tokio::test]
+async fn a_schema_violation_lists_each_error_and_publishes_nothing() {
+    let metrics = Metrics::new();
+    let broker = memory_broker(&metrics);
+    let schema = json!({
+        "type": "object",
+        "required": ["total"],
+        "properties": {"total": {"type": "number"}, "items": {"type": "array", "items": {"type": "string"}}}
+    });
+    let route = route(
+        &broker,
+        pb::PublishAction {
+            json_schema: schema.to_string(),
+            ..Default::default()
+        },
+    );
+    let (status, headers, problem) = publish(&route, post(r#"{"items":["a",7]}"#, &[]), &[]).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(
+        problem["type"],
+        "https://sluice.dev/problems/schema-violation"
+    );
+    let pointers: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap())
+        .collect();
+    assert!(pointers.contains(&""), "the missing `total`: {pointers:?}");
+    assert!(
+        pointers.contains(&"/items/1"),
+        "the number among strings: {pointers:?}"
+    );
+    let (status, _, problem) = publish(&route, post("not json", &[]), &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+    assert!(
+        topic_events(&route).is_empty(),
+        "rejected events never reach the topic"
+    );
+
+    let (status, _, _) = publish(&route, post(r#"{"total":1}"#, &[]), &[]).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(topic_events(&route).len(), 1);
+}
+
+#[tokio::test]
+async fn structured_cloudevents_keep_their_id_and_the_schema_checks_their_data() {
+    let metrics = Metrics::new();
+    let broker = memory_broker(&metrics);
+    let route = route(
+        &broker,
+        pb::PublishAction {
+            cloud_events: pb::publish_action::CloudEvents::Structured as i32,
+            json_schema: json!({"type": "object", "required": ["total"]}).to_string(),
+            key: Some(pb::ValueSource {
+                kind: Some(pb::value_source::Kind::JsonPointer("/subject".into())),
+            }),
+            ..Default::default()
+        },
+    );
+    let ce = [("content-type", "application/cloudevents+json")];
+    let (status, _, body) = publish(
+        &route,
+        post(
+            r#"{"specversion":"1.0","id":"ev-9","source":"/shop","type":"order","subject":"o-1","data":{"total":5}}"#,
+            &ce,
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["id"], "ev-9");
+    let (status, _, problem) = publish(
+        &route,
+        post(
+            r#"{"specversion":"1.0","id":"ev-10","source":"/shop","type":"order","subject":"o-1","data":{}}"#,
+            &ce,
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    let (status, _, _) = publish(
+        &route,
+        post("{}", &[("content-type", "application/json")]),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let events = topic_events(&route);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].record.key.as_deref(), Some(&b"o-1"[..]));
+}
+
+#[tokio::test]
+async fn oversized_bodies_and_missing_keys_are_refused() {
+    let metrics = Metrics::new();
+    let broker = memory_broker(&metrics);
+    let route = route(
+        &broker,
+        pb::PublishAction {
+            key: Some(pb::ValueSource {
+                kind: Some(pb::value_source::Kind::Header("x-order".into())),
+            }),
+            ..Default::default()
+        },
+    );
+    let big: &'static str = Box::leak("x".repeat(2000).into_boxed_str());
+    let (status, _, _) = publish(&route, post(big, &[("x-order", "1")]), &[]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _, problem) = publish(&route, post("{}", &[]), &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("header x-order is required"),
+        "{problem}"
+    );
+    assert!(topic_events(&route).is_empty());
+}

@@ -1,0 +1,477 @@
+//! The `subscribe` route action: a topic streamed to the client as Server-Sent Events.
+//!
+//! Every event's SSE `id` is the subscriber's **position** after it: for each partition of
+//! the topic, the offset of the next event to read (`0:17,1:4`). A client that reconnects, to
+//! this node or any other, sends it back as `Last-Event-ID` and continues exactly after the
+//! last event it saw: no gap, no repeat. A new subscriber starts at the route's default
+//! (`latest` unless configured), or where `?start=earliest|latest` says.
+//!
+//! Live subscribers of a topic share one reader per node (a Kafka consumer, [`super::feed`],
+//! or the memory broker's live channel). A client that falls more than the feed's buffer
+//! behind is closed with a final `sluice-closed` event carrying its position, rather than
+//! being let grow memory; it resumes with that position.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use sluice_proto::pb;
+use tokio::sync::{broadcast, mpsc};
+
+use super::Broker;
+use super::memory::StoredEvent;
+use crate::server::error::GatewayError;
+use crate::telemetry::Metrics;
+use crate::upstream::{BoxError, ProxyBody};
+
+/// Heartbeat interval when the route does not set one.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// Frames queued for one client's connection: with the feed's shared buffer, all the memory
+/// a subscriber may hold.
+const CLIENT_FRAMES: usize = 32;
+
+/// How long a final `sluice-closed` event may wait for room in a slow client's queue.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Where a subscriber is: per partition, the offset of the next event to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position(pub BTreeMap<i32, i64>);
+
+impl Position {
+    /// `0:17,1:4`, partitions in order.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        for (i, (partition, offset)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{partition}:{offset}");
+        }
+        out
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut position = BTreeMap::new();
+        for part in text.split(',').filter(|p| !p.is_empty()) {
+            let (partition, offset) = part
+                .split_once(':')
+                .ok_or_else(|| format!("{part:?} is not partition:offset"))?;
+            let partition: i32 = partition
+                .parse()
+                .ok()
+                .filter(|p| *p >= 0)
+                .ok_or_else(|| format!("{partition:?} is not a partition number"))?;
+            let offset: i64 = offset
+                .parse()
+                .ok()
+                .filter(|o| *o >= 0)
+                .ok_or_else(|| format!("{offset:?} is not an offset"))?;
+            if position.insert(partition, offset).is_some() {
+                return Err(format!("partition {partition} appears twice"));
+            }
+        }
+        if position.is_empty() {
+            return Err("names no partition".into());
+        }
+        Ok(Position(position))
+    }
+
+    /// Whether `event` comes after this position (not yet seen).
+    pub(super) fn is_new(&self, event: &StoredEvent) -> bool {
+        self.0
+            .get(&event.partition)
+            .is_none_or(|next| event.offset >= *next)
+    }
+
+    pub(super) fn advance(&mut self, event: &StoredEvent) {
+        self.0.insert(event.partition, event.offset + 1);
+    }
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    Latest,
+    Earliest,
+    /// Resume after a `Last-Event-ID`.
+    After(Position),
+}
+
+/// What a subscriber reads: events already known (memory backlog), then the live feed.
+#[derive(Debug)]
+pub struct Source {
+    pub position: Position,
+    pub backlog: Vec<Arc<StoredEvent>>,
+    pub live: broadcast::Receiver<Arc<StoredEvent>>,
+}
+
+/// Why a subscription could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("broker {broker} cannot serve topic {topic}: {reason}")]
+    Unavailable {
+        broker: Arc<str>,
+        topic: Arc<str>,
+        reason: String,
+    },
+    #[error("broker {broker} is serving as many resumed subscribers as it may; try again")]
+    Busy { broker: Arc<str> },
+}
+
+/// A compiled subscribe action.
+#[derive(Debug)]
+pub struct SubscribeRoute {
+    pub broker: Arc<Broker>,
+    pub topic: Arc<str>,
+    default_start: Start,
+    heartbeat: Duration,
+}
+
+impl SubscribeRoute {
+    pub fn compile(
+        action: &pb::SubscribeAction,
+        broker: &dyn Fn(&str) -> Option<Arc<Broker>>,
+    ) -> Result<Self, String> {
+        let broker = broker(&action.broker_id)
+            .ok_or_else(|| format!("no broker has the id {}", action.broker_id))?;
+        let default_start = match pb::subscribe_action::Start::try_from(action.default_start) {
+            Ok(pb::subscribe_action::Start::Earliest) => Start::Earliest,
+            _ => Start::Latest,
+        };
+        Ok(SubscribeRoute {
+            broker,
+            topic: action.topic.as_str().into(),
+            default_start,
+            heartbeat: match action.heartbeat_ms {
+                0 => DEFAULT_HEARTBEAT,
+                ms => Duration::from_millis(ms),
+            },
+        })
+    }
+
+    /// Opens the stream. The response's headers go out at once; events follow as they come.
+    pub async fn serve<B>(
+        &self,
+        request: &Request<B>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        if request
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        {
+            return Err(GatewayError::NotServed(
+                "WebSocket subscriptions (use Server-Sent Events: Accept: text/event-stream)",
+            ));
+        }
+        let start = self.start(request)?;
+        let source = self
+            .broker
+            .subscribe(&self.topic, start)
+            .await
+            .map_err(GatewayError::Subscribe)?;
+        let (frames, receiver) = mpsc::channel(CLIENT_FRAMES);
+        let gauge = metrics.subscribers(&self.topic);
+        let delivered = metrics.delivered(&self.topic);
+        let closed_slow = metrics.closed_slow(&self.topic);
+        let heartbeat = self.heartbeat;
+        tokio::spawn(async move {
+            gauge.inc();
+            let ending = stream_events(source, frames, heartbeat, &delivered).await;
+            if ending == Ending::Slow {
+                closed_slow.inc();
+            }
+            gauge.dec();
+        });
+        let mut response = Response::new(EventStream { receiver }.boxed());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        // Tell buffering proxies in front (nginx) to pass events through as they come.
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        *response.status_mut() = StatusCode::OK;
+        Ok(response)
+    }
+
+    fn start<B>(&self, request: &Request<B>) -> Result<Start, GatewayError> {
+        if let Some(last) = request.headers().get("last-event-id") {
+            let text = last
+                .to_str()
+                .map_err(|_| GatewayError::InvalidEvent("Last-Event-ID is not ASCII".into()))?;
+            if !text.is_empty() {
+                return Position::parse(text).map(Start::After).map_err(|reason| {
+                    GatewayError::InvalidEvent(format!(
+                        "Last-Event-ID {text:?} is not a position this gateway gave: {reason}"
+                    ))
+                });
+            }
+        }
+        let query = request.uri().query().unwrap_or_default();
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            if name == "start" {
+                return match &*value {
+                    "earliest" => Ok(Start::Earliest),
+                    "latest" => Ok(Start::Latest),
+                    other => Err(GatewayError::InvalidEvent(format!(
+                        "start={other:?}: use earliest or latest (or Last-Event-ID to resume)"
+                    ))),
+                };
+            }
+        }
+        Ok(self.default_start.clone())
+    }
+}
+
+/// How a subscriber's stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// The client went away (or the node is stopping).
+    Gone,
+    /// The client fell behind the feed's buffer and was closed with its position.
+    Slow,
+    /// The feed stopped (its broker was removed or failed).
+    FeedEnded,
+}
+
+/// Writes `source`'s events to `frames` as SSE until the client goes away or falls behind.
+async fn stream_events(
+    mut source: Source,
+    frames: mpsc::Sender<Bytes>,
+    heartbeat: Duration,
+    delivered: &prometheus_client::metrics::counter::Counter,
+) -> Ending {
+    let mut position = source.position.clone();
+    // A first frame at once, so the client (and any proxy) sees the stream open.
+    if frames.send(Bytes::from_static(b": ok\n\n")).await.is_err() {
+        return Ending::Gone;
+    }
+    for event in std::mem::take(&mut source.backlog) {
+        if position.is_new(&event) {
+            position.advance(&event);
+            if frames.send(sse_event(&event, &position)).await.is_err() {
+                return Ending::Gone;
+            }
+            delivered.inc();
+        }
+    }
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    loop {
+        tokio::select! {
+            received = source.live.recv() => match received {
+                Ok(event) => {
+                    if !position.is_new(&event) {
+                        continue;
+                    }
+                    position.advance(&event);
+                    if frames.send(sse_event(&event, &position)).await.is_err() {
+                        return Ending::Gone;
+                    }
+                    delivered.inc();
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let close = closing_event(&position);
+                    // Room for the last word may take a moment; a client that reads nothing
+                    // at all is simply disconnected (its last event's id is its position).
+                    let _ = tokio::time::timeout(CLOSE_GRACE, frames.send(close)).await;
+                    return Ending::Slow;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ending::FeedEnded,
+            },
+            _ = beat.tick() => {
+                if frames.send(Bytes::from_static(b": heartbeat\n\n")).await.is_err() {
+                    return Ending::Gone;
+                }
+            }
+            () = frames.closed() => return Ending::Gone,
+        }
+    }
+}
+
+/// One event as SSE: its position as `id`, its value as `data` (one line per line).
+fn sse_event(event: &StoredEvent, position: &Position) -> Bytes {
+    let mut out = String::with_capacity(event.record.value.len() + 64);
+    let _ = writeln!(out, "id: {}", position.encode());
+    let data = String::from_utf8_lossy(&event.record.value);
+    for line in data.split('\n') {
+        let _ = writeln!(out, "data: {}", line.strip_suffix('\r').unwrap_or(line));
+    }
+    out.push('\n');
+    Bytes::from(out)
+}
+
+/// The last event a slow client gets: where to resume.
+fn closing_event(position: &Position) -> Bytes {
+    let id = position.encode();
+    let data = serde_json::json!({
+        "reason": "slow_consumer",
+        "detail": "the client fell behind the stream; reconnect with Last-Event-ID to resume",
+        "last_event_id": id,
+    });
+    Bytes::from(format!("id: {id}\nevent: sluice-closed\ndata: {data}\n\n"))
+}
+
+/// The response body: frames from the subscriber's task, as the connection takes them.
+#[derive(Debug)]
+struct EventStream {
+    receiver: mpsc::Receiver<Bytes>,
+}
+
+impl Body for EventStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.receiver
+            .poll_recv(cx)
+            .map(|frame| frame.map(|bytes| Ok(Frame::data(bytes))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_and_bad_ones_are_named() {
+        let position = Position::parse("0:17,1:4").unwrap();
+        assert_eq!(position.0, BTreeMap::from([(0, 17), (1, 4)]));
+        assert_eq!(position.encode(), "0:17,1:4");
+        for (bad, says) in [
+            ("", "names no partition"),
+            ("0", "not partition:offset"),
+            ("x:1", "not a partition number"),
+            ("0:-1", "not an offset"),
+            ("0:1,0:2", "appears twice"),
+        ] {
+            let error = Position::parse(bad).unwrap_err();
+            assert!(error.contains(says), "{bad:?}: {error}");
+        }
+    }
+
+    fn record(value: &'static str) -> super::super::Record {
+        super::super::Record {
+            topic: "t".into(),
+            key: None,
+            value: Bytes::from_static(value.as_bytes()),
+            headers: Vec::new(),
+            timestamp_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_is_closed_with_its_position() {
+        use super::super::memory::MemoryBroker;
+        let broker = MemoryBroker::new(&pb::MemoryBroker::default());
+        let topic: Arc<str> = "t".into();
+        broker.publish(record("before"));
+        let opened = broker.subscribe(&topic, None);
+        let source = Source {
+            position: Position([(0, opened.next_offset)].into()),
+            backlog: Vec::new(),
+            live: opened.live,
+        };
+        // More than the feed holds, before the subscriber reads anything.
+        for _ in 0..super::super::memory::FEED_CAPACITY + 10 {
+            broker.publish(record("x"));
+        }
+        let (frames, mut received) = mpsc::channel(CLIENT_FRAMES);
+        let delivered = prometheus_client::metrics::counter::Counter::default();
+        let ending = stream_events(source, frames, Duration::from_secs(60), &delivered).await;
+        assert_eq!(ending, Ending::Slow);
+        assert_eq!(
+            received.recv().await.unwrap(),
+            Bytes::from_static(b": ok\n\n")
+        );
+        let last = received.recv().await.unwrap();
+        let last = std::str::from_utf8(&last).unwrap();
+        assert!(
+            last.starts_with("id: 0:1\nevent: sluice-closed\n"),
+            "the position to resume from, after the one event before: {last}"
+        );
+        assert!(received.recv().await.is_none(), "then the stream ends");
+        assert_eq!(delivered.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_backlog_then_live_events_then_heartbeats() {
+        use super::super::memory::MemoryBroker;
+        let broker = MemoryBroker::new(&pb::MemoryBroker::default());
+        let topic: Arc<str> = "t".into();
+        broker.publish(record("a"));
+        let opened = broker.subscribe(&topic, Some(0));
+        let source = Source {
+            position: Position([(0, 0)].into()),
+            backlog: opened.backlog,
+            live: opened.live,
+        };
+        let (frames, mut received) = mpsc::channel(CLIENT_FRAMES);
+        let task = tokio::spawn(async move {
+            let delivered = prometheus_client::metrics::counter::Counter::default();
+            stream_events(source, frames, Duration::from_millis(50), &delivered).await
+        });
+        broker.publish(record("b"));
+        let mut texts = Vec::new();
+        for _ in 0..4 {
+            let frame = received.recv().await.unwrap();
+            texts.push(String::from_utf8(frame.to_vec()).unwrap());
+        }
+        assert_eq!(
+            texts,
+            [
+                ": ok\n\n",
+                "id: 0:1\ndata: a\n\n",
+                "id: 0:2\ndata: b\n\n",
+                ": heartbeat\n\n"
+            ]
+        );
+        drop(received);
+        assert_eq!(task.await.unwrap(), Ending::Gone);
+    }
+
+    #[test]
+    fn a_position_skips_what_was_seen_and_moves_past_each_event() {
+        let event = |partition, offset| StoredEvent {
+            partition,
+            offset,
+            record: super::super::Record {
+                topic: "t".into(),
+                key: None,
+                value: Bytes::from_static(b"a\nb"),
+                headers: Vec::new(),
+                timestamp_ms: 0,
+            },
+        };
+        let mut position = Position::parse("0:5").unwrap();
+        assert!(!position.is_new(&event(0, 4)));
+        assert!(position.is_new(&event(0, 5)));
+        assert!(position.is_new(&event(1, 0)), "a partition not yet seen");
+        position.advance(&event(1, 0));
+        assert_eq!(position.encode(), "0:5,1:1");
+        assert_eq!(
+            sse_event(&event(1, 1), &position),
+            Bytes::from_static(b"id: 0:5,1:1\ndata: a\ndata: b\n\n")
+        );
+    }
+}

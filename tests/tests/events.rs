@@ -1,0 +1,456 @@
+//! The event bridge end to end: a real `sluice-dp` publishing to and streaming from a real
+//! Kafka-protocol broker (tansu), checked with an independent Kafka client.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::Message;
+use rdkafka::message::Headers;
+use serde_json::Value;
+use sluice_tests::data_plane::DataPlane;
+use sluice_tests::kafka::TestTopic;
+use sluice_tests::kafka_bootstrap;
+use sluice_tests::ports::free_addr;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A node with a Kafka broker and a publish and a subscribe route on `topic`.
+fn kafka_config(bootstrap: &str, topic: &str, publish_extra: &str) -> String {
+    format!(
+        r#"format_version: 1
+brokers:
+  - name: kafka
+    kafka:
+      bootstrap_servers: ["{bootstrap}"]
+      properties: {{ message.timeout.ms: "3000" }}
+apis:
+  - name: shop
+    routes:
+      - name: publish
+        methods: [POST]
+        path: /orders/{{id}}/events
+        publish:
+          broker: kafka
+          topic: {topic}
+          key: {{ path_param: id }}
+{publish_extra}
+      - name: stream
+        methods: [GET]
+        path: /stream
+        path_match: exact
+        subscribe:
+          broker: kafka
+          topic: {topic}
+          heartbeat: 1s
+"#
+    )
+}
+
+/// One SSE event as the client saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct SseEvent {
+    id: Option<String>,
+    event: Option<String>,
+    data: String,
+}
+
+/// Reads `count` events (heartbeats skipped) from an open SSE response, within `timeout`.
+async fn read_events(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<SseEvent>> {
+    let deadline = Instant::now() + timeout;
+    let mut events = Vec::new();
+    while events.len() < count {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut event = SseEvent {
+                id: None,
+                event: None,
+                data: String::new(),
+            };
+            let mut has_data = false;
+            for line in block.lines() {
+                if let Some(id) = line.strip_prefix("id: ") {
+                    event.id = Some(id.to_owned());
+                } else if let Some(name) = line.strip_prefix("event: ") {
+                    event.event = Some(name.to_owned());
+                } else if let Some(data) = line.strip_prefix("data: ") {
+                    if has_data {
+                        event.data.push('\n');
+                    }
+                    event.data.push_str(data);
+                    has_data = true;
+                }
+            }
+            if has_data {
+                events.push(event);
+                if events.len() == count {
+                    return Ok(events);
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, response.chunk())
+            .await
+            .with_context(|| {
+                format!(
+                    "only {} of {count} events arrived: {events:?}",
+                    events.len()
+                )
+            })??
+            .context("the stream ended")?;
+        buffer.push_str(std::str::from_utf8(&chunk)?);
+    }
+    Ok(events)
+}
+
+async fn post_event(node: &DataPlane, order: &str, body: &str) -> anyhow::Result<(u16, Value)> {
+    let response = client()
+        .post(node.url(&format!("/orders/{order}/events")))
+        .header("content-type", "application/json")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", format!("ev-{order}-{body}"))
+        .header("ce-source", "/shop")
+        .header("ce-type", "order.updated")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body(body.to_owned())
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_202_says_is_what_an_independent_consumer_reads() -> anyhow::Result<()> {
+    let topic = TestTopic::create(3).await?;
+    let extra =
+        "          cloud_events: binary\n          json_schema: { type: object, required: [n] }";
+    let node = DataPlane::start(&kafka_config(&kafka_bootstrap(), &topic.name, extra), &[])?;
+
+    let mut accepted = Vec::new();
+    for n in 0..12 {
+        let order = format!("o{}", n % 4);
+        let (status, body) = post_event(&node, &order, &format!("{{\"n\":{n}}}")).await?;
+        assert_eq!(status, 202, "{body}");
+        accepted.push((order, body));
+    }
+    // A schema violation is refused and never reaches the topic.
+    let (status, problem) = post_event(&node, "o1", r#"{"m":1}"#).await?;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["errors"][0]["pointer"], "");
+
+    let consumer = topic.consumer_from_beginning()?;
+    let mut seen = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < accepted.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = tokio::time::timeout(left, consumer.recv())
+            .await
+            .context("not every accepted event reached the topic")??;
+        let headers: BTreeMap<String, String> = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        seen.insert(
+            (message.partition(), message.offset()),
+            (
+                String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+                headers,
+            ),
+        );
+    }
+    for (order, body) in &accepted {
+        let at = (
+            i32::try_from(body["partition"].as_i64().unwrap())?,
+            body["offset"].as_i64().unwrap(),
+        );
+        let (key, value, headers) = seen
+            .get(&at)
+            .with_context(|| format!("no record at {at:?} for {body}"))?;
+        assert_eq!(key, order, "the key is the path parameter");
+        let n: Value = serde_json::from_str(value)?;
+        let id = body["id"].as_str().unwrap();
+        assert_eq!(id, format!("ev-{order}-{value}"), "the CloudEvent's own id");
+        assert_eq!(headers["ce_id"], id);
+        assert_eq!(headers["ce_type"], "order.updated");
+        assert_eq!(headers["ce_source"], "/shop");
+        assert_eq!(headers["ce_specversion"], "1.0");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(headers["sluice-event-id"], id);
+        assert!(!headers["sluice-request-id"].is_empty());
+        assert!(
+            headers["traceparent"].starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "the client's trace continues into the event: {}",
+            headers["traceparent"]
+        );
+        assert!(n["n"].is_number());
+    }
+    assert_eq!(
+        seen.len(),
+        accepted.len(),
+        "exactly the accepted events, nothing else"
+    );
+    assert_eq!(
+        node.metric("sluice_event_publishes_total", "outcome=\"acknowledged\"")
+            .await?,
+        12.0
+    );
+    assert_eq!(
+        node.metric("sluice_event_publishes_total", "outcome=\"rejected\"")
+            .await?,
+        1.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_gets_a_prompt_503_never_a_202() -> anyhow::Result<()> {
+    // Nothing listens there: the event can only time out.
+    let nowhere = free_addr().to_string();
+    let node = DataPlane::start(&kafka_config(&nowhere, "nowhere", ""), &[])?;
+    let started = Instant::now();
+    let response = client()
+        .post(node.url("/orders/o1/events"))
+        .body("{}")
+        .send()
+        .await?;
+    let waited = started.elapsed();
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let problem: Value = response.json().await?;
+    assert_eq!(
+        problem["type"],
+        "https://sluice.dev/problems/broker-timeout"
+    );
+    // message.timeout.ms is 3 s; the answer comes with the delivery report.
+    assert!(
+        waited >= Duration::from_millis(2500) && waited < Duration::from_secs(6),
+        "answered after {waited:?}"
+    );
+    assert_eq!(
+        node.metric("sluice_event_publishes_total", "outcome=\"timeout\"")
+            .await?,
+        1.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_resumes_on_another_node_with_no_gap_and_no_repeat() -> anyhow::Result<()> {
+    let topic = TestTopic::create(2).await?;
+    let config = kafka_config(&kafka_bootstrap(), &topic.name, "");
+    let a = DataPlane::start(&config, &[])?;
+    let b = DataPlane::start(&config, &[])?;
+
+    for n in 0..6 {
+        let (status, body) = post_event(&a, &format!("k{n}"), &format!("{{\"n\":{n}}}")).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+    // Read the first 4 events from node A, from the start of the topic.
+    let mut first = client().get(a.url("/stream?start=earliest")).send().await?;
+    assert_eq!(first.status().as_u16(), 200);
+    assert_eq!(first.headers()["content-type"], "text/event-stream");
+    let mut buffer = String::new();
+    let seen = read_events(&mut first, &mut buffer, 4, Duration::from_secs(20)).await?;
+    drop(first);
+    let resume_at = seen.last().unwrap().id.clone().unwrap();
+
+    // More events while the client is away.
+    for n in 6..9 {
+        let (status, _) = post_event(&b, &format!("k{n}"), &format!("{{\"n\":{n}}}")).await?;
+        assert_eq!(status, 202);
+    }
+    let mut resumed = client()
+        .get(b.url("/stream"))
+        .header("last-event-id", &resume_at)
+        .send()
+        .await?;
+    assert_eq!(resumed.status().as_u16(), 200);
+    let mut buffer = String::new();
+    let rest = read_events(&mut resumed, &mut buffer, 5, Duration::from_secs(20)).await?;
+
+    let numbers = |events: &[SseEvent]| -> Vec<i64> {
+        events
+            .iter()
+            .map(|e| {
+                serde_json::from_str::<Value>(&e.data).unwrap()["n"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let mut all = numbers(&seen);
+    all.extend(numbers(&rest));
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..9).collect::<Vec<_>>(),
+        "every event once: {seen:?} {rest:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_subscribers_get_new_events_and_a_bad_position_is_named() -> anyhow::Result<()> {
+    let topic = TestTopic::create(1).await?;
+    let node = DataPlane::start(&kafka_config(&kafka_bootstrap(), &topic.name, ""), &[])?;
+    let mut stream = client().get(node.url("/stream")).send().await?;
+    assert_eq!(stream.status().as_u16(), 200);
+    // The feed starts at the topic's end once the stream is open: wait for its first frame.
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await??;
+    assert_eq!(first.as_deref(), Some(&b": ok\n\n"[..]));
+    let (status, accepted) = post_event(&node, "k1", r#"{"n":1}"#).await?;
+    assert_eq!(status, 202);
+    let mut buffer = String::new();
+    let events = read_events(&mut stream, &mut buffer, 1, Duration::from_secs(20)).await?;
+    assert_eq!(events[0].data, r#"{"n":1}"#);
+    assert_eq!(
+        events[0].id.as_deref(),
+        Some(format!("0:{}", accepted["offset"].as_i64().unwrap() + 1).as_str()),
+        "the id is the position after the event"
+    );
+    assert_eq!(node.metric("sluice_event_subscribers", "").await?, 1.0);
+
+    let bad = client()
+        .get(node.url("/stream"))
+        .header("last-event-id", "zero")
+        .send()
+        .await?;
+    assert_eq!(bad.status().as_u16(), 400);
+    let problem: Value = bad.json().await?;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Last-Event-ID"),
+        "{problem}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_broker_publishes_and_streams_in_one_node() -> anyhow::Result<()> {
+    let config = r#"format_version: 1
+brokers:
+  - name: local
+    memory: { retained_events: 100 }
+apis:
+  - name: demo
+    routes:
+      - name: publish
+        methods: [POST]
+        path: /events
+        path_match: exact
+        publish: { broker: local, topic: demo }
+      - name: stream
+        methods: [GET]
+        path: /events/stream
+        path_match: exact
+        subscribe: { broker: local, topic: demo, start: earliest }
+"#;
+    let node = DataPlane::start(config, &[])?;
+    for n in 0..3 {
+        let response = client()
+            .post(node.url("/events"))
+            .body(format!("event {n}"))
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 202);
+        let body: Value = response.json().await?;
+        assert_eq!(body["offset"], n);
+    }
+    let mut stream = client().get(node.url("/events/stream")).send().await?;
+    let mut buffer = String::new();
+    let events = read_events(&mut stream, &mut buffer, 3, Duration::from_secs(10)).await?;
+    let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(data, ["event 0", "event 1", "event 2"]);
+    assert_eq!(events[2].id.as_deref(), Some("0:3"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_across_two_nodes_publishes_once() -> anyhow::Result<()> {
+    let topic = TestTopic::create(1).await?;
+    let redis = sluice_tests::redis::TestRedis::create().await?;
+    let config = kafka_config(&kafka_bootstrap(), &topic.name, "");
+    let redis_url = sluice_tests::redis_url();
+    let args = [
+        "--redis-url",
+        redis_url.as_str(),
+        "--redis-prefix",
+        redis.prefix.as_str(),
+        "--redis-timeout",
+        "500ms",
+    ];
+    let a = DataPlane::start(&config, &args)?;
+    let b = DataPlane::start(&config, &args)?;
+
+    let send = |url: String| async move {
+        let response = client()
+            .post(url)
+            .header("idempotency-key", "order-7-paid")
+            .body(r#"{"paid":true}"#)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await?;
+        anyhow::Ok((status, body))
+    };
+    let copies: Vec<_> = (0..100)
+        .map(|i| {
+            let node = if i % 2 == 0 { &a } else { &b };
+            tokio::spawn(send(node.url("/orders/o7/events")))
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for copy in copies {
+        answers.push(copy.await??);
+    }
+    let first = &answers[0].1;
+    for (status, body) in &answers {
+        assert_eq!(*status, 202, "{body}");
+        assert_eq!(body, first, "every copy gets the one answer");
+    }
+    // The same key with another body is refused.
+    let response = client()
+        .post(a.url("/orders/o7/events"))
+        .header("idempotency-key", "order-7-paid")
+        .body(r#"{"paid":false}"#)
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 422);
+
+    // Exactly one record: the topic's end offset is 1 once it arrived.
+    let consumer = topic.consumer_from_beginning()?;
+    let record = tokio::time::timeout(Duration::from_secs(20), consumer.recv()).await??;
+    assert_eq!(record.offset(), first["offset"].as_i64().unwrap());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), consumer.recv())
+            .await
+            .is_err(),
+        "a second record reached the topic"
+    );
+    Ok(())
+}
