@@ -727,6 +727,9 @@ impl<'a> Checker<'a> {
                         check_json_schema(&publish.json_schema),
                     );
                 }
+                for (j, rule) in publish.topic_rules.iter().enumerate() {
+                    self.topic_rule(&format!("{path}.topic_rules[{j}]"), rule, &params);
+                }
             }
             Some(Action::Subscribe(subscribe)) => {
                 let path = format!("{at}.subscribe");
@@ -853,6 +856,46 @@ impl<'a> Checker<'a> {
             }
             Some(_) => {}
         }
+    }
+
+    fn topic_rule(&mut self, path: &str, rule: &pb::TopicRule, params: &[&str]) {
+        use pb::topic_rule::Condition;
+        match rule.source.as_ref().and_then(|s| s.kind.as_ref()) {
+            None | Some(pb::value_source::Kind::ConsumerId(_)) => self.error(
+                path.to_owned(),
+                "needs exactly one of path_param, header, json_pointer",
+            ),
+            Some(_) => {
+                if let Some(source) = &rule.source {
+                    self.value_source(path, source, params);
+                }
+            }
+        }
+        match &rule.condition {
+            None => self.error(
+                path.to_owned(),
+                "needs exactly one of equals, one_of, regex",
+            ),
+            Some(Condition::OneOf(list)) if list.values.is_empty() => {
+                self.error(format!("{path}.one_of"), "needs at least one value");
+            }
+            Some(Condition::Regex(pattern)) => {
+                if let Err(e) = regex::Regex::new(pattern) {
+                    let e = e.to_string();
+                    let why = e
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                        .trim_start_matches("error: ");
+                    self.error(
+                        format!("{path}.regex"),
+                        format!("is not a valid regex: {why}"),
+                    );
+                }
+            }
+            Some(_) => {}
+        }
+        self.check(|| format!("{path}.topic"), check_topic(&rule.topic));
     }
 
     fn value_source(&mut self, path: &str, source: &pb::ValueSource, params: &[&str]) {

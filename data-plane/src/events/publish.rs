@@ -38,8 +38,10 @@ const MAX_SCHEMA_ERRORS: usize = 20;
 #[derive(Debug)]
 pub struct PublishRoute {
     pub broker: Arc<Broker>,
+    /// The topic when no rule picks another.
     pub topic: Arc<str>,
     key: Option<KeySource>,
+    topic_rules: Vec<TopicRule>,
     delivery: Delivery,
     mode: Mode,
     schema: Option<jsonschema::Validator>,
@@ -81,20 +83,12 @@ impl PublishRoute {
         use pb::publish_action::{CloudEvents, Delivery as D};
         let broker = broker(&action.broker_id)
             .ok_or_else(|| format!("no broker has the id {}", action.broker_id))?;
-        let key = match action.key.as_ref().and_then(|k| k.kind.as_ref()) {
-            None => None,
-            Some(pb::value_source::Kind::PathParam(name)) => {
-                Some(KeySource::PathParam(name.clone()))
-            }
-            Some(pb::value_source::Kind::Header(name)) => Some(KeySource::Header(
-                http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?,
-            )),
-            Some(pb::value_source::Kind::JsonPointer(pointer)) => {
-                Some(KeySource::JsonPointer(pointer.clone()))
-            }
-            Some(pb::value_source::Kind::ConsumerId(true)) => Some(KeySource::ConsumerId),
-            Some(pb::value_source::Kind::ConsumerId(false)) => None,
-        };
+        let key = key_source(action.key.as_ref())?;
+        let topic_rules = action
+            .topic_rules
+            .iter()
+            .map(topic_rule)
+            .collect::<Result<_, _>>()?;
         let delivery = match D::try_from(action.delivery) {
             Ok(D::FireAndForget) => Delivery::FireAndForget,
             _ => Delivery::Durable,
@@ -118,6 +112,7 @@ impl PublishRoute {
             broker,
             topic: action.topic.as_str().into(),
             key,
+            topic_rules,
             delivery,
             mode,
             schema,
@@ -207,10 +202,15 @@ impl PublishRoute {
             EventError::MediaType(detail) => GatewayError::UnsupportedMediaType(detail),
             EventError::Invalid(detail) => GatewayError::InvalidEvent(detail),
         })?;
-        // The body as JSON, parsed at most once, for the schema and a JSON-pointer key.
+        // The body as JSON, parsed at most once, for the schema, a JSON-pointer key or topic
+        // rule.
         let mut json: Option<Value> = None;
-        let needs_json =
-            self.schema.is_some() || matches!(self.key, Some(KeySource::JsonPointer(_)));
+        let needs_json = self.schema.is_some()
+            || matches!(self.key, Some(KeySource::JsonPointer(_)))
+            || self
+                .topic_rules
+                .iter()
+                .any(|rule| matches!(rule.source, KeySource::JsonPointer(_)));
         if needs_json {
             json =
                 Some(serde_json::from_slice(&body).map_err(|e| {
@@ -237,6 +237,8 @@ impl PublishRoute {
             }
         }
         let key = self.key(&parts.headers, json.as_ref(), context)?;
+        // In structured mode pointers are into the whole event, as for the key.
+        let topic = self.topic(&parts.headers, json.as_ref(), context).clone();
         let mut headers = event.headers;
         headers.push(("sluice-event-id".into(), Bytes::from(event.id.clone())));
         headers.push((
@@ -262,7 +264,7 @@ impl PublishRoute {
             ));
         }
         let record = Record {
-            topic: self.topic.clone(),
+            topic: topic.clone(),
             key,
             value: body,
             headers,
@@ -273,7 +275,7 @@ impl PublishRoute {
             .publish(record, self.delivery)
             .await
             .map_err(GatewayError::Publish)?;
-        Ok(answer(&event.id, &self.topic, delivered))
+        Ok(answer(&event.id, &topic, delivered))
     }
 
     fn key(
@@ -282,39 +284,123 @@ impl PublishRoute {
         json: Option<&Value>,
         context: &PublishContext<'_>,
     ) -> Result<Option<Bytes>, GatewayError> {
-        let missing = |what: String| {
-            Err(GatewayError::InvalidEvent(format!(
-                "{what}: it is the event's key"
-            )))
-        };
-        Ok(Some(match &self.key {
-            None => return Ok(None),
-            Some(KeySource::PathParam(name)) => {
-                match context.params.iter().find(|(param, _)| param == name) {
-                    Some((_, value)) => Bytes::from(value.clone()),
-                    None => return missing(format!("the path has no parameter {name}")),
-                }
-            }
-            Some(KeySource::Header(name)) => match headers.get(name) {
-                Some(value) => Bytes::copy_from_slice(value.as_bytes()),
-                None => return missing(format!("header {name} is required")),
-            },
-            Some(KeySource::JsonPointer(pointer)) => {
-                match json.and_then(|json| json.pointer(pointer)) {
-                    // A string is the key as it is; any other value, its JSON text.
-                    Some(Value::String(text)) => Bytes::from(text.clone()),
-                    Some(Value::Null) | None => {
-                        return missing(format!("the body has no value at {pointer}"));
-                    }
-                    Some(other) => Bytes::from(other.to_string()),
-                }
-            }
-            Some(KeySource::ConsumerId) => match context.identity {
-                Some(identity) => Bytes::from(identity.consumer_id.to_string()),
-                None => return missing("the request has no authenticated consumer".into()),
-            },
-        }))
+        self.key
+            .as_ref()
+            .map(|source| {
+                value_of(source, headers, json, context).map_err(|what| {
+                    GatewayError::InvalidEvent(format!("{what}: it is the event's key"))
+                })
+            })
+            .transpose()
     }
+
+    /// The first topic rule's topic that matches the request, else the route's topic.
+    fn topic(
+        &self,
+        headers: &HeaderMap,
+        json: Option<&Value>,
+        context: &PublishContext<'_>,
+    ) -> &Arc<str> {
+        self.topic_rules
+            .iter()
+            .find(|rule| {
+                value_of(&rule.source, headers, json, context)
+                    .is_ok_and(|value| rule.condition.matches(&value))
+            })
+            .map_or(&self.topic, |rule| &rule.topic)
+    }
+}
+
+/// The value `source` names in the request, or what is missing.
+fn value_of(
+    source: &KeySource,
+    headers: &HeaderMap,
+    json: Option<&Value>,
+    context: &PublishContext<'_>,
+) -> Result<Bytes, String> {
+    match source {
+        KeySource::PathParam(name) => context
+            .params
+            .iter()
+            .find(|(param, _)| param == name)
+            .map(|(_, value)| Bytes::from(value.clone()))
+            .ok_or_else(|| format!("the path has no parameter {name}")),
+        KeySource::Header(name) => headers
+            .get(name)
+            .map(|value| Bytes::copy_from_slice(value.as_bytes()))
+            .ok_or_else(|| format!("header {name} is required")),
+        KeySource::JsonPointer(pointer) => match json.and_then(|json| json.pointer(pointer)) {
+            // A string is the value as it is; any other value, its JSON text.
+            Some(Value::String(text)) => Ok(Bytes::from(text.clone())),
+            Some(Value::Null) | None => Err(format!("the body has no value at {pointer}")),
+            Some(other) => Ok(Bytes::from(other.to_string())),
+        },
+        KeySource::ConsumerId => context
+            .identity
+            .map(|identity| Bytes::from(identity.consumer_id.to_string()))
+            .ok_or_else(|| "the request has no authenticated consumer".to_owned()),
+    }
+}
+
+/// A topic chosen by the request's content.
+#[derive(Debug)]
+struct TopicRule {
+    source: KeySource,
+    condition: Condition,
+    topic: Arc<str>,
+}
+
+#[derive(Debug)]
+enum Condition {
+    Equals(String),
+    OneOf(Vec<String>),
+    /// Anchored at both ends.
+    Regex(regex::Regex),
+}
+
+impl Condition {
+    fn matches(&self, value: &[u8]) -> bool {
+        let Ok(value) = std::str::from_utf8(value) else {
+            return false;
+        };
+        match self {
+            Condition::Equals(expected) => value == expected,
+            Condition::OneOf(values) => values.iter().any(|v| v == value),
+            Condition::Regex(regex) => regex.is_match(value),
+        }
+    }
+}
+
+fn key_source(source: Option<&pb::ValueSource>) -> Result<Option<KeySource>, String> {
+    use pb::value_source::Kind;
+    Ok(match source.and_then(|k| k.kind.as_ref()) {
+        None | Some(Kind::ConsumerId(false)) => None,
+        Some(Kind::PathParam(name)) => Some(KeySource::PathParam(name.clone())),
+        Some(Kind::Header(name)) => Some(KeySource::Header(
+            http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?,
+        )),
+        Some(Kind::JsonPointer(pointer)) => Some(KeySource::JsonPointer(pointer.clone())),
+        Some(Kind::ConsumerId(true)) => Some(KeySource::ConsumerId),
+    })
+}
+
+fn topic_rule(rule: &pb::TopicRule) -> Result<TopicRule, String> {
+    use pb::topic_rule::Condition as C;
+    let source = key_source(rule.source.as_ref())?
+        .ok_or("a topic rule needs a path_param, header or json_pointer")?;
+    let condition = match &rule.condition {
+        Some(C::Equals(value)) => Condition::Equals(value.clone()),
+        Some(C::OneOf(list)) => Condition::OneOf(list.values.clone()),
+        Some(C::Regex(pattern)) => Condition::Regex(
+            regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| e.to_string())?,
+        ),
+        None => return Err("a topic rule needs equals, one_of or regex".into()),
+    };
+    Ok(TopicRule {
+        source,
+        condition,
+        topic: rule.topic.as_str().into(),
+    })
 }
 
 impl super::PublishError {

@@ -172,7 +172,7 @@ impl SubscribeRoute {
                 "WebSocket subscriptions (use Server-Sent Events: Accept: text/event-stream)",
             ));
         }
-        let start = self.start(request)?;
+        let (start, filters) = self.options(request)?;
         let source = self
             .broker
             .subscribe(&self.topic, start)
@@ -185,7 +185,7 @@ impl SubscribeRoute {
         let heartbeat = self.heartbeat;
         tokio::spawn(async move {
             gauge.inc();
-            let ending = stream_events(source, frames, heartbeat, &delivered).await;
+            let ending = stream_events(source, &filters, frames, heartbeat, &delivered).await;
             if ending == Ending::Slow {
                 closed_slow.inc();
             }
@@ -204,33 +204,107 @@ impl SubscribeRoute {
         Ok(response)
     }
 
-    fn start<B>(&self, request: &Request<B>) -> Result<Start, GatewayError> {
-        if let Some(last) = request.headers().get("last-event-id") {
-            let text = last
-                .to_str()
-                .map_err(|_| GatewayError::InvalidEvent("Last-Event-ID is not ASCII".into()))?;
-            if !text.is_empty() {
-                return Position::parse(text).map(Start::After).map_err(|reason| {
-                    GatewayError::InvalidEvent(format!(
-                        "Last-Event-ID {text:?} is not a position this gateway gave: {reason}"
-                    ))
-                });
-            }
-        }
+    /// Where the stream starts (`Last-Event-ID`, else `?start=`, else the route's default)
+    /// and the client's filters (`?key=`, `?header.NAME=`, `?json/POINTER=`).
+    fn options<B>(&self, request: &Request<B>) -> Result<(Start, Vec<Filter>), GatewayError> {
+        let invalid = |detail: String| GatewayError::InvalidEvent(detail);
+        let mut start = None;
+        let mut filters = Vec::new();
         let query = request.uri().query().unwrap_or_default();
         for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
             if name == "start" {
-                return match &*value {
-                    "earliest" => Ok(Start::Earliest),
-                    "latest" => Ok(Start::Latest),
-                    other => Err(GatewayError::InvalidEvent(format!(
-                        "start={other:?}: use earliest or latest (or Last-Event-ID to resume)"
-                    ))),
-                };
+                start = Some(match &*value {
+                    "earliest" => Start::Earliest,
+                    "latest" => Start::Latest,
+                    other => {
+                        return Err(invalid(format!(
+                            "start={other:?}: use earliest or latest (or Last-Event-ID to resume)"
+                        )));
+                    }
+                });
+            } else if let Some(filter) = Filter::from_query(&name, &value) {
+                filters.push(filter);
             }
         }
-        Ok(self.default_start.clone())
+        if filters.len() > MAX_FILTERS {
+            return Err(invalid(format!("at most {MAX_FILTERS} filters")));
+        }
+        if let Some(last) = request.headers().get("last-event-id") {
+            let text = last
+                .to_str()
+                .map_err(|_| invalid("Last-Event-ID is not ASCII".into()))?;
+            if !text.is_empty() {
+                let position = Position::parse(text).map_err(|reason| {
+                    invalid(format!(
+                        "Last-Event-ID {text:?} is not a position this gateway gave: {reason}"
+                    ))
+                })?;
+                return Ok((Start::After(position), filters));
+            }
+        }
+        Ok((start.unwrap_or_else(|| self.default_start.clone()), filters))
     }
+}
+
+/// Most filters one subscriber may set.
+const MAX_FILTERS: usize = 16;
+
+/// A subscriber's condition on the events it gets; all of a subscriber's filters must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    /// `?key=V`: the record key is V.
+    Key(String),
+    /// `?header.NAME=V`: a record header NAME is V (`header.ce_type=order.paid`).
+    Header(String, String),
+    /// `?json/POINTER=V`: the value at the JSON pointer of the event's value is V (a string
+    /// as it is, any other value compared as JSON: `42` matches 42 and 42.0).
+    Json(String, String),
+}
+
+impl Filter {
+    fn from_query(name: &str, value: &str) -> Option<Self> {
+        if name == "key" {
+            Some(Filter::Key(value.to_owned()))
+        } else if let Some(header) = name.strip_prefix("header.") {
+            Some(Filter::Header(
+                header.to_ascii_lowercase(),
+                value.to_owned(),
+            ))
+        } else {
+            name.strip_prefix("json")
+                .filter(|pointer| pointer.starts_with('/'))
+                .map(|pointer| Filter::Json(pointer.to_owned(), value.to_owned()))
+        }
+    }
+
+    fn matches(&self, event: &StoredEvent, json: &mut Option<Option<serde_json::Value>>) -> bool {
+        let record = &event.record;
+        match self {
+            Filter::Key(key) => record.key.as_deref() == Some(key.as_bytes()),
+            Filter::Header(name, value) => record
+                .headers
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case(name) && v[..] == *value.as_bytes()),
+            Filter::Json(pointer, value) => {
+                // Parsed once per event, whatever the number of JSON filters.
+                let parsed = json.get_or_insert_with(|| serde_json::from_slice(&record.value).ok());
+                match parsed.as_ref().and_then(|v| v.pointer(pointer)) {
+                    Some(serde_json::Value::String(text)) => text == value,
+                    Some(other) => {
+                        serde_json::from_str::<serde_json::Value>(value).is_ok_and(|v| v == *other)
+                    }
+                    None => false,
+                }
+            }
+        }
+    }
+}
+
+fn wanted(filters: &[Filter], event: &StoredEvent) -> bool {
+    let mut json = None;
+    filters
+        .iter()
+        .all(|filter| filter.matches(event, &mut json))
 }
 
 /// How a subscriber's stream ended.
@@ -247,6 +321,7 @@ enum Ending {
 /// Writes `source`'s events to `frames` as SSE until the client goes away or falls behind.
 async fn stream_events(
     mut source: Source,
+    filters: &[Filter],
     frames: mpsc::Sender<Bytes>,
     heartbeat: Duration,
     delivered: &prometheus_client::metrics::counter::Counter,
@@ -258,7 +333,11 @@ async fn stream_events(
     }
     for event in std::mem::take(&mut source.backlog) {
         if position.is_new(&event) {
+            // An event filtered out is passed over: a resume does not read it again.
             position.advance(&event);
+            if !wanted(filters, &event) {
+                continue;
+            }
             if frames.send(sse_event(&event, &position)).await.is_err() {
                 return Ending::Gone;
             }
@@ -274,6 +353,9 @@ async fn stream_events(
                         continue;
                     }
                     position.advance(&event);
+                    if !wanted(filters, &event) {
+                        continue;
+                    }
                     if frames.send(sse_event(&event, &position)).await.is_err() {
                         return Ending::Gone;
                     }
@@ -354,6 +436,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn filters_from_the_query_all_have_to_hold() {
+        let event = StoredEvent {
+            partition: 0,
+            offset: 0,
+            record: super::super::Record {
+                topic: "t".into(),
+                key: Some(Bytes::from_static(b"o-1")),
+                value: Bytes::from_static(br#"{"customer":{"id":42},"kind":"paid"}"#),
+                headers: vec![("ce_type".into(), Bytes::from_static(b"order.paid"))],
+                timestamp_ms: 0,
+            },
+        };
+        let filter = |name, value| Filter::from_query(name, value).unwrap();
+        assert!(wanted(&[], &event));
+        assert!(wanted(&[filter("key", "o-1")], &event));
+        assert!(!wanted(&[filter("key", "o-2")], &event));
+        assert!(wanted(&[filter("header.CE_TYPE", "order.paid")], &event));
+        assert!(wanted(
+            &[
+                filter("json/customer/id", "42"),
+                filter("json/kind", "paid")
+            ],
+            &event
+        ));
+        assert!(!wanted(
+            &[filter("json/kind", "paid"), filter("key", "o-2")],
+            &event
+        ));
+        assert!(!wanted(&[filter("json/missing", "x")], &event));
+        assert_eq!(Filter::from_query("start", "latest"), None);
+        assert_eq!(Filter::from_query("jsonx", "1"), None);
+    }
+
+    #[test]
     fn positions_round_trip_and_bad_ones_are_named() {
         let position = Position::parse("0:17,1:4").unwrap();
         assert_eq!(position.0, BTreeMap::from([(0, 17), (1, 4)]));
@@ -398,7 +514,7 @@ mod tests {
         }
         let (frames, mut received) = mpsc::channel(CLIENT_FRAMES);
         let delivered = prometheus_client::metrics::counter::Counter::default();
-        let ending = stream_events(source, frames, Duration::from_secs(60), &delivered).await;
+        let ending = stream_events(source, &[], frames, Duration::from_secs(60), &delivered).await;
         assert_eq!(ending, Ending::Slow);
         assert_eq!(
             received.recv().await.unwrap(),
@@ -429,7 +545,7 @@ mod tests {
         let (frames, mut received) = mpsc::channel(CLIENT_FRAMES);
         let task = tokio::spawn(async move {
             let delivered = prometheus_client::metrics::counter::Counter::default();
-            stream_events(source, frames, Duration::from_millis(50), &delivered).await
+            stream_events(source, &[], frames, Duration::from_millis(50), &delivered).await
         });
         broker.publish(record("b"));
         let mut texts = Vec::new();

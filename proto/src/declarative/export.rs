@@ -290,6 +290,7 @@ fn export_route(
                     _ => None,
                 },
                 json_schema: (!p.json_schema.is_empty()).then(|| parse_json(&p.json_schema)),
+                topic_rules: p.topic_rules.iter().map(export_topic_rule).collect(),
             });
         }
         Some(Action::Subscribe(s)) => {
@@ -331,6 +332,29 @@ fn export_value_source(source: &pb::ValueSource) -> doc::ValueSource {
         Some(Kind::Header(v)) => out.header = Some(v.clone()),
         Some(Kind::JsonPointer(v)) => out.json_pointer = Some(v.clone()),
         Some(Kind::ConsumerId(v)) => out.consumer_id = Some(*v),
+        None => {}
+    }
+    out
+}
+
+fn export_topic_rule(rule: &pb::TopicRule) -> doc::TopicRule {
+    use pb::topic_rule::Condition;
+    let source = rule
+        .source
+        .as_ref()
+        .map(export_value_source)
+        .unwrap_or_default();
+    let mut out = doc::TopicRule {
+        path_param: source.path_param,
+        header: source.header,
+        json_pointer: source.json_pointer,
+        topic: rule.topic.clone(),
+        ..Default::default()
+    };
+    match &rule.condition {
+        Some(Condition::Equals(v)) => out.equals = Some(v.clone()),
+        Some(Condition::OneOf(list)) => out.one_of = Some(list.values.clone()),
+        Some(Condition::Regex(v)) => out.regex = Some(v.clone()),
         None => {}
     }
     out

@@ -229,6 +229,31 @@ pub struct PublishAction {
     /// A JSON Schema the request body must satisfy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub json_schema: Option<serde_json::Value>,
+    /// Tried in order: the first rule that matches picks the topic; none matching, `topic`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topic_rules: Vec<TopicRule>,
+}
+
+/// A topic chosen by the request's content: one of `path_param`, `header`, `json_pointer`,
+/// and one of `equals`, `one_of`, `regex`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TopicRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_param: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// RFC 6901 pointer into a JSON body (in structured CloudEvents mode, into the event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_pointer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equals: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<Vec<String>>,
+    /// Regular expression (Rust `regex` syntax), anchored at both ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    pub topic: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

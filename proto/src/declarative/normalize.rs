@@ -482,6 +482,45 @@ impl<'a> Normalizer<'a> {
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
+            topic_rules: enumerate(&publish.topic_rules, |j, rule| {
+                self.topic_rule(&format!("{path}.topic_rules[{j}]"), rule)
+            }),
+        }
+    }
+
+    fn topic_rule(&mut self, path: &str, rule: &doc::TopicRule) -> pb::TopicRule {
+        use pb::topic_rule::Condition;
+        let source = self.value_source(
+            path,
+            &doc::ValueSource {
+                path_param: rule.path_param.clone(),
+                header: rule.header.clone(),
+                json_pointer: rule.json_pointer.clone(),
+                consumer_id: None,
+            },
+        );
+        self.at_most_one(
+            path,
+            &[
+                ("equals", rule.equals.is_some()),
+                ("one_of", rule.one_of.is_some()),
+                ("regex", rule.regex.is_some()),
+            ],
+        );
+        let condition = rule
+            .equals
+            .clone()
+            .map(Condition::Equals)
+            .or_else(|| {
+                rule.one_of
+                    .clone()
+                    .map(|values| Condition::OneOf(pb::StringList { values }))
+            })
+            .or_else(|| rule.regex.clone().map(Condition::Regex));
+        pb::TopicRule {
+            source: Some(source),
+            condition,
+            topic: rule.topic.clone(),
         }
     }
 

@@ -377,6 +377,64 @@ certificates:
 }
 
 #[test]
+fn topic_rule_errors_name_their_fields() {
+    let text = r#"
+format_version: 1
+brokers:
+  - name: local
+    memory: {}
+apis:
+  - name: shop
+    routes:
+      - name: publish
+        path: /orders/{id}
+        publish:
+          broker: local
+          topic: orders
+          topic_rules:
+            - { header: x-kind, equals: refund, topic: refunds }
+            - { path_param: nope, one_of: [], topic: "bad topic" }
+            - { json_pointer: /a, regex: "(", topic: ok }
+            - { topic: none }
+            - { header: x-kind, equals: a, one_of: [b], topic: both }
+"#;
+    let errors = load_err(text);
+    let at = "apis[0].routes[0].publish.topic_rules";
+    let expected = [
+        format!("{at}[1].one_of"),
+        format!("{at}[1].path_param"),
+        format!("{at}[1].topic"),
+        format!("{at}[2].regex"),
+        format!("{at}[3]"),
+        format!("{at}[3]"),
+        format!("{at}[4]"),
+    ];
+    assert_eq!(paths(&errors), expected, "{errors}");
+    assert!(reason(&errors, &format!("{at}[1].path_param")).contains("not captured"));
+    assert!(reason(&errors, &format!("{at}[2].regex")).contains("not a valid regex"));
+
+    let good = text
+        .lines()
+        .filter(|l| {
+            !l.contains("nope")
+                && !l.contains("\"(\"")
+                && !l.contains("none")
+                && !l.contains("both")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = load(&good, Format::Yaml).unwrap_or_else(|e| panic!("{e}"));
+    let exported = export(&config);
+    let yaml = to_yaml(&exported);
+    assert!(yaml.contains("equals: refund"), "{yaml}");
+    assert_eq!(
+        load(&yaml, Format::Yaml).unwrap(),
+        config,
+        "rules survive an export"
+    );
+}
+
+#[test]
 fn references_do_not_cross_groups() {
     let text = r#"
 format_version: 1

@@ -33,8 +33,12 @@ fn route(broker: &Arc<Broker>, action: pb::PublishAction) -> PublishRoute {
 
 /// The events on the route's topic so far.
 fn topic_events(route: &PublishRoute) -> Vec<Arc<crate::events::memory::StoredEvent>> {
+    events_on(route, &route.topic.clone())
+}
+
+fn events_on(route: &PublishRoute, topic: &str) -> Vec<Arc<crate::events::memory::StoredEvent>> {
     match &route.broker.kind {
-        Kind::Memory(memory) => memory.subscribe(&route.topic, Some(0)).backlog,
+        Kind::Memory(memory) => memory.subscribe(&topic.into(), Some(0)).backlog,
         Kind::Kafka(_) => unreachable!("these tests use the memory broker"),
     }
 }
@@ -247,4 +251,68 @@ async fn oversized_bodies_and_missing_keys_are_refused() {
         "{problem}"
     );
     assert!(topic_events(&route).is_empty());
+}
+
+#[tokio::test]
+async fn topic_rules_pick_the_topic_in_order_and_the_route_topic_is_the_default() {
+    use pb::topic_rule::Condition;
+    let metrics = Metrics::new();
+    let broker = memory_broker(&metrics);
+    let rule = |kind, condition, topic: &str| pb::TopicRule {
+        source: Some(pb::ValueSource { kind: Some(kind) }),
+        condition: Some(condition),
+        topic: topic.into(),
+    };
+    let route = route(
+        &broker,
+        pb::PublishAction {
+            topic_rules: vec![
+                rule(
+                    pb::value_source::Kind::Header("x-kind".into()),
+                    Condition::Equals("refund".into()),
+                    "refunds",
+                ),
+                rule(
+                    pb::value_source::Kind::JsonPointer("/region".into()),
+                    Condition::OneOf(pb::StringList {
+                        values: vec!["eu".into(), "uk".into()],
+                    }),
+                    "europe",
+                ),
+                rule(
+                    pb::value_source::Kind::PathParam("order".into()),
+                    Condition::Regex("vip-[0-9]+".into()),
+                    "vip",
+                ),
+            ],
+            ..Default::default()
+        },
+    );
+    let params = [("order", "vip-12".to_owned())];
+    let plain = [("order", "o-12".to_owned())];
+    let cases = [
+        (
+            post(r#"{"region":"eu"}"#, &[("x-kind", "refund")]),
+            &params,
+            "refunds",
+        ),
+        (post(r#"{"region":"uk"}"#, &[]), &params, "europe"),
+        (post(r#"{"region":"us"}"#, &[]), &params, "vip"),
+        (post(r#"{"region":"us"}"#, &[]), &plain, "orders"),
+        // The regex is anchored: "vip-12x" does not match.
+        (
+            post("{}", &[]),
+            &[("order", "vip-12x".to_owned())],
+            "orders",
+        ),
+    ];
+    for (request, params, topic) in cases {
+        let (status, _, body) = publish(&route, request, params.as_slice()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["topic"], topic, "{body}");
+    }
+    assert_eq!(events_on(&route, "refunds").len(), 1);
+    assert_eq!(events_on(&route, "europe").len(), 1);
+    assert_eq!(events_on(&route, "vip").len(), 1);
+    assert_eq!(events_on(&route, "orders").len(), 2);
 }
