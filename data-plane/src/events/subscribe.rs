@@ -257,7 +257,7 @@ pub enum Filter {
     /// `?header.NAME=V`: a record header NAME is V (`header.ce_type=order.paid`).
     Header(String, String),
     /// `?json/POINTER=V`: the value at the JSON pointer of the event's value is V (a string
-    /// as it is, any other value compared as JSON: `42` matches 42 and 42.0).
+    /// as it is, any other value compared as JSON: `?json/n=42`, `?json/ok=true`).
     Json(String, String),
 }
 
