@@ -4,6 +4,8 @@
 //! - [`postgres::TestDatabase`]: a fresh database, dropped when the test ends;
 //! - [`redis::TestRedis`]: a unique key prefix, its keys deleted when the test ends;
 //! - [`kafka::TestTopic`]: a unique topic, deleted when the test ends;
+//! - [`tansu::TestBroker`]: a Kafka-protocol broker of the test's own, on durable storage,
+//!   that the test may kill and restart;
 //! - [`ports::free_port`]: a loopback port nobody else in the process was given;
 //! - [`process::Process`]: a Sluice binary started with arguments, awaited until ready, killed
 //!   when the test ends; [`data_plane::DataPlane`] is `sluice-dp` on a config file of its own;
@@ -24,6 +26,7 @@ pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod redis;
+pub mod tansu;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
