@@ -7,8 +7,11 @@
 //! than that.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::ClientConfig;
@@ -37,9 +40,20 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 /// (and not our own timer) decides the answer whenever librdkafka keeps its promise.
 const REPORT_GRACE: Duration = Duration::from_secs(1);
 
+/// Consecutive failed deliveries (no success between) after which the producer is replaced.
+const FAILURES_BEFORE_REBUILD: u32 = 20;
+
+/// The least time between two replacements of a broker's producer.
+const REBUILD_INTERVAL: Duration = Duration::from_secs(5);
+
 /// A Kafka broker's runtime on this node.
 pub struct KafkaBroker {
-    producer: FutureProducer,
+    /// Replaced when librdkafka gives up on it (see [`KafkaBroker::recover`]).
+    producer: ArcSwap<FutureProducer>,
+    client: ClientConfig,
+    /// Deliveries failed in a row, and when the producer was last replaced.
+    failures: AtomicU32,
+    rebuilt_at: Mutex<Option<Instant>>,
     /// What clients of this broker (the producer, subscribe feeds) are configured with.
     pub(super) settings: BTreeMap<String, String>,
     delivery_timeout: Duration,
@@ -80,7 +94,10 @@ impl KafkaBroker {
             .create()
             .map_err(|e| format!("cannot create a Kafka producer: {e}"))?;
         Ok(KafkaBroker {
-            producer,
+            producer: ArcSwap::from_pointee(producer),
+            client,
+            failures: AtomicU32::new(0),
+            rebuilt_at: Mutex::new(None),
             settings,
             delivery_timeout,
             queue_depth: metrics.producer_queue(name),
@@ -108,32 +125,86 @@ impl KafkaBroker {
         if let Some(key) = &record.key {
             message = message.key(key);
         }
-        let sent = self.producer.send_result(message);
-        self.queue_depth
-            .set(i64::from(self.producer.in_flight_count()));
+        let producer = self.producer.load_full();
+        let sent = producer.send_result(message);
+        self.queue_depth.set(i64::from(producer.in_flight_count()));
         let report = match sent {
             Ok(report) => report,
-            Err((error, _)) => return Err(classify(broker, error, self.delivery_timeout)),
+            Err((error, _)) => return Err(self.failed(broker, &producer, error)),
         };
         if delivery == Delivery::FireAndForget {
             return Ok(None);
         }
         let timeout = self.delivery_timeout + REPORT_GRACE;
         let outcome = tokio::time::timeout(timeout, report).await;
-        self.queue_depth
-            .set(i64::from(self.producer.in_flight_count()));
+        self.queue_depth.set(i64::from(producer.in_flight_count()));
         match outcome {
-            Ok(Ok(Ok(stored))) => Ok(Some(Delivered {
-                partition: stored.partition,
-                offset: stored.offset,
-                timestamp_ms: stored.timestamp.to_millis().unwrap_or(record.timestamp_ms),
-            })),
-            Ok(Ok(Err((error, _)))) => Err(classify(broker, error, self.delivery_timeout)),
+            Ok(Ok(Ok(stored))) => {
+                self.failures.store(0, Ordering::Relaxed);
+                Ok(Some(Delivered {
+                    partition: stored.partition,
+                    offset: stored.offset,
+                    timestamp_ms: stored.timestamp.to_millis().unwrap_or(record.timestamp_ms),
+                }))
+            }
+            Ok(Ok(Err((error, _)))) => Err(self.failed(broker, &producer, error)),
             // The producer went away (the node is stopping): the event's fate is unknown.
             Ok(Err(_)) | Err(_) => Err(PublishError::Timeout {
                 broker: broker.clone(),
                 timeout: self.delivery_timeout,
             }),
+        }
+    }
+}
+
+impl KafkaBroker {
+    /// Classifies a failed publish, and replaces the producer when it cannot recover.
+    fn failed(
+        &self,
+        broker: &Arc<str>,
+        producer: &Arc<FutureProducer>,
+        error: KafkaError,
+    ) -> PublishError {
+        let error = classify(broker, error, self.delivery_timeout);
+        if !matches!(error, PublishError::QueueFull { .. }) {
+            let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            self.recover(broker, producer, failures);
+        }
+        error
+    }
+
+    /// Replaces `producer` with a new one when librdkafka declared it failed for good (an
+    /// idempotent producer fenced or out of sequence), or when it has failed
+    /// [`FAILURES_BEFORE_REBUILD`] deliveries in a row: a broker that lost the producer's
+    /// state (some Kafka-compatible brokers refuse an idempotent producer's new epoch after
+    /// an outage) only accepts a new producer id. At most once per [`REBUILD_INTERVAL`]; the
+    /// old producer's events in flight fail, and their clients get 503s.
+    fn recover(&self, broker: &Arc<str>, producer: &Arc<FutureProducer>, failures: u32) {
+        let fatal = producer.client().fatal_error();
+        if fatal.is_none() && failures < FAILURES_BEFORE_REBUILD {
+            return;
+        }
+        let mut rebuilt_at = self.rebuilt_at.lock().unwrap_or_else(|e| e.into_inner());
+        if rebuilt_at.is_some_and(|at| at.elapsed() < REBUILD_INTERVAL)
+            || !Arc::ptr_eq(&self.producer.load(), producer)
+        {
+            return;
+        }
+        match self.client.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::warn!(
+                    %broker,
+                    fatal = ?fatal,
+                    failures,
+                    "Kafka producer replaced: it could not deliver"
+                );
+                self.producer.store(Arc::new(fresh));
+                self.failures.store(0, Ordering::Relaxed);
+                *rebuilt_at = Some(Instant::now());
+            }
+            Err(error) => {
+                tracing::warn!(%broker, %error, "cannot replace the Kafka producer");
+            }
         }
     }
 }
@@ -154,6 +225,21 @@ fn classify(broker: &Arc<str>, error: KafkaError, timeout: Duration) -> PublishE
             | Code::PurgeQueue
             | Code::PurgeInflight,
         ) => PublishError::Timeout { broker, timeout },
+        // The producer itself failed, or the broker failed unexpectedly: try again (after
+        // enough of these the producer is replaced: `recover`).
+        Some(
+            Code::Fatal
+            | Code::ProducerFenced
+            | Code::InvalidProducerEpoch
+            | Code::Unknown
+            | Code::OutOfOrderSequenceNumber
+            | Code::UnknownProducerId,
+        ) => {
+            PublishError::Unavailable {
+                broker,
+                reason: error.to_string(),
+            }
+        }
         _ => PublishError::Refused {
             broker,
             reason: error.to_string(),

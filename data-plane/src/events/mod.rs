@@ -62,6 +62,9 @@ pub enum PublishError {
     /// No acknowledgement within the delivery timeout (broker down or unreachable).
     #[error("broker {broker} did not acknowledge the event within {timeout:?}")]
     Timeout { broker: Arc<str>, timeout: Duration },
+    /// The producer failed and is being replaced.
+    #[error("broker {broker}'s producer failed and is being restarted: {reason}")]
+    Unavailable { broker: Arc<str>, reason: String },
     /// The broker refused the event for good (too large, unknown topic, not authorised).
     #[error("broker {broker} refused the event: {reason}")]
     Refused { broker: Arc<str>, reason: String },

@@ -409,6 +409,7 @@ impl super::PublishError {
         match self {
             super::PublishError::QueueFull { .. } => "queue_full",
             super::PublishError::Timeout { .. } => "timeout",
+            super::PublishError::Unavailable { .. } => "unavailable",
             super::PublishError::Refused { .. } => "refused",
         }
     }

@@ -88,6 +88,9 @@ impl GatewayError {
                     (StatusCode::SERVICE_UNAVAILABLE, "broker-overloaded")
                 }
                 PublishError::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "broker-timeout"),
+                PublishError::Unavailable { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable")
+                }
                 PublishError::Refused { .. } => (StatusCode::BAD_GATEWAY, "broker-refused"),
             },
             GatewayError::Idempotency(e) => match e {
