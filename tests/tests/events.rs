@@ -454,3 +454,108 @@ async fn one_idempotency_key_across_two_nodes_publishes_once() -> anyhow::Result
     );
     Ok(())
 }
+
+/// A WebSocket to `path` on `node`, handshake done.
+async fn websocket(
+    node: &DataPlane,
+    path: &str,
+) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
+    let stream = tokio::net::TcpStream::connect(node.addr).await?;
+    let url = format!("ws://{}{path}", node.addr);
+    let (socket, response) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
+    anyhow::ensure!(response.status() == 101, "handshake: {}", response.status());
+    Ok(socket)
+}
+
+/// The next text message, as JSON (pings skipped).
+async fn next_json(
+    socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> anyhow::Result<Value> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .context("no message within 10 s")?
+            .context("the socket closed")??;
+        match message {
+            Message::Text(text) => return Ok(serde_json::from_str(&text)?),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => anyhow::bail!("unexpected message {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_subscribers_read_resume_and_publish_with_acks() -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let config = r#"format_version: 1
+brokers:
+  - name: local
+    memory: {}
+apis:
+  - name: demo
+    routes:
+      - name: publish
+        methods: [POST]
+        path: /events
+        path_match: exact
+        publish: { broker: local, topic: demo }
+      - name: talk
+        methods: [GET]
+        path: /talk
+        path_match: exact
+        subscribe: { broker: local, topic: demo, start: earliest, websocket_publish: true }
+      - name: listen
+        methods: [GET]
+        path: /listen
+        path_match: exact
+        subscribe: { broker: local, topic: demo, start: earliest }
+"#;
+    let node = DataPlane::start(config, &[])?;
+    for n in 0..2 {
+        let response = client()
+            .post(node.url("/events"))
+            .body(format!("{{\"n\":{n}}}"))
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    let mut talk = websocket(&node, "/talk").await?;
+    let first = next_json(&mut talk).await?;
+    assert_eq!(first["id"], "0:1");
+    assert_eq!(first["data"], serde_json::json!({"n": 0}));
+    assert_eq!(next_json(&mut talk).await?["id"], "0:2");
+
+    // A message from the client is published, acknowledged, and streamed like any event.
+    talk.send(Message::text(r#"{"n":2}"#)).await?;
+    let ack = next_json(&mut talk).await?;
+    assert_eq!(ack["ack"], 1, "{ack}");
+    assert_eq!(ack["offset"], 2, "{ack}");
+    let echoed = next_json(&mut talk).await?;
+    assert_eq!(
+        (&echoed["id"], &echoed["data"]["n"]),
+        (&"0:3".into(), &2.into())
+    );
+
+    // Resuming by position in the query (browsers cannot set headers on a WebSocket).
+    let mut resumed = websocket(&node, "/listen?last_event_id=0:2").await?;
+    assert_eq!(next_json(&mut resumed).await?["data"]["n"], 2);
+
+    // A route without websocket_publish closes on a client message, with a policy code.
+    resumed.send(Message::text("hello")).await?;
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(10), resumed.next()).await? {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(closed.unwrap().code), 1008);
+
+    // A plain GET without the upgrade still gets SSE on the same route.
+    let sse = client().get(node.url("/listen")).send().await?;
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    Ok(())
+}

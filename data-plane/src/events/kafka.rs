@@ -234,12 +234,10 @@ fn classify(broker: &Arc<str>, error: KafkaError, timeout: Duration) -> PublishE
             | Code::Unknown
             | Code::OutOfOrderSequenceNumber
             | Code::UnknownProducerId,
-        ) => {
-            PublishError::Unavailable {
-                broker,
-                reason: error.to_string(),
-            }
-        }
+        ) => PublishError::Unavailable {
+            broker,
+            reason: error.to_string(),
+        },
         _ => PublishError::Refused {
             broker,
             reason: error.to_string(),

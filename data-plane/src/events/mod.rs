@@ -13,14 +13,18 @@ pub mod kafka;
 pub mod memory;
 pub mod publish;
 pub mod subscribe;
+pub mod websocket;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
 use prost::Message;
 use sluice_proto::pb;
 
+use crate::auth::Identity;
+use crate::server::forwarding;
 use crate::telemetry::Metrics;
 
 /// One event on its way to a topic.
@@ -181,6 +185,41 @@ fn fingerprint(config: &pb::Broker) -> Vec<u8> {
         meta.description.clear();
     }
     config.encode_to_vec()
+}
+
+/// The record headers that say who sent an event and in which request: `sluice-request-id`,
+/// `traceparent` (the client's trace continued), and for an authenticated caller
+/// `sluice-consumer-id`, `sluice-consumer-name` and `sluice-subscription-id`.
+pub fn caller_headers(
+    identity: Option<&Identity>,
+    request_id: &HeaderValue,
+    request_headers: &HeaderMap,
+) -> Vec<(String, Bytes)> {
+    let mut headers = vec![
+        (
+            "sluice-request-id".to_owned(),
+            Bytes::copy_from_slice(request_id.as_bytes()),
+        ),
+        (
+            "traceparent".to_owned(),
+            Bytes::copy_from_slice(forwarding::traceparent(request_headers).as_bytes()),
+        ),
+    ];
+    if let Some(identity) = identity {
+        headers.push((
+            "sluice-consumer-id".to_owned(),
+            Bytes::from(identity.consumer_id.to_string()),
+        ));
+        headers.push((
+            "sluice-consumer-name".to_owned(),
+            Bytes::from(identity.consumer_name.clone()),
+        ));
+        headers.push((
+            "sluice-subscription-id".to_owned(),
+            Bytes::from(identity.subscription_id.to_string()),
+        ));
+    }
+    headers
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -20,11 +20,10 @@ use sluice_proto::pb;
 
 use super::cloudevents::{self, EventError, Mode};
 use super::idempotency::{Claim, Idempotency, StoredAnswer};
-use super::{Broker, Delivered, Delivery, Record, now_ms};
+use super::{Broker, Delivered, Delivery, Record, caller_headers, now_ms};
 use crate::auth::Identity;
 use crate::ratelimit::RedisLimiter;
 use crate::server::error::{GatewayError, SchemaError};
-use crate::server::forwarding;
 use crate::telemetry::Metrics;
 use crate::upstream::ProxyBody;
 
@@ -241,28 +240,11 @@ impl PublishRoute {
         let topic = self.topic(&parts.headers, json.as_ref(), context).clone();
         let mut headers = event.headers;
         headers.push(("sluice-event-id".into(), Bytes::from(event.id.clone())));
-        headers.push((
-            "sluice-request-id".into(),
-            Bytes::copy_from_slice(context.request_id.as_bytes()),
+        headers.extend(caller_headers(
+            context.identity,
+            context.request_id,
+            &parts.headers,
         ));
-        headers.push((
-            "traceparent".into(),
-            Bytes::copy_from_slice(forwarding::traceparent(&parts.headers).as_bytes()),
-        ));
-        if let Some(identity) = context.identity {
-            headers.push((
-                "sluice-consumer-id".into(),
-                Bytes::from(identity.consumer_id.to_string()),
-            ));
-            headers.push((
-                "sluice-consumer-name".into(),
-                Bytes::from(identity.consumer_name.clone()),
-            ));
-            headers.push((
-                "sluice-subscription-id".into(),
-                Bytes::from(identity.subscription_id.to_string()),
-            ));
-        }
         let record = Record {
             topic: topic.clone(),
             key,
@@ -473,7 +455,7 @@ fn accepted(body: String, replayed: bool) -> Response<ProxyBody> {
     response
 }
 
-fn rfc3339_ms(ms: i64) -> String {
+pub(super) fn rfc3339_ms(ms: i64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.max(0).unsigned_abs()))
         .to_string()
 }

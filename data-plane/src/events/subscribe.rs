@@ -132,7 +132,9 @@ pub struct SubscribeRoute {
     pub broker: Arc<Broker>,
     pub topic: Arc<str>,
     default_start: Start,
-    heartbeat: Duration,
+    pub(super) heartbeat: Duration,
+    /// WebSocket subscribers may publish to the topic.
+    pub(super) websocket_publish: bool,
 }
 
 impl SubscribeRoute {
@@ -154,6 +156,7 @@ impl SubscribeRoute {
                 0 => DEFAULT_HEARTBEAT,
                 ms => Duration::from_millis(ms),
             },
+            websocket_publish: action.websocket_publish,
         })
     }
 
@@ -163,15 +166,6 @@ impl SubscribeRoute {
         request: &Request<B>,
         metrics: &Arc<Metrics>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
-        if request
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
-        {
-            return Err(GatewayError::NotServed(
-                "WebSocket subscriptions (use Server-Sent Events: Accept: text/event-stream)",
-            ));
-        }
         let (start, filters) = self.options(request)?;
         let source = self
             .broker
@@ -206,10 +200,23 @@ impl SubscribeRoute {
 
     /// Where the stream starts (`Last-Event-ID`, else `?start=`, else the route's default)
     /// and the client's filters (`?key=`, `?header.NAME=`, `?json/POINTER=`).
-    fn options<B>(&self, request: &Request<B>) -> Result<(Start, Vec<Filter>), GatewayError> {
+    pub(super) fn options<B>(
+        &self,
+        request: &Request<B>,
+    ) -> Result<(Start, Vec<Filter>), GatewayError> {
         let invalid = |detail: String| GatewayError::InvalidEvent(detail);
         let mut start = None;
         let mut filters = Vec::new();
+        // Browsers cannot set headers on a WebSocket: the position may come in the query.
+        let mut last_event_id = request
+            .headers()
+            .get("last-event-id")
+            .map(|v| {
+                v.to_str()
+                    .map(str::to_owned)
+                    .map_err(|_| invalid("Last-Event-ID is not ASCII".into()))
+            })
+            .transpose()?;
         let query = request.uri().query().unwrap_or_default();
         for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
             if name == "start" {
@@ -222,6 +229,8 @@ impl SubscribeRoute {
                         )));
                     }
                 });
+            } else if name == "last_event_id" {
+                last_event_id.get_or_insert_with(|| value.into_owned());
             } else if let Some(filter) = Filter::from_query(&name, &value) {
                 filters.push(filter);
             }
@@ -229,18 +238,13 @@ impl SubscribeRoute {
         if filters.len() > MAX_FILTERS {
             return Err(invalid(format!("at most {MAX_FILTERS} filters")));
         }
-        if let Some(last) = request.headers().get("last-event-id") {
-            let text = last
-                .to_str()
-                .map_err(|_| invalid("Last-Event-ID is not ASCII".into()))?;
-            if !text.is_empty() {
-                let position = Position::parse(text).map_err(|reason| {
-                    invalid(format!(
-                        "Last-Event-ID {text:?} is not a position this gateway gave: {reason}"
-                    ))
-                })?;
-                return Ok((Start::After(position), filters));
-            }
+        if let Some(text) = last_event_id.as_deref().filter(|t| !t.is_empty()) {
+            let position = Position::parse(text).map_err(|reason| {
+                invalid(format!(
+                    "Last-Event-ID {text:?} is not a position this gateway gave: {reason}"
+                ))
+            })?;
+            return Ok((Start::After(position), filters));
         }
         Ok((start.unwrap_or_else(|| self.default_start.clone()), filters))
     }
@@ -300,7 +304,7 @@ impl Filter {
     }
 }
 
-fn wanted(filters: &[Filter], event: &StoredEvent) -> bool {
+pub(super) fn wanted(filters: &[Filter], event: &StoredEvent) -> bool {
     let mut json = None;
     filters
         .iter()

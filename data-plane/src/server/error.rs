@@ -29,8 +29,6 @@ pub enum GatewayError {
     NoRoute { method: String, path: String },
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
-    #[error("this node does not serve {0} yet")]
-    NotServed(&'static str),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     /// Access control refused the request (401, 403, 429, 503).
@@ -73,7 +71,6 @@ impl GatewayError {
             GatewayError::BadPath(_) => (StatusCode::BAD_REQUEST, "invalid-path"),
             GatewayError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no-route"),
             GatewayError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
-            GatewayError::NotServed(_) => (StatusCode::NOT_IMPLEMENTED, "not-implemented"),
             GatewayError::Denied(denial) => (denial.status, denial.reason),
             GatewayError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body-timeout"),
             GatewayError::InvalidEvent(_) => (StatusCode::BAD_REQUEST, "invalid-event"),

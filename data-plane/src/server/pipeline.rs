@@ -42,8 +42,10 @@ use crate::auth::cors::Cors;
 use crate::auth::mtls::ClientCertificate;
 use crate::auth::{AccessGuard, Caller, Denial, Identity, RouteAccess, rate_limit_headers};
 use crate::config::ConfigStore;
+use crate::events::caller_headers;
 use crate::events::idempotency::Idempotency;
 use crate::events::publish::PublishContext;
+use crate::events::websocket::{self, WebSocketContext};
 use crate::ratelimit::Decision;
 use crate::router::path;
 use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, Route};
@@ -323,6 +325,14 @@ impl Gateway {
                     redis: self.guard.redis.as_ref(),
                 };
                 publish.serve(request, context).await
+            }
+            Action::Subscribe(subscribe) if websocket::is_upgrade(&request) => {
+                let context = WebSocketContext {
+                    headers: caller_headers(identity.as_ref(), request_id, request.headers()),
+                    max_message_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+                    metrics: self.metrics.clone(),
+                };
+                subscribe.serve_websocket(request, context).await
             }
             Action::Subscribe(subscribe) => subscribe.serve(&request, &self.metrics).await,
             Action::Proxy(proxy) => {

@@ -304,6 +304,7 @@ fn export_route(
                     _ => None,
                 },
                 heartbeat: duration(s.heartbeat_ms),
+                websocket_publish: s.websocket_publish,
             });
         }
         Some(Action::DirectResponse(d)) => {

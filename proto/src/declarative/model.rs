@@ -300,6 +300,9 @@ pub struct SubscribeAction {
     /// Heartbeat interval, e.g. "15s". Default: the data plane's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat: Option<String>,
+    /// `true`: WebSocket subscribers may publish to the topic, each message acknowledged.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub websocket_publish: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

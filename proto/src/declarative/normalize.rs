@@ -375,6 +375,7 @@ impl<'a> Normalizer<'a> {
                     format!("{at}.subscribe.heartbeat"),
                     subscribe.heartbeat.as_ref(),
                 ),
+                websocket_publish: subscribe.websocket_publish,
             }))
         } else {
             route.direct_response.as_ref().map(|direct| {

@@ -1,0 +1,315 @@
+//! Subscribe routes over WebSocket: the same stream as SSE ([`super::subscribe`]), one text
+//! message per event, and, where the route allows it (`websocket_publish`), messages from the
+//! client published to the topic, each acknowledged by a message back.
+//!
+//! Server → client, per event: `{"id":"0:17,1:4","key":"o-1","data":…}`, where `id` is the
+//! position after the event (reconnect with `?last_event_id=` or a `Last-Event-ID` header),
+//! and `data` the event's value (JSON as it is, anything else as a string). Heartbeats are
+//! WebSocket pings. A client that falls behind gets `{"event":"sluice-closed",…}` with its
+//! position, then a close frame with code 4001.
+//!
+//! Client → server (publish): each text or binary message is one event. The answer is
+//! `{"ack":N,"id":…,"topic":…,"partition":…,"offset":…,"timestamp":…}` once the broker has it,
+//! or `{"nack":N,"error":…}`, where N counts the client's messages from 1.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+
+use super::memory::StoredEvent;
+use super::subscribe::{Filter, Position, Source, SubscribeRoute, wanted};
+use super::{Broker, Delivery, Record, now_ms};
+use crate::server::error::GatewayError;
+use crate::telemetry::Metrics;
+use crate::upstream::{ProxyBody, empty_body};
+
+/// A client that takes longer than this to accept one message is closed as slow.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Close code for a subscriber that fell behind (private-use range 4000-4999).
+pub const CLOSE_SLOW: u16 = 4001;
+
+/// What a WebSocket subscription needs from the request and the node.
+#[derive(Debug)]
+pub struct WebSocketContext {
+    /// Record headers naming the caller and the request (for events the client publishes).
+    pub headers: Vec<(String, Bytes)>,
+    /// Largest message a client may send.
+    pub max_message_bytes: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Whether `request` asks to become a WebSocket.
+pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+impl SubscribeRoute {
+    /// Accepts the WebSocket handshake and streams the topic on the upgraded connection. The
+    /// subscription is opened first, so a bad position or an unavailable broker is an HTTP
+    /// error, not a closed socket.
+    pub async fn serve_websocket(
+        &self,
+        mut request: Request<Incoming>,
+        context: WebSocketContext,
+    ) -> Result<Response<ProxyBody>, GatewayError> {
+        let accept = accept_key(&request)?;
+        let (start, filters) = self.options(&request)?;
+        let source = self
+            .broker
+            .subscribe(&self.topic, start)
+            .await
+            .map_err(GatewayError::Subscribe)?;
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let session = Session {
+            broker: self.broker.clone(),
+            topic: self.topic.clone(),
+            heartbeat: self.heartbeat,
+            publish: self.websocket_publish,
+            filters,
+            context,
+        };
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(error) => {
+                    tracing::debug!(%error, "websocket subscriber left before the upgrade");
+                    return;
+                }
+            };
+            let config = WebSocketConfig::default()
+                .max_message_size(Some(session.context.max_message_bytes))
+                .max_frame_size(Some(session.context.max_message_bytes));
+            let socket = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
+            let metrics = session.context.metrics.clone();
+            let gauge = metrics.subscribers(&session.topic);
+            gauge.inc();
+            if session.run(socket, source).await == Ending::Slow {
+                metrics.closed_slow(&session.topic).inc();
+            }
+            gauge.dec();
+        });
+        let mut response = Response::new(empty_body());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+        );
+        Ok(response)
+    }
+}
+
+/// The `Sec-WebSocket-Accept` for a valid version-13 handshake.
+fn accept_key<B>(request: &Request<B>) -> Result<String, GatewayError> {
+    let headers = request.headers();
+    let invalid = |detail: &str| GatewayError::InvalidEvent(detail.to_owned());
+    if request.method() != http::Method::GET {
+        return Err(invalid("a WebSocket handshake is a GET"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(invalid("Sec-WebSocket-Version must be 13"));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| invalid("Sec-WebSocket-Key is required"))?;
+    Ok(derive_accept_key(key.as_bytes()))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    Gone,
+    Slow,
+    FeedEnded,
+}
+
+struct Session {
+    broker: Arc<Broker>,
+    topic: Arc<str>,
+    heartbeat: Duration,
+    publish: bool,
+    filters: Vec<Filter>,
+    context: WebSocketContext,
+}
+
+impl Session {
+    async fn run(
+        &self,
+        socket: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+        mut source: Source,
+    ) -> Ending {
+        let (mut sink, mut incoming) = socket.split();
+        let mut position = source.position.clone();
+        let delivered = self.context.metrics.delivered(&self.topic);
+        macro_rules! send {
+            ($message:expr) => {
+                match tokio::time::timeout(SEND_TIMEOUT, sink.send($message)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Ending::Gone,
+                    Err(_) => return Ending::Slow,
+                }
+            };
+        }
+        for event in std::mem::take(&mut source.backlog) {
+            if position.is_new(&event) {
+                position.advance(&event);
+                if wanted(&self.filters, &event) {
+                    send!(event_message(&event, &position));
+                    delivered.inc();
+                }
+            }
+        }
+        let mut beat =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
+        let mut sent_by_client = 0u64;
+        loop {
+            tokio::select! {
+                received = source.live.recv() => match received {
+                    Ok(event) => {
+                        if !position.is_new(&event) {
+                            continue;
+                        }
+                        position.advance(&event);
+                        if wanted(&self.filters, &event) {
+                            send!(event_message(&event, &position));
+                            delivered.inc();
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let id = position.encode();
+                        let last = json!({
+                            "event": "sluice-closed",
+                            "reason": "slow_consumer",
+                            "last_event_id": id,
+                        });
+                        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                            sink.send(Message::text(last.to_string())).await?;
+                            sink.send(close(CloseCode::Library(CLOSE_SLOW), "slow consumer; resume with last_event_id")).await
+                        })
+                        .await;
+                        return Ending::Slow;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = sink.send(close(CloseCode::Away, "the stream ended")).await;
+                        return Ending::FeedEnded;
+                    }
+                },
+                message = incoming.next() => match message {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ending::Gone,
+                    Some(Ok(Message::Text(text))) => {
+                        sent_by_client += 1;
+                        if !self.publish {
+                            let _ = sink.send(close(CloseCode::Policy, "this route does not take messages")).await;
+                            return Ending::Gone;
+                        }
+                        let answer = self.publish(sent_by_client, Bytes::from(text), true).await;
+                        send!(Message::text(answer.to_string()));
+                    }
+                    Some(Ok(Message::Binary(data))) => {
+                        sent_by_client += 1;
+                        if !self.publish {
+                            let _ = sink.send(close(CloseCode::Policy, "this route does not take messages")).await;
+                            return Ending::Gone;
+                        }
+                        let answer = self.publish(sent_by_client, data, false).await;
+                        send!(Message::text(answer.to_string()));
+                    }
+                    // Pings are answered by the library; pongs need nothing.
+                    Some(Ok(_)) => {}
+                },
+                _ = beat.tick() => send!(Message::Ping(Bytes::new())),
+            }
+        }
+    }
+
+    /// Publishes one client message, durably; the acknowledgement (or refusal) to send back.
+    async fn publish(&self, number: u64, value: Bytes, text: bool) -> Value {
+        let started = Instant::now();
+        let id = uuid::Builder::from_random_bytes(rand::random())
+            .into_uuid()
+            .to_string();
+        let mut headers = self.context.headers.clone();
+        headers.push(("sluice-event-id".into(), Bytes::from(id.clone())));
+        let content_type = if text {
+            "text/plain; charset=utf-8"
+        } else {
+            "application/octet-stream"
+        };
+        headers.push((
+            "content-type".into(),
+            Bytes::from_static(content_type.as_bytes()),
+        ));
+        let record = Record {
+            topic: self.topic.clone(),
+            key: None,
+            value,
+            headers,
+            timestamp_ms: now_ms(),
+        };
+        let result = self.broker.publish(record, Delivery::Durable).await;
+        let outcome = match &result {
+            Ok(_) => "acknowledged",
+            Err(error) => error.outcome(),
+        };
+        self.context
+            .metrics
+            .event_published(&self.topic, outcome, started.elapsed().as_secs_f64());
+        match result {
+            Ok(Some(at)) => json!({
+                "ack": number,
+                "id": id,
+                "topic": &*self.topic,
+                "partition": at.partition,
+                "offset": at.offset,
+                "timestamp": super::publish::rfc3339_ms(at.timestamp_ms),
+            }),
+            Ok(None) => json!({"ack": number, "id": id, "topic": &*self.topic}),
+            Err(error) => json!({"nack": number, "error": error.to_string()}),
+        }
+    }
+}
+
+fn close(code: CloseCode, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// One event for the client: its position after it, its key and its value.
+fn event_message(event: &StoredEvent, position: &Position) -> Message {
+    let record = &event.record;
+    let data = serde_json::from_slice::<Value>(&record.value)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&record.value).into_owned()));
+    let key = record
+        .key
+        .as_ref()
+        .map(|key| String::from_utf8_lossy(key).into_owned());
+    Message::text(json!({"id": position.encode(), "key": key, "data": data}).to_string())
+}
