@@ -742,6 +742,9 @@ impl<'a> Checker<'a> {
                 if pb::subscribe_action::Start::try_from(subscribe.default_start).is_err() {
                     self.error(format!("{path}.start"), "unknown start position");
                 }
+                for (j, filter) in subscribe.identity_filters.iter().enumerate() {
+                    self.identity_filter(&format!("{path}.identity_filters[{j}]"), filter);
+                }
             }
             Some(Action::DirectResponse(direct)) => {
                 let path = format!("{at}.direct_response");
@@ -855,6 +858,44 @@ impl<'a> Checker<'a> {
                 );
             }
             Some(_) => {}
+        }
+    }
+
+    fn identity_filter(&mut self, path: &str, filter: &pb::IdentityFilter) {
+        use pb::identity_filter::{Attribute, EventValue, Identity};
+        match &filter.event_value {
+            None => self.error(
+                path.to_owned(),
+                "needs exactly one of json_pointer, record_header, key",
+            ),
+            Some(EventValue::JsonPointer(pointer)) if !pointer.starts_with('/') => self.error(
+                format!("{path}.json_pointer"),
+                format!("{pointer:?} is not a JSON pointer (\"/customerId\")"),
+            ),
+            Some(EventValue::RecordHeader(name)) if name.is_empty() => {
+                self.error(format!("{path}.record_header"), "must not be empty");
+            }
+            Some(EventValue::Key(false)) => {
+                self.error(format!("{path}.key"), "must be true when set");
+            }
+            Some(_) => {}
+        }
+        match &filter.identity {
+            None => self.error(
+                path.to_owned(),
+                "needs exactly one of consumer, claim_header",
+            ),
+            Some(Identity::Consumer(attribute)) => {
+                if !matches!(
+                    Attribute::try_from(*attribute),
+                    Ok(Attribute::ConsumerId | Attribute::CustomId | Attribute::ConsumerName)
+                ) {
+                    self.error(format!("{path}.consumer"), "unknown consumer attribute");
+                }
+            }
+            Some(Identity::ClaimHeader(name)) => {
+                self.check(|| format!("{path}.claim_header"), check_header_name(name));
+            }
         }
     }
 

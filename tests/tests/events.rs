@@ -559,3 +559,101 @@ apis:
     assert_eq!(sse.headers()["content-type"], "text/event-stream");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_control_guards_event_routes_and_identity_filters_bind_each_stream()
+-> anyhow::Result<()> {
+    let config = r#"format_version: 1
+brokers:
+  - name: local
+    memory: {}
+policies:
+  - name: keys
+    key_auth: { headers: [x-api-key] }
+plans:
+  - name: basic
+consumers:
+  - name: acme
+    custom_id: ACME
+    credentials: [{ api_key: { key: acme-key-0123456789 } }]
+  - name: globex
+    custom_id: GLOBEX
+    credentials: [{ api_key: { key: globex-key-0123456789 } }]
+subscriptions:
+  - { consumer: acme, api: orders, plan: basic }
+  - { consumer: globex, api: orders, plan: basic }
+apis:
+  - name: orders
+    policies: [keys]
+    routes:
+      - name: publish
+        methods: [POST]
+        path: /orders
+        path_match: exact
+        publish: { broker: local, topic: orders, key: { consumer_id: true } }
+      - name: mine
+        methods: [GET]
+        path: /orders/mine
+        path_match: exact
+        subscribe:
+          broker: local
+          topic: orders
+          start: earliest
+          identity_filters:
+            - { json_pointer: /customer, consumer: custom_id }
+"#;
+    let node = DataPlane::start(config, &[])?;
+    let post = |key: &'static str, body: &'static str| {
+        let url = node.url("/orders");
+        async move {
+            let response = client()
+                .post(url)
+                .header("x-api-key", key)
+                .body(body)
+                .send()
+                .await?;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await?;
+            anyhow::Ok((status, body))
+        }
+    };
+    // No key: refused before anything is published.
+    let anonymous = client().post(node.url("/orders")).body("{}").send().await?;
+    assert_eq!(anonymous.status().as_u16(), 401);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    for (key, body) in [
+        ("acme-key-0123456789", r#"{"customer":"ACME","n":1}"#),
+        ("globex-key-0123456789", r#"{"customer":"GLOBEX","n":2}"#),
+        ("acme-key-0123456789", r#"{"customer":"ACME","n":3}"#),
+    ] {
+        let (status, answer) = post(key, body).await?;
+        assert_eq!(status, 202, "{answer}");
+    }
+    // Each consumer's stream holds its own events only, keyed by the publisher's id.
+    let stream = client()
+        .get(node.url("/orders/mine"))
+        .header("x-api-key", "acme-key-0123456789")
+        .send()
+        .await?;
+    assert_eq!(stream.status().as_u16(), 200);
+    let mut stream = stream;
+    let mut buffer = String::new();
+    let events = read_events(&mut stream, &mut buffer, 2, Duration::from_secs(10)).await?;
+    let numbers: Vec<i64> = events
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.data).unwrap()["n"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(numbers, [1, 3], "GLOBEX's event is not in ACME's stream");
+    assert_eq!(
+        events[1].id.as_deref(),
+        Some("0:3"),
+        "the position still moves past the event filtered out"
+    );
+    let anonymous = client().get(node.url("/orders/mine")).send().await?;
+    assert_eq!(anonymous.status().as_u16(), 401);
+    Ok(())
+}

@@ -998,6 +998,15 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The value of a JWT claim mapped to identity header `name` (the issuer's
+    /// `claim_headers`), if the caller's token had it.
+    pub fn claim_header(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.claim_headers
+            .iter()
+            .find(|(header, _)| header == name)
+            .map(|(_, value)| value)
+    }
+
     /// Sets the identity headers on the request going upstream (the client's copies were
     /// removed first: [`RouteAccess::reserved_headers`]) and removes a hidden API key header.
     pub fn apply(&self, headers: &mut HeaderMap) {

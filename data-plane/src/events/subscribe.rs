@@ -27,6 +27,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::Broker;
 use super::memory::StoredEvent;
+use crate::auth::{Denial, Identity};
 use crate::server::error::GatewayError;
 use crate::telemetry::Metrics;
 use crate::upstream::{BoxError, ProxyBody};
@@ -135,6 +136,76 @@ pub struct SubscribeRoute {
     pub(super) heartbeat: Duration,
     /// WebSocket subscribers may publish to the topic.
     pub(super) websocket_publish: bool,
+    /// Filters every subscriber gets, bound to its identity.
+    identity_filters: Vec<IdentityFilter>,
+}
+
+/// A filter whose value is the caller's: see [`pb::IdentityFilter`].
+#[derive(Debug)]
+struct IdentityFilter {
+    event: EventValue,
+    identity: IdentityValue,
+}
+
+#[derive(Debug)]
+enum EventValue {
+    JsonPointer(String),
+    RecordHeader(String),
+    Key,
+}
+
+#[derive(Debug)]
+enum IdentityValue {
+    ConsumerId,
+    CustomId,
+    ConsumerName,
+    ClaimHeader(http::HeaderName),
+}
+
+impl IdentityFilter {
+    fn compile(filter: &pb::IdentityFilter) -> Result<Self, String> {
+        use pb::identity_filter::{Attribute, EventValue as E, Identity as I};
+        let event = match &filter.event_value {
+            Some(E::JsonPointer(pointer)) => EventValue::JsonPointer(pointer.clone()),
+            Some(E::RecordHeader(name)) => EventValue::RecordHeader(name.to_ascii_lowercase()),
+            Some(E::Key(true)) => EventValue::Key,
+            _ => return Err("an identity filter needs json_pointer, record_header or key".into()),
+        };
+        let identity = match &filter.identity {
+            Some(I::Consumer(attribute)) => match Attribute::try_from(*attribute) {
+                Ok(Attribute::ConsumerId) => IdentityValue::ConsumerId,
+                Ok(Attribute::CustomId) => IdentityValue::CustomId,
+                Ok(Attribute::ConsumerName) => IdentityValue::ConsumerName,
+                _ => return Err("unknown consumer attribute".into()),
+            },
+            Some(I::ClaimHeader(name)) => IdentityValue::ClaimHeader(
+                http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?,
+            ),
+            None => return Err("an identity filter needs consumer or claim_header".into()),
+        };
+        Ok(IdentityFilter { event, identity })
+    }
+
+    /// The filter for this caller, or why the caller cannot subscribe.
+    fn bind(&self, identity: Option<&Identity>) -> Result<Filter, String> {
+        let identity = identity.ok_or("this stream is filtered by identity; authenticate")?;
+        let value = match &self.identity {
+            IdentityValue::ConsumerId => identity.consumer_id.to_string(),
+            IdentityValue::CustomId if !identity.custom_id.is_empty() => identity.custom_id.clone(),
+            IdentityValue::CustomId => return Err("the consumer has no custom_id".into()),
+            IdentityValue::ConsumerName => identity.consumer_name.clone(),
+            IdentityValue::ClaimHeader(name) => identity
+                .claim_header(name)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| format!("the caller's token has no claim for {name}"))?
+                .to_owned(),
+        };
+        Ok(match &self.event {
+            EventValue::JsonPointer(pointer) => Filter::Json(pointer.clone(), value),
+            EventValue::RecordHeader(name) => Filter::Header(name.clone(), value),
+            EventValue::Key => Filter::Key(value),
+        })
+    }
 }
 
 impl SubscribeRoute {
@@ -157,6 +228,11 @@ impl SubscribeRoute {
                 ms => Duration::from_millis(ms),
             },
             websocket_publish: action.websocket_publish,
+            identity_filters: action
+                .identity_filters
+                .iter()
+                .map(IdentityFilter::compile)
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -164,9 +240,10 @@ impl SubscribeRoute {
     pub async fn serve<B>(
         &self,
         request: &Request<B>,
+        identity: Option<&Identity>,
         metrics: &Arc<Metrics>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
-        let (start, filters) = self.options(request)?;
+        let (start, filters) = self.options(request, identity)?;
         let source = self
             .broker
             .subscribe(&self.topic, start)
@@ -200,13 +277,30 @@ impl SubscribeRoute {
 
     /// Where the stream starts (`Last-Event-ID`, else `?start=`, else the route's default)
     /// and the client's filters (`?key=`, `?header.NAME=`, `?json/POINTER=`).
+    /// The caller's identity filters come first, and are not counted in [`MAX_FILTERS`].
     pub(super) fn options<B>(
         &self,
         request: &Request<B>,
+        identity: Option<&Identity>,
     ) -> Result<(Start, Vec<Filter>), GatewayError> {
         let invalid = |detail: String| GatewayError::InvalidEvent(detail);
         let mut start = None;
         let mut filters = Vec::new();
+        let bound = self
+            .identity_filters
+            .iter()
+            .map(|filter| filter.bind(identity))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|detail| {
+                GatewayError::Denied(Box::new(Denial {
+                    status: StatusCode::FORBIDDEN,
+                    reason: "identity_filter",
+                    detail,
+                    challenge: None,
+                    rate: None,
+                    retry_after: None,
+                }))
+            })?;
         // Browsers cannot set headers on a WebSocket: the position may come in the query.
         let mut last_event_id = request
             .headers()
@@ -238,6 +332,7 @@ impl SubscribeRoute {
         if filters.len() > MAX_FILTERS {
             return Err(invalid(format!("at most {MAX_FILTERS} filters")));
         }
+        filters.splice(0..0, bound);
         if let Some(text) = last_event_id.as_deref().filter(|t| !t.is_empty()) {
             let position = Position::parse(text).map_err(|reason| {
                 invalid(format!(

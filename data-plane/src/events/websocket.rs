@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use super::memory::StoredEvent;
 use super::subscribe::{Filter, Position, Source, SubscribeRoute, wanted};
 use super::{Broker, Delivery, Record, now_ms};
+use crate::auth::Identity;
 use crate::server::error::GatewayError;
 use crate::telemetry::Metrics;
 use crate::upstream::{ProxyBody, empty_body};
@@ -44,6 +45,8 @@ pub const CLOSE_SLOW: u16 = 4001;
 /// What a WebSocket subscription needs from the request and the node.
 #[derive(Debug)]
 pub struct WebSocketContext {
+    /// The authenticated caller, for the route's identity filters.
+    pub identity: Option<Identity>,
     /// Record headers naming the caller and the request (for events the client publishes).
     pub headers: Vec<(String, Bytes)>,
     /// Largest message a client may send.
@@ -69,7 +72,7 @@ impl SubscribeRoute {
         context: WebSocketContext,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let accept = accept_key(&request)?;
-        let (start, filters) = self.options(&request)?;
+        let (start, filters) = self.options(&request, context.identity.as_ref())?;
         let source = self
             .broker
             .subscribe(&self.topic, start)

@@ -329,12 +329,17 @@ impl Gateway {
             Action::Subscribe(subscribe) if websocket::is_upgrade(&request) => {
                 let context = WebSocketContext {
                     headers: caller_headers(identity.as_ref(), request_id, request.headers()),
+                    identity,
                     max_message_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
                     metrics: self.metrics.clone(),
                 };
                 subscribe.serve_websocket(request, context).await
             }
-            Action::Subscribe(subscribe) => subscribe.serve(&request, &self.metrics).await,
+            Action::Subscribe(subscribe) => {
+                subscribe
+                    .serve(&request, identity.as_ref(), &self.metrics)
+                    .await
+            }
             Action::Proxy(proxy) => {
                 let upstream = proxy
                     .traffic

@@ -305,6 +305,11 @@ fn export_route(
                 },
                 heartbeat: duration(s.heartbeat_ms),
                 websocket_publish: s.websocket_publish,
+                identity_filters: s
+                    .identity_filters
+                    .iter()
+                    .map(export_identity_filter)
+                    .collect(),
             });
         }
         Some(Action::DirectResponse(d)) => {
@@ -333,6 +338,30 @@ fn export_value_source(source: &pb::ValueSource) -> doc::ValueSource {
         Some(Kind::Header(v)) => out.header = Some(v.clone()),
         Some(Kind::JsonPointer(v)) => out.json_pointer = Some(v.clone()),
         Some(Kind::ConsumerId(v)) => out.consumer_id = Some(*v),
+        None => {}
+    }
+    out
+}
+
+fn export_identity_filter(filter: &pb::IdentityFilter) -> doc::IdentityFilter {
+    use pb::identity_filter::{Attribute, EventValue, Identity};
+    let mut out = doc::IdentityFilter::default();
+    match &filter.event_value {
+        Some(EventValue::JsonPointer(v)) => out.json_pointer = Some(v.clone()),
+        Some(EventValue::RecordHeader(v)) => out.record_header = Some(v.clone()),
+        Some(EventValue::Key(v)) => out.key = Some(*v),
+        None => {}
+    }
+    match &filter.identity {
+        Some(Identity::Consumer(attribute)) => {
+            out.consumer = match Attribute::try_from(*attribute) {
+                Ok(Attribute::ConsumerId) => Some(doc::ConsumerAttribute::Id),
+                Ok(Attribute::CustomId) => Some(doc::ConsumerAttribute::CustomId),
+                Ok(Attribute::ConsumerName) => Some(doc::ConsumerAttribute::Name),
+                _ => None,
+            }
+        }
+        Some(Identity::ClaimHeader(v)) => out.claim_header = Some(v.clone()),
         None => {}
     }
     out

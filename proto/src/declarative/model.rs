@@ -303,6 +303,39 @@ pub struct SubscribeAction {
     /// `true`: WebSocket subscribers may publish to the topic, each message acknowledged.
     #[serde(default, skip_serializing_if = "is_false")]
     pub websocket_publish: bool,
+    /// Conditions bound to each subscriber's identity: only events whose value equals the
+    /// caller's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_filters: Vec<IdentityFilter>,
+}
+
+/// Only events whose value (one of `json_pointer`, `record_header`, `key`) equals the
+/// caller's (one of `consumer`, `claim_header`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFilter {
+    /// RFC 6901 pointer into the event's JSON value, e.g. "/customerId".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_pointer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_header: Option<String>,
+    /// `true`: the record key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<bool>,
+    /// An attribute of the authenticated consumer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<ConsumerAttribute>,
+    /// The identity header a JWT claim is mapped to (the issuer's `claim_headers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsumerAttribute {
+    Id,
+    CustomId,
+    Name,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

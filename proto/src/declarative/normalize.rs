@@ -376,6 +376,9 @@ impl<'a> Normalizer<'a> {
                     subscribe.heartbeat.as_ref(),
                 ),
                 websocket_publish: subscribe.websocket_publish,
+                identity_filters: enumerate(&subscribe.identity_filters, |j, filter| {
+                    self.identity_filter(&format!("{at}.subscribe.identity_filters[{j}]"), filter)
+                }),
             }))
         } else {
             route.direct_response.as_ref().map(|direct| {
@@ -486,6 +489,45 @@ impl<'a> Normalizer<'a> {
             topic_rules: enumerate(&publish.topic_rules, |j, rule| {
                 self.topic_rule(&format!("{path}.topic_rules[{j}]"), rule)
             }),
+        }
+    }
+
+    fn identity_filter(&mut self, path: &str, filter: &doc::IdentityFilter) -> pb::IdentityFilter {
+        use pb::identity_filter::{Attribute, EventValue, Identity};
+        self.at_most_one(
+            path,
+            &[
+                ("json_pointer", filter.json_pointer.is_some()),
+                ("record_header", filter.record_header.is_some()),
+                ("key", filter.key.is_some()),
+            ],
+        );
+        self.at_most_one(
+            path,
+            &[
+                ("consumer", filter.consumer.is_some()),
+                ("claim_header", filter.claim_header.is_some()),
+            ],
+        );
+        let event_value = filter
+            .json_pointer
+            .clone()
+            .map(EventValue::JsonPointer)
+            .or_else(|| filter.record_header.clone().map(EventValue::RecordHeader))
+            .or_else(|| filter.key.map(EventValue::Key));
+        let identity = filter
+            .consumer
+            .map(|attribute| {
+                Identity::Consumer(match attribute {
+                    doc::ConsumerAttribute::Id => Attribute::ConsumerId,
+                    doc::ConsumerAttribute::CustomId => Attribute::CustomId,
+                    doc::ConsumerAttribute::Name => Attribute::ConsumerName,
+                } as i32)
+            })
+            .or_else(|| filter.claim_header.clone().map(Identity::ClaimHeader));
+        pb::IdentityFilter {
+            event_value,
+            identity,
         }
     }
 
