@@ -657,3 +657,46 @@ apis:
     assert_eq!(anonymous.status().as_u16(), 401);
     Ok(())
 }
+
+/// Publishes `count` events numbered from `first` through `node`'s publish route.
+async fn publish_numbered(node: &DataPlane, first: i64, count: i64) -> anyhow::Result<()> {
+    for n in first..first + count {
+        let (status, body) = post_event(node, &format!("k{n}"), &format!("{{\"n\":{n}}}")).await?;
+        anyhow::ensure!(status == 202, "{body}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_may_start_at_a_time() -> anyhow::Result<()> {
+    let topic = TestTopic::create(2).await?;
+    let node = DataPlane::start(&kafka_config(&kafka_bootstrap(), &topic.name, ""), &[])?;
+    publish_numbered(&node, 0, 3).await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let since = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publish_numbered(&node, 3, 2).await?;
+    let mut stream = client()
+        .get(node.url(&format!("/stream?start={since}")))
+        .send()
+        .await?;
+    assert_eq!(stream.status().as_u16(), 200);
+    let mut buffer = String::new();
+    let events = read_events(&mut stream, &mut buffer, 2, Duration::from_secs(20)).await?;
+    let mut numbers: Vec<i64> = events
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.data).unwrap()["n"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, [3, 4], "only the events after {since}");
+    let bad = client()
+        .get(node.url("/stream?start=yesterday"))
+        .send()
+        .await?;
+    assert_eq!(bad.status().as_u16(), 400);
+    Ok(())
+}

@@ -185,6 +185,29 @@ async fn open(
         if described.partitions().is_empty() {
             return Err("the topic has no partitions (does it exist?)".to_owned());
         }
+        // Offsets by time, for every partition at once.
+        let by_time = match &start {
+            Start::Time(ms) => {
+                let mut query = TopicPartitionList::new();
+                for partition in described.partitions() {
+                    query
+                        .add_partition_offset(&topic, partition.id(), Offset::Offset(*ms))
+                        .map_err(|e| e.to_string())?;
+                }
+                let found = consumer
+                    .offsets_for_times(query, OPEN_TIMEOUT)
+                    .map_err(|e| format!("cannot find the offsets at that time: {e}"))?;
+                found
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(offset) => Some((e.partition(), offset)),
+                        _ => None,
+                    })
+                    .collect()
+            }
+            _ => BTreeMap::new(),
+        };
         let mut position = BTreeMap::new();
         for partition in described.partitions() {
             let id = partition.id();
@@ -194,6 +217,8 @@ async fn open(
             let offset = match &start {
                 Start::Latest => high,
                 Start::Earliest => low,
+                // No event at or after the time in this partition: from its end.
+                Start::Time(_) => by_time.get(&id).copied().unwrap_or(high),
                 // A partition the position does not name is read from its start: no gap.
                 Start::After(after) => after.0.get(&id).copied().unwrap_or(low),
             };

@@ -124,6 +124,17 @@ impl MemoryBroker {
         }
     }
 
+    /// The offset of the first retained event of `topic` created at or after `ms` (the next
+    /// event's when there is none).
+    pub fn offset_at(&self, topic: &Arc<str>, ms: i64) -> i64 {
+        let topic = self.topic(topic);
+        let log = topic.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.events
+            .iter()
+            .find(|event| event.record.timestamp_ms >= ms)
+            .map_or(log.next_offset, |event| event.offset)
+    }
+
     /// The offset of the oldest retained event of `topic`, and the next one's.
     pub fn bounds(&self, topic: &Arc<str>) -> (i64, i64) {
         let topic = self.topic(topic);

@@ -154,12 +154,13 @@ impl Broker {
                 let from = match &start {
                     Start::Latest => None,
                     Start::Earliest => Some(0),
+                    Start::Time(ms) => Some(memory.offset_at(topic, *ms)),
                     Start::After(position) => Some(position.0.get(&0).copied().unwrap_or(0)),
                 };
                 let opened = memory.subscribe(topic, from);
                 let position = match start {
                     Start::Latest => Position([(0, opened.next_offset)].into()),
-                    Start::Earliest => Position([(0, 0)].into()),
+                    Start::Earliest | Start::Time(_) => Position([(0, from.unwrap_or(0))].into()),
                     Start::After(position) => position,
                 };
                 Ok(Source {

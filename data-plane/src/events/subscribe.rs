@@ -102,6 +102,8 @@ impl Position {
 pub enum Start {
     Latest,
     Earliest,
+    /// The first events at or after this time (milliseconds since the Unix epoch).
+    Time(i64),
     /// Resume after a `Last-Event-ID`.
     After(Position),
 }
@@ -317,11 +319,18 @@ impl SubscribeRoute {
                 start = Some(match &*value {
                     "earliest" => Start::Earliest,
                     "latest" => Start::Latest,
-                    other => {
-                        return Err(invalid(format!(
-                            "start={other:?}: use earliest or latest (or Last-Event-ID to resume)"
-                        )));
-                    }
+                    other => match humantime::parse_rfc3339_weak(other) {
+                        Ok(time) => Start::Time(
+                            time.duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+                        ),
+                        Err(_) => {
+                            return Err(invalid(format!(
+                                "start={other:?}: use earliest, latest or an RFC 3339 time \
+                                 (2026-11-27T09:00:00Z); Last-Event-ID resumes"
+                            )));
+                        }
+                    },
                 });
             } else if name == "last_event_id" {
                 last_event_id.get_or_insert_with(|| value.into_owned());
