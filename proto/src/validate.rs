@@ -745,6 +745,9 @@ impl<'a> Checker<'a> {
                 for (j, filter) in subscribe.identity_filters.iter().enumerate() {
                     self.identity_filter(&format!("{path}.identity_filters[{j}]"), filter);
                 }
+                for (j, limit) in subscribe.message_rate_limits.iter().enumerate() {
+                    self.rate_limit(&format!("{path}.message_rate_limits[{j}]"), limit);
+                }
             }
             Some(Action::DirectResponse(direct)) => {
                 let path = format!("{at}.direct_response");

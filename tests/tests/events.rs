@@ -700,3 +700,68 @@ async fn a_subscriber_may_start_at_a_time() -> anyhow::Result<()> {
     assert_eq!(bad.status().as_u16(), 400);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_rate_limits_pace_streams_and_refuse_extra_publishes() -> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let config = r#"format_version: 1
+brokers:
+  - name: local
+    memory: {}
+apis:
+  - name: demo
+    routes:
+      - name: publish
+        methods: [POST]
+        path: /events
+        path_match: exact
+        publish: { broker: local, topic: demo }
+      - name: stream
+        methods: [GET]
+        path: /stream
+        path_match: exact
+        subscribe:
+          broker: local
+          topic: demo
+          start: earliest
+          websocket_publish: true
+          message_rate_limits: [{ limit: 5, per: second }]
+"#;
+    let node = DataPlane::start(config, &[])?;
+    for n in 0..8 {
+        let response = client()
+            .post(node.url("/events"))
+            .body(format!("{{\"n\":{n}}}"))
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    // 8 events at 5 per second with no burst: one at once, then one per 200 ms.
+    let started = Instant::now();
+    let mut stream = client().get(node.url("/stream")).send().await?;
+    let mut buffer = String::new();
+    let events = read_events(&mut stream, &mut buffer, 8, Duration::from_secs(20)).await?;
+    let took = started.elapsed();
+    assert_eq!(events.len(), 8);
+    assert!(
+        took >= Duration::from_millis(1300),
+        "8 events at 5/s came in {took:?}"
+    );
+
+    // A WebSocket client's second message within the budget's interval is refused.
+    let mut socket = websocket(&node, "/stream?start=latest").await?;
+    socket.send(Message::text("a")).await?;
+    socket.send(Message::text("b")).await?;
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        let message = next_json(&mut socket).await?;
+        if message.get("ack").is_some() || message.get("nack").is_some() {
+            answers.push(message);
+        }
+    }
+    assert_eq!(answers[0]["ack"], 1, "{answers:?}");
+    assert_eq!(answers[1]["nack"], 2, "{answers:?}");
+    assert!(answers[1]["retry_after_ms"].as_u64().unwrap() <= 200);
+    Ok(())
+}

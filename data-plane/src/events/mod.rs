@@ -11,6 +11,7 @@ pub mod feed;
 pub mod idempotency;
 pub mod kafka;
 pub mod memory;
+pub mod pacing;
 pub mod publish;
 pub mod subscribe;
 pub mod websocket;

@@ -27,7 +27,9 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::Broker;
 use super::memory::StoredEvent;
-use crate::auth::{Denial, Identity};
+use super::pacing::Pacer;
+use crate::auth::{AccessGuard, Denial, Identity};
+use crate::ratelimit::Rate;
 use crate::server::error::GatewayError;
 use crate::telemetry::Metrics;
 use crate::upstream::{BoxError, ProxyBody};
@@ -140,6 +142,18 @@ pub struct SubscribeRoute {
     pub(super) websocket_publish: bool,
     /// Filters every subscriber gets, bound to its identity.
     identity_filters: Vec<IdentityFilter>,
+    /// The route's id: message budgets are scoped to it.
+    route_id: Arc<str>,
+    /// `message_rate_limits`; empty: none.
+    message_rates: Arc<[Rate]>,
+}
+
+/// What a subscription needs from the request and the node.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscribeContext<'a> {
+    pub identity: Option<&'a Identity>,
+    pub metrics: &'a Arc<Metrics>,
+    pub guard: &'a Arc<AccessGuard>,
 }
 
 /// A filter whose value is the caller's: see [`pb::IdentityFilter`].
@@ -212,6 +226,7 @@ impl IdentityFilter {
 
 impl SubscribeRoute {
     pub fn compile(
+        route_id: &str,
         action: &pb::SubscribeAction,
         broker: &dyn Fn(&str) -> Option<Arc<Broker>>,
     ) -> Result<Self, String> {
@@ -235,17 +250,42 @@ impl SubscribeRoute {
                 .iter()
                 .map(IdentityFilter::compile)
                 .collect::<Result<_, _>>()?,
+            route_id: route_id.into(),
+            message_rates: action
+                .message_rate_limits
+                .iter()
+                .map(Rate::from_pb)
+                .collect::<Result<Vec<_>, _>>()?
+                .into(),
         })
+    }
+
+    /// The subscriber's message budgets, when the route has limits: its subscription's, or
+    /// its connection's when anonymous.
+    pub fn pacer(&self, context: SubscribeContext<'_>) -> Option<Pacer> {
+        if self.message_rates.is_empty() {
+            return None;
+        }
+        let subject = context.identity.map_or_else(rand::random, |identity| {
+            *identity.subscription_id.as_bytes()
+        });
+        Some(Pacer::new(
+            context.guard.clone(),
+            self.message_rates.clone(),
+            &self.route_id,
+            subject,
+        ))
     }
 
     /// Opens the stream. The response's headers go out at once; events follow as they come.
     pub async fn serve<B>(
         &self,
         request: &Request<B>,
-        identity: Option<&Identity>,
-        metrics: &Arc<Metrics>,
+        context: SubscribeContext<'_>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
-        let (start, filters) = self.options(request, identity)?;
+        let metrics = context.metrics;
+        let (start, filters) = self.options(request, context.identity)?;
+        let pacer = self.pacer(context);
         let source = self
             .broker
             .subscribe(&self.topic, start)
@@ -258,7 +298,15 @@ impl SubscribeRoute {
         let heartbeat = self.heartbeat;
         tokio::spawn(async move {
             gauge.inc();
-            let ending = stream_events(source, &filters, frames, heartbeat, &delivered).await;
+            let ending = stream_events(
+                source,
+                &filters,
+                pacer.as_ref(),
+                frames,
+                heartbeat,
+                &delivered,
+            )
+            .await;
             if ending == Ending::Slow {
                 closed_slow.inc();
             }
@@ -430,6 +478,7 @@ enum Ending {
 async fn stream_events(
     mut source: Source,
     filters: &[Filter],
+    pacer: Option<&Pacer>,
     frames: mpsc::Sender<Bytes>,
     heartbeat: Duration,
     delivered: &prometheus_client::metrics::counter::Counter,
@@ -445,6 +494,9 @@ async fn stream_events(
             position.advance(&event);
             if !wanted(filters, &event) {
                 continue;
+            }
+            if let Some(pacer) = pacer {
+                pacer.wait_to_send().await;
             }
             if frames.send(sse_event(&event, &position)).await.is_err() {
                 return Ending::Gone;
@@ -463,6 +515,9 @@ async fn stream_events(
                     position.advance(&event);
                     if !wanted(filters, &event) {
                         continue;
+                    }
+                    if let Some(pacer) = pacer {
+                        pacer.wait_to_send().await;
                     }
                     if frames.send(sse_event(&event, &position)).await.is_err() {
                         return Ending::Gone;
@@ -622,7 +677,15 @@ mod tests {
         }
         let (frames, mut received) = mpsc::channel(CLIENT_FRAMES);
         let delivered = prometheus_client::metrics::counter::Counter::default();
-        let ending = stream_events(source, &[], frames, Duration::from_secs(60), &delivered).await;
+        let ending = stream_events(
+            source,
+            &[],
+            None,
+            frames,
+            Duration::from_secs(60),
+            &delivered,
+        )
+        .await;
         assert_eq!(ending, Ending::Slow);
         assert_eq!(
             received.recv().await.unwrap(),
@@ -653,7 +716,15 @@ mod tests {
         let (frames, mut received) = mpsc::channel(CLIENT_FRAMES);
         let task = tokio::spawn(async move {
             let delivered = prometheus_client::metrics::counter::Counter::default();
-            stream_events(source, &[], frames, Duration::from_millis(50), &delivered).await
+            stream_events(
+                source,
+                &[],
+                None,
+                frames,
+                Duration::from_millis(50),
+                &delivered,
+            )
+            .await
         });
         broker.publish(record("b"));
         let mut texts = Vec::new();

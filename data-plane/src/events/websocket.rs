@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use super::memory::StoredEvent;
+use super::pacing::Pacer;
 use super::subscribe::{Filter, Position, Source, SubscribeRoute, wanted};
 use super::{Broker, Delivery, Record, now_ms};
 use crate::auth::Identity;
@@ -47,6 +48,8 @@ pub const CLOSE_SLOW: u16 = 4001;
 pub struct WebSocketContext {
     /// The authenticated caller, for the route's identity filters.
     pub identity: Option<Identity>,
+    /// The subscriber's message budgets ([`SubscribeRoute::pacer`]).
+    pub pacer: Option<Pacer>,
     /// Record headers naming the caller and the request (for events the client publishes).
     pub headers: Vec<(String, Bytes)>,
     /// Largest message a client may send.
@@ -183,6 +186,9 @@ impl Session {
             if position.is_new(&event) {
                 position.advance(&event);
                 if wanted(&self.filters, &event) {
+                    if let Some(pacer) = &self.context.pacer {
+                        pacer.wait_to_send().await;
+                    }
                     send!(event_message(&event, &position));
                     delivered.inc();
                 }
@@ -200,6 +206,9 @@ impl Session {
                         }
                         position.advance(&event);
                         if wanted(&self.filters, &event) {
+                            if let Some(pacer) = &self.context.pacer {
+                                pacer.wait_to_send().await;
+                            }
                             send!(event_message(&event, &position));
                             delivered.inc();
                         }
@@ -253,6 +262,13 @@ impl Session {
 
     /// Publishes one client message, durably; the acknowledgement (or refusal) to send back.
     async fn publish(&self, number: u64, value: Bytes, text: bool) -> Value {
+        if let Some(Err(retry_after)) = self.context.pacer.as_ref().map(Pacer::take_publish) {
+            return json!({
+                "nack": number,
+                "error": "rate limited: the route's message_rate_limits",
+                "retry_after_ms": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
         let started = Instant::now();
         let id = uuid::Builder::from_random_bytes(rand::random())
             .into_uuid()

@@ -410,7 +410,7 @@ impl Action {
             }
             Some(A::Publish(publish)) => Action::Publish(PublishRoute::compile(publish, broker)?),
             Some(A::Subscribe(subscribe)) => {
-                Action::Subscribe(SubscribeRoute::compile(subscribe, broker)?)
+                Action::Subscribe(SubscribeRoute::compile(&route.id, subscribe, broker)?)
             }
             None => return Err("has no action".into()),
         })

@@ -45,6 +45,7 @@ use crate::config::ConfigStore;
 use crate::events::caller_headers;
 use crate::events::idempotency::Idempotency;
 use crate::events::publish::PublishContext;
+use crate::events::subscribe::SubscribeContext;
 use crate::events::websocket::{self, WebSocketContext};
 use crate::ratelimit::Decision;
 use crate::router::path;
@@ -327,9 +328,15 @@ impl Gateway {
                 publish.serve(request, context).await
             }
             Action::Subscribe(subscribe) if websocket::is_upgrade(&request) => {
+                let pacer = subscribe.pacer(SubscribeContext {
+                    identity: identity.as_ref(),
+                    metrics: &self.metrics,
+                    guard: &self.guard,
+                });
                 let context = WebSocketContext {
                     headers: caller_headers(identity.as_ref(), request_id, request.headers()),
                     identity,
+                    pacer,
                     max_message_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
                     metrics: self.metrics.clone(),
                 };
@@ -337,7 +344,14 @@ impl Gateway {
             }
             Action::Subscribe(subscribe) => {
                 subscribe
-                    .serve(&request, identity.as_ref(), &self.metrics)
+                    .serve(
+                        &request,
+                        SubscribeContext {
+                            identity: identity.as_ref(),
+                            metrics: &self.metrics,
+                            guard: &self.guard,
+                        },
+                    )
                     .await
             }
             Action::Proxy(proxy) => {

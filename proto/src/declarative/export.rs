@@ -310,6 +310,11 @@ fn export_route(
                     .iter()
                     .map(export_identity_filter)
                     .collect(),
+                message_rate_limits: s
+                    .message_rate_limits
+                    .iter()
+                    .map(export_rate_limit)
+                    .collect(),
             });
         }
         Some(Action::DirectResponse(d)) => {

@@ -307,6 +307,10 @@ pub struct SubscribeAction {
     /// caller's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identity_filters: Vec<IdentityFilter>,
+    /// Message rate limits per subscription (per connection when anonymous), for the events
+    /// sent and the WebSocket messages published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub message_rate_limits: Vec<RateLimit>,
 }
 
 /// Only events whose value (one of `json_pointer`, `record_header`, `key`) equals the

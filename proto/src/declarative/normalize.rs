@@ -379,6 +379,7 @@ impl<'a> Normalizer<'a> {
                 identity_filters: enumerate(&subscribe.identity_filters, |j, filter| {
                     self.identity_filter(&format!("{at}.subscribe.identity_filters[{j}]"), filter)
                 }),
+                message_rate_limits: self.rate_limits(&subscribe.message_rate_limits),
             }))
         } else {
             route.direct_response.as_ref().map(|direct| {
