@@ -1,0 +1,304 @@
+//! SSE fan-out (issue 7's benchmark): many concurrent subscribers of one topic on one node,
+//! one event per second, and how late each event reaches each subscriber.
+//!
+//! One `sluice-dp` (release) serves a memory-broker topic: a publish route and a subscribe
+//! route. This program opens `SLUICE_BENCH_CLIENTS` SSE streams (default 10,000; plain TCP,
+//! HTTP/1.1, each stream read by its own task), then publishes one event per second for
+//! `SLUICE_BENCH_SECONDS` (default 20) through the publish route. Each event's body is the
+//! wall-clock time it was sent, in nanoseconds; a subscriber's delivery latency is its receive
+//! time minus that (same machine, same clock). Reported: p50/p99/max delivery latency over
+//! every (event, subscriber) pair, events missing, and the node's memory per connection (RSS
+//! with every stream open minus RSS before any, over the number of streams).
+//!
+//! The clients run on the same two cores as the node: the latency includes the time this
+//! program takes to read 10k sockets after each event.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use sluice_bench::harness::{Server, clock_ticks, env_num, fresh_dir, sluice_dp};
+use sluice_bench::{Row, report};
+use sluice_tests::ports::free_port;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const NAME: &str = "fanout";
+const MAKE: &str = "make bench (cargo run --release -p sluice-bench --bin fanout)";
+/// Goals of issue 7.
+const GOAL_P99_MS: f64 = 50.0;
+const GOAL_KB_PER_CONNECTION: f64 = 16.0;
+/// Streams opened at once while connecting.
+const CONNECT_CONCURRENCY: usize = 256;
+
+fn config() -> &'static str {
+    "format_version: 1
+brokers:
+  - name: local
+    memory: { retained_events: 100 }
+apis:
+  - name: bench
+    routes:
+      - name: publish
+        methods: [POST]
+        path: /events
+        path_match: exact
+        publish: { broker: local, topic: ticks }
+      - name: stream
+        methods: [GET]
+        path: /stream
+        path_match: exact
+        subscribe: { broker: local, topic: ticks, start: latest, heartbeat: 60s }
+"
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Opens one stream and returns once its headers and first frame arrived; the task it
+/// spawns then records each event's latency (ns) until `events` arrived or the stream ends.
+async fn subscribe(
+    addr: SocketAddr,
+    events: usize,
+    opened: Arc<AtomicUsize>,
+) -> anyhow::Result<tokio::task::JoinHandle<Vec<u64>>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n")
+        .await?;
+    let mut buffer = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    // The head and the first frame (": ok").
+    while !buffer.windows(6).any(|w| w == b": ok\n\n") {
+        let n = stream.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "the stream closed before it opened");
+        buffer.extend_from_slice(&chunk[..n]);
+        anyhow::ensure!(
+            buffer.len() < 64 * 1024,
+            "no SSE stream: {}",
+            String::from_utf8_lossy(&buffer)
+        );
+    }
+    anyhow::ensure!(
+        buffer.starts_with(b"HTTP/1.1 200"),
+        "the stream answered {}",
+        String::from_utf8_lossy(&buffer[..buffer.len().min(200)])
+    );
+    opened.fetch_add(1, Ordering::Relaxed);
+    buffer.clear();
+    Ok(tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(events);
+        let mut chunk = [0u8; 4096];
+        while latencies.len() < events {
+            let n = match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let received = now_ns();
+            buffer.extend_from_slice(&chunk[..n]);
+            // Chunked encoding wraps the frames; the `data: ` lines are found as they are.
+            while let Some(start) = buffer.windows(6).position(|w| w == b"data: ") {
+                let Some(end) = buffer[start..].iter().position(|b| *b == b'\n') else {
+                    break;
+                };
+                let line = &buffer[start + 6..start + end];
+                if let Some(sent) = std::str::from_utf8(line)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                {
+                    latencies.push(received.saturating_sub(sent));
+                }
+                buffer.drain(..start + end + 1);
+            }
+        }
+        latencies
+    }))
+}
+
+async fn publish(addr: SocketAddr) -> anyhow::Result<()> {
+    let body = now_ns().to_string();
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!(
+        "POST /events HTTP/1.1\r\nhost: bench\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    anyhow::ensure!(
+        answer.starts_with(b"HTTP/1.1 202"),
+        "publish answered {}",
+        String::from_utf8_lossy(&answer)
+    );
+    Ok(())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)] as f64 / 1e6
+}
+
+async fn run() -> anyhow::Result<()> {
+    let clients: usize = env_num("SLUICE_BENCH_CLIENTS", 10_000)?;
+    let seconds: usize = env_num("SLUICE_BENCH_SECONDS", 20)?;
+    let workers: usize = env_num("SLUICE_BENCH_WORKERS", 1)?;
+    let (dp, _) = sluice_dp(NAME).await?;
+    let dir = fresh_dir(NAME)?;
+    let file = dir.join("fanout.yaml");
+    std::fs::write(&file, config())?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let args = vec![
+        "--config".to_owned(),
+        file.display().to_string(),
+        "--listen".to_owned(),
+        addr.to_string(),
+        "--admin-listen".to_owned(),
+        admin.to_string(),
+        "--workers".to_owned(),
+        workers.to_string(),
+        "--max-connections".to_owned(),
+        (clients + 100).to_string(),
+    ];
+    let mut server = Server::start("sluice", &dp, &args, &[("RUST_LOG", "warn")], &dir)?;
+    server.wait_ready(admin, "/readyz", &[], "").await?;
+    let rss_before_kb = server.usage().rss_kb;
+
+    eprintln!("{NAME}: opening {clients} streams");
+    let opened = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut readers = Vec::with_capacity(clients);
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+    let mut connecting = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let permit = semaphore.clone().acquire_owned().await?;
+        let opened = opened.clone();
+        connecting.spawn(async move {
+            let reader = subscribe(addr, seconds, opened).await;
+            drop(permit);
+            reader
+        });
+    }
+    while let Some(reader) = connecting.join_next().await {
+        readers.push(reader?.context("opening a stream")?);
+    }
+    let connect_time = started.elapsed();
+    // Let allocations settle before reading the node's memory.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_open_kb = server.usage().rss_kb;
+    let kb_per_connection =
+        (rss_open_kb.saturating_sub(rss_before_kb)) as f64 / clients.max(1) as f64;
+    eprintln!(
+        "{NAME}: {} streams open in {connect_time:?}; node RSS {rss_before_kb} KB -> {rss_open_kb} KB",
+        opened.load(Ordering::Relaxed)
+    );
+
+    let cpu_before = server.usage().cpu_ticks;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for _ in 0..seconds {
+        tick.tick().await;
+        publish(addr).await?;
+    }
+    let cpu_ticks = server.usage().cpu_ticks - cpu_before;
+    let mut latencies = Vec::with_capacity(clients * seconds);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for reader in readers {
+        match tokio::time::timeout_at(deadline, reader).await {
+            Ok(Ok(mut got)) => latencies.append(&mut got),
+            Ok(Err(e)) => anyhow::bail!("a reader failed: {e}"),
+            // Counted below as missing.
+            Err(_) => {}
+        }
+    }
+    let expected = clients * seconds;
+    let missing = expected.saturating_sub(latencies.len());
+    latencies.sort_unstable();
+    let p50 = percentile(&latencies, 50.0);
+    let p99 = percentile(&latencies, 99.0);
+    let max = percentile(&latencies, 100.0);
+    let rss_peak_kb = server.usage().hwm_kb;
+    drop(server);
+
+    let peer = format!("{clients} SSE clients, 1 event/s for {seconds} s, --workers {workers}");
+    let command = format!(
+        "{MAKE}; SLUICE_BENCH_CLIENTS={clients} SLUICE_BENCH_SECONDS={seconds} \
+         SLUICE_BENCH_WORKERS={workers}"
+    );
+    let rows = vec![
+        Row::new(
+            "fanout delivery latency p99 (ms)",
+            "goal",
+            "ms",
+            p99,
+            Some(GOAL_P99_MS),
+            &command,
+        ),
+        Row::new(
+            "fanout delivery latency p50 (ms)",
+            &peer,
+            "ms",
+            p50,
+            None,
+            &command,
+        ),
+        Row::new(
+            "fanout delivery latency max (ms)",
+            &peer,
+            "ms",
+            max,
+            None,
+            &command,
+        ),
+        Row::new(
+            "fanout memory per connection (KB)",
+            "goal",
+            "KB",
+            kb_per_connection,
+            Some(GOAL_KB_PER_CONNECTION),
+            &command,
+        ),
+        Row::new(
+            "fanout events missing",
+            &format!("of {expected}"),
+            "count",
+            missing as f64,
+            None,
+            &command,
+        ),
+        Row::new(
+            "fanout node CPU per event delivered (us)",
+            &peer,
+            "us",
+            cpu_ticks as f64 / clock_ticks() * 1e6 / latencies.len().max(1) as f64,
+            None,
+            &command,
+        ),
+        Row::new(
+            "fanout node peak RSS (MB)",
+            &peer,
+            "MB",
+            rss_peak_kb as f64 / 1024.0,
+            None,
+            &command,
+        ),
+    ];
+    report(NAME, &rows)?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // Ctrl-C drops `run`, and with it the node it started (its Drop stops it).
+    tokio::select! {
+        result = run() => result,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    }
+}
