@@ -765,3 +765,92 @@ apis:
     assert!(answers[1]["retry_after_ms"].as_u64().unwrap() <= 200);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_with_its_position() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = r#"format_version: 1
+brokers:
+  - name: local
+    memory: { retained_events: 16 }
+apis:
+  - name: demo
+    routes:
+      - name: publish
+        methods: [POST]
+        path: /events
+        path_match: exact
+        publish: { broker: local, topic: demo }
+      - name: stream
+        methods: [GET]
+        path: /stream
+        path_match: exact
+        subscribe: { broker: local, topic: demo }
+"#;
+    let node = DataPlane::start(config, &[])?;
+    // A small receive buffer, so that the kernel does not hold what the client does not read.
+    let client_socket = tokio::net::TcpSocket::new_v4()?;
+    client_socket.set_recv_buffer_size(8192)?;
+    let mut socket = client_socket.connect(node.addr).await?;
+    socket
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await?;
+    let mut received = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    while !received.windows(6).any(|w| w == b": ok\n\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk)).await??;
+        anyhow::ensure!(n > 0, "the stream closed before it opened");
+        received.extend_from_slice(&chunk[..n]);
+    }
+    // The client stops reading while more events than the feed holds (16, the topic's
+    // retained events) are published: large ones, so that socket buffers cannot hold them all.
+    let body = format!("\"{}\"", "x".repeat(64 * 1024));
+    let publisher = client();
+    for _ in 0..300 {
+        let response = publisher
+            .post(node.url("/events"))
+            .body(body.clone())
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    // Then reads everything it is sent, until the node closes the stream.
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut chunk))
+            .await
+            .context("the slow client was not closed")??;
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&received);
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("id: "))
+        .collect();
+    let data_events = text.matches("data: \"x").count();
+    assert!(
+        data_events < 300,
+        "the client got every event ({data_events}): it was not slow"
+    );
+    let closing = text
+        .find("event: sluice-closed")
+        .context("no sluice-closed event")?;
+    assert!(
+        text[closing..].contains("\"reason\":\"slow_consumer\""),
+        "{}",
+        &text[closing..]
+    );
+    // The last id is the closing event's, and it is the position after the last event the
+    // client got: resuming there loses nothing the node still has.
+    let last = *ids.last().context("no id at all")?;
+    let expected = format!("0:{data_events}");
+    assert_eq!(last, expected, "{} events before the close", data_events);
+    assert_eq!(
+        node.metric("sluice_event_subscribers_closed_slow_total", "")
+            .await?,
+        1.0
+    );
+    Ok(())
+}

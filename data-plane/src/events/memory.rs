@@ -74,7 +74,9 @@ impl MemoryBroker {
             .or_insert_with(|| {
                 Arc::new(Topic {
                     log: Mutex::new(Log::default()),
-                    live: broadcast::channel(FEED_CAPACITY).0,
+                    // A subscriber further behind than the topic retains could not resume
+                    // without a gap anyway.
+                    live: broadcast::channel(self.retained.min(FEED_CAPACITY)).0,
                 })
             })
             .clone()

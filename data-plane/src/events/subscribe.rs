@@ -41,6 +41,10 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 /// a subscriber may hold.
 const CLIENT_FRAMES: usize = 32;
 
+/// A client that takes no frame for this long is disconnected as slow (its last event's id is
+/// its position).
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a final `sluice-closed` event may wait for room in a slow client's queue.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -498,8 +502,8 @@ async fn stream_events(
             if let Some(pacer) = pacer {
                 pacer.wait_to_send().await;
             }
-            if frames.send(sse_event(&event, &position)).await.is_err() {
-                return Ending::Gone;
+            if let Some(ending) = send(&frames, sse_event(&event, &position)).await {
+                return ending;
             }
             delivered.inc();
         }
@@ -519,8 +523,8 @@ async fn stream_events(
                     if let Some(pacer) = pacer {
                         pacer.wait_to_send().await;
                     }
-                    if frames.send(sse_event(&event, &position)).await.is_err() {
-                        return Ending::Gone;
+                    if let Some(ending) = send(&frames, sse_event(&event, &position)).await {
+                        return ending;
                     }
                     delivered.inc();
                 }
@@ -534,12 +538,22 @@ async fn stream_events(
                 Err(broadcast::error::RecvError::Closed) => return Ending::FeedEnded,
             },
             _ = beat.tick() => {
-                if frames.send(Bytes::from_static(b": heartbeat\n\n")).await.is_err() {
-                    return Ending::Gone;
+                if let Some(ending) = send(&frames, Bytes::from_static(b": heartbeat\n\n")).await {
+                    return ending;
                 }
             }
             () = frames.closed() => return Ending::Gone,
         }
+    }
+}
+
+/// Queues one frame for the client: `None` once it is queued, else how the stream ends (the
+/// client went away, or took nothing for [`SEND_TIMEOUT`]).
+async fn send(frames: &mpsc::Sender<Bytes>, frame: Bytes) -> Option<Ending> {
+    match tokio::time::timeout(SEND_TIMEOUT, frames.send(frame)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(_)) => Some(Ending::Gone),
+        Err(_) => Some(Ending::Slow),
     }
 }
 
