@@ -840,19 +840,7 @@ impl<'a> Checker<'a> {
                 "needs exactly one of exact, prefix, regex, present",
             ),
             Some(Kind::Regex(pattern)) => {
-                if let Err(e) = regex::Regex::new(pattern) {
-                    // The regex crate draws a multi-line caret diagram; its last line says why.
-                    let e = e.to_string();
-                    let why = e
-                        .lines()
-                        .last()
-                        .unwrap_or_default()
-                        .trim_start_matches("error: ");
-                    self.error(
-                        format!("{path}.regex"),
-                        format!("is not a valid regex: {why}"),
-                    );
-                }
+                self.check(|| format!("{path}.regex"), check_regex(pattern));
             }
             Some(Kind::Present(false)) => {
                 self.error(
@@ -924,18 +912,7 @@ impl<'a> Checker<'a> {
                 self.error(format!("{path}.one_of"), "needs at least one value");
             }
             Some(Condition::Regex(pattern)) => {
-                if let Err(e) = regex::Regex::new(pattern) {
-                    let e = e.to_string();
-                    let why = e
-                        .lines()
-                        .last()
-                        .unwrap_or_default()
-                        .trim_start_matches("error: ");
-                    self.error(
-                        format!("{path}.regex"),
-                        format!("is not a valid regex: {why}"),
-                    );
-                }
+                self.check(|| format!("{path}.regex"), check_regex(pattern));
             }
             Some(_) => {}
         }
@@ -1486,6 +1463,19 @@ fn rewrite_params(rewrite: &str) -> Vec<&str> {
         rest = &rest[start + len + 1..];
     }
     params
+}
+
+fn check_regex(pattern: &str) -> Result<(), String> {
+    regex::Regex::new(pattern).map(|_| ()).map_err(|e| {
+        // The regex crate draws a multi-line caret diagram; its last line says why.
+        let e = e.to_string();
+        let why = e
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim_start_matches("error: ");
+        format!("is not a valid regex: {why}")
+    })
 }
 
 fn check_json_schema(text: &str) -> Result<(), String> {

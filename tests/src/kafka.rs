@@ -93,7 +93,8 @@ impl Drop for TestTopic {
     }
 }
 
-fn client_config(bootstrap: &str) -> ClientConfig {
+/// A client of the broker at `bootstrap`, configured as every test client is.
+pub fn client_config(bootstrap: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", bootstrap)

@@ -31,13 +31,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::kafka::KAFKA_TIMEOUT;
+use crate::kafka::{KAFKA_TIMEOUT, client_config};
 use crate::ports::free_addr;
 use crate::unique_name;
 
@@ -240,13 +239,4 @@ fn tansu_binary() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-fn client_config(bootstrap: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap)
-        .set("socket.timeout.ms", "10000")
-        .set("broker.address.family", "v4");
-    config
 }

@@ -52,6 +52,32 @@ apis:
     )
 }
 
+/// A node's config with a memory broker (`memory` settings as given), a publish route
+/// `POST /events` and a subscribe route `GET /stream` on topic `demo` with `subscribe`
+/// settings added.
+fn memory_config(memory: &str, subscribe: &str) -> String {
+    format!(
+        r#"format_version: 1
+brokers:
+  - name: local
+    memory: {{ {memory} }}
+apis:
+  - name: demo
+    routes:
+      - name: publish
+        methods: [POST]
+        path: /events
+        path_match: exact
+        publish: {{ broker: local, topic: demo }}
+      - name: stream
+        methods: [GET]
+        path: /stream
+        path_match: exact
+        subscribe: {{ broker: local, topic: demo{subscribe} }}
+"#
+    )
+}
+
 /// One SSE event as the client saw it.
 #[derive(Debug, Clone, PartialEq)]
 struct SseEvent {
@@ -352,25 +378,8 @@ async fn live_subscribers_get_new_events_and_a_bad_position_is_named() -> anyhow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_broker_publishes_and_streams_in_one_node() -> anyhow::Result<()> {
-    let config = r#"format_version: 1
-brokers:
-  - name: local
-    memory: { retained_events: 100 }
-apis:
-  - name: demo
-    routes:
-      - name: publish
-        methods: [POST]
-        path: /events
-        path_match: exact
-        publish: { broker: local, topic: demo }
-      - name: stream
-        methods: [GET]
-        path: /events/stream
-        path_match: exact
-        subscribe: { broker: local, topic: demo, start: earliest }
-"#;
-    let node = DataPlane::start(config, &[])?;
+    let config = memory_config("retained_events: 100", ", start: earliest");
+    let node = DataPlane::start(&config, &[])?;
     for n in 0..3 {
         let response = client()
             .post(node.url("/events"))
@@ -381,7 +390,7 @@ apis:
         let body: Value = response.json().await?;
         assert_eq!(body["offset"], n);
     }
-    let mut stream = client().get(node.url("/events/stream")).send().await?;
+    let mut stream = client().get(node.url("/stream")).send().await?;
     let mut buffer = String::new();
     let events = read_events(&mut stream, &mut buffer, 3, Duration::from_secs(10)).await?;
     let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
@@ -705,30 +714,12 @@ async fn a_subscriber_may_start_at_a_time() -> anyhow::Result<()> {
 async fn message_rate_limits_pace_streams_and_refuse_extra_publishes() -> anyhow::Result<()> {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
-    let config = r#"format_version: 1
-brokers:
-  - name: local
-    memory: {}
-apis:
-  - name: demo
-    routes:
-      - name: publish
-        methods: [POST]
-        path: /events
-        path_match: exact
-        publish: { broker: local, topic: demo }
-      - name: stream
-        methods: [GET]
-        path: /stream
-        path_match: exact
-        subscribe:
-          broker: local
-          topic: demo
-          start: earliest
-          websocket_publish: true
-          message_rate_limits: [{ limit: 5, per: second }]
-"#;
-    let node = DataPlane::start(config, &[])?;
+    let config = memory_config(
+        "",
+        ", start: earliest, websocket_publish: true, \
+         message_rate_limits: [{ limit: 5, per: second }]",
+    );
+    let node = DataPlane::start(&config, &[])?;
     for n in 0..8 {
         let response = client()
             .post(node.url("/events"))
@@ -769,25 +760,8 @@ apis:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_with_its_position() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let config = r#"format_version: 1
-brokers:
-  - name: local
-    memory: { retained_events: 16 }
-apis:
-  - name: demo
-    routes:
-      - name: publish
-        methods: [POST]
-        path: /events
-        path_match: exact
-        publish: { broker: local, topic: demo }
-      - name: stream
-        methods: [GET]
-        path: /stream
-        path_match: exact
-        subscribe: { broker: local, topic: demo }
-"#;
-    let node = DataPlane::start(config, &[])?;
+    let config = memory_config("retained_events: 16", "");
+    let node = DataPlane::start(&config, &[])?;
     // A small receive buffer, so that the kernel does not hold what the client does not read.
     let client_socket = tokio::net::TcpSocket::new_v4()?;
     client_socket.set_recv_buffer_size(8192)?;

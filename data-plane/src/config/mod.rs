@@ -32,6 +32,22 @@ use crate::telemetry::Metrics;
 use crate::tls::CertificateStore;
 use crate::upstream::Upstream;
 
+/// A resource's encoding without what does not change the runtime built from it (its version,
+/// labels and description): a new configuration keeps a runtime (an upstream's pools, a
+/// broker's producer) whose resource has the same fingerprint.
+pub fn runtime_fingerprint<M: prost::Message + Clone>(
+    resource: &M,
+    meta: impl FnOnce(&mut M) -> Option<&mut pb::Meta>,
+) -> Vec<u8> {
+    let mut resource = resource.clone();
+    if let Some(meta) = meta(&mut resource) {
+        meta.resource_version = 0;
+        meta.labels.clear();
+        meta.description.clear();
+    }
+    resource.encode_to_vec()
+}
+
 /// Where the running configuration came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {

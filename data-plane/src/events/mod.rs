@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
-use prost::Message;
 use sluice_proto::pb;
 
 use crate::auth::Identity;
@@ -180,13 +179,7 @@ impl Broker {
 }
 
 fn fingerprint(config: &pb::Broker) -> Vec<u8> {
-    let mut config = config.clone();
-    if let Some(meta) = config.meta.as_mut() {
-        meta.resource_version = 0;
-        meta.labels.clear();
-        meta.description.clear();
-    }
-    config.encode_to_vec()
+    crate::config::runtime_fingerprint(config, |c| c.meta.as_mut())
 }
 
 /// The record headers that say who sent an event and in which request: `sluice-request-id`,

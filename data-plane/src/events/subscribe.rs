@@ -467,6 +467,41 @@ pub(super) fn wanted(filters: &[Filter], event: &StoredEvent) -> bool {
         .all(|filter| filter.matches(event, &mut json))
 }
 
+/// A subscriber's place in its stream, and what it lets through.
+pub(super) struct Cursor<'a> {
+    /// After the last event taken in (sent or passed over).
+    pub(super) position: Position,
+    filters: &'a [Filter],
+    pacer: Option<&'a Pacer>,
+}
+
+impl<'a> Cursor<'a> {
+    pub(super) fn new(position: Position, filters: &'a [Filter], pacer: Option<&'a Pacer>) -> Self {
+        Cursor {
+            position,
+            filters,
+            pacer,
+        }
+    }
+
+    /// Takes `event` in: whether to send it now. The position moves past every new event,
+    /// sent or not (an event filtered out is passed over: a resume does not read it again);
+    /// one to send waits for the subscriber's message budget first.
+    pub(super) async fn admit(&mut self, event: &StoredEvent) -> bool {
+        if !self.position.is_new(event) {
+            return false;
+        }
+        self.position.advance(event);
+        if !wanted(self.filters, event) {
+            return false;
+        }
+        if let Some(pacer) = self.pacer {
+            pacer.wait_to_send().await;
+        }
+        true
+    }
+}
+
 /// How a subscriber's stream ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Ending {
@@ -487,22 +522,14 @@ async fn stream_events(
     heartbeat: Duration,
     delivered: &prometheus_client::metrics::counter::Counter,
 ) -> Ending {
-    let mut position = source.position.clone();
+    let mut cursor = Cursor::new(source.position.clone(), filters, pacer);
     // A first frame at once, so the client (and any proxy) sees the stream open.
     if frames.send(Bytes::from_static(b": ok\n\n")).await.is_err() {
         return Ending::Gone;
     }
     for event in std::mem::take(&mut source.backlog) {
-        if position.is_new(&event) {
-            // An event filtered out is passed over: a resume does not read it again.
-            position.advance(&event);
-            if !wanted(filters, &event) {
-                continue;
-            }
-            if let Some(pacer) = pacer {
-                pacer.wait_to_send().await;
-            }
-            if let Some(ending) = send(&frames, sse_event(&event, &position)).await {
+        if cursor.admit(&event).await {
+            if let Some(ending) = send(&frames, sse_event(&event, &cursor.position)).await {
                 return ending;
             }
             delivered.inc();
@@ -513,23 +540,15 @@ async fn stream_events(
         tokio::select! {
             received = source.live.recv() => match received {
                 Ok(event) => {
-                    if !position.is_new(&event) {
-                        continue;
+                    if cursor.admit(&event).await {
+                        if let Some(ending) = send(&frames, sse_event(&event, &cursor.position)).await {
+                            return ending;
+                        }
+                        delivered.inc();
                     }
-                    position.advance(&event);
-                    if !wanted(filters, &event) {
-                        continue;
-                    }
-                    if let Some(pacer) = pacer {
-                        pacer.wait_to_send().await;
-                    }
-                    if let Some(ending) = send(&frames, sse_event(&event, &position)).await {
-                        return ending;
-                    }
-                    delivered.inc();
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let close = closing_event(&position);
+                    let close = closing_event(&cursor.position);
                     // Room for the last word may take a moment; a client that reads nothing
                     // at all is simply disconnected (its last event's id is its position).
                     let _ = tokio::time::timeout(CLOSE_GRACE, frames.send(close)).await;

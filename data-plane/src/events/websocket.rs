@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
-use super::subscribe::{Filter, Position, Source, SubscribeRoute, wanted};
+use super::subscribe::{Cursor, Filter, Position, Source, SubscribeRoute};
 use super::{Broker, Delivery, Record, now_ms};
 use crate::auth::Identity;
 use crate::server::error::GatewayError;
@@ -171,7 +171,11 @@ impl Session {
         mut source: Source,
     ) -> Ending {
         let (mut sink, mut incoming) = socket.split();
-        let mut position = source.position.clone();
+        let mut cursor = Cursor::new(
+            source.position.clone(),
+            &self.filters,
+            self.context.pacer.as_ref(),
+        );
         let delivered = self.context.metrics.delivered(&self.topic);
         macro_rules! send {
             ($message:expr) => {
@@ -183,15 +187,9 @@ impl Session {
             };
         }
         for event in std::mem::take(&mut source.backlog) {
-            if position.is_new(&event) {
-                position.advance(&event);
-                if wanted(&self.filters, &event) {
-                    if let Some(pacer) = &self.context.pacer {
-                        pacer.wait_to_send().await;
-                    }
-                    send!(event_message(&event, &position));
-                    delivered.inc();
-                }
+            if cursor.admit(&event).await {
+                send!(event_message(&event, &cursor.position));
+                delivered.inc();
             }
         }
         let mut beat =
@@ -201,20 +199,13 @@ impl Session {
             tokio::select! {
                 received = source.live.recv() => match received {
                     Ok(event) => {
-                        if !position.is_new(&event) {
-                            continue;
-                        }
-                        position.advance(&event);
-                        if wanted(&self.filters, &event) {
-                            if let Some(pacer) = &self.context.pacer {
-                                pacer.wait_to_send().await;
-                            }
-                            send!(event_message(&event, &position));
+                        if cursor.admit(&event).await {
+                            send!(event_message(&event, &cursor.position));
                             delivered.inc();
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let id = position.encode();
+                        let id = cursor.position.encode();
                         let last = json!({
                             "event": "sluice-closed",
                             "reason": "slow_consumer",
@@ -234,22 +225,14 @@ impl Session {
                 },
                 message = incoming.next() => match message {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ending::Gone,
-                    Some(Ok(Message::Text(text))) => {
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
                         sent_by_client += 1;
                         if !self.publish {
                             let _ = sink.send(close(CloseCode::Policy, "this route does not take messages")).await;
                             return Ending::Gone;
                         }
-                        let answer = self.publish(sent_by_client, Bytes::from(text), true).await;
-                        send!(Message::text(answer.to_string()));
-                    }
-                    Some(Ok(Message::Binary(data))) => {
-                        sent_by_client += 1;
-                        if !self.publish {
-                            let _ = sink.send(close(CloseCode::Policy, "this route does not take messages")).await;
-                            return Ending::Gone;
-                        }
-                        let answer = self.publish(sent_by_client, data, false).await;
+                        let text = message.is_text();
+                        let answer = self.publish(sent_by_client, message.into_data(), text).await;
                         send!(Message::text(answer.to_string()));
                     }
                     // Pings are answered by the library; pongs need nothing.

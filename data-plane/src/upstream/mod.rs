@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use prost::Message;
 use sluice_proto::pb;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -372,13 +371,7 @@ pub fn empty_body() -> ProxyBody {
 }
 
 fn fingerprint(config: &pb::Upstream) -> Vec<u8> {
-    let mut config = config.clone();
-    if let Some(meta) = config.meta.as_mut() {
-        meta.resource_version = 0;
-        meta.labels.clear();
-        meta.description.clear();
-    }
-    config.encode_to_vec()
+    crate::config::runtime_fingerprint(config, |c| c.meta.as_mut())
 }
 
 fn non_zero_ms(ms: u64) -> Option<Duration> {

@@ -22,6 +22,15 @@ fn memory_broker(metrics: &Metrics) -> Arc<Broker> {
     .unwrap()
 }
 
+fn source(kind: pb::value_source::Kind) -> Option<pb::ValueSource> {
+    Some(pb::ValueSource { kind: Some(kind) })
+}
+
+/// A publish route on topic `orders` of a fresh memory broker.
+fn memory_route(action: pb::PublishAction) -> PublishRoute {
+    route(&memory_broker(&Metrics::new()), action)
+}
+
 fn route(broker: &Arc<Broker>, action: pb::PublishAction) -> PublishRoute {
     let action = pb::PublishAction {
         broker_id: "b1".into(),
@@ -85,17 +94,10 @@ fn post(body: &'static str, headers: &[(&'static str, &'static str)]) -> Request
 
 #[tokio::test]
 async fn a_durable_publish_answers_where_the_event_is() {
-    let metrics = Metrics::new();
-    let broker = memory_broker(&metrics);
-    let route = route(
-        &broker,
-        pb::PublishAction {
-            key: Some(pb::ValueSource {
-                kind: Some(pb::value_source::Kind::PathParam("order".into())),
-            }),
-            ..Default::default()
-        },
-    );
+    let route = memory_route(pb::PublishAction {
+        key: source(pb::value_source::Kind::PathParam("order".into())),
+        ..Default::default()
+    });
     let params = [("order", "o-42".to_owned())];
     let (status, _, first) = publish(
         &route,
@@ -178,19 +180,12 @@ async fn a_schema_violation_lists_each_error_and_publishes_nothing() {
 
 #[tokio::test]
 async fn structured_cloudevents_keep_their_id_and_the_schema_checks_their_data() {
-    let metrics = Metrics::new();
-    let broker = memory_broker(&metrics);
-    let route = route(
-        &broker,
-        pb::PublishAction {
-            cloud_events: pb::publish_action::CloudEvents::Structured as i32,
-            json_schema: json!({"type": "object", "required": ["total"]}).to_string(),
-            key: Some(pb::ValueSource {
-                kind: Some(pb::value_source::Kind::JsonPointer("/subject".into())),
-            }),
-            ..Default::default()
-        },
-    );
+    let route = memory_route(pb::PublishAction {
+        cloud_events: pb::publish_action::CloudEvents::Structured as i32,
+        json_schema: json!({"type": "object", "required": ["total"]}).to_string(),
+        key: source(pb::value_source::Kind::JsonPointer("/subject".into())),
+        ..Default::default()
+    });
     let ce = [("content-type", "application/cloudevents+json")];
     let (status, _, body) = publish(
         &route,
@@ -227,17 +222,10 @@ async fn structured_cloudevents_keep_their_id_and_the_schema_checks_their_data()
 
 #[tokio::test]
 async fn oversized_bodies_and_missing_keys_are_refused() {
-    let metrics = Metrics::new();
-    let broker = memory_broker(&metrics);
-    let route = route(
-        &broker,
-        pb::PublishAction {
-            key: Some(pb::ValueSource {
-                kind: Some(pb::value_source::Kind::Header("x-order".into())),
-            }),
-            ..Default::default()
-        },
-    );
+    let route = memory_route(pb::PublishAction {
+        key: source(pb::value_source::Kind::Header("x-order".into())),
+        ..Default::default()
+    });
     let big: &'static str = Box::leak("x".repeat(2000).into_boxed_str());
     let (status, _, _) = publish(&route, post(big, &[("x-order", "1")]), &[]).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
