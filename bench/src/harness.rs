@@ -1,7 +1,8 @@
-//! The harness of the proxy benchmarks (`proxy`, `access`): nginx and oha found or installed,
-//! servers started in process groups of their own on free ports, load runs with oha against a
-//! target, and the proxy's CPU (every process of its group), memory and latency percentiles,
-//! with the CPU that other processes used during each run so a busy machine is reported.
+//! The harness of the proxy benchmarks (`proxy`, `access`, `publish`): nginx and oha found or
+//! installed, servers started in process groups of their own on free ports, load runs with oha
+//! against a target, and the proxy's CPU (every process of its group), memory and latency
+//! percentiles, with the CPU that other processes used during each run so a busy machine is
+//! reported.
 //!
 //! Every target sits in front of the same backend (an nginx of its own answering `200 ok`), and
 //! each proxy runs alone. See docs/benchmarks.md for what is measured and why.
@@ -273,7 +274,7 @@ pub fn group_usage(pgid: u32) -> GroupUsage {
 }
 
 /// Busy ticks of the whole machine (all cores), from /proc/stat.
-fn machine_busy_ticks() -> u64 {
+pub fn machine_busy_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(cpu) = stat.lines().next() else {
         return 0;
@@ -291,7 +292,7 @@ fn machine_busy_ticks() -> u64 {
 }
 
 /// This program's CPU ticks, including its reaped children (each oha run).
-fn own_ticks() -> u64 {
+pub fn own_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     stat_fields(&stat).map_or(0, |f| {
         field(&f, 14) + field(&f, 15) + field(&f, 16) + field(&f, 17)
@@ -558,10 +559,34 @@ pub trait CpuMeter: fmt::Debug {
     fn cpu_seconds(&self) -> anyhow::Result<f64>;
 }
 
+/// What every request of a load run is: `GET /` answered 200 ([`Request::GET`]) unless a
+/// benchmark says otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// oha's `-m`.
+    pub method: &'a str,
+    pub path: &'a str,
+    /// A file sent as every request's body (oha's `-D`) and its `Content-Type` (`-T`).
+    pub body: Option<(&'a Path, &'a str)>,
+    /// The status of an answer that counts as a request served; any other is a failure.
+    pub status: u16,
+}
+
+impl Request<'static> {
+    pub const GET: Self = Request {
+        method: "GET",
+        path: "/",
+        body: None,
+        status: 200,
+    };
+}
+
 /// Where a load run sends its requests.
 #[derive(Debug, Clone, Copy)]
 pub struct Endpoint<'a> {
     pub port: u16,
+    /// What it sends.
+    pub request: Request<'a>,
     /// Sent with every request, as `name: value` (oha's `-H`).
     pub headers: &'a [String],
     /// A service the proxy calls per request, measured during each run.
@@ -576,6 +601,7 @@ impl Endpoint<'_> {
     pub fn plain(port: u16) -> Self {
         Endpoint {
             port,
+            request: Request::GET,
             headers: &[],
             service: None,
             unauthenticated: None,
@@ -590,13 +616,14 @@ pub struct Measurement {
     pub load: String,
     pub command: String,
     pub seconds: f64,
-    /// 200 answers.
+    /// Answers with the expected status ([`Request::status`], 200 unless told otherwise).
     pub requests: u64,
     pub requests_per_s: f64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
-    /// Answers other than 200 and errors other than oha aborting in-flight requests at the end.
+    /// Answers with another status and errors other than oha aborting in-flight requests at
+    /// the end.
     pub failures: BTreeMap<String, u64>,
     pub proxy_cpu_s: Option<f64>,
     pub requests_per_proxy_cpu_s: Option<f64>,
@@ -632,10 +659,25 @@ fn oha_args(
     if let Some(rate) = rate {
         args.extend(["-q".into(), rate.to_string(), "--latency-correction".into()]);
     }
+    let request = &endpoint.request;
+    if request.method != "GET" {
+        args.extend(["-m".to_owned(), request.method.to_owned()]);
+    }
+    if let Some((file, content_type)) = request.body {
+        args.extend([
+            "-D".to_owned(),
+            file.display().to_string(),
+            "-T".to_owned(),
+            content_type.to_owned(),
+        ]);
+    }
     for header in endpoint.headers {
         args.extend(["-H".to_owned(), header.clone()]);
     }
-    args.push(format!("http://127.0.0.1:{}/", endpoint.port));
+    args.push(format!(
+        "http://127.0.0.1:{}{}",
+        endpoint.port, request.path
+    ));
     args
 }
 
@@ -711,11 +753,12 @@ impl Bench<'_> {
                 .cpu_ticks
                 .saturating_sub(backend_before.cpu_ticks)
             + (service_cpu_s.unwrap_or(0.0) * self.ticks).round() as u64;
-        let requests = result.status_codes.get("200").copied().unwrap_or(0);
+        let served = endpoint.request.status.to_string();
+        let requests = result.status_codes.get(&served).copied().unwrap_or(0);
         let mut failures: BTreeMap<String, u64> = result
             .status_codes
             .iter()
-            .filter(|(code, _)| *code != "200")
+            .filter(|(code, _)| **code != served)
             .map(|(code, n)| (format!("status {code}"), *n))
             .collect();
         failures.extend(
@@ -1063,6 +1106,18 @@ pub async fn measure_sluice(
     dir: &Path,
     target: &SluiceTarget<'_>,
 ) -> anyhow::Result<Target> {
+    measure_sluice_with(bench, dp, dir, target, Request::GET).await
+}
+
+/// [`measure_sluice`] with load runs that send `request` (readiness is still `GET /` through
+/// the proxy, so the configuration keeps a route `/` to the backend).
+pub async fn measure_sluice_with(
+    bench: &Bench<'_>,
+    dp: &(PathBuf, bool),
+    dir: &Path,
+    target: &SluiceTarget<'_>,
+    request: Request<'_>,
+) -> anyhow::Result<Target> {
     let (path, has_workers) = dp;
     let port = free_port();
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -1090,6 +1145,7 @@ pub async fn measure_sluice(
     let server = Server::start(target.name, path, &args, &[("RUST_LOG", "warn")], dir)?;
     let endpoint = Endpoint {
         port,
+        request,
         headers: target.headers,
         service: target.service,
         unauthenticated: target.unauthenticated,
