@@ -293,15 +293,15 @@ fn stored(message: &rdkafka::message::BorrowedMessage<'_>) -> StoredEvent {
                 .collect()
         })
         .unwrap_or_default();
-    StoredEvent {
-        partition: message.partition(),
-        offset: message.offset(),
-        record: Record {
+    StoredEvent::new(
+        message.partition(),
+        message.offset(),
+        Record {
             topic: message.topic().into(),
             key: message.key().map(Bytes::copy_from_slice),
             value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
             headers,
             timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
         },
-    }
+    )
 }

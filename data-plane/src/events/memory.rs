@@ -6,11 +6,14 @@
 //! events for subscribers that start at `earliest` or resume from an earlier position.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
 
 use sluice_proto::pb;
 use tokio::sync::broadcast;
 
+use super::subscribe::Position;
 use super::{Delivered, Record};
 
 /// Events kept per topic when the resource does not say.
@@ -25,6 +28,20 @@ pub struct StoredEvent {
     pub partition: i32,
     pub offset: i64,
     pub record: Record,
+    /// The event as an SSE frame, made by the first subscriber that sends it and shared by
+    /// every other at the same position (all live subscribers of a feed are).
+    pub sse_frame: OnceLock<(Position, Bytes)>,
+}
+
+impl StoredEvent {
+    pub fn new(partition: i32, offset: i64, record: Record) -> Self {
+        StoredEvent {
+            partition,
+            offset,
+            record,
+            sse_frame: OnceLock::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -90,11 +107,7 @@ impl MemoryBroker {
             offset: log.next_offset,
             timestamp_ms: record.timestamp_ms,
         };
-        let event = Arc::new(StoredEvent {
-            partition: 0,
-            offset: log.next_offset,
-            record,
-        });
+        let event = Arc::new(StoredEvent::new(0, log.next_offset, record));
         log.next_offset += 1;
         if log.events.len() == self.retained {
             log.events.pop_front();

@@ -529,7 +529,7 @@ async fn stream_events(
     }
     for event in std::mem::take(&mut source.backlog) {
         if cursor.admit(&event).await {
-            if let Some(ending) = send(&frames, sse_event(&event, &cursor.position)).await {
+            if let Some(ending) = send(&frames, shared_frame(&event, &cursor.position)).await {
                 return ending;
             }
             delivered.inc();
@@ -541,7 +541,7 @@ async fn stream_events(
             received = source.live.recv() => match received {
                 Ok(event) => {
                     if cursor.admit(&event).await {
-                        if let Some(ending) = send(&frames, sse_event(&event, &cursor.position)).await {
+                        if let Some(ending) = send(&frames, shared_frame(&event, &cursor.position)).await {
                             return ending;
                         }
                         delivered.inc();
@@ -574,6 +574,20 @@ async fn send(frames: &mpsc::Sender<Bytes>, frame: Bytes) -> Option<Ending> {
         Ok(Err(_)) => Some(Ending::Gone),
         Err(_) => Some(Ending::Slow),
     }
+}
+
+/// `event` as SSE for a subscriber at `position`: the frame the first subscriber at that
+/// position made, or a new one. Every live subscriber of a feed is at the feed's position, so
+/// an event is formatted once however many clients it goes to.
+fn shared_frame(event: &StoredEvent, position: &Position) -> Bytes {
+    if let Some((at, frame)) = event.sse_frame.get()
+        && at == position
+    {
+        return frame.clone();
+    }
+    let frame = sse_event(event, position);
+    let _ = event.sse_frame.set((position.clone(), frame.clone()));
+    frame
 }
 
 /// One event as SSE: its position as `id`, its value as `data` (one line per line).
@@ -633,17 +647,17 @@ mod tests {
 
     #[test]
     fn filters_from_the_query_all_have_to_hold() {
-        let event = StoredEvent {
-            partition: 0,
-            offset: 0,
-            record: super::super::Record {
+        let event = StoredEvent::new(
+            0,
+            0,
+            super::super::Record {
                 topic: "t".into(),
                 key: Some(Bytes::from_static(b"o-1")),
                 value: Bytes::from_static(br#"{"customer":{"id":42},"kind":"paid"}"#),
                 headers: vec![("ce_type".into(), Bytes::from_static(b"order.paid"))],
                 timestamp_ms: 0,
             },
-        };
+        );
         let filter = |name, value| Filter::from_query(name, value).unwrap();
         assert!(wanted(&[], &event));
         assert!(wanted(&[filter("key", "o-1")], &event));
@@ -663,6 +677,21 @@ mod tests {
         assert!(!wanted(&[filter("json/missing", "x")], &event));
         assert_eq!(Filter::from_query("start", "latest"), None);
         assert_eq!(Filter::from_query("jsonx", "1"), None);
+    }
+
+    #[test]
+    fn an_event_is_formatted_once_for_every_subscriber_at_the_same_position() {
+        let event = StoredEvent::new(0, 4, record("v"));
+        let here = Position::parse("0:5").unwrap();
+        let first = shared_frame(&event, &here);
+        let second = shared_frame(&event, &here);
+        assert_eq!(first.as_ptr(), second.as_ptr(), "the same frame, shared");
+        let elsewhere = Position::parse("0:5,1:2").unwrap();
+        assert_eq!(
+            shared_frame(&event, &elsewhere),
+            Bytes::from_static(b"id: 0:5,1:2\ndata: v\n\n"),
+            "a subscriber elsewhere gets its own id"
+        );
     }
 
     #[test]
@@ -780,16 +809,18 @@ mod tests {
 
     #[test]
     fn a_position_skips_what_was_seen_and_moves_past_each_event() {
-        let event = |partition, offset| StoredEvent {
-            partition,
-            offset,
-            record: super::super::Record {
-                topic: "t".into(),
-                key: None,
-                value: Bytes::from_static(b"a\nb"),
-                headers: Vec::new(),
-                timestamp_ms: 0,
-            },
+        let event = |partition, offset| {
+            StoredEvent::new(
+                partition,
+                offset,
+                super::super::Record {
+                    topic: "t".into(),
+                    key: None,
+                    value: Bytes::from_static(b"a\nb"),
+                    headers: Vec::new(),
+                    timestamp_ms: 0,
+                },
+            )
         };
         let mut position = Position::parse("0:5").unwrap();
         assert!(!position.is_new(&event(0, 4)));
