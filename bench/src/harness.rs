@@ -1183,3 +1183,35 @@ pub fn write_runs(
     println!("written: {}", out.display());
     Ok(())
 }
+
+/// The `proxy` benchmark's `sluice-dp` configuration: one route, prefix `/`, to the backend.
+/// The `access` and `publish` benchmarks measure against the same bare proxy.
+pub fn bare_proxy_conf(backend: u16) -> String {
+    format!(
+        "format_version: 1
+upstreams:
+  - name: backend
+    targets: [{{ url: \"http://127.0.0.1:{backend}\" }}]
+apis:
+  - name: bench
+    routes:
+      - name: all
+        path: /
+        proxy: {{ upstream: backend }}
+"
+    )
+}
+
+/// ` (NAME sustained only N req/s)` for each target that fell short of the fixed `rate`.
+pub fn short_of_rate(targets: &[&Target], rate: f64) -> String {
+    targets
+        .iter()
+        .filter(|t| t.fixed.requests_per_s < 0.95 * rate)
+        .map(|t| {
+            format!(
+                " ({} sustained only {:.0} req/s)",
+                t.name, t.fixed.requests_per_s
+            )
+        })
+        .collect()
+}

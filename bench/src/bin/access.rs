@@ -43,23 +43,6 @@ const CONSUMERS: usize = 1_000;
 const CALLER: usize = CONSUMERS / 2;
 const TARGETS: [&str; 4] = ["nginx", "sluice", "key-local", "key-redis"];
 
-/// The route open to anyone: the `proxy` benchmark's configuration.
-fn open_conf(backend: u16) -> String {
-    format!(
-        "format_version: 1
-upstreams:
-  - name: backend
-    targets: [{{ url: \"http://127.0.0.1:{backend}\" }}]
-apis:
-  - name: bench
-    routes:
-      - name: all
-        path: /
-        proxy: {{ upstream: backend }}
-"
-    )
-}
-
 /// The route behind an API key and a subscription under a plan whose rate limit, counted in
 /// `mode` (`local` or `redis`), never refuses ([`unreached_rate_limit`]). `fail_open` is left
 /// off: a request Redis did not count is answered 503, which stops the benchmark (more than
@@ -415,7 +398,7 @@ async fn run(redis: Option<&Redis>) -> anyhow::Result<()> {
     if settings.measures("sluice") {
         sluice_targets.push(SluiceTarget {
             name: "sluice",
-            config: open_conf(backend_port),
+            config: harness::bare_proxy_conf(backend_port),
             args: Vec::new(),
             headers: &[],
             service: None,

@@ -31,22 +31,6 @@ const MAKE: &str = "make bench (cargo run --release -p sluice-bench --bin proxy)
 const GOAL_CPU_RATIO: f64 = 1.1;
 const GOAL_IDLE_RSS_MB: f64 = 20.0;
 
-fn sluice_conf(backend: u16) -> String {
-    format!(
-        "format_version: 1
-upstreams:
-  - name: backend
-    targets: [{{ url: \"http://127.0.0.1:{backend}\" }}]
-apis:
-  - name: bench
-    routes:
-      - name: all
-        path: /
-        proxy: {{ upstream: backend }}
-"
-    )
-}
-
 // ----------------------------------------------------------------- report ---
 
 fn rows(
@@ -200,16 +184,7 @@ fn print_goals(settings: &Settings, direct: &Target, sluice: &Target, nginx: &Ta
     let s = sluice.fixed.p99_us - direct.fixed.p99_us;
     let n = nginx.fixed.p99_us - direct.fixed.p99_us;
     let rate = f64::from(settings.rate);
-    let short = [sluice, nginx]
-        .iter()
-        .filter(|t| t.fixed.requests_per_s < 0.95 * rate)
-        .map(|t| {
-            format!(
-                " ({} sustained only {:.0} req/s)",
-                t.name, t.fixed.requests_per_s
-            )
-        })
-        .collect::<String>();
+    let short = harness::short_of_rate(&[sluice, nginx], rate);
     println!(
         "  added p99 at {} req/s <= nginx's: {s:.0} us vs {n:.0} us  {}{short}",
         settings.rate,
@@ -261,7 +236,7 @@ async fn run() -> anyhow::Result<()> {
     let sluice = if let Some(dp) = &sluice_dp {
         let target = SluiceTarget {
             name: "sluice",
-            config: sluice_conf(backend_port),
+            config: harness::bare_proxy_conf(backend_port),
             args: Vec::new(),
             headers: &[],
             service: None,

@@ -111,23 +111,6 @@ fn event_body() -> anyhow::Result<Vec<u8>> {
     Ok(body)
 }
 
-/// The bare proxy: the `proxy` benchmark's configuration.
-fn proxy_conf(backend: u16) -> String {
-    format!(
-        "format_version: 1
-upstreams:
-  - name: backend
-    targets: [{{ url: \"http://127.0.0.1:{backend}\" }}]
-apis:
-  - name: bench
-    routes:
-      - name: all
-        path: /
-        proxy: {{ upstream: backend }}
-"
-    )
-}
-
 /// The bare proxy's configuration plus a broker and a durable publish route on [`PATH`];
 /// `linger_ms` overrides Sluice's `linger.ms`.
 fn publish_conf(backend: u16, bootstrap: &str, topic: &str, linger_ms: Option<u32>) -> String {
@@ -671,16 +654,7 @@ fn print_goals(settings: &Settings, proxy: &Target, publish: &Target) {
     }
     let limit = proxy.fixed.p99_us + GOAL_ADDED_P99_US;
     let rate = f64::from(settings.rate);
-    let short = [proxy, publish]
-        .iter()
-        .filter(|t| t.fixed.requests_per_s < 0.95 * rate)
-        .map(|t| {
-            format!(
-                " ({} sustained only {:.0} req/s)",
-                t.name, t.fixed.requests_per_s
-            )
-        })
-        .collect::<String>();
+    let short = harness::short_of_rate(&[proxy, publish], rate);
     println!(
         "  p99 at {} req/s <= the proxy's p99 + 2 ms: {:.0} us vs {:.0} + 2000 us  {}{short}",
         settings.rate,
@@ -763,7 +737,7 @@ async fn run() -> anyhow::Result<()> {
         let dp = dp.as_ref().context("sluice-dp was not built")?;
         let target = SluiceTarget {
             name: "proxy",
-            config: proxy_conf(backend_port),
+            config: harness::bare_proxy_conf(backend_port),
             args: Vec::new(),
             headers: &[],
             service: None,
