@@ -715,8 +715,22 @@ impl<'a> Checker<'a> {
                 if let Some(key) = &publish.key {
                     self.value_source(&format!("{path}.key"), key, &params);
                 }
-                if pb::publish_action::Delivery::try_from(publish.delivery).is_err() {
+                let delivery = pb::publish_action::Delivery::try_from(publish.delivery);
+                if delivery.is_err() {
                     self.error(format!("{path}.delivery"), "unknown delivery mode");
+                }
+                match pb::publish_action::Acks::try_from(publish.acks) {
+                    Err(_) => self.error(format!("{path}.acks"), "unknown acks"),
+                    Ok(pb::publish_action::Acks::None)
+                        if delivery != Ok(pb::publish_action::Delivery::FireAndForget) =>
+                    {
+                        self.error(
+                            format!("{path}.acks"),
+                            "none sends no acknowledgement for a durable publish to wait \
+                             for; set delivery to fire_and_forget, or acks to leader or all",
+                        );
+                    }
+                    Ok(_) => {}
                 }
                 if pb::publish_action::CloudEvents::try_from(publish.cloud_events).is_err() {
                     self.error(format!("{path}.cloud_events"), "unknown CloudEvents mode");

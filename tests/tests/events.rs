@@ -252,6 +252,59 @@ async fn what_the_202_says_is_what_an_independent_consumer_reads() -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_choose_their_acks_and_their_events_arrive() -> anyhow::Result<()> {
+    let topic = TestTopic::create(1).await?;
+    let bootstrap = kafka_bootstrap();
+    let leader = DataPlane::start(
+        &kafka_config(&bootstrap, &topic.name, "          acks: leader"),
+        &[],
+    )?;
+    let unacknowledged = DataPlane::start(
+        &kafka_config(
+            &bootstrap,
+            &topic.name,
+            "          acks: none\n          delivery: fire_and_forget",
+        ),
+        &[],
+    )?;
+
+    // acks=1: the leader's acknowledgement still says where the event is.
+    let mut where_stored = BTreeMap::new();
+    for n in 0..5 {
+        let (status, body) = post_event(&leader, &format!("l{n}"), "{}").await?;
+        assert_eq!(status, 202, "{body}");
+        where_stored.insert(
+            body["offset"].as_i64().context("an offset")?,
+            format!("l{n}"),
+        );
+    }
+    // acks=0: accepted once queued, with no position to report.
+    for n in 0..5 {
+        let (status, body) = post_event(&unacknowledged, &format!("n{n}"), "{}").await?;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["delivery"], "fire_and_forget", "{body}");
+        assert!(body.get("offset").is_none(), "{body}");
+    }
+
+    let consumer = topic.consumer_from_beginning()?;
+    let mut keys = BTreeMap::new();
+    while keys.len() < 10 {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .with_context(|| format!("only {keys:?} reached the topic"))??;
+        let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+        keys.insert(message.offset(), key);
+    }
+    for (offset, key) in &where_stored {
+        assert_eq!(keys.get(offset), Some(key), "the 202 named offset {offset}");
+    }
+    let mut unacknowledged_keys: Vec<_> = keys.values().filter(|k| k.starts_with('n')).collect();
+    unacknowledged_keys.sort();
+    assert_eq!(unacknowledged_keys, ["n0", "n1", "n2", "n3", "n4"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_gets_a_prompt_503_never_a_202() -> anyhow::Result<()> {
     // Nothing listens there: the event can only time out.
     let nowhere = free_addr().to_string();

@@ -1,4 +1,5 @@
-//! Kafka through rdkafka: one idempotent producer per broker resource per node.
+//! Kafka through rdkafka: one idempotent producer per broker resource per node (and one more
+//! for each other `acks` its routes ask for).
 //!
 //! The producer's queue is bounded (`queue.buffering.max.messages`, `…max.kbytes`), so a slow
 //! or absent broker fills it and further publishes fail at once with a 503, instead of
@@ -8,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -17,10 +18,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use sluice_proto::pb;
 
-use super::{Delivered, Delivery, PublishError, Record};
+use super::{Acks, Delivered, Delivery, PublishError, Record};
 use crate::telemetry::Metrics;
 
 /// Producer settings Sluice sets unless the broker's `properties` say otherwise.
@@ -48,18 +49,26 @@ const REBUILD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A Kafka broker's runtime on this node.
 pub struct KafkaBroker {
-    /// Replaced when librdkafka gives up on it (see [`KafkaBroker::recover`]).
-    producer: ArcSwap<FutureProducer>,
-    client: ClientConfig,
-    /// Deliveries failed in a row, and when the producer was last replaced.
-    failures: AtomicU32,
-    rebuilt_at: Mutex<Option<Instant>>,
+    /// The producer configured as the broker resource says.
+    producer: Producer,
+    /// Producers for routes that ask for other `acks` than the broker's (librdkafka sets
+    /// `acks` per producer), indexed by [`acks_slot`]; each is created on first use.
+    producers_by_acks: [OnceLock<Result<Producer, String>>; 3],
     /// What clients of this broker (the producer, subscribe feeds) are configured with.
     pub(super) settings: BTreeMap<String, String>,
     delivery_timeout: Duration,
     queue_depth: Gauge,
     /// Subscribers' consumers.
     pub(super) feeds: super::feed::Feeds,
+}
+
+/// One rdkafka producer, replaced when librdkafka gives up on it (see [`Producer::recover`]).
+struct Producer {
+    current: ArcSwap<FutureProducer>,
+    client: ClientConfig,
+    /// Deliveries failed in a row, and when the producer was last replaced.
+    failures: AtomicU32,
+    rebuilt_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for KafkaBroker {
@@ -86,18 +95,9 @@ impl KafkaBroker {
             .parse::<u64>()
             .map(Duration::from_millis)
             .map_err(|e| format!("properties.message.timeout.ms: {e}"))?;
-        let mut client = ClientConfig::new();
-        for (key, value) in &settings {
-            client.set(key, value);
-        }
-        let producer: FutureProducer = client
-            .create()
-            .map_err(|e| format!("cannot create a Kafka producer: {e}"))?;
         Ok(KafkaBroker {
-            producer: ArcSwap::from_pointee(producer),
-            client,
-            failures: AtomicU32::new(0),
-            rebuilt_at: Mutex::new(None),
+            producer: Producer::new(&settings)?,
+            producers_by_acks: Default::default(),
             settings,
             delivery_timeout,
             queue_depth: metrics.producer_queue(name),
@@ -110,7 +110,14 @@ impl KafkaBroker {
         broker: &Arc<str>,
         record: Record,
         delivery: Delivery,
+        acks: Acks,
     ) -> Result<Option<Delivered>, PublishError> {
+        let slot = self
+            .producer_for(acks)
+            .map_err(|reason| PublishError::Unavailable {
+                broker: broker.clone(),
+                reason,
+            })?;
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
             headers = headers.insert(Header {
@@ -125,29 +132,29 @@ impl KafkaBroker {
         if let Some(key) = &record.key {
             message = message.key(key);
         }
-        let producer = self.producer.load_full();
+        let producer = slot.current.load_full();
         let sent = producer.send_result(message);
-        self.queue_depth.set(i64::from(producer.in_flight_count()));
+        self.record_queue_depth();
         let report = match sent {
             Ok(report) => report,
-            Err((error, _)) => return Err(self.failed(broker, &producer, error)),
+            Err((error, _)) => return Err(self.failed(broker, slot, &producer, error)),
         };
         if delivery == Delivery::FireAndForget {
             return Ok(None);
         }
         let timeout = self.delivery_timeout + REPORT_GRACE;
         let outcome = tokio::time::timeout(timeout, report).await;
-        self.queue_depth.set(i64::from(producer.in_flight_count()));
+        self.record_queue_depth();
         match outcome {
             Ok(Ok(Ok(stored))) => {
-                self.failures.store(0, Ordering::Relaxed);
+                slot.failures.store(0, Ordering::Relaxed);
                 Ok(Some(Delivered {
                     partition: stored.partition,
                     offset: stored.offset,
                     timestamp_ms: stored.timestamp.to_millis().unwrap_or(record.timestamp_ms),
                 }))
             }
-            Ok(Ok(Err((error, _)))) => Err(self.failed(broker, &producer, error)),
+            Ok(Ok(Err((error, _)))) => Err(self.failed(broker, slot, &producer, error)),
             // The producer went away (the node is stopping): the event's fate is unknown.
             Ok(Err(_)) | Err(_) => Err(PublishError::Timeout {
                 broker: broker.clone(),
@@ -155,22 +162,109 @@ impl KafkaBroker {
             }),
         }
     }
-}
 
-impl KafkaBroker {
+    /// The producer that sends with `acks`: the broker's own when its settings already
+    /// ask for that, otherwise one made for it on first use.
+    fn producer_for(&self, acks: Acks) -> Result<&Producer, String> {
+        match acks_slot(acks) {
+            Some(slot) if !self.sends_with(acks) => self.producers_by_acks[slot]
+                .get_or_init(|| Producer::new(&self.settings_for(acks)))
+                .as_ref()
+                .map_err(Clone::clone),
+            _ => Ok(&self.producer),
+        }
+    }
+
+    /// Whether the broker's own producer already sends with `acks`.
+    fn sends_with(&self, acks: Acks) -> bool {
+        let own = match self.settings["acks"].as_str() {
+            "-1" => "all",
+            other => other,
+        };
+        kafka_acks(acks).is_none_or(|wanted| wanted == own)
+    }
+
+    /// The broker's settings changed to send with `acks`. Idempotence needs `acks=all`, so
+    /// it is turned off for the weaker acknowledgements.
+    fn settings_for(&self, acks: Acks) -> BTreeMap<String, String> {
+        let mut settings = self.settings.clone();
+        if let Some(wanted) = kafka_acks(acks) {
+            settings.insert("acks".into(), wanted.into());
+            if wanted != "all" {
+                settings.insert("enable.idempotence".into(), "false".into());
+            }
+        }
+        settings
+    }
+
+    /// Events queued in this broker's producers and not yet acknowledged.
+    fn record_queue_depth(&self) {
+        let variants = self
+            .producers_by_acks
+            .iter()
+            .filter_map(|slot| match slot.get() {
+                Some(Ok(producer)) => Some(producer),
+                _ => None,
+            });
+        let depth: i64 = std::iter::once(&self.producer)
+            .chain(variants)
+            .map(|producer| i64::from(producer.current.load().in_flight_count()))
+            .sum();
+        self.queue_depth.set(depth);
+    }
+
     /// Classifies a failed publish, and replaces the producer when it cannot recover.
     fn failed(
         &self,
         broker: &Arc<str>,
+        slot: &Producer,
         producer: &Arc<FutureProducer>,
         error: KafkaError,
     ) -> PublishError {
         let error = classify(broker, error, self.delivery_timeout);
         if !matches!(error, PublishError::QueueFull { .. }) {
-            let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-            self.recover(broker, producer, failures);
+            let failures = slot.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            slot.recover(broker, producer, failures);
         }
         error
+    }
+}
+
+/// Kafka's `acks` value for `acks`; `None` for the broker's own setting.
+fn kafka_acks(acks: Acks) -> Option<&'static str> {
+    match acks {
+        Acks::Broker => None,
+        Acks::All => Some("all"),
+        Acks::Leader => Some("1"),
+        Acks::None => Some("0"),
+    }
+}
+
+/// Where the producer for `acks` is kept in [`KafkaBroker::producers_by_acks`].
+fn acks_slot(acks: Acks) -> Option<usize> {
+    match acks {
+        Acks::Broker => None,
+        Acks::All => Some(0),
+        Acks::Leader => Some(1),
+        Acks::None => Some(2),
+    }
+}
+
+impl Producer {
+    fn new(settings: &BTreeMap<String, String>) -> Result<Self, String> {
+        let mut client = ClientConfig::new();
+        for (key, value) in settings {
+            client.set(key, value);
+        }
+        let producer: FutureProducer = client
+            .create()
+            .map_err(|e| format!("cannot create a Kafka producer: {e}"))?;
+        Ok(Producer {
+            current: ArcSwap::from_pointee(producer),
+            client,
+            failures: AtomicU32::new(0),
+            rebuilt_at: Mutex::new(None),
+        })
     }
 
     /// Replaces `producer` with a new one when librdkafka declared it failed for good (an
@@ -186,7 +280,7 @@ impl KafkaBroker {
         }
         let mut rebuilt_at = self.rebuilt_at.lock().unwrap_or_else(|e| e.into_inner());
         if rebuilt_at.is_some_and(|at| at.elapsed() < REBUILD_INTERVAL)
-            || !Arc::ptr_eq(&self.producer.load(), producer)
+            || !Arc::ptr_eq(&self.current.load(), producer)
         {
             return;
         }
@@ -198,7 +292,7 @@ impl KafkaBroker {
                     failures,
                     "Kafka producer replaced: it could not deliver"
                 );
-                self.producer.store(Arc::new(fresh));
+                self.current.store(Arc::new(fresh));
                 self.failures.store(0, Ordering::Relaxed);
                 *rebuilt_at = Some(Instant::now());
             }
@@ -242,5 +336,61 @@ fn classify(broker: &Arc<str>, error: KafkaError, timeout: Duration) -> PublishE
             broker,
             reason: error.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(properties: &[(&str, &str)]) -> KafkaBroker {
+        let config = pb::KafkaBroker {
+            // Nothing listens there; creating a producer does not connect.
+            bootstrap_servers: vec!["127.0.0.1:1".into()],
+            properties: properties
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        KafkaBroker::new("b", &config, &Metrics::default()).unwrap()
+    }
+
+    fn acks_and_idempotence(settings: &BTreeMap<String, String>) -> (&str, &str) {
+        (&settings["acks"], &settings["enable.idempotence"])
+    }
+
+    #[test]
+    fn routes_asking_the_brokers_own_acks_share_its_producer() {
+        let default = broker(&[]);
+        assert!(default.sends_with(Acks::Broker));
+        assert!(default.sends_with(Acks::All));
+        assert!(!default.sends_with(Acks::Leader));
+        let leader = default.settings_for(Acks::Leader);
+        assert_eq!(acks_and_idempotence(&leader), ("1", "false"));
+        let none = default.settings_for(Acks::None);
+        assert_eq!(acks_and_idempotence(&none), ("0", "false"));
+        assert_eq!(none["linger.ms"], "5", "the broker's other settings stay");
+
+        let leader_broker = broker(&[("acks", "1"), ("enable.idempotence", "false")]);
+        assert!(leader_broker.sends_with(Acks::Leader));
+        assert!(!leader_broker.sends_with(Acks::All));
+        let all = leader_broker.settings_for(Acks::All);
+        assert_eq!(acks_and_idempotence(&all), ("all", "false"));
+        assert!(broker(&[("acks", "-1")]).sends_with(Acks::All));
+    }
+
+    #[test]
+    fn a_producer_for_other_acks_is_made_once_and_kept() {
+        let broker = broker(&[]);
+        let main: *const Producer = &broker.producer;
+        assert!(std::ptr::eq(broker.producer_for(Acks::All).unwrap(), main));
+        let leader = broker.producer_for(Acks::Leader).unwrap() as *const Producer;
+        assert!(!std::ptr::eq(leader, main));
+        assert!(std::ptr::eq(
+            broker.producer_for(Acks::Leader).unwrap(),
+            leader
+        ));
+        let none = broker.producer_for(Acks::None).unwrap() as *const Producer;
+        assert!(!std::ptr::eq(none, leader));
     }
 }

@@ -56,6 +56,33 @@ pub enum Delivery {
     FireAndForget,
 }
 
+/// Which acknowledgement the broker sends before an event counts as delivered (Kafka's
+/// `acks`, chosen per route). The memory broker has nothing to acknowledge and ignores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acks {
+    /// The broker resource's own setting: `acks` in its properties, `all` by default.
+    #[default]
+    Broker,
+    /// Every in-sync replica has the event.
+    All,
+    /// The partition leader has it.
+    Leader,
+    /// No acknowledgement at all (fire-and-forget routes only).
+    None,
+}
+
+impl Acks {
+    pub fn from_proto(acks: i32) -> Self {
+        use pb::publish_action::Acks as A;
+        match A::try_from(acks) {
+            Ok(A::All) => Acks::All,
+            Ok(A::Leader) => Acks::Leader,
+            Ok(A::None) => Acks::None,
+            Ok(A::Unspecified) | Err(_) => Acks::Broker,
+        }
+    }
+}
+
 /// Why an event was not published. Every variant means the client must not be told the
 /// event was accepted.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +113,8 @@ pub struct Broker {
 
 #[derive(Debug)]
 enum Kind {
-    Kafka(kafka::KafkaBroker),
+    /// Boxed: a Kafka broker holds its producers' state, the memory broker a few pointers.
+    Kafka(Box<kafka::KafkaBroker>),
     Memory(memory::MemoryBroker),
 }
 
@@ -107,7 +135,7 @@ impl Broker {
         let name: Arc<str> = meta.name.into();
         let kind = match &config.kind {
             Some(pb::broker::Kind::Kafka(kafka)) => {
-                Kind::Kafka(kafka::KafkaBroker::new(&name, kafka, metrics)?)
+                Kind::Kafka(Box::new(kafka::KafkaBroker::new(&name, kafka, metrics)?))
             }
             Some(pb::broker::Kind::Memory(memory)) => {
                 Kind::Memory(memory::MemoryBroker::new(memory))
@@ -128,9 +156,10 @@ impl Broker {
         &self,
         record: Record,
         delivery: Delivery,
+        acks: Acks,
     ) -> Result<Option<Delivered>, PublishError> {
         match &self.kind {
-            Kind::Kafka(kafka) => kafka.publish(&self.name, record, delivery).await,
+            Kind::Kafka(kafka) => kafka.publish(&self.name, record, delivery, acks).await,
             Kind::Memory(memory) => Ok(Some(memory.publish(record))),
         }
     }

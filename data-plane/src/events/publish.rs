@@ -20,7 +20,7 @@ use sluice_proto::pb;
 
 use super::cloudevents::{self, EventError, Mode};
 use super::idempotency::{Claim, Idempotency, StoredAnswer};
-use super::{Broker, Delivered, Delivery, Record, caller_headers, now_ms};
+use super::{Acks, Broker, Delivered, Delivery, Record, caller_headers, now_ms};
 use crate::auth::Identity;
 use crate::ratelimit::RedisLimiter;
 use crate::server::error::{GatewayError, SchemaError};
@@ -42,6 +42,7 @@ pub struct PublishRoute {
     key: Option<KeySource>,
     topic_rules: Vec<TopicRule>,
     delivery: Delivery,
+    acks: Acks,
     mode: Mode,
     schema: Option<jsonschema::Validator>,
 }
@@ -92,6 +93,10 @@ impl PublishRoute {
             Ok(D::FireAndForget) => Delivery::FireAndForget,
             _ => Delivery::Durable,
         };
+        let acks = Acks::from_proto(action.acks);
+        if acks == Acks::None && delivery == Delivery::Durable {
+            return Err("acks none needs delivery fire_and_forget".into());
+        }
         let mode = match CloudEvents::try_from(action.cloud_events) {
             Ok(CloudEvents::Structured) => Mode::Structured,
             Ok(CloudEvents::Binary) => Mode::Binary,
@@ -113,6 +118,7 @@ impl PublishRoute {
             key,
             topic_rules,
             delivery,
+            acks,
             mode,
             schema,
         })
@@ -254,7 +260,7 @@ impl PublishRoute {
         };
         let delivered = self
             .broker
-            .publish(record, self.delivery)
+            .publish(record, self.delivery, self.acks)
             .await
             .map_err(GatewayError::Publish)?;
         Ok(answer(&event.id, &topic, delivered))

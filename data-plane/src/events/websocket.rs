@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
 use super::subscribe::{Cursor, Filter, Position, Source, SubscribeRoute};
-use super::{Broker, Delivery, Record, now_ms};
+use super::{Acks, Broker, Delivery, Record, now_ms};
 use crate::auth::Identity;
 use crate::server::error::GatewayError;
 use crate::telemetry::Metrics;
@@ -274,7 +274,10 @@ impl Session {
             headers,
             timestamp_ms: now_ms(),
         };
-        let result = self.broker.publish(record, Delivery::Durable).await;
+        let result = self
+            .broker
+            .publish(record, Delivery::Durable, Acks::Broker)
+            .await;
         let outcome = match &result {
             Ok(_) => "acknowledged",
             Err(error) => error.outcome(),

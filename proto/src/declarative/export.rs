@@ -273,7 +273,7 @@ fn export_route(
             });
         }
         Some(Action::Publish(p)) => {
-            use pb::publish_action::{CloudEvents, Delivery};
+            use pb::publish_action::{Acks, CloudEvents, Delivery};
             out.publish = Some(doc::PublishAction {
                 broker: name_of(&p.broker_id),
                 topic: p.topic.clone(),
@@ -291,6 +291,12 @@ fn export_route(
                 },
                 json_schema: (!p.json_schema.is_empty()).then(|| parse_json(&p.json_schema)),
                 topic_rules: p.topic_rules.iter().map(export_topic_rule).collect(),
+                acks: match Acks::try_from(p.acks) {
+                    Ok(Acks::All) => Some(doc::Acks::All),
+                    Ok(Acks::Leader) => Some(doc::Acks::Leader),
+                    Ok(Acks::None) => Some(doc::Acks::None),
+                    _ => None,
+                },
             });
         }
         Some(Action::Subscribe(s)) => {

@@ -232,6 +232,11 @@ pub struct PublishAction {
     /// Tried in order: the first rule that matches picks the topic; none matching, `topic`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topic_rules: Vec<TopicRule>,
+    /// The broker's acknowledgement: `all` (every in-sync replica), `leader` (the partition
+    /// leader only) or `none` (no acknowledgement; needs `delivery: fire_and_forget`).
+    /// Default: the broker's own setting, `all` unless its `properties` change it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acks: Option<Acks>,
 }
 
 /// A topic chosen by the request's content: one of `path_param`, `header`, `json_pointer`,
@@ -261,6 +266,14 @@ pub struct TopicRule {
 pub enum Delivery {
     Durable,
     FireAndForget,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Acks {
+    All,
+    Leader,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -458,7 +458,7 @@ impl<'a> Normalizer<'a> {
         group: &str,
         publish: &doc::PublishAction,
     ) -> pb::PublishAction {
-        use pb::publish_action::{CloudEvents, Delivery};
+        use pb::publish_action::{Acks, CloudEvents, Delivery};
         pb::PublishAction {
             broker_id: self.resolve(
                 format!("{path}.broker"),
@@ -490,6 +490,12 @@ impl<'a> Normalizer<'a> {
             topic_rules: enumerate(&publish.topic_rules, |j, rule| {
                 self.topic_rule(&format!("{path}.topic_rules[{j}]"), rule)
             }),
+            acks: match publish.acks {
+                None => Acks::Unspecified,
+                Some(doc::Acks::All) => Acks::All,
+                Some(doc::Acks::Leader) => Acks::Leader,
+                Some(doc::Acks::None) => Acks::None,
+            } as i32,
         }
     }
 

@@ -435,6 +435,45 @@ apis:
 }
 
 #[test]
+fn acks_none_needs_fire_and_forget_and_acks_survive_an_export() {
+    let text = r#"
+format_version: 1
+brokers:
+  - name: local
+    memory: {}
+apis:
+  - name: shop
+    routes:
+      - { name: durable-none, path: /a, publish: { broker: local, topic: a, acks: none } }
+      - name: forget-none
+        path: /b
+        publish: { broker: local, topic: b, acks: none, delivery: fire_and_forget }
+      - { name: leader, path: /c, publish: { broker: local, topic: c, acks: leader } }
+"#;
+    let errors = load_err(text);
+    assert_eq!(
+        paths(&errors),
+        ["apis[0].routes[0].publish.acks"],
+        "{errors}"
+    );
+    assert!(reason(&errors, "apis[0].routes[0].publish.acks").contains("fire_and_forget"));
+    let err = load(&text.replace("acks: none }", "acks: most }"), Format::Yaml).unwrap_err();
+    assert!(err.to_string().contains("most"), "{err}");
+
+    let good = text.replace("acks: none }", "acks: all }");
+    let config = load(&good, Format::Yaml).unwrap_or_else(|e| panic!("{e}"));
+    let yaml = to_yaml(&export(&config));
+    for acks in ["acks: all", "acks: none", "acks: leader"] {
+        assert!(yaml.contains(acks), "{acks} missing from {yaml}");
+    }
+    assert_eq!(
+        load(&yaml, Format::Yaml).unwrap(),
+        config,
+        "acks survive an export"
+    );
+}
+
+#[test]
 fn references_do_not_cross_groups() {
     let text = r#"
 format_version: 1
