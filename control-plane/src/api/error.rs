@@ -42,6 +42,9 @@ pub enum ApiError {
         "the request took too long and was abandoned; nothing was committed unless a version was reported"
     )]
     Timeout,
+    /// The control plane cannot serve now (its database does not answer): try another replica.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -62,6 +65,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -96,6 +100,7 @@ impl ApiError {
             Self::Gone(_) => Code::OutOfRange,
             Self::MethodNotAllowed => Code::Unimplemented,
             Self::Timeout => Code::DeadlineExceeded,
+            Self::Unavailable(_) => Code::Unavailable,
             Self::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, self.to_string())

@@ -93,6 +93,16 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ),
     ep(
         "get",
+        "/readyz",
+        "Readiness: 200 while the registry database answers, else 503.",
+        None,
+        Body::None,
+        Body::Text,
+        200,
+        &[],
+    ),
+    ep(
+        "get",
         "/metrics",
         "Prometheus metrics (OpenMetrics text): commit-to-ACK time, connected data planes.",
         None,

@@ -202,6 +202,27 @@ pub(super) async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// The longest a readiness check waits for the registry database.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ready while the registry database answers: a replica that cannot reach it can neither
+/// commit nor serve data planes, so load balancers should send work elsewhere.
+pub(super) async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    let ping = sqlx::query("SELECT 1").execute(state.registry.pool());
+    match tokio::time::timeout(READY_TIMEOUT, ping).await {
+        Ok(Ok(_)) => Ok("ready\n"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "not ready: the registry database fails");
+            Err(ApiError::Unavailable(
+                "the registry database does not answer".into(),
+            ))
+        }
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "the registry database did not answer within {READY_TIMEOUT:?}"
+        ))),
+    }
+}
+
 pub(super) async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint; see /v1/openapi.json".into())
 }
