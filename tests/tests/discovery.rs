@@ -360,6 +360,63 @@ async fn a_commit_on_one_replica_reaches_nodes_of_another() -> anyhow::Result<()
 }
 
 #[tokio::test]
+async fn a_stopping_replica_ends_its_streams_and_its_nodes_move_to_another() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("app").await?;
+    let a = ControlPlane::start(&[]).await?;
+    let mut b = a.replica(&[])?;
+    a.apply(&document(&backend, "", "")).await?;
+    let both = format!("{},{}", b.discovery_url(), a.discovery_url());
+    let node = DataPlane::start_from_control_plane(&both, "default", &["--node-id", "mover"])?;
+    status_of(&a, "mover", |s| {
+        s["connected_replica"] == b.discovery.to_string()
+    })
+    .await?;
+
+    // SIGTERM with a node connected: the replica ends the stream instead of waiting for the
+    // node to go, so it stops in moments (a rolling upgrade replaces it without a kill).
+    let stopping = Instant::now();
+    b.process.terminate()?;
+    let exit = b.process.wait_exit(Duration::from_secs(10))?;
+    assert!(exit.success(), "{exit}: {}", b.process.log_text());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "the replica took {:?} to stop",
+        stopping.elapsed()
+    );
+    // The node moved to the other replica, which pushes it the next commit.
+    let moved = Instant::now();
+    loop {
+        let found = a
+            .dataplanes()
+            .await?
+            .into_iter()
+            .find(|n| n["id"] == "mover");
+        if found
+            .as_ref()
+            .is_some_and(|s| s["connected_replica"] == a.discovery.to_string())
+        {
+            break;
+        }
+        assert!(
+            moved.elapsed() < Duration::from_secs(10),
+            "the node never reconnected to the other replica: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ping = "      - { name: ping, path: /ping, direct_response: { status: 200 } }\n";
+    let version = a.apply(&document(&backend, ping, "")).await?;
+    while status(&node, "/ping").await? != 200 {
+        assert!(
+            moved.elapsed() < Duration::from_secs(15),
+            "a commit never reached the node after it moved"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(config(&node).await?["source"]["version"], version);
+    Ok(())
+}
+
+#[tokio::test]
 async fn without_a_control_plane_nodes_keep_serving_and_restart_from_their_cache()
 -> anyhow::Result<()> {
     let backend = EchoBackend::start("app").await?;

@@ -135,7 +135,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .clone()
                     .unwrap_or_else(|| cli.discovery_addr.to_string()),
                 metrics.clone(),
-            ),
+            )
+            .with_shutdown(shutdown.0.clone()),
         ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(discovery_listener),

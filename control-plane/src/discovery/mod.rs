@@ -54,6 +54,8 @@ pub struct DiscoveryService {
     replica: String,
     metrics: Arc<Metrics>,
     snapshots: Arc<SnapshotCache>,
+    /// Turns true when this replica is stopping (see [`DiscoveryService::with_shutdown`]).
+    stopping: Option<watch::Receiver<bool>>,
 }
 
 impl DiscoveryService {
@@ -71,8 +73,30 @@ impl DiscoveryService {
             replica,
             metrics,
             snapshots: Arc::default(),
+            stopping: None,
         }
     }
+
+    /// Ends every stream when `stopping` turns true. A stream would otherwise stay open as
+    /// long as its node does, and the server waits for open streams before it exits: a
+    /// replica being replaced would hold its nodes until it is killed. Ended with
+    /// `UNAVAILABLE`, a node reconnects to another replica at once, serving its current
+    /// configuration meanwhile.
+    pub fn with_shutdown(mut self, stopping: watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
+    }
+}
+
+/// Resolves once `stopping` turns true; never without one (or when its sender is gone
+/// without having said so).
+async fn stopped(stopping: Option<watch::Receiver<bool>>) {
+    if let Some(mut stopping) = stopping
+        && stopping.wait_for(|stopping| *stopping).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// Listens for commits (Postgres `LISTEN`) and publishes a counter that moves on each one,
@@ -285,8 +309,15 @@ impl Session {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = tokio::time::Instant::now();
         self.service.commits.mark_changed();
+        let stopping = stopped(self.service.stopping.clone());
+        tokio::pin!(stopping);
         loop {
             tokio::select! {
+                () = &mut stopping => {
+                    tracing::info!(node = %self.node.id, "replica stopping; ending the stream so the node reconnects to another");
+                    let _ = self.tx.send(Err(Status::unavailable("this control-plane replica is shutting down; reconnect to another"))).await;
+                    return;
+                }
                 changed = self.service.commits.changed() => {
                     if changed.is_err() {
                         return;
