@@ -456,12 +456,8 @@ async fn the_binaries_accept_the_rendered_arguments_and_answer_the_probes() -> a
     relisten(&mut cp_args, "--http-addr", http)?;
     relisten(&mut cp_args, "--grpc-addr", grpc)?;
     relisten(&mut cp_args, "--discovery-addr", discovery)?;
-    let cp_args: Vec<&str> = cp_args.iter().map(String::as_str).collect();
-    let mut cp = Process::start(
-        "sluice-cp",
-        &cp_args,
-        &[("DATABASE_URL", database.url.as_str())],
-    )?;
+    let database_env = [("DATABASE_URL", database.url.as_str())];
+    let mut cp = start("sluice-cp", &cp_args, &database_env)?;
     let path =
         |container: &Value, probe: &str| str(&container[probe]["httpGet"]["path"]).to_owned();
     cp.wait_ready(
@@ -487,8 +483,7 @@ async fn the_binaries_accept_the_rendered_arguments_and_answer_the_probes() -> a
             *arg = format!("--cache-file={}", cache.path().join(name).display());
         }
     }
-    let dp_args: Vec<&str> = dp_args.iter().map(String::as_str).collect();
-    let mut dp = Process::start("sluice-dp", &dp_args, &[("SLUICE_DP_NODE_ID", POD_NAME)])?;
+    let mut dp = start("sluice-dp", &dp_args, &[("SLUICE_DP_NODE_ID", POD_NAME)])?;
     dp.wait_ready(
         admin,
         &path(&dp_container, "readinessProbe"),
@@ -502,13 +497,7 @@ async fn the_binaries_accept_the_rendered_arguments_and_answer_the_probes() -> a
 
     // The migration Job's command works on the same database.
     let job = container(get(&objects, "Job/sluice-control-plane-migrate")?);
-    let job_args = args(job);
-    let job_args: Vec<&str> = job_args.iter().map(String::as_str).collect();
-    let mut migrate = Process::start(
-        "sluice-cp",
-        &job_args,
-        &[("DATABASE_URL", database.url.as_str())],
-    )?;
+    let mut migrate = start("sluice-cp", &args(job), &database_env)?;
     let status = migrate.wait_exit(Duration::from_secs(30))?;
     ensure!(
         status.success(),
@@ -516,6 +505,11 @@ async fn the_binaries_accept_the_rendered_arguments_and_answer_the_probes() -> a
         migrate.log_text()
     );
     Ok(())
+}
+
+fn start(binary: &str, args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Process> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Process::start(binary, &args, env)
 }
 
 fn probe(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<()> {
