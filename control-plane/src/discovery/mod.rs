@@ -178,7 +178,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             }
             return Err(Status::failed_precondition(reason));
         }
-        status::connected(self.registry.pool(), &node, &self.replica, &hello)
+        let connected_since = status::connected(self.registry.pool(), &node, &self.replica, &hello)
             .await
             .map_err(|e| Status::unavailable(format!("cannot record node status: {e}")))?;
         let (tx, rx) = mpsc::channel(OUTBOUND);
@@ -186,6 +186,7 @@ impl pb::discovery_server::Discovery for DiscoveryService {
             service: self.clone(),
             node,
             peer,
+            connected_since,
             tx,
             nonce: 0,
         };
@@ -277,22 +278,25 @@ struct Session {
     service: DiscoveryService,
     node: pb::Node,
     peer: Option<SocketAddr>,
+    /// When this stream was recorded, which tells it from the node's later streams.
+    connected_since: chrono::DateTime<chrono::Utc>,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
     nonce: u64,
 }
 
 impl Session {
     async fn run(self, hello: pb::Hello, inbound: Streaming<pb::DiscoveryRequest>) {
-        let (pool, id, replica, metrics) = (
+        let (pool, id, replica, since, metrics) = (
             self.service.registry.pool().clone(),
             self.node.id.clone(),
             self.service.replica.clone(),
+            self.connected_since,
             self.service.metrics.clone(),
         );
         metrics.connected_nodes.inc();
         self.serve(hello, inbound).await;
         metrics.connected_nodes.dec();
-        if let Err(e) = status::disconnected(&pool, &id, &replica).await {
+        if let Err(e) = status::disconnected(&pool, &id, &replica, since).await {
             tracing::warn!(node = %id, error = %e, "cannot record node status");
         }
     }

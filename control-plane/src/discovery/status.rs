@@ -10,13 +10,14 @@ use sqlx::{PgPool, Row};
 /// A node silent for longer than this is stale.
 pub const STALE_AFTER_SECONDS: i64 = 15;
 
-/// A node opened a stream on `replica`.
+/// A node opened a stream on `replica`. Returns the stream's `connected_since`, which names
+/// this stream when it ends ([`disconnected`]).
 pub async fn connected(
     pool: &PgPool,
     node: &pb::Node,
     replica: &str,
     hello: &pb::Hello,
-) -> sqlx::Result<()> {
+) -> sqlx::Result<DateTime<Utc>> {
     sqlx::query(
         "INSERT INTO dataplanes (id, grp, node, connected_replica, connected_since, last_seen, \
                                  applied_version, applied_hash, refused_reason) \
@@ -24,7 +25,8 @@ pub async fn connected(
          ON CONFLICT (id) DO UPDATE SET grp = EXCLUDED.grp, node = EXCLUDED.node, \
              connected_replica = EXCLUDED.connected_replica, connected_since = now(), \
              last_seen = now(), applied_version = EXCLUDED.applied_version, \
-             applied_hash = EXCLUDED.applied_hash, refused_reason = ''",
+             applied_hash = EXCLUDED.applied_hash, refused_reason = '' \
+         RETURNING connected_since",
     )
     .bind(&node.id)
     .bind(&node.group)
@@ -32,9 +34,9 @@ pub async fn connected(
     .bind(replica)
     .bind(i64::try_from(hello.current_version).unwrap_or(i64::MAX))
     .bind(&hello.current_hash)
-    .execute(pool)
+    .fetch_one(pool)
     .await
-    .map(drop)
+    .map(|row| row.get("connected_since"))
 }
 
 /// The control plane refused to serve a node (an unsupported protocol version, say).
@@ -98,13 +100,21 @@ pub async fn seen(pool: &PgPool, id: &str) -> sqlx::Result<()> {
         .map(drop)
 }
 
-/// The stream on `replica` ended (another replica may have the node already).
-pub async fn disconnected(pool: &PgPool, id: &str, replica: &str) -> sqlx::Result<()> {
+/// The stream on `replica` that connected at `since` ended. The node may have a newer stream
+/// already, on another replica or on this one: that one is left as it is.
+pub async fn disconnected(
+    pool: &PgPool,
+    id: &str,
+    replica: &str,
+    since: DateTime<Utc>,
+) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE dataplanes SET connected_replica = '' WHERE id = $1 AND connected_replica = $2",
+        "UPDATE dataplanes SET connected_replica = '' \
+         WHERE id = $1 AND connected_replica = $2 AND connected_since = $3",
     )
     .bind(id)
     .bind(replica)
+    .bind(since)
     .execute(pool)
     .await
     .map(drop)
