@@ -43,8 +43,38 @@ impl ControlPlane {
         Self::start_on(url, None, extra)
     }
 
+    /// Stops this replica (SIGTERM), waits up to `within` for it to exit by itself, then starts
+    /// a new one with `extra` arguments on the same database and ports, awaited until it
+    /// answers: one step of a rolling upgrade.
+    pub fn replace(&mut self, within: Duration, extra: &[&str]) -> anyhow::Result<()> {
+        self.process.terminate()?;
+        let status = self.process.wait_exit(within)?;
+        anyhow::ensure!(
+            status.success(),
+            "sluice-cp exited with {status} on SIGTERM; log:\n{}",
+            self.process.log_text()
+        );
+        let next = Self::start_at(
+            &self.database_url,
+            None,
+            (self.http, self.grpc, self.discovery),
+            extra,
+        )?;
+        self.process = next.process;
+        Ok(())
+    }
+
     fn start_on(url: &str, database: Option<TestDatabase>, extra: &[&str]) -> anyhow::Result<Self> {
-        let (http, grpc, discovery) = (free_addr(), free_addr(), free_addr());
+        let addrs = (free_addr(), free_addr(), free_addr());
+        Self::start_at(url, database, addrs, extra)
+    }
+
+    fn start_at(
+        url: &str,
+        database: Option<TestDatabase>,
+        (http, grpc, discovery): (SocketAddr, SocketAddr, SocketAddr),
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let (http_arg, grpc_arg, discovery_arg) =
             (http.to_string(), grpc.to_string(), discovery.to_string());
         let mut args = vec![

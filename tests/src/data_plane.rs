@@ -15,6 +15,8 @@ pub struct DataPlane {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
+    /// The command line it was started with, for [`DataPlane::replace`].
+    command: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -57,16 +59,39 @@ impl DataPlane {
         let mut all = source.to_vec();
         all.extend(["--listen", &addr_arg, "--admin-listen", &admin_arg]);
         all.extend_from_slice(args);
-        let mut process = Process::start("sluice-dp", &all, &[])?;
-        // Long enough for a first snapshot of a million keys (the scale benchmark).
-        process.wait_ready(admin, "/readyz", Duration::from_secs(60))?;
+        let command: Vec<String> = all.iter().map(|a| (*a).to_owned()).collect();
         Ok(Self {
-            process,
+            process: Self::spawn(&command, admin)?,
             addr,
             admin,
             config_path,
+            command,
             _dir: dir,
         })
+    }
+
+    /// Starts `sluice-dp` with `command` and waits until its admin listener says it is ready.
+    fn spawn(command: &[String], admin: SocketAddr) -> anyhow::Result<Process> {
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        let mut process = Process::start("sluice-dp", &args, &[])?;
+        // Long enough for a first snapshot of a million keys (the scale benchmark).
+        process.wait_ready(admin, "/readyz", Duration::from_secs(60))?;
+        Ok(process)
+    }
+
+    /// Stops this node (SIGTERM: it drains), waits up to `within` for it to exit by itself,
+    /// then starts a new one with the same command line (ports, node id, cache file), awaited
+    /// until ready: one step of a rolling upgrade.
+    pub fn replace(&mut self, within: Duration) -> anyhow::Result<()> {
+        self.process.terminate()?;
+        let status = self.process.wait_exit(within)?;
+        anyhow::ensure!(
+            status.success(),
+            "sluice-dp exited with {status} on SIGTERM; log:\n{}",
+            self.process.log_text()
+        );
+        self.process = Self::spawn(&self.command, self.admin)?;
+        Ok(())
     }
 
     /// `http://ADDR{path}` on the client listener.
