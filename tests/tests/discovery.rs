@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde_json::Value;
 use sluice_tests::backend::EchoBackend;
 use sluice_tests::control_plane::{ADMIN_TOKEN, ControlPlane};
@@ -494,6 +495,55 @@ async fn without_a_control_plane_nodes_keep_serving_and_restart_from_their_cache
         }
     }
     assert!(answered, "the bare node's admin listener never answered");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_end_of_a_nodes_older_stream_leaves_its_newer_one_recorded() -> anyhow::Result<()> {
+    use sluice_proto::pb;
+    let cp = ControlPlane::start(&[]).await?;
+    // A node's stream, kept open until the returned sender and response stream are dropped.
+    let open = || async {
+        let (requests, inbound) = tokio::sync::mpsc::channel(4);
+        requests
+            .send(pb::DiscoveryRequest {
+                kind: Some(pb::discovery_request::Kind::Hello(pb::Hello {
+                    node: Some(pb::Node {
+                        id: "twice".into(),
+                        group: "default".into(),
+                        build_version: "0.1.0".into(),
+                        protocol_version: pb::ProtocolVersion::Current as u32,
+                        ..Default::default()
+                    }),
+                    current_version: 0,
+                    current_hash: String::new(),
+                })),
+            })
+            .await?;
+        let mut client = pb::discovery_client::DiscoveryClient::connect(cp.discovery_url()).await?;
+        let mut responses = client
+            .stream_config(tokio_stream::wrappers::ReceiverStream::new(inbound))
+            .await?
+            .into_inner();
+        responses.message().await?.context("a first push")?;
+        anyhow::Ok((requests, responses))
+    };
+    let older = open().await?;
+    let _newer = open().await?;
+    // The node's first stream ends after its second began (a node that reconnected before
+    // the control plane noticed the old connection was gone).
+    drop(older);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cp.process.log_text().contains("data plane disconnected") {
+        anyhow::ensure!(Instant::now() < deadline, "the older stream never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let recorded = status_of(&cp, "twice", |_| true).await?;
+    assert_eq!(
+        recorded["connected_replica"],
+        cp.discovery.to_string(),
+        "the newer stream is still connected: {recorded}"
+    );
     Ok(())
 }
 
