@@ -11,7 +11,7 @@
 //! - `publish`: the same configuration plus a broker (Kafka at `SLUICE_TEST_KAFKA_BOOTSTRAP`,
 //!   the services' tansu by default) and a route `POST /events` publishing to a fresh topic,
 //!   `delivery: durable` (the default) with Sluice's producer defaults (idempotent, `acks=all`,
-//!   `linger.ms=5`). Every answer must be 202; any other is reported, never counted;
+//!   `linger.ms=1`). Every answer must be 202; any other is reported, never counted;
 //! - `producer`: the broker's limit: an rdkafka `FutureProducer` in this program, configured
 //!   as Sluice configures its own, sending as many events as `publish` answered 202 in its
 //!   max-rate run (the same body, headers like Sluice's) to another fresh topic, with as many
@@ -75,7 +75,7 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("message.timeout.ms", "5000"),
     ("queue.buffering.max.messages", "10000"),
     ("queue.buffering.max.kbytes", "65536"),
-    ("linger.ms", "5"),
+    ("linger.ms", "1"),
     ("client.id", "sluice-bench"),
 ];
 
