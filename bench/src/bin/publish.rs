@@ -67,18 +67,6 @@ const TARGETS: [&str; 3] = ["proxy", "publish", "producer"];
 const PATH: &str = "/events";
 const CONTENT_TYPE: &str = "application/json";
 const BODY_BYTES: usize = 1024;
-/// Sluice's producer defaults (`data-plane/src/events/kafka.rs`, `PRODUCER_DEFAULTS`), for the
-/// direct producer.
-const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
-    ("enable.idempotence", "true"),
-    ("acks", "all"),
-    ("message.timeout.ms", "5000"),
-    ("queue.buffering.max.messages", "10000"),
-    ("queue.buffering.max.kbytes", "65536"),
-    ("linger.ms", "1"),
-    ("client.id", "sluice-bench"),
-];
-
 /// A JSON object of exactly [`BODY_BYTES`] bytes: an order event, padded by its `note`.
 fn event_body() -> anyhow::Result<Vec<u8>> {
     let items: Vec<serde_json::Value> = (1..=6)
@@ -247,12 +235,14 @@ struct ProducerRun {
     load_avg: f64,
 }
 
-/// Sluice's producer settings, `linger.ms` overridden by `linger_ms`.
+/// Sluice's producer settings (the node's own defaults), `linger.ms` overridden by
+/// `linger_ms`, under this program's client id.
 fn producer_settings(linger_ms: Option<u32>) -> Vec<(&'static str, String)> {
-    PRODUCER_DEFAULTS
+    sluice_data_plane::events::kafka::PRODUCER_DEFAULTS
         .iter()
         .map(|(k, v)| match (*k, linger_ms) {
             ("linger.ms", Some(ms)) => (*k, ms.to_string()),
+            ("client.id", _) => (*k, "sluice-bench".to_owned()),
             _ => (*k, (*v).to_owned()),
         })
         .collect()

@@ -24,8 +24,9 @@ use sluice_proto::pb;
 use super::{Acks, Delivered, Delivery, PublishError, Record};
 use crate::telemetry::Metrics;
 
-/// Producer settings Sluice sets unless the broker's `properties` say otherwise.
-const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+/// Producer settings Sluice sets unless the broker's `properties` say otherwise (public for
+/// the publish benchmark, whose direct producer is configured the same way).
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("acks", "all"),
     // librdkafka's default is 5 minutes: far longer than an HTTP client waits.
