@@ -1024,3 +1024,29 @@ async fn version_diffs_show_a_changed_private_key_only_as_a_fingerprint() -> any
     assert_ne!(key["before"], key["after"]);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_registry_is_reached_over_tls_when_the_url_asks_for_it() -> anyhow::Result<()> {
+    let database = sluice_tests::postgres::TestDatabase::create().await?;
+    let separator = if database.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}sslmode=require", database.url);
+    let cp = ControlPlane::on_database(&url, &[])?;
+    let ready = Client::new().get(cp.url("/readyz")).send().await?;
+    assert_eq!(ready.status(), StatusCode::OK);
+    // Every connection the control plane holds to its database is encrypted.
+    let mut check = database.connect().await?;
+    let (total, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+         JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1 AND a.pid <> pg_backend_pid()",
+    )
+    .bind(&database.name)
+    .fetch_one(&mut check)
+    .await?;
+    assert!(total > 0, "the control plane holds no connection");
+    assert_eq!(
+        encrypted, total,
+        "{total} connections, {encrypted} over TLS"
+    );
+    drop(cp);
+    Ok(())
+}
