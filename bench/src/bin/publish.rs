@@ -109,27 +109,20 @@ fn publish_conf(backend: u16, bootstrap: &str, topic: &str, linger_ms: Option<u3
     let properties = linger_ms.map_or_else(String::new, |ms| {
         format!("\n      properties: {{ linger.ms: \"{ms}\" }}")
     });
+    // The bare proxy's document ends inside its routes: the publish route continues that
+    // list, and the broker follows as a top-level key.
     format!(
-        "format_version: 1
-upstreams:
-  - name: backend
-    targets: [{{ url: \"http://127.0.0.1:{backend}\" }}]
-brokers:
-  - name: kafka
-    kafka:
-      bootstrap_servers: [{servers}]{properties}
-apis:
-  - name: bench
-    routes:
-      - name: all
-        path: /
-        proxy: {{ upstream: backend }}
-      - name: events
+        "{bare}      - name: events
         methods: [POST]
         path: {PATH}
         path_match: exact
         publish: {{ broker: kafka, topic: {topic} }}
+brokers:
+  - name: kafka
+    kafka:
+      bootstrap_servers: [{servers}]{properties}
 ",
+        bare = harness::bare_proxy_conf(backend),
         servers = servers.join(", ")
     )
 }
@@ -855,5 +848,19 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         result = run() => result,
         _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_proto::declarative::{Format, load};
+
+    #[test]
+    fn the_publish_configuration_is_the_bare_proxy_plus_a_publish_route() {
+        let text = super::publish_conf(8081, "127.0.0.1:9092", "t1", Some(1));
+        let config = load(&text, Format::Yaml).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(config.apis[0].routes.len(), 2, "{text}");
+        assert_eq!(config.brokers.len(), 1, "{text}");
+        assert!(text.contains("linger.ms: \"1\""), "{text}");
     }
 }
