@@ -6,7 +6,8 @@
 //! - [`kafka::TestTopic`]: a unique topic, deleted when the test ends;
 //! - [`tansu::TestBroker`]: a Kafka-protocol broker of the test's own, on durable storage,
 //!   that the test may kill and restart;
-//! - [`ports::free_port`]: a loopback port nobody else in the process was given;
+//! - [`ports::free_port`]: a loopback port no other test process holds and no outgoing
+//!   connection will take;
 //! - [`process::Process`]: a Sluice binary started with arguments, awaited until ready, killed
 //!   when the test ends; [`data_plane::DataPlane`] is `sluice-dp` on a config file of its own;
 //! - [`backend::EchoBackend`]: a real HTTP backend that echoes what the gateway forwarded,
