@@ -47,6 +47,12 @@ impl ControlPlane {
     /// a new one with `extra` arguments on the same database and ports, awaited until it
     /// answers: one step of a rolling upgrade.
     pub fn replace(&mut self, within: Duration, extra: &[&str]) -> anyhow::Result<()> {
+        self.stop(within)?;
+        self.restart(extra)
+    }
+
+    /// Stops this replica (SIGTERM) and waits up to `within` for it to exit cleanly.
+    pub fn stop(&mut self, within: Duration) -> anyhow::Result<()> {
         self.process.terminate()?;
         let status = self.process.wait_exit(within)?;
         anyhow::ensure!(
@@ -54,6 +60,12 @@ impl ControlPlane {
             "sluice-cp exited with {status} on SIGTERM; log:\n{}",
             self.process.log_text()
         );
+        Ok(())
+    }
+
+    /// Starts this replica again after [`stop`](Self::stop), with `extra` arguments on the
+    /// same database and ports, awaited until it answers.
+    pub fn restart(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         let next = Self::start_at(
             &self.database_url,
             None,

@@ -417,6 +417,62 @@ async fn a_stopping_replica_ends_its_streams_and_its_nodes_move_to_another() -> 
     Ok(())
 }
 
+/// Waits until `cp` records `node` as connected to `replica` (a discovery address); returns
+/// how long that took.
+async fn connected_to(cp: &ControlPlane, node: &str, replica: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let found = cp.dataplanes().await?.into_iter().find(|n| n["id"] == node);
+        if found
+            .as_ref()
+            .is_some_and(|s| s["connected_replica"] == replica)
+        {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the node never connected to {replica}: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn reconnecting_to_a_replica_with_nothing_new_does_not_slow_the_next_reconnect()
+-> anyhow::Result<()> {
+    // A node follows a rolling restart of its two replicas: each time one stops, the node
+    // moves to the other, which has nothing new for it (the same version). Each of those
+    // streams was healthy, so the reconnect backoff must start over every time rather than
+    // double with each round up to its 10 s cap.
+    let backend = EchoBackend::start("app").await?;
+    let mut a = ControlPlane::start(&[]).await?;
+    let mut b = a.replica(&[])?;
+    a.apply(&document(&backend, "", "")).await?;
+    let (a_addr, b_addr) = (a.discovery.to_string(), b.discovery.to_string());
+    let both = format!("{},{}", a.discovery_url(), b.discovery_url());
+    let _node = DataPlane::start_from_control_plane(&both, "default", &["--node-id", "follower"])?;
+    connected_to(&a, "follower", &a_addr).await?;
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        // A stops: the node goes on to B, the next address, at once.
+        a.replace(Duration::from_secs(10), &[])?;
+        connected_to(&b, "follower", &b_addr).await?;
+        // B stops: the node has tried every address, pauses (the backoff), starts over at A.
+        b.stop(Duration::from_secs(10))?;
+        waits.push(connected_to(&a, "follower", &a_addr).await?);
+        b.restart(&[])?;
+    }
+    // With the backoff starting over, each pause is at most 400 ms (full jitter). Had it kept
+    // doubling, the later rounds' pauses would be drawn from up to 3.2, 6.4, then 10 s (all
+    // eight under 2 s by chance about once in 600 runs).
+    let slowest = waits.iter().max().copied().unwrap_or_default();
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a reconnect took {slowest:?}; every round's: {waits:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn without_a_control_plane_nodes_keep_serving_and_restart_from_their_cache()
 -> anyhow::Result<()> {

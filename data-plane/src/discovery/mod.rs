@@ -97,16 +97,28 @@ pub async fn run(settings: ClientSettings, store: Arc<ConfigStore>, metrics: Arc
     let mut failures: u32 = 0;
     loop {
         for endpoint in &settings.endpoints {
-            match session(endpoint, &settings, &store, &metrics, cache.as_ref()).await {
-                Ok(applied) => {
-                    if applied {
-                        failures = 0;
-                    }
-                    tracing::info!(control_plane = %endpoint, "discovery stream ended");
-                }
+            let mut answered = false;
+            match session(
+                endpoint,
+                &settings,
+                &store,
+                &metrics,
+                cache.as_ref(),
+                &mut answered,
+            )
+            .await
+            {
+                Ok(()) => tracing::info!(control_plane = %endpoint, "discovery stream ended"),
                 Err(e) => {
                     tracing::warn!(control_plane = %endpoint, error = %e, "discovery stream failed")
                 }
+            }
+            // A control plane that answered was healthy, whether or not it had anything new
+            // to send (a node reconnecting at the current version gets only heartbeats): the
+            // backoff starts over, so a rolling restart of the replicas never leaves a node
+            // waiting out a long pause. Only streams that fail before any answer add up.
+            if answered {
+                failures = 0;
             }
         }
         failures = failures.saturating_add(1);
@@ -119,14 +131,16 @@ pub async fn run(settings: ClientSettings, store: Arc<ConfigStore>, metrics: Arc
     }
 }
 
-/// One stream to one control plane. Returns whether anything was applied on it.
+/// One stream to one control plane, until it ends. `answered` is set once the control plane
+/// has sent anything (a heartbeat, a configuration).
 async fn session(
     endpoint: &str,
     settings: &ClientSettings,
     store: &Arc<ConfigStore>,
     metrics: &Arc<Metrics>,
     cache: Option<&cache::Writer>,
-) -> anyhow::Result<bool> {
+    answered: &mut bool,
+) -> anyhow::Result<()> {
     let node = &settings.node;
     let channel = Endpoint::from_shared(endpoint.to_owned())?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -152,7 +166,6 @@ async fn session(
         wire::stream_config(channel, ReceiverStream::new(rx), MAX_RESPONSE_BYTES).await?;
     tracing::info!(control_plane = %endpoint, "discovery stream open");
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    let mut applied = false;
     let mut parts = Parts::default();
     loop {
         let message = tokio::select! {
@@ -165,9 +178,10 @@ async fn session(
         let response = match message {
             Err(_) => anyhow::bail!("the control plane was silent for {SILENCE:?}"),
             Ok(Err(status)) => return Err(status.into()),
-            Ok(Ok(None)) => return Ok(applied),
+            Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(response))) => response,
         };
+        *answered = true;
         let (nonce, version, hash) = (
             response.nonce.clone(),
             response.version,
@@ -195,7 +209,6 @@ async fn session(
         };
         let reply = match outcome {
             Ok(holdings) => {
-                applied = true;
                 if let Some(cache) = cache {
                     cache.save(version, &hash, holdings);
                 }
