@@ -404,10 +404,21 @@ fn probes_selectors_and_the_autoscaler_point_at_the_right_things() -> anyhow::Re
         "grace {} <= preStop {pre_stop} + drain {drain}",
         pod["terminationGracePeriodSeconds"]
     );
-    // The config cache lives on the volume, one file per pod (Kubernetes expands $(VAR)
-    // in arguments from the container's own environment only).
+    // The config cache lives on the volume: on the pod's own emptyDir one file per pod
+    // (Kubernetes expands $(VAR) in arguments from the container's own environment only); on
+    // a claim every replica shares, the group's file, which a replacement pod finds.
     let cache = flag(&dp_args, "--cache-file")?;
-    ensure!(cache.contains("$(SLUICE_DP_NODE_ID)"), "{cache}");
+    if pod["volumes"][0]["persistentVolumeClaim"].is_object() {
+        let group = flag(&dp_args, "--group")?;
+        ensure!(cache.ends_with(&format!("/{group}.pb")), "{cache}");
+    } else {
+        ensure!(
+            pod["volumes"][0]["emptyDir"].is_object(),
+            "{}",
+            pod["volumes"]
+        );
+        ensure!(cache.contains("$(SLUICE_DP_NODE_ID)"), "{cache}");
+    }
     ensure!(
         dp_container["env"][0]["name"] == "SLUICE_DP_NODE_ID"
             && dp_container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"

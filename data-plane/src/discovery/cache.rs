@@ -218,6 +218,38 @@ consumers:
     }
 
     #[test]
+    fn nodes_sharing_one_file_never_mix_their_copies() {
+        // Replicas on a shared volume (the chart's cache claim) write the group's one file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("default.pb");
+        let (_, held) = holdings();
+        let held = Arc::new(held);
+        let writers: Vec<_> = (1..=4u64)
+            .map(|node| {
+                let (path, held) = (path.clone(), held.clone());
+                std::thread::spawn(move || {
+                    for round in 0..25 {
+                        store_snapshot(&path, node * 100 + round, "hash", &held).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Read while they write: always one writer's whole copy.
+        while !writers.iter().all(|w| w.is_finished()) {
+            if let Some(cached) = load(&path).unwrap() {
+                assert!((100..500).contains(&cached.version), "{}", cached.version);
+            }
+        }
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let last = load(&path).unwrap().unwrap().version;
+        assert_eq!(last % 100, 24, "a node's last copy is the file: {last}");
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
     fn a_stored_snapshot_loads_as_the_response_the_control_plane_sent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.cache");
