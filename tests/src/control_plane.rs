@@ -53,14 +53,7 @@ impl ControlPlane {
 
     /// Stops this replica (SIGTERM) and waits up to `within` for it to exit cleanly.
     pub fn stop(&mut self, within: Duration) -> anyhow::Result<()> {
-        self.process.terminate()?;
-        let status = self.process.wait_exit(within)?;
-        anyhow::ensure!(
-            status.success(),
-            "sluice-cp exited with {status} on SIGTERM; log:\n{}",
-            self.process.log_text()
-        );
-        Ok(())
+        self.process.stop(within)
     }
 
     /// Starts this replica again after [`stop`](Self::stop), with `extra` arguments on the

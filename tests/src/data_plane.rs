@@ -83,13 +83,7 @@ impl DataPlane {
     /// then starts a new one with the same command line (ports, node id, cache file), awaited
     /// until ready: one step of a rolling upgrade.
     pub fn replace(&mut self, within: Duration) -> anyhow::Result<()> {
-        self.process.terminate()?;
-        let status = self.process.wait_exit(within)?;
-        anyhow::ensure!(
-            status.success(),
-            "sluice-dp exited with {status} on SIGTERM; log:\n{}",
-            self.process.log_text()
-        );
+        self.process.stop(within)?;
         self.process = Self::spawn(&self.command, self.admin)?;
         Ok(())
     }

@@ -113,6 +113,20 @@ impl Process {
         )
     }
 
+    /// Stops the process gracefully (SIGTERM) and waits up to `within` for it to exit by
+    /// itself, successfully.
+    pub fn stop(&mut self, within: Duration) -> anyhow::Result<()> {
+        self.terminate()?;
+        let status = self.wait_exit(within)?;
+        anyhow::ensure!(
+            status.success(),
+            "{} exited with {status} on SIGTERM; log:\n{}",
+            self.name,
+            self.log_text()
+        );
+        Ok(())
+    }
+
     /// Sends SIGTERM (a graceful stop).
     pub fn terminate(&self) -> anyhow::Result<()> {
         let status = Command::new("kill")

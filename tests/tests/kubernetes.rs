@@ -469,14 +469,7 @@ async fn the_binaries_accept_the_rendered_arguments_and_answer_the_probes() -> a
     relisten(&mut cp_args, "--discovery-addr", discovery)?;
     let database_env = [("DATABASE_URL", database.url.as_str())];
     let mut cp = start("sluice-cp", &cp_args, &database_env)?;
-    let path =
-        |container: &Value, probe: &str| str(&container[probe]["httpGet"]["path"]).to_owned();
-    cp.wait_ready(
-        http,
-        &path(&cp_container, "readinessProbe"),
-        Duration::from_secs(30),
-    )?;
-    probe(http, &path(&cp_container, "livenessProbe"))?;
+    answers_probes(&mut cp, http, &cp_container)?;
 
     let cache = tempfile::tempdir()?;
     let mut dp_args = args(&dp_container);
@@ -495,12 +488,7 @@ async fn the_binaries_accept_the_rendered_arguments_and_answer_the_probes() -> a
         }
     }
     let mut dp = start("sluice-dp", &dp_args, &[("SLUICE_DP_NODE_ID", POD_NAME)])?;
-    dp.wait_ready(
-        admin,
-        &path(&dp_container, "readinessProbe"),
-        Duration::from_secs(30),
-    )?;
-    probe(admin, &path(&dp_container, "livenessProbe"))?;
+    answers_probes(&mut dp, admin, &dp_container)?;
     ensure!(
         cache.path().join(format!("{POD_NAME}.pb")).exists(),
         "the node keeps its config in its own file in the cache directory"
@@ -521,6 +509,18 @@ async fn the_binaries_accept_the_rendered_arguments_and_answer_the_probes() -> a
 fn start(binary: &str, args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Process> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Process::start(binary, &args, env)
+}
+
+/// Waits until `process` answers `container`'s readiness probe path at `addr`, then checks
+/// its liveness probe path there.
+fn answers_probes(
+    process: &mut Process,
+    addr: std::net::SocketAddr,
+    container: &Value,
+) -> anyhow::Result<()> {
+    let path = |probe: &str| str(&container[probe]["httpGet"]["path"]).to_owned();
+    process.wait_ready(addr, &path("readinessProbe"), Duration::from_secs(30))?;
+    probe(addr, &path("livenessProbe"))
 }
 
 fn probe(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<()> {
