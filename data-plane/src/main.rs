@@ -96,6 +96,10 @@ struct Args {
     /// A client must send its request headers within this time.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
+    /// A client connection whose writes make no progress for this long (the client stopped
+    /// reading) is closed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    send_timeout: Duration,
     /// Most open client connections, all listeners together; at the limit new connections
     /// wait in the kernel's backlog until one closes.
     #[arg(
@@ -295,6 +299,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
     ));
     let settings = ListenerSettings {
         header_read_timeout: args.header_read_timeout,
+        send_timeout: args.send_timeout,
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
         drain_timeout: args.drain_timeout,

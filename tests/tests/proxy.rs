@@ -658,6 +658,80 @@ async fn websocket_upgrades_are_tunnelled() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() -> anyhow::Result<()> {
+    use std::io::ErrorKind;
+    let backend = EchoBackend::start("ws").await?;
+    let node = DataPlane::start(
+        &config(
+            &upstream("backend", &[backend.url()], ""),
+            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
+        ),
+        &["--send-timeout", "1s"],
+    )?;
+    let addr = node.addr;
+    // A WebSocket tunnel to the echo backend; the client writes and never reads, until every
+    // buffer on the way (its socket, the node's, the backend's) is full and its own writes
+    // have not moved for half a second.
+    let mut client = tokio::task::spawn_blocking(move || -> anyhow::Result<TcpStream> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.write_all(
+            b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte)?;
+            head.push(byte[0]);
+        }
+        anyhow::ensure!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        stream.set_nonblocking(true)?;
+        let chunk = [b'x'; 64 * 1024];
+        let mut moved = Instant::now();
+        while moved.elapsed() < Duration::from_millis(500) {
+            match stream.write(&chunk) {
+                Ok(0) => anyhow::bail!("the connection closed while the client wrote"),
+                Ok(_) => moved = Instant::now(),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(stream)
+    })
+    .await??;
+    // The node's writes to the client have stalled: past the send timeout it closes the
+    // connection. Reading only after that (reading earlier would let the writes move again),
+    // the client gets what was already on its way, then the end.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let closed = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+        client.set_nonblocking(false)?;
+        client.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut buffer = vec![0u8; 256 * 1024];
+        loop {
+            match client.read(&mut buffer) {
+                Ok(0) => return Ok(true),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(true),
+                // Still open: nothing more came for the read timeout.
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    })
+    .await??;
+    assert!(closed, "the node kept a client that took nothing for 3 s");
+    Ok(())
+}
+
+#[tokio::test]
 async fn grpc_passes_through_with_its_trailers() -> anyhow::Result<()> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;

@@ -9,6 +9,7 @@ pub mod forwarding;
 pub mod framing;
 pub mod mirror;
 pub mod pipeline;
+pub mod send_timeout;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,12 +28,16 @@ use tokio_rustls::TlsAcceptor;
 use crate::auth::mtls::ClientCertificate;
 use framing::{FramingGuard, Verdicts};
 use pipeline::{ConnectionInfo, Gateway};
+use send_timeout::SendTimeout;
 
 /// Listener settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerSettings {
     /// A client must send its request headers within this time (slow-loris defence).
     pub header_read_timeout: Duration,
+    /// A client connection whose writes make no progress for this long is closed (a client
+    /// that stopped reading).
+    pub send_timeout: Duration,
     /// Largest request head, HTTP/1 (request line and headers) or HTTP/2 (header list): 431
     /// beyond.
     pub max_header_bytes: usize,
@@ -106,6 +111,7 @@ pub async fn serve(
         slots,
         max_head: settings.max_header_bytes,
         max_headers: settings.max_headers,
+        send_timeout: settings.send_timeout,
     });
     let mut acceptors = tokio::task::JoinSet::new();
     for listener in listeners {
@@ -136,6 +142,7 @@ struct Shared {
     slots: Arc<Semaphore>,
     max_head: usize,
     max_headers: usize,
+    send_timeout: Duration,
 }
 
 /// Accepts connections on one listener until told to stop, serving each on its own task.
@@ -151,8 +158,9 @@ async fn accept(
         slots,
         max_head,
         max_headers,
+        send_timeout,
     } = &*shared;
-    let (max_head, max_headers) = (*max_head, *max_headers);
+    let (max_head, max_headers, send_timeout) = (*max_head, *max_headers, *send_timeout);
     let scheme = if listener.tls.is_some() {
         "https"
     } else {
@@ -182,6 +190,7 @@ async fn accept(
             _ = async { stopped.wait_for(|stop| *stop).await.map(|_| ()) } => return,
         };
         let _ = stream.set_nodelay(true);
+        let stream = SendTimeout::new(stream, send_timeout);
         let gateway = gateway.clone();
         let verdicts = Arc::new(Verdicts::default());
         let framing = verdicts.clone();
