@@ -41,6 +41,17 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u
 /// connection and reads as many bytes back. Returns the response head and the bytes read.
 /// Blocking: call it from `spawn_blocking` when the backend runs on the test's runtime.
 pub fn websocket_echo(addr: SocketAddr, message: &[u8]) -> anyhow::Result<(String, Vec<u8>)> {
+    let (mut stream, head) = websocket_upgrade(addr)?;
+    stream.write_all(message)?;
+    let mut echoed = vec![0u8; message.len()];
+    stream.read_exact(&mut echoed)?;
+    Ok((head, echoed))
+}
+
+/// Asks `addr` for a WebSocket upgrade of `/chat` and reads the response head, byte by byte so
+/// that nothing after it is read. Returns the connection (reads time out after 5 s) and the
+/// head. Blocking.
+pub fn websocket_upgrade(addr: SocketAddr) -> anyhow::Result<(TcpStream, String)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.write_all(
@@ -53,10 +64,7 @@ pub fn websocket_echo(addr: SocketAddr, message: &[u8]) -> anyhow::Result<(Strin
         stream.read_exact(&mut byte)?;
         head.push(byte[0]);
     }
-    stream.write_all(message)?;
-    let mut echoed = vec![0u8; message.len()];
-    stream.read_exact(&mut echoed)?;
-    Ok((String::from_utf8_lossy(&head).into_owned(), echoed))
+    Ok((stream, String::from_utf8_lossy(&head).into_owned()))
 }
 
 /// The sum of the series of metric `name` whose labels contain `labels` ("" for all) in a

@@ -673,22 +673,8 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() -> anyh
     // buffer on the way (its socket, the node's, the backend's) is full and its own writes
     // have not moved for half a second.
     let mut client = tokio::task::spawn_blocking(move || -> anyhow::Result<TcpStream> {
-        let mut stream = TcpStream::connect(addr)?;
-        stream.write_all(
-            b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )?;
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte)?;
-            head.push(byte[0]);
-        }
-        anyhow::ensure!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
+        let (mut stream, head) = sluice_tests::http::websocket_upgrade(addr)?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 101"), "{head}");
         stream.set_nonblocking(true)?;
         let chunk = [b'x'; 64 * 1024];
         let mut moved = Instant::now();
