@@ -28,7 +28,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The Sluice data plane: a reverse proxy serving either a declarative file (standalone mode,
 /// reloaded when it changes) or its group's configuration streamed from control planes.
 #[derive(Debug, Parser)]
-#[command(name = "sluice-dp", version)]
+#[command(name = "sluice-dp", version = env!("SLUICE_BUILD_VERSION"))]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control_plane"])))]
 struct Args {
     /// Standalone mode: serve this declarative file (YAML, or JSON if it ends in .json).
@@ -220,7 +220,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
                 .clone()
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             group: args.group.clone(),
-            build_version: env!("CARGO_PKG_VERSION").to_owned(),
+            build_version: env!("SLUICE_BUILD_VERSION").to_owned(),
             protocol_version: pb::ProtocolVersion::Current as u32,
             labels: Default::default(),
             address: args.listen.to_string(),

@@ -597,6 +597,43 @@ async fn the_end_of_a_nodes_older_stream_leaves_its_newer_one_recorded() -> anyh
 }
 
 #[tokio::test]
+async fn a_node_reports_the_build_it_runs() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("app").await?;
+    let cp = ControlPlane::start(&[]).await?;
+    cp.apply(&document(&backend, "", "")).await?;
+    let _node = DataPlane::start_from_control_plane(
+        &cp.discovery_url(),
+        "default",
+        &["--node-id", "built"],
+    )?;
+    let status = status_of(&cp, "built", |s| s["build_version"].is_string()).await?;
+    // What the control plane shows is what the binary says it is.
+    let printed = std::process::Command::new(sluice_tests::process::binary("sluice-dp")?)
+        .arg("--version")
+        .output()?;
+    let printed = String::from_utf8(printed.stdout)?;
+    let printed = printed
+        .trim()
+        .strip_prefix("sluice-dp ")
+        .context("sluice-dp --version names the program")?;
+    assert_eq!(status["build_version"], printed, "{status}");
+    // The crate version, and the revision it was built from when the tree is a checkout.
+    let revision = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let expected = match revision {
+        Some(revision) => format!("{}+{revision}", env!("CARGO_PKG_VERSION")),
+        None => env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    assert_eq!(printed, expected);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_node_speaking_another_protocol_is_refused_and_the_reason_recorded() -> anyhow::Result<()>
 {
     use sluice_proto::pb;
