@@ -39,10 +39,6 @@ impl<S> SendTimeout<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Passes a write's outcome on, minding the clock: a pending write starts it (or keeps it
     /// running), anything else stops it.
     fn watch<T>(
