@@ -505,15 +505,15 @@ impl RouteAccess {
             return Err(self.forbidden("consumer_disabled", "the consumer is disabled".to_owned()));
         }
         let mut consumer_limits = Vec::new();
-        for policy_id in &consumer.policy_ids {
-            match policies.policies.get(policy_id) {
+        for policy_id in consumer.policy_ids() {
+            match policies.policies.get(&**policy_id) {
                 Some(Compiled::Ip(rules)) if !rules.admits(caller.ip) => {
                     return Err(self.forbidden(
                         "ip_denied",
                         format!("the address {} may not be used by this consumer", caller.ip),
                     ));
                 }
-                Some(Compiled::RateLimit(limit)) => consumer_limits.push(limit.clone()),
+                Some(Compiled::RateLimit(limit)) => consumer_limits.push(&**limit),
                 _ => {}
             }
         }
@@ -533,7 +533,7 @@ impl RouteAccess {
         let subscriber = Subscriber {
             consumer_id,
             subscription_id: subscription.id,
-            plan: plan.cloned(),
+            plan: plan.map(|plan| &**plan),
             consumer_limits,
         };
         let rate = self.limit(caller, Some(&subscriber), guard).await?;
@@ -541,7 +541,7 @@ impl RouteAccess {
             identity: Some(Identity {
                 consumer_id: Uuid::from_bytes(consumer_id),
                 consumer_name,
-                custom_id: consumer.custom_id,
+                custom_id: consumer.custom_id().to_owned(),
                 subscription_id: Uuid::from_bytes(subscription.id),
                 credential_id: Uuid::from_bytes(authenticated.credential_id),
                 claim_headers: authenticated.claim_headers,
@@ -742,7 +742,7 @@ impl RouteAccess {
     async fn limit(
         &self,
         caller: &Caller<'_>,
-        subscriber: Option<&Subscriber>,
+        subscriber: Option<&Subscriber<'_>>,
         guard: &AccessGuard,
     ) -> Result<Option<RateHeaders>, Box<Denial>> {
         use pb::rate_limit_policy::Scope;
@@ -959,11 +959,11 @@ impl Authenticated {
 
 /// A consumer with a subscription in force, for its rate limits.
 #[derive(Debug)]
-struct Subscriber {
+struct Subscriber<'p> {
     consumer_id: [u8; 16],
     subscription_id: [u8; 16],
-    plan: Option<Arc<PlanLimits>>,
-    consumer_limits: Vec<Arc<LimitPolicy>>,
+    plan: Option<&'p PlanLimits>,
+    consumer_limits: Vec<&'p LimitPolicy>,
 }
 
 /// A request let through.
