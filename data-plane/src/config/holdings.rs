@@ -153,7 +153,7 @@ struct ConsumerView {
 /// A held consumer: its encoding, which snapshots and the content hash list, and the fields a
 /// request reads, decoded once when it is held. Every authenticated request reads a consumer;
 /// decoding it there cost a read of the encoding (a cache miss on a large configuration) and
-/// an allocation per field. 72 bytes beside the id in the consumers' table, and one small
+/// an allocation per field. 72 bytes with its id in the consumers' table, and one small
 /// allocation for the name and custom id together.
 #[derive(Debug, Clone)]
 pub struct HeldConsumer {
@@ -167,27 +167,20 @@ pub struct HeldConsumer {
 
 impl HeldConsumer {
     /// The consumer held as `encoded`, a `Resource`. A resource that is no consumer, or does
-    /// not decode, holds no fields (the validator has refused it before it is held).
+    /// not decode, holds no fields (the validator refuses a configuration with one).
     fn of(encoded: Encoded) -> Self {
         let view = ConsumerResourceView::decode(&encoded[..])
             .ok()
             .and_then(|resource| resource.consumer)
             .unwrap_or_default();
         let name = view.meta.map(|meta| meta.name).unwrap_or_default();
-        // The validator bounds names to 128 bytes; a longer one keeps no custom id.
-        let name_len = u32::try_from(name.len()).unwrap_or(u32::MAX);
-        let custom_id = if name_len < u32::MAX {
-            &view.custom_id[..]
-        } else {
-            ""
-        };
-        // Made at its final size: one block per consumer, kept for as long as it is held.
-        let mut names = String::with_capacity(name.len() + custom_id.len());
-        names.push_str(&name);
-        names.push_str(custom_id);
+        // A protobuf message is under 2 GiB, so the length fits.
+        let name_len = name.len() as u32;
+        // One block of exactly their size, kept for as long as the consumer is held.
+        let names = [name.as_str(), &view.custom_id].concat().into_boxed_str();
         HeldConsumer {
             encoded,
-            names: names.into_boxed_str(),
+            names,
             name_len,
             disabled: view.disabled,
             policy_ids: view.policy_ids.into_iter().map(String::into).collect(),
@@ -195,14 +188,12 @@ impl HeldConsumer {
     }
 
     pub fn name(&self) -> &str {
-        self.names
-            .get(..self.name_len as usize)
-            .unwrap_or(&self.names)
+        &self.names[..self.name_len as usize]
     }
 
     /// `""` when the consumer has none.
     pub fn custom_id(&self) -> &str {
-        self.names.get(self.name_len as usize..).unwrap_or("")
+        &self.names[self.name_len as usize..]
     }
 
     pub fn policy_ids(&self) -> &[Box<str>] {
