@@ -25,6 +25,14 @@ fn upstream(name: &str, urls: &[String], extra: &str) -> String {
     )
 }
 
+/// One route taking every path to `backend`.
+fn proxy_everything_to(backend: &EchoBackend) -> String {
+    config(
+        &upstream("backend", &[backend.url()], ""),
+        "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
+    )
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -91,13 +99,7 @@ fn status_of(response: &str) -> u16 {
 #[tokio::test]
 async fn forwards_with_forwarding_headers_and_strips_hop_by_hop() -> anyhow::Result<()> {
     let backend = EchoBackend::start("b1").await?;
-    let node = DataPlane::start(
-        &config(
-            &upstream("backend", &[backend.url()], ""),
-            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
-        ),
-        &[],
-    )?;
+    let node = DataPlane::start(&proxy_everything_to(&backend), &[])?;
     let response = client()
         .get(node.url("/hello/world?x=1"))
         .header("host", "shop.example.com")
@@ -262,10 +264,7 @@ async fn malformed_and_oversized_requests_are_refused_and_the_node_stays_healthy
 -> anyhow::Result<()> {
     let backend = EchoBackend::start("b1").await?;
     let node = DataPlane::start(
-        &config(
-            &upstream("backend", &[backend.url()], ""),
-            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
-        ),
+        &proxy_everything_to(&backend),
         &["--max-body-bytes", "1024", "--max-header-bytes", "16384"],
     )?;
     let t = Duration::from_secs(5);
@@ -585,10 +584,7 @@ async fn a_thousand_swaps_under_load_fail_no_request() -> anyhow::Result<()> {
 async fn sigterm_drains_requests_in_flight() -> anyhow::Result<()> {
     let backend = EchoBackend::start("b1").await?;
     let mut node = DataPlane::start(
-        &config(
-            &upstream("backend", &[backend.url()], ""),
-            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
-        ),
+        &proxy_everything_to(&backend),
         // One worker: the current-thread runtime drains as the multi-thread one does.
         &["--drain-timeout", "10s", "--workers", "1"],
     )?;
@@ -636,13 +632,7 @@ async fn http2_clients_and_http2_upstreams() -> anyhow::Result<()> {
 #[tokio::test]
 async fn websocket_upgrades_are_tunnelled() -> anyhow::Result<()> {
     let backend = EchoBackend::start("ws").await?;
-    let node = DataPlane::start(
-        &config(
-            &upstream("backend", &[backend.url()], ""),
-            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
-        ),
-        &[],
-    )?;
+    let node = DataPlane::start(&proxy_everything_to(&backend), &[])?;
     let addr = node.addr;
     let (head, echoed) = tokio::task::spawn_blocking(move || {
         sluice_tests::http::websocket_echo(addr, b"frames pass through untouched")
@@ -661,13 +651,7 @@ async fn websocket_upgrades_are_tunnelled() -> anyhow::Result<()> {
 async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() -> anyhow::Result<()> {
     use std::io::ErrorKind;
     let backend = EchoBackend::start("ws").await?;
-    let node = DataPlane::start(
-        &config(
-            &upstream("backend", &[backend.url()], ""),
-            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
-        ),
-        &["--send-timeout", "1s"],
-    )?;
+    let node = DataPlane::start(&proxy_everything_to(&backend), &["--send-timeout", "1s"])?;
     let addr = node.addr;
     // A WebSocket tunnel to the echo backend; the client writes and never reads, until every
     // buffer on the way (its socket, the node's, the backend's) is full and its own writes
@@ -1128,13 +1112,7 @@ async fn passive_ejection_takes_a_failing_target_out_and_tries_it_again_later() 
 #[tokio::test]
 async fn connections_beyond_the_limit_wait_until_one_closes() -> anyhow::Result<()> {
     let backend = EchoBackend::start("b").await?;
-    let node = DataPlane::start(
-        &config(
-            &upstream("backend", &[backend.url()], ""),
-            "      - name: all\n        path: /\n        proxy: { upstream: backend }\n",
-        ),
-        &["--max-connections", "2"],
-    )?;
+    let node = DataPlane::start(&proxy_everything_to(&backend), &["--max-connections", "2"])?;
     let addr = node.addr;
     let request = b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n";
     // Two keep-alive connections, each answered and left open.
