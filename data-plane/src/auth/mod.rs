@@ -32,11 +32,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use compact_str::CompactString;
 use http::StatusCode;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use prost_types::Timestamp;
 use sha2::{Digest, Sha256};
 use sluice_proto::{ConfigErrors, FieldError, pb};
+use smallvec::SmallVec;
 use uuid::Uuid;
 
 use crate::config::holdings::{CredentialIdentity, HeldSubscription, Holdings};
@@ -362,6 +364,10 @@ pub struct RouteAccess {
     claim_headers: Vec<HeaderName>,
 }
 
+/// A budget a request is counted against: its key, its rates, whether it is counted in Redis,
+/// and whether it lets requests through when Redis cannot be asked.
+type Counted<'r> = (BudgetKey, &'r [Rate], bool, bool);
+
 #[derive(Debug, Clone)]
 enum Authenticator {
     Key(Arc<KeyAuth>),
@@ -529,7 +535,7 @@ impl RouteAccess {
                 ));
             }
         }
-        let consumer_name = consumer.name().to_owned();
+        let consumer_name = CompactString::from(consumer.name());
         let subscriber = Subscriber {
             consumer_id,
             subscription_id: subscription.id,
@@ -541,7 +547,7 @@ impl RouteAccess {
             identity: Some(Identity {
                 consumer_id: Uuid::from_bytes(consumer_id),
                 consumer_name,
-                custom_id: consumer.custom_id().to_owned(),
+                custom_id: CompactString::from(consumer.custom_id()),
                 subscription_id: Uuid::from_bytes(subscription.id),
                 credential_id: Uuid::from_bytes(authenticated.credential_id),
                 claim_headers: authenticated.claim_headers,
@@ -752,8 +758,8 @@ impl RouteAccess {
             (Scope::Ip, _) | (_, None) => Subject::Ip(caller.ip),
             (_, Some(consumer)) => Subject::Consumer(consumer),
         };
-        // (key, rates, counted in Redis, fails open)
-        let mut counted: Vec<(BudgetKey, &[Rate], bool, bool)> = Vec::new();
+        // On the stack for the usual few: this runs on every request of a limited route.
+        let mut counted: SmallVec<[Counted; 4]> = SmallVec::new();
         for (policy, scope_id) in &self.limits {
             counted.push((
                 BudgetKey {
@@ -794,7 +800,7 @@ impl RouteAccess {
         if counted.is_empty() && quota.is_none() {
             return Ok(None);
         }
-        let local: Vec<Budget> = counted
+        let local: SmallVec<[Budget; 4]> = counted
             .iter()
             .filter(|(_, _, redis, _)| !redis)
             .map(|(key, rates, _, _)| Budget { key, rates })
@@ -989,8 +995,9 @@ pub struct RateHeaders {
 #[derive(Debug)]
 pub struct Identity {
     pub consumer_id: Uuid,
-    pub consumer_name: String,
-    pub custom_id: String,
+    /// Copied from the held consumer: in place, with no allocation, when short.
+    pub consumer_name: CompactString,
+    pub custom_id: CompactString,
     pub subscription_id: Uuid,
     pub credential_id: Uuid,
     claim_headers: Vec<(HeaderName, HeaderValue)>,

@@ -236,7 +236,7 @@ pub fn caller_headers(
         ));
         headers.push((
             "sluice-consumer-name".to_owned(),
-            Bytes::from(identity.consumer_name.clone()),
+            Bytes::copy_from_slice(identity.consumer_name.as_bytes()),
         ));
         headers.push((
             "sluice-subscription-id".to_owned(),

@@ -211,9 +211,11 @@ impl IdentityFilter {
         let identity = identity.ok_or("this stream is filtered by identity; authenticate")?;
         let value = match &self.identity {
             IdentityValue::ConsumerId => identity.consumer_id.to_string(),
-            IdentityValue::CustomId if !identity.custom_id.is_empty() => identity.custom_id.clone(),
+            IdentityValue::CustomId if !identity.custom_id.is_empty() => {
+                identity.custom_id.to_string()
+            }
             IdentityValue::CustomId => return Err("the consumer has no custom_id".into()),
-            IdentityValue::ConsumerName => identity.consumer_name.clone(),
+            IdentityValue::ConsumerName => identity.consumer_name.to_string(),
             IdentityValue::ClaimHeader(name) => identity
                 .claim_header(name)
                 .and_then(|v| v.to_str().ok())
