@@ -13,17 +13,18 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use sluice_proto::pb;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
 use super::Broker;
 use super::memory::StoredEvent;
@@ -32,21 +33,10 @@ use crate::auth::{AccessGuard, Denial, Identity};
 use crate::ratelimit::Rate;
 use crate::server::error::GatewayError;
 use crate::telemetry::Metrics;
-use crate::upstream::{BoxError, ProxyBody};
+use crate::upstream::ProxyBody;
 
 /// Heartbeat interval when the route does not set one.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
-
-/// Frames queued for one client's connection: with the feed's shared buffer, all the memory
-/// a subscriber may hold.
-const CLIENT_FRAMES: usize = 32;
-
-/// A client that takes no frame for this long is disconnected as slow (its last event's id is
-/// its position).
-const SEND_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a final `sluice-closed` event may wait for room in a slow client's queue.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Where a subscriber is: per partition, the offset of the next event to read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -283,7 +273,8 @@ impl SubscribeRoute {
         ))
     }
 
-    /// Opens the stream. The response's headers go out at once; events follow as they come.
+    /// Opens the stream. The response's headers go out at once; events follow as they come,
+    /// made by the response body as the connection asks for them ([`Subscriber`]).
     pub async fn serve<B>(
         &self,
         request: &Request<B>,
@@ -297,28 +288,14 @@ impl SubscribeRoute {
             .subscribe(&self.topic, start)
             .await
             .map_err(GatewayError::Subscribe)?;
-        let (frames, receiver) = mpsc::channel(CLIENT_FRAMES);
-        let gauge = metrics.subscribers(&self.topic);
-        let delivered = metrics.delivered(&self.topic);
-        let closed_slow = metrics.closed_slow(&self.topic);
-        let heartbeat = self.heartbeat;
-        tokio::spawn(async move {
-            gauge.inc();
-            let ending = stream_events(
-                source,
-                &filters,
-                pacer.as_ref(),
-                frames,
-                heartbeat,
-                &delivered,
-            )
-            .await;
-            if ending == Ending::Slow {
-                closed_slow.inc();
-            }
-            gauge.dec();
-        });
-        let mut response = Response::new(EventStream { receiver }.boxed());
+        let subscriber = Subscriber::new(
+            source,
+            filters,
+            pacer,
+            self.heartbeat,
+            SubscriberCounts::new(metrics, &self.topic),
+        );
+        let mut response = Response::new(subscriber.into_body());
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -490,91 +467,161 @@ impl<'a> Cursor<'a> {
     /// sent or not (an event filtered out is passed over: a resume does not read it again);
     /// one to send waits for the subscriber's message budget first.
     pub(super) async fn admit(&mut self, event: &StoredEvent) -> bool {
-        if !self.position.is_new(event) {
-            return false;
-        }
-        self.position.advance(event);
-        if !wanted(self.filters, event) {
-            return false;
-        }
-        if let Some(pacer) = self.pacer {
-            pacer.wait_to_send().await;
-        }
-        true
+        admit(&mut self.position, self.filters, self.pacer, event).await
     }
 }
 
-/// How a subscriber's stream ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Ending {
-    /// The client went away (or the node is stopping).
-    Gone,
-    /// The client fell behind the feed's buffer and was closed with its position.
-    Slow,
-    /// The feed stopped (its broker was removed or failed).
-    FeedEnded,
-}
-
-/// Writes `source`'s events to `frames` as SSE until the client goes away or falls behind.
-async fn stream_events(
-    mut source: Source,
+/// [`Cursor::admit`], on a cursor's parts.
+async fn admit(
+    position: &mut Position,
     filters: &[Filter],
     pacer: Option<&Pacer>,
-    frames: mpsc::Sender<Bytes>,
-    heartbeat: Duration,
-    delivered: &prometheus_client::metrics::counter::Counter,
-) -> Ending {
-    let mut cursor = Cursor::new(source.position.clone(), filters, pacer);
-    // A first frame at once, so the client (and any proxy) sees the stream open.
-    if frames.send(Bytes::from_static(b": ok\n\n")).await.is_err() {
-        return Ending::Gone;
+    event: &StoredEvent,
+) -> bool {
+    if !position.is_new(event) {
+        return false;
     }
-    for event in std::mem::take(&mut source.backlog) {
-        if cursor.admit(&event).await {
-            if let Some(ending) = send(&frames, shared_frame(&event, &cursor.position)).await {
-                return ending;
-            }
-            delivered.inc();
-        }
+    position.advance(event);
+    if !wanted(filters, event) {
+        return false;
     }
-    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    loop {
-        tokio::select! {
-            received = source.live.recv() => match received {
-                Ok(event) => {
-                    if cursor.admit(&event).await {
-                        if let Some(ending) = send(&frames, shared_frame(&event, &cursor.position)).await {
-                            return ending;
-                        }
-                        delivered.inc();
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let close = closing_event(&cursor.position);
-                    // Room for the last word may take a moment; a client that reads nothing
-                    // at all is simply disconnected (its last event's id is its position).
-                    let _ = tokio::time::timeout(CLOSE_GRACE, frames.send(close)).await;
-                    return Ending::Slow;
-                }
-                Err(broadcast::error::RecvError::Closed) => return Ending::FeedEnded,
-            },
-            _ = beat.tick() => {
-                if let Some(ending) = send(&frames, Bytes::from_static(b": heartbeat\n\n")).await {
-                    return ending;
-                }
-            }
-            () = frames.closed() => return Ending::Gone,
+    if let Some(pacer) = pacer {
+        pacer.wait_to_send().await;
+    }
+    true
+}
+
+/// One SSE subscriber: its place in the topic, and the frames it is sent, made one at a time
+/// as its connection takes them.
+///
+/// It has no task or queue of its own: it is the response body, polled by the connection's
+/// task, so an event wakes one task per subscriber and is written as soon as it is made. A
+/// client that stops reading stops being polled; it keeps its place in the feed's shared
+/// buffer, and is closed with its position once it falls a buffer behind, or cut off by the
+/// listener's send timeout if its connection's writes make no progress.
+struct Subscriber {
+    /// After the last event taken in (sent or passed over).
+    position: Position,
+    filters: Vec<Filter>,
+    pacer: Option<Pacer>,
+    backlog: std::vec::IntoIter<Arc<StoredEvent>>,
+    live: broadcast::Receiver<Arc<StoredEvent>>,
+    beat: tokio::time::Interval,
+    stage: Stage,
+    counts: SubscriberCounts,
+}
+
+/// Where a [`Subscriber`]'s stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Nothing sent yet: a first frame goes at once, so the client (and any proxy) sees the
+    /// stream open.
+    Opening,
+    Streaming,
+    /// The last frame was sent (the client fell behind, or the feed stopped).
+    Ended,
+}
+
+/// A subscriber's series: live subscribers, events delivered, subscribers closed as slow.
+struct SubscriberCounts {
+    subscribers: Gauge,
+    delivered: Counter,
+    closed_slow: Counter,
+}
+
+impl SubscriberCounts {
+    fn new(metrics: &Metrics, topic: &str) -> Self {
+        let subscribers = metrics.subscribers(topic);
+        subscribers.inc();
+        SubscriberCounts {
+            subscribers,
+            delivered: metrics.delivered(topic),
+            closed_slow: metrics.closed_slow(topic),
         }
     }
 }
 
-/// Queues one frame for the client: `None` once it is queued, else how the stream ends (the
-/// client went away, or took nothing for [`SEND_TIMEOUT`]).
-async fn send(frames: &mpsc::Sender<Bytes>, frame: Bytes) -> Option<Ending> {
-    match tokio::time::timeout(SEND_TIMEOUT, frames.send(frame)).await {
-        Ok(Ok(())) => None,
-        Ok(Err(_)) => Some(Ending::Gone),
-        Err(_) => Some(Ending::Slow),
+impl Drop for SubscriberCounts {
+    fn drop(&mut self) {
+        self.subscribers.dec();
+    }
+}
+
+impl Subscriber {
+    fn new(
+        source: Source,
+        filters: Vec<Filter>,
+        pacer: Option<Pacer>,
+        heartbeat: Duration,
+        counts: SubscriberCounts,
+    ) -> Self {
+        Subscriber {
+            position: source.position,
+            filters,
+            pacer,
+            backlog: source.backlog.into_iter(),
+            live: source.live,
+            beat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
+            stage: Stage::Opening,
+            counts,
+        }
+    }
+
+    /// The response body: the subscriber's frames until its stream ends.
+    fn into_body(self) -> ProxyBody {
+        let frames = stream::unfold(self, |mut subscriber| async move {
+            let frame = subscriber.next_frame().await?;
+            Some((Ok(Frame::data(frame)), subscriber))
+        });
+        StreamBody::new(frames).boxed()
+    }
+
+    /// The next frame: the opening comment, then the backlog's events, then live events and
+    /// heartbeats; `None` once the stream has ended.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        match self.stage {
+            Stage::Opening => {
+                self.stage = Stage::Streaming;
+                return Some(Bytes::from_static(b": ok\n\n"));
+            }
+            Stage::Ended => return None,
+            Stage::Streaming => {}
+        }
+        for event in self.backlog.by_ref() {
+            if admit(
+                &mut self.position,
+                &self.filters,
+                self.pacer.as_ref(),
+                &event,
+            )
+            .await
+            {
+                self.counts.delivered.inc();
+                return Some(shared_frame(&event, &self.position));
+            }
+        }
+        loop {
+            tokio::select! {
+                received = self.live.recv() => match received {
+                    Ok(event) => {
+                        if admit(&mut self.position, &self.filters, self.pacer.as_ref(), &event).await {
+                            self.counts.delivered.inc();
+                            return Some(shared_frame(&event, &self.position));
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.stage = Stage::Ended;
+                        self.counts.closed_slow.inc();
+                        return Some(closing_event(&self.position));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        self.stage = Stage::Ended;
+                        return None;
+                    }
+                },
+                _ = self.beat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
+            }
+        }
     }
 }
 
@@ -613,34 +660,6 @@ fn closing_event(position: &Position) -> Bytes {
         "last_event_id": id,
     });
     Bytes::from(format!("id: {id}\nevent: sluice-closed\ndata: {data}\n\n"))
-}
-
-/// The response body: frames from the subscriber's task, as the connection takes them.
-#[derive(Debug)]
-struct EventStream {
-    receiver: mpsc::Receiver<Bytes>,
-}
-
-impl Body for EventStream {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.receiver
-            .poll_recv(cx)
-            .map(|frame| frame.map(|bytes| Ok(Frame::data(bytes))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        false
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
 }
 
 #[cfg(test)]
@@ -739,30 +758,37 @@ mod tests {
         for _ in 0..super::super::memory::FEED_CAPACITY + 10 {
             broker.publish(record("x"));
         }
-        let (frames, mut received) = mpsc::channel(CLIENT_FRAMES);
-        let delivered = prometheus_client::metrics::counter::Counter::default();
-        let ending = stream_events(
-            source,
-            &[],
-            None,
-            frames,
-            Duration::from_secs(60),
-            &delivered,
-        )
-        .await;
-        assert_eq!(ending, Ending::Slow);
+        let counts = test_counts();
+        let (delivered, closed_slow) = (counts.delivered.clone(), counts.closed_slow.clone());
+        let mut subscriber =
+            Subscriber::new(source, Vec::new(), None, Duration::from_secs(60), counts);
         assert_eq!(
-            received.recv().await.unwrap(),
+            subscriber.next_frame().await.unwrap(),
             Bytes::from_static(b": ok\n\n")
         );
-        let last = received.recv().await.unwrap();
+        let last = subscriber.next_frame().await.unwrap();
         let last = std::str::from_utf8(&last).unwrap();
         assert!(
             last.starts_with("id: 0:1\nevent: sluice-closed\n"),
             "the position to resume from, after the one event before: {last}"
         );
-        assert!(received.recv().await.is_none(), "then the stream ends");
+        assert!(
+            subscriber.next_frame().await.is_none(),
+            "then the stream ends"
+        );
         assert_eq!(delivered.get(), 0);
+        assert_eq!(closed_slow.get(), 1);
+    }
+
+    /// A subscriber's series, counting it as live.
+    fn test_counts() -> SubscriberCounts {
+        let counts = SubscriberCounts {
+            subscribers: Gauge::default(),
+            delivered: Counter::default(),
+            closed_slow: Counter::default(),
+        };
+        counts.subscribers.inc();
+        counts
     }
 
     #[tokio::test]
@@ -777,23 +803,14 @@ mod tests {
             backlog: opened.backlog,
             live: opened.live,
         };
-        let (frames, mut received) = mpsc::channel(CLIENT_FRAMES);
-        let task = tokio::spawn(async move {
-            let delivered = prometheus_client::metrics::counter::Counter::default();
-            stream_events(
-                source,
-                &[],
-                None,
-                frames,
-                Duration::from_millis(50),
-                &delivered,
-            )
-            .await
-        });
+        let counts = test_counts();
+        let (live, delivered) = (counts.subscribers.clone(), counts.delivered.clone());
+        let mut body = Subscriber::new(source, Vec::new(), None, Duration::from_millis(50), counts)
+            .into_body();
         broker.publish(record("b"));
         let mut texts = Vec::new();
         for _ in 0..4 {
-            let frame = received.recv().await.unwrap();
+            let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
             texts.push(String::from_utf8(frame.to_vec()).unwrap());
         }
         assert_eq!(
@@ -805,8 +822,14 @@ mod tests {
                 ": heartbeat\n\n"
             ]
         );
-        drop(received);
-        assert_eq!(task.await.unwrap(), Ending::Gone);
+        assert_eq!(delivered.get(), 2);
+        assert_eq!(live.get(), 1);
+        drop(body);
+        assert_eq!(
+            live.get(),
+            0,
+            "a subscriber whose client left is no longer counted"
+        );
     }
 
     #[test]
