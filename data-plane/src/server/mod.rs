@@ -3,6 +3,12 @@
 //! config); each request is handed to the [`pipeline`], and HTTP/1.1 upgrades (WebSocket) are
 //! allowed through. On shutdown the listeners stop accepting and open connections are drained
 //! (HTTP/1 finishes its request, HTTP/2 sends GOAWAY) until a deadline.
+//!
+//! A connection's HTTP version is known before hyper sees it: by ALPN over TLS (HTTP/1.1 when
+//! the client offers none), and on the plain port by peeking at the client's first bytes for
+//! HTTP/2's preface, which leaves them in the socket. (`hyper_util`'s `auto` server reads them
+//! and hands them back; the short first read makes hyper double its HTTP/1 read buffer to 16
+//! KB, kept for the connection's life: about 6 KB of RSS per idle connection or event stream.)
 
 pub mod error;
 pub mod forwarding;
@@ -13,19 +19,21 @@ pub mod send_timeout;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::mtls::ClientCertificate;
+use crate::upstream::ProxyBody;
 use framing::{FramingGuard, Verdicts};
 use pipeline::{ConnectionInfo, Gateway};
 use send_timeout::SendTimeout;
@@ -82,6 +90,27 @@ impl std::fmt::Debug for Listener {
 /// A TLS client must finish its handshake within this time.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The first bytes of every HTTP/2 connection: a client on the plain port that starts with
+/// them speaks h2c with prior knowledge; one that does not speaks HTTP/1.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How soon a client that has sent part of HTTP/2's preface is looked at again (a peek
+/// returns at once while bytes wait, so it cannot wait for more by itself).
+const PREFACE_RECHECK: Duration = Duration::from_millis(5);
+
+/// The HTTP version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Http {
+    One,
+    Two,
+}
+
+/// hyper's settings for each version.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
 /// Serves `listeners` until `shutdown` resolves, then drains. Returns once every connection
 /// is closed or the drain deadline passed.
 pub async fn serve(
@@ -90,44 +119,40 @@ pub async fn serve(
     settings: ListenerSettings,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
         .max_headers(settings.max_headers);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-    let graceful = Arc::new(GracefulShutdown::new());
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Set once the node stops. Every acceptor and connection holds a receiver: a connection
+    // drains when it sees the stop, and the node has drained when no receiver is left.
+    let (stop, stopped) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     let shared = Arc::new(Shared {
         gateway,
-        builder: Arc::new(builder),
-        graceful: graceful.clone(),
+        protocols: Arc::new(Protocols { http1, http2 }),
         slots,
         max_head: settings.max_header_bytes,
         max_headers: settings.max_headers,
+        header_read_timeout: settings.header_read_timeout,
         send_timeout: settings.send_timeout,
     });
     let mut acceptors = tokio::task::JoinSet::new();
     for listener in listeners {
         acceptors.spawn(accept(listener, shared.clone(), stopped.clone()));
     }
+    drop(stopped);
     shutdown.await;
     let _ = stop.send(true);
     // Each acceptor drops its listener as it returns: no new connections from here on.
     acceptors.join_all().await;
-    drop(shared);
-    // The acceptors held the only other references; connections hold watchers instead.
-    let Ok(graceful) = Arc::try_unwrap(graceful) else {
-        unreachable!("every acceptor has returned")
-    };
     tracing::info!(deadline = ?settings.drain_timeout, "draining connections");
-    match tokio::time::timeout(settings.drain_timeout, graceful.shutdown()).await {
+    match tokio::time::timeout(settings.drain_timeout, stop.closed()).await {
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!("drain deadline passed; closing remaining connections"),
     }
@@ -136,31 +161,28 @@ pub async fn serve(
 /// What every listener's acceptor shares.
 struct Shared {
     gateway: Arc<Gateway>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    graceful: Arc<GracefulShutdown>,
+    protocols: Arc<Protocols>,
     /// [`ListenerSettings::max_connections`].
     slots: Arc<Semaphore>,
     max_head: usize,
     max_headers: usize,
+    header_read_timeout: Duration,
     send_timeout: Duration,
 }
 
 /// Accepts connections on one listener until told to stop, serving each on its own task.
-async fn accept(
-    listener: Listener,
-    shared: Arc<Shared>,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
+async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     let Shared {
         gateway,
-        builder,
-        graceful,
+        protocols,
         slots,
         max_head,
         max_headers,
+        header_read_timeout,
         send_timeout,
     } = &*shared;
-    let (max_head, max_headers, send_timeout) = (*max_head, *max_headers, *send_timeout);
+    let (max_head, max_headers, header_read_timeout, send_timeout) =
+        (*max_head, *max_headers, *header_read_timeout, *send_timeout);
     let scheme = if listener.tls.is_some() {
         "https"
     } else {
@@ -170,7 +192,7 @@ async fn accept(
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            _ = async { stopped.wait_for(|stop| *stop).await.map(|_| ()) } => return,
+            () = stopping(&mut stopped) => return,
         };
         gauge.inc();
         let slot = ConnectionSlot {
@@ -187,10 +209,9 @@ async fn accept(
                     continue;
                 }
             },
-            _ = async { stopped.wait_for(|stop| *stop).await.map(|_| ()) } => return,
+            () = stopping(&mut stopped) => return,
         };
         let _ = stream.set_nodelay(true);
-        let stream = SendTimeout::new(stream, send_timeout);
         let gateway = gateway.clone();
         let verdicts = Arc::new(Verdicts::default());
         let framing = verdicts.clone();
@@ -210,34 +231,47 @@ async fn accept(
                 async move { Ok::<_, Infallible>(handling.await) }
             })
         };
-        let builder = builder.clone();
+        let (protocols, mut stopped) = (protocols.clone(), stopped.clone());
         match listener.tls.clone() {
             None => {
-                let service = make_service(ConnectionInfo {
-                    client,
-                    scheme,
-                    certificate: None,
-                });
-                let stream = FramingGuard::new(stream, max_head, max_headers, verdicts);
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     let _slot = slot;
-                    if let Err(e) = connection.await {
+                    let version = tokio::select! {
+                        sniffed = tokio::time::timeout(header_read_timeout, sniff(&stream)) => {
+                            match sniffed {
+                                Ok(Ok(Some(version))) => version,
+                                Ok(Ok(None)) => return,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, client = %client, "connection failed before its first request");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(client = %client, "client sent nothing within the header read timeout");
+                                    return;
+                                }
+                            }
+                        }
+                        () = stopping(&mut stopped) => return,
+                    };
+                    let service = make_service(ConnectionInfo {
+                        client,
+                        scheme,
+                        certificate: None,
+                    });
+                    let stream = SendTimeout::new(stream, send_timeout);
+                    let io =
+                        TokioIo::new(FramingGuard::new(stream, max_head, max_headers, verdicts));
+                    if let Err(e) = serve_in(version, io, service, &protocols, stopped).await {
                         tracing::debug!(error = %e, client = %client, "connection ended with an error");
                     }
                 });
             }
             Some(acceptor) => {
-                // Registered now, so a drain waits for connections still in their handshake.
-                let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _slot = slot;
                     let stream = match tokio::time::timeout(
                         TLS_HANDSHAKE_TIMEOUT,
-                        acceptor.accept(stream),
+                        acceptor.accept(SendTimeout::new(stream, send_timeout)),
                     )
                     .await
                     {
@@ -251,9 +285,15 @@ async fn accept(
                             return;
                         }
                     };
-                    let certificate = stream
-                        .get_ref()
-                        .1
+                    let session = stream.get_ref().1;
+                    // As the listener offers (h2, then HTTP/1.1); a client that names none
+                    // speaks HTTP/1.1.
+                    let version = if session.alpn_protocol() == Some(b"h2") {
+                        Http::Two
+                    } else {
+                        Http::One
+                    };
+                    let certificate = session
                         .peer_certificates()
                         .and_then(ClientCertificate::from_chain)
                         .map(Arc::new);
@@ -262,15 +302,141 @@ async fn accept(
                         scheme,
                         certificate,
                     });
-                    let stream = FramingGuard::new(stream, max_head, max_headers, verdicts);
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(connection).await {
+                    let io =
+                        TokioIo::new(FramingGuard::new(stream, max_head, max_headers, verdicts));
+                    if let Err(e) = serve_in(version, io, service, &protocols, stopped).await {
                         tracing::debug!(error = %e, client = %client, "connection ended with an error");
                     }
                 });
             }
         }
+    }
+}
+
+/// Resolves once the node stops (or is gone).
+async fn stopping(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// The HTTP version a client on the plain port speaks, from its first bytes, which stay in
+/// the socket for hyper to read. `None`: it closed without sending any.
+async fn sniff(stream: &TcpStream) -> io::Result<Option<Http>> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let read = stream.peek(&mut first).await?;
+        if read == 0 {
+            return Ok(None);
+        }
+        if first[..read] != H2_PREFACE[..read] {
+            return Ok(Some(Http::One));
+        }
+        if read == H2_PREFACE.len() {
+            return Ok(Some(Http::Two));
+        }
+        tokio::time::sleep(PREFACE_RECHECK).await;
+    }
+}
+
+/// One connection served in `version` until it closes or, once the node stops, until it has
+/// drained (HTTP/1 closes after the request in flight, HTTP/2 sends GOAWAY and finishes its
+/// streams). Boxed at its own version's size: a task's future is as large as the largest
+/// thing it may hold, and an HTTP/2 connection is larger than an HTTP/1 one.
+fn serve_in<I, S>(
+    version: Http,
+    io: I,
+    service: S,
+    protocols: &Protocols,
+    stopped: watch::Receiver<bool>,
+) -> Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = ProxyBody, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    match version {
+        Http::One => Box::pin(until_drained(
+            protocols
+                .http1
+                .serve_connection(io, service)
+                .with_upgrades(),
+            http1::UpgradeableConnection::graceful_shutdown,
+            stopped,
+        )),
+        Http::Two => Box::pin(until_drained(
+            protocols.http2.serve_connection(io, service),
+            http2::Connection::graceful_shutdown,
+            stopped,
+        )),
+    }
+}
+
+/// Drives `connection` to its end; once the node stops, asks it to wind down first.
+async fn until_drained<C: Future>(
+    connection: C,
+    graceful_shutdown: fn(Pin<&mut C>),
+    mut stopped: watch::Receiver<bool>,
+) -> C::Output {
+    let mut connection = pin!(connection);
+    tokio::select! {
+        ended = connection.as_mut() => return ended,
+        () = stopping(&mut stopped) => {}
+    }
+    graceful_shutdown(connection.as_mut());
+    connection.await
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected pair: the client's end, and the server's.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn the_version_is_told_from_the_first_bytes_which_stay_in_the_socket() {
+        let cases: [(&[u8], Option<Http>); 4] = [
+            (b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", Some(Http::One)),
+            (H2_PREFACE, Some(Http::Two)),
+            // Diverges from the preface only after its first bytes.
+            (b"PRI * HTTP/1.1\r\n\r\n", Some(Http::One)),
+            (b"", None),
+        ];
+        for (sent, expected) in cases {
+            let (mut client, mut server) = pair().await;
+            client.write_all(sent).await.unwrap();
+            if sent.is_empty() {
+                client.shutdown().await.unwrap();
+            }
+            assert_eq!(sniff(&server).await.unwrap(), expected, "{sent:?}");
+            let mut kept = vec![0u8; sent.len()];
+            server.read_exact(&mut kept).await.unwrap();
+            assert_eq!(kept, sent, "the bytes looked at are still there to read");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_preface_sent_in_pieces_is_waited_for() {
+        let (mut client, server) = pair().await;
+        client.write_all(&H2_PREFACE[..5]).await.unwrap();
+        let sniffing = tokio::spawn(async move { sniff(&server).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !sniffing.is_finished(),
+            "five bytes of the preface decide nothing"
+        );
+        client.write_all(&H2_PREFACE[5..]).await.unwrap();
+        assert_eq!(sniffing.await.unwrap(), Some(Http::Two));
     }
 }
