@@ -630,6 +630,41 @@ async fn http2_clients_and_http2_upstreams() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_client_that_sends_nothing_is_disconnected_after_the_header_read_timeout()
+-> anyhow::Result<()> {
+    let backend = EchoBackend::start("quiet").await?;
+    let node = DataPlane::start(
+        &proxy_everything_to(&backend),
+        &["--header-read-timeout", "1s"],
+    )?;
+    let addr = node.addr;
+    // Nothing at all, and the start of HTTP/2's preface without the rest: neither tells which
+    // HTTP the client speaks.
+    for sent in [&b""[..], &b"PRI * HT"[..]] {
+        let took = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+            let mut stream = TcpStream::connect(addr)?;
+            stream.write_all(sent)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let started = Instant::now();
+            let mut answer = Vec::new();
+            match stream.read_to_end(&mut answer) {
+                Ok(_) => anyhow::ensure!(answer.is_empty(), "the node answered {answer:?}"),
+                // Closed with the client's bytes unread: the kernel resets the connection.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => anyhow::bail!("the node kept the connection: {e}"),
+            }
+            Ok(started.elapsed())
+        })
+        .await??;
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{sent:?}: closed after {took:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn websocket_upgrades_are_tunnelled() -> anyhow::Result<()> {
     let backend = EchoBackend::start("ws").await?;
     let node = DataPlane::start(&proxy_everything_to(&backend), &[])?;
