@@ -95,8 +95,11 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// How soon a client that has sent part of HTTP/2's preface is looked at again (a peek
-/// returns at once while bytes wait, so it cannot wait for more by itself).
+/// returns at once while bytes wait, so it cannot wait for more by itself), the first time;
+/// each wait after is twice as long, up to [`PREFACE_RECHECK_MAX`], so that clients that stop
+/// halfway cost a few wake-ups each until the header read timeout, not hundreds a second.
 const PREFACE_RECHECK: Duration = Duration::from_millis(5);
+const PREFACE_RECHECK_MAX: Duration = Duration::from_millis(250);
 
 /// The HTTP version a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,6 +325,7 @@ async fn stopping(stopped: &mut watch::Receiver<bool>) {
 /// the socket for hyper to read. `None`: it closed without sending any.
 async fn sniff(stream: &TcpStream) -> io::Result<Option<Http>> {
     let mut first = [0u8; H2_PREFACE.len()];
+    let mut recheck = PREFACE_RECHECK;
     loop {
         let read = stream.peek(&mut first).await?;
         if read == 0 {
@@ -333,7 +337,8 @@ async fn sniff(stream: &TcpStream) -> io::Result<Option<Http>> {
         if read == H2_PREFACE.len() {
             return Ok(Some(Http::Two));
         }
-        tokio::time::sleep(PREFACE_RECHECK).await;
+        tokio::time::sleep(recheck).await;
+        recheck = (recheck * 2).min(PREFACE_RECHECK_MAX);
     }
 }
 
