@@ -234,6 +234,8 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
                 async move { Ok::<_, Infallible>(handling.await) }
             })
         };
+        // Held by the connection's task from here on, so a drain also waits for connections
+        // still in their TLS handshake or yet to send their first bytes.
         let (protocols, mut stopped) = (protocols.clone(), stopped.clone());
         match listener.tls.clone() {
             None => {
