@@ -446,33 +446,11 @@ pub(super) fn wanted(filters: &[Filter], event: &StoredEvent) -> bool {
         .all(|filter| filter.matches(event, &mut json))
 }
 
-/// A subscriber's place in its stream, and what it lets through.
-pub(super) struct Cursor<'a> {
-    /// After the last event taken in (sent or passed over).
-    pub(super) position: Position,
-    filters: &'a [Filter],
-    pacer: Option<&'a Pacer>,
-}
-
-impl<'a> Cursor<'a> {
-    pub(super) fn new(position: Position, filters: &'a [Filter], pacer: Option<&'a Pacer>) -> Self {
-        Cursor {
-            position,
-            filters,
-            pacer,
-        }
-    }
-
-    /// Takes `event` in: whether to send it now. The position moves past every new event,
-    /// sent or not (an event filtered out is passed over: a resume does not read it again);
-    /// one to send waits for the subscriber's message budget first.
-    pub(super) async fn admit(&mut self, event: &StoredEvent) -> bool {
-        admit(&mut self.position, self.filters, self.pacer, event).await
-    }
-}
-
-/// [`Cursor::admit`], on a cursor's parts.
-async fn admit(
+/// Takes `event` in for a subscriber at `position` (after the last event taken in, sent or
+/// passed over): whether to send it now. The position moves past every new event, sent or not
+/// (an event filtered out is passed over: a resume does not read it again); one to send waits
+/// for the subscriber's message budget first.
+pub(super) async fn admit(
     position: &mut Position,
     filters: &[Filter],
     pacer: Option<&Pacer>,

@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
-use super::subscribe::{Cursor, Filter, Position, Source, SubscribeRoute};
+use super::subscribe::{Filter, Position, Source, SubscribeRoute, admit};
 use super::{Acks, Broker, Delivery, Record, now_ms};
 use crate::auth::Identity;
 use crate::server::error::GatewayError;
@@ -171,11 +171,8 @@ impl Session {
         mut source: Source,
     ) -> Ending {
         let (mut sink, mut incoming) = socket.split();
-        let mut cursor = Cursor::new(
-            source.position.clone(),
-            &self.filters,
-            self.context.pacer.as_ref(),
-        );
+        let mut position = source.position.clone();
+        let pacer = self.context.pacer.as_ref();
         let delivered = self.context.metrics.delivered(&self.topic);
         macro_rules! send {
             ($message:expr) => {
@@ -187,8 +184,8 @@ impl Session {
             };
         }
         for event in std::mem::take(&mut source.backlog) {
-            if cursor.admit(&event).await {
-                send!(event_message(&event, &cursor.position));
+            if admit(&mut position, &self.filters, pacer, &event).await {
+                send!(event_message(&event, &position));
                 delivered.inc();
             }
         }
@@ -199,13 +196,13 @@ impl Session {
             tokio::select! {
                 received = source.live.recv() => match received {
                     Ok(event) => {
-                        if cursor.admit(&event).await {
-                            send!(event_message(&event, &cursor.position));
+                        if admit(&mut position, &self.filters, pacer, &event).await {
+                            send!(event_message(&event, &position));
                             delivered.inc();
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let id = cursor.position.encode();
+                        let id = position.encode();
                         let last = json!({
                             "event": "sluice-closed",
                             "reason": "slow_consumer",
