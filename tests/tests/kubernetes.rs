@@ -489,10 +489,18 @@ async fn the_binaries_accept_the_rendered_arguments_and_answer_the_probes() -> a
     }
     let mut dp = start("sluice-dp", &dp_args, &[("SLUICE_DP_NODE_ID", POD_NAME)])?;
     answers_probes(&mut dp, admin, &dp_container)?;
-    ensure!(
-        cache.path().join(format!("{POD_NAME}.pb")).exists(),
-        "the node keeps its config in its own file in the cache directory"
-    );
+    // The copy is written in the background after the config is applied (applying never
+    // waits for the disk), so readiness can come first.
+    let cached = cache.path().join(format!("{POD_NAME}.pb"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cached.exists() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the node keeps its config in its own file in the cache directory: no {} after 10 s",
+            cached.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The migration Job's command works on the same database.
     let job = container(get(&objects, "Job/sluice-control-plane-migrate")?);
