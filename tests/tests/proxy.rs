@@ -755,6 +755,50 @@ async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() -> anyh
 }
 
 #[tokio::test]
+async fn an_http2_stream_given_no_window_is_reset_after_the_send_timeout() -> anyhow::Result<()> {
+    use anyhow::Context;
+    use http_body_util::{BodyExt, Empty};
+    let backend = EchoBackend::start("stalled-h2").await?;
+    let node = DataPlane::start(&proxy_everything_to(&backend), &["--send-timeout", "1s"])?;
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(node.addr).await?);
+    // A client that grants its streams no window and never opens it: a response's headers can
+    // come, its body cannot. The connection itself goes on reading, so the socket never
+    // stalls and only the stream can be seen to.
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake::<_, Empty<bytes::Bytes>>(io)
+            .await?;
+    tokio::spawn(connection);
+    let sent = Instant::now();
+    let request = http::Request::get(node.url("/stalled")).body(Empty::new())?;
+    let response = sender.send_request(request).await?;
+    assert_eq!(response.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .context("the stream that could not send was still open after 10 s")?;
+    let after = sent.elapsed();
+    let error = body
+        .err()
+        .context("a body with no window to come in arrived")?;
+    assert!(
+        format!("{error:?}").contains("CANCEL"),
+        "the stream ended otherwise than by the node's reset: {error:?}"
+    );
+    assert!(
+        after >= Duration::from_millis(900),
+        "reset after {after:?}, before the 1 s send timeout could pass"
+    );
+    // The stream was reset, not the connection: it still serves a response with no body.
+    let request = http::Request::head(node.url("/after")).body(Empty::new())?;
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .context("the connection did not answer after the reset")??;
+    assert_eq!(response.status(), 200);
+    Ok(())
+}
+
+#[tokio::test]
 async fn grpc_passes_through_with_its_trailers() -> anyhow::Result<()> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;

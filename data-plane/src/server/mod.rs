@@ -13,6 +13,7 @@
 pub mod error;
 pub mod forwarding;
 pub mod framing;
+pub mod h2_stall;
 pub mod mirror;
 pub mod pipeline;
 pub mod send_timeout;
@@ -26,7 +27,7 @@ use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -35,6 +36,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::auth::mtls::ClientCertificate;
 use crate::upstream::ProxyBody;
 use framing::{FramingGuard, Verdicts};
+use h2_stall::StreamExecutor;
 use pipeline::{ConnectionInfo, Gateway};
 use send_timeout::SendTimeout;
 
@@ -44,7 +46,8 @@ pub struct ListenerSettings {
     /// A client must send its request headers within this time (slow-loris defence).
     pub header_read_timeout: Duration,
     /// A client connection whose writes make no progress for this long is closed (a client
-    /// that stopped reading).
+    /// that stopped reading); an HTTP/2 stream that has waited this long for flow-control
+    /// window is reset ([`h2_stall`]).
     pub send_timeout: Duration,
     /// Largest request head, HTTP/1 (request line and headers) or HTTP/2 (header list): 431
     /// beyond.
@@ -111,7 +114,7 @@ enum Http {
 /// hyper's settings for each version.
 struct Protocols {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<StreamExecutor>,
 }
 
 /// Serves `listeners` until `shutdown` resolves, then drains. Returns once every connection
@@ -128,7 +131,11 @@ pub async fn serve(
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
         .max_headers(settings.max_headers);
-    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    // Each HTTP/2 stream's task is watched for flow-control stalls, which the socket's
+    // `SendTimeout` cannot see.
+    let mut http2 = http2::Builder::new(StreamExecutor {
+        send_timeout: settings.send_timeout,
+    });
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
@@ -231,7 +238,7 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
                 // -> 20.9 KB per SSE connection in the fan-out benchmark).
                 let handling =
                     Box::pin(async move { gateway.handle(info, request, ambiguous).await });
-                async move { Ok::<_, Infallible>(handling.await) }
+                async move { Ok::<_, Infallible>(h2_stall::report_sends(handling.await)) }
             })
         };
         // Held by the connection's task from here on, so a drain also waits for connections
