@@ -34,9 +34,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::mtls::ClientCertificate;
-use crate::upstream::ProxyBody;
 use framing::{FramingGuard, Verdicts};
-use h2_stall::StreamExecutor;
+use h2_stall::{ResponseBody, StreamExecutor};
 use pipeline::{ConnectionInfo, Gateway};
 use send_timeout::SendTimeout;
 
@@ -364,8 +363,11 @@ fn serve_in<I, S>(
 ) -> Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = ProxyBody, Error = Infallible>
-        + Send
+    S: hyper::service::HttpService<
+            hyper::body::Incoming,
+            ResBody = ResponseBody,
+            Error = Infallible,
+        > + Send
         + 'static,
     S::Future: Send + 'static,
 {
