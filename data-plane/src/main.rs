@@ -97,8 +97,8 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
     /// A client connection whose writes make no progress for this long (the client stopped
-    /// reading) is closed; an HTTP/2 stream that has waited this long for flow-control window
-    /// is reset.
+    /// reading) is closed; an HTTP/2 stream that has had bytes to send and sent none for this
+    /// long (no flow-control window) is reset.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     send_timeout: Duration,
     /// Most open client connections, all listeners together; at the limit new connections

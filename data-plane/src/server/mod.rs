@@ -45,8 +45,8 @@ pub struct ListenerSettings {
     /// A client must send its request headers within this time (slow-loris defence).
     pub header_read_timeout: Duration,
     /// A client connection whose writes make no progress for this long is closed (a client
-    /// that stopped reading); an HTTP/2 stream that has waited this long for flow-control
-    /// window is reset ([`h2_stall`]).
+    /// that stopped reading); an HTTP/2 stream that has had bytes to send and sent none for
+    /// this long is reset ([`h2_stall`]).
     pub send_timeout: Duration,
     /// Largest request head, HTTP/1 (request line and headers) or HTTP/2 (header list): 431
     /// beyond.
