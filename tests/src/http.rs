@@ -90,3 +90,19 @@ pub fn problem_kind(body: &serde_json::Value) -> &str {
         .and_then(|t| t.strip_prefix("https://sluice.dev/problems/"))
         .unwrap_or_default()
 }
+
+/// An HTTP/2 (prior knowledge) connection to `addr` whose streams start with `window` bytes of
+/// flow-control window; the client gives more only as a body is read.
+pub async fn h2_connection(
+    addr: SocketAddr,
+    window: u32,
+) -> anyhow::Result<hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>> {
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(addr).await?);
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake(io)
+            .await?;
+    tokio::spawn(connection);
+    Ok(sender)
+}

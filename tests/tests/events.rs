@@ -881,3 +881,53 @@ async fn a_client_that_stops_reading_is_closed_with_its_position() -> anyhow::Re
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_slow_http2_subscriber_that_still_reads_outlasts_the_send_timeout() -> anyhow::Result<()>
+{
+    use http_body_util::{BodyExt, Empty};
+    const EVENT: usize = 12 * 1024;
+    let node = DataPlane::start(
+        &memory_config("", ", start: earliest"),
+        &["--send-timeout", "1s"],
+    )?;
+    // Two large events in the topic: the stream hands the second to hyper while the first is
+    // still going out, so it waits to send for as long as the first takes.
+    let event = format!(r#"{{"pad":"{}"}}"#, "x".repeat(EVENT));
+    for _ in 0..2 {
+        let status = client()
+            .post(node.url("/events"))
+            .header("content-type", "application/json")
+            .body(event.clone())
+            .send()
+            .await?
+            .status();
+        assert_eq!(status, 202);
+    }
+    // 1 KB of window at a time, each given back 0.1 s after it came: about 2.4 s to take both
+    // events, more than twice the send timeout, with bytes moving all along.
+    let mut sender = sluice_tests::http::h2_connection(node.addr, 1024).await?;
+    let request = http::Request::get(node.url("/stream")).body(Empty::new())?;
+    let response = sender.send_request(request).await?;
+    assert_eq!(response.status(), 200);
+    let started = Instant::now();
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while text.matches("data: ").count() < 2 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .context("the stream went quiet before both events came")?
+            .context("the stream ended before both events came")?
+            .context("the stream was reset while the client still read it")?;
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data)?);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "both events came in {took:?}: the client did not hold them back, so this proves nothing"
+    );
+    Ok(())
+}

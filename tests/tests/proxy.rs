@@ -760,16 +760,10 @@ async fn an_http2_stream_given_no_window_is_reset_after_the_send_timeout() -> an
     use http_body_util::{BodyExt, Empty};
     let backend = EchoBackend::start("stalled-h2").await?;
     let node = DataPlane::start(&proxy_everything_to(&backend), &["--send-timeout", "1s"])?;
-    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(node.addr).await?);
     // A client that grants its streams no window and never opens it: a response's headers can
     // come, its body cannot. The connection itself goes on reading, so the socket never
     // stalls and only the stream can be seen to.
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(0)
-            .handshake::<_, Empty<bytes::Bytes>>(io)
-            .await?;
-    tokio::spawn(connection);
+    let mut sender = sluice_tests::http::h2_connection(node.addr, 0).await?;
     let sent = Instant::now();
     let request = http::Request::get(node.url("/stalled")).body(Empty::new())?;
     let response = sender.send_request(request).await?;
