@@ -20,9 +20,9 @@
 //! event stream between events) is not waiting to send and is never cut.
 //!
 //! Not covered: the last frame of a response (hyper's task ends once h2 holds it, so h2 keeps
-//! that one frame until the connection ends); and while the client is still uploading the
-//! request body, h2 sends the reset only when the upload ends (the response is dropped at
-//! once).
+//! that one frame until the client gives window or the connection ends); and while the client
+//! is still uploading the request body, h2 sends the reset only when the upload ends (the
+//! response is dropped at once).
 
 use std::future::Future;
 use std::pin::Pin;
