@@ -135,8 +135,13 @@ impl PublishRoute {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let started = Instant::now();
-        let result = self.publish_once(request, &context).await;
+        let mut counted = Counted {
+            topic: self.topic.clone(),
+            replayed: false,
+        };
+        let result = self.publish_once(request, &context, &mut counted).await;
         let outcome = match &result {
+            Ok(_) if counted.replayed => "replayed",
             Ok(_) if self.delivery == Delivery::Durable => "acknowledged",
             Ok(_) => "queued",
             Err(GatewayError::Publish(e)) => e.outcome(),
@@ -144,7 +149,7 @@ impl PublishRoute {
         };
         context
             .metrics
-            .event_published(&self.topic, outcome, started.elapsed().as_secs_f64());
+            .event_published(&counted.topic, outcome, started.elapsed().as_secs_f64());
         result
     }
 
@@ -154,6 +159,7 @@ impl PublishRoute {
         &self,
         request: Request<B>,
         context: &PublishContext<'_>,
+        counted: &mut Counted,
     ) -> Result<Response<ProxyBody>, GatewayError>
     where
         B: Body<Data = Bytes>,
@@ -162,7 +168,7 @@ impl PublishRoute {
         let (parts, body) = request.into_parts();
         let body = read_body(body, context.max_body_bytes).await?;
         let Some(key) = parts.headers.get(&IDEMPOTENCY_KEY) else {
-            let answer = self.publish(&parts, body, context).await?;
+            let answer = self.publish(&parts, body, context, counted).await?;
             return Ok(accepted(answer.to_string(), false));
         };
         let consumer = context.identity.map(|i| i.consumer_id);
@@ -175,10 +181,21 @@ impl PublishRoute {
             .await
             .map_err(GatewayError::Idempotency)?
         {
-            Claim::Replay(answer) => return Ok(accepted(answer.body, true)),
+            Claim::Replay(answer) => {
+                counted.replayed = true;
+                // The earlier request's topic, which a topic rule may have chosen.
+                if let Some(topic) = serde_json::from_str::<Value>(&answer.body)
+                    .ok()
+                    .as_ref()
+                    .and_then(|body| body["topic"].as_str())
+                {
+                    counted.topic = topic.into();
+                }
+                return Ok(accepted(answer.body, true));
+            }
             Claim::Won => {}
         }
-        match self.publish(&parts, body, context).await {
+        match self.publish(&parts, body, context, counted).await {
             Ok(answer) => {
                 let answer = StoredAnswer {
                     status: StatusCode::ACCEPTED.as_u16(),
@@ -202,6 +219,7 @@ impl PublishRoute {
         parts: &http::request::Parts,
         body: Bytes,
         context: &PublishContext<'_>,
+        counted: &mut Counted,
     ) -> Result<Value, GatewayError> {
         let event = cloudevents::read(self.mode, &parts.headers, &body).map_err(|e| match e {
             EventError::MediaType(detail) => GatewayError::UnsupportedMediaType(detail),
@@ -244,6 +262,7 @@ impl PublishRoute {
         let key = self.key(&parts.headers, json.as_ref(), context)?;
         // In structured mode pointers are into the whole event, as for the key.
         let topic = self.topic(&parts.headers, json.as_ref(), context).clone();
+        counted.topic = topic.clone();
         let mut headers = event.headers;
         headers.push(("sluice-event-id".into(), Bytes::from(event.id.clone())));
         headers.extend(caller_headers(
@@ -297,6 +316,14 @@ impl PublishRoute {
             })
             .map_or(&self.topic, |rule| &rule.topic)
     }
+}
+
+/// What the publish metric counts a request under: the topic its event went to (a topic rule's,
+/// or the route's when none matched or the request was refused before one was chosen), and
+/// whether it was answered from an earlier request with the same `Idempotency-Key`.
+struct Counted {
+    topic: Arc<str>,
+    replayed: bool,
 }
 
 /// The value `source` names in the request, or what is missing.

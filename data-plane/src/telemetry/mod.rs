@@ -289,9 +289,9 @@ impl Metrics {
         let publishes = Family::<PublishLabels, Counter>::default();
         registry.register(
             "event_publishes",
-            "Publish requests by topic and outcome: acknowledged (durable, the broker has it), \
-             queued (fire-and-forget), rejected (bad request or schema), queue_full, timeout, \
-             refused",
+            "Publish requests by the topic the event went to and outcome: acknowledged (durable, \
+             the broker has it), queued (fire-and-forget), replayed (a repeated Idempotency-Key), \
+             rejected (bad request or schema), queue_full, timeout, unavailable, refused",
             publishes.clone(),
         );
         let publish_duration =

@@ -57,17 +57,26 @@ async fn publish(
     request: Request<Full<Bytes>>,
     params: &[(&str, String)],
 ) -> (StatusCode, HeaderMap, Value) {
-    let metrics = Metrics::new();
+    let node = (Metrics::new(), Idempotency::new(Duration::from_secs(60)));
+    publish_on(&node, route, request, params).await
+}
+
+/// Publishes on a node whose metrics and idempotency store outlive one request.
+async fn publish_on(
+    (metrics, idempotency): &(Metrics, Idempotency),
+    route: &PublishRoute,
+    request: Request<Full<Bytes>>,
+    params: &[(&str, String)],
+) -> (StatusCode, HeaderMap, Value) {
     let request_id = HeaderValue::from_static("req-1");
-    let idempotency = Idempotency::new(Duration::from_secs(60));
     let context = PublishContext {
         route_id: "r1",
         params,
         identity: None,
         request_id: &request_id,
         max_body_bytes: 1024,
-        metrics: &metrics,
-        idempotency: &idempotency,
+        metrics,
+        idempotency,
         redis: None,
     };
     let response = match route.serve(request, context).await {
@@ -303,4 +312,52 @@ async fn topic_rules_pick_the_topic_in_order_and_the_route_topic_is_the_default(
     assert_eq!(events_on(&route, "europe").len(), 1);
     assert_eq!(events_on(&route, "vip").len(), 1);
     assert_eq!(events_on(&route, "orders").len(), 2);
+}
+
+#[tokio::test]
+async fn publishes_are_counted_under_the_topic_their_event_went_to() {
+    use pb::topic_rule::Condition;
+    let node = (Metrics::new(), Idempotency::new(Duration::from_secs(60)));
+    let broker = memory_broker(&node.0);
+    let route = route(
+        &broker,
+        pb::PublishAction {
+            topic_rules: vec![pb::TopicRule {
+                source: source(pb::value_source::Kind::JsonPointer("/kind".into())),
+                condition: Some(Condition::Equals("refund".into())),
+                topic: "refunds".into(),
+            }],
+            ..Default::default()
+        },
+    );
+    let refund = r#"{"kind":"refund"}"#;
+    for request in [
+        post(refund, &[]),
+        post(refund, &[("idempotency-key", "k1")]),
+        // A repeat: answered from the first, and the rule's topic is still its topic.
+        post(refund, &[("idempotency-key", "k1")]),
+        post(r#"{"kind":"order"}"#, &[]),
+        // Refused before a topic is chosen: counted under the route's topic.
+        post("not json", &[]),
+    ] {
+        publish_on(&node, &route, request, &[]).await;
+    }
+    assert_eq!(events_on(&route, "refunds").len(), 2);
+    assert_eq!(events_on(&route, "orders").len(), 1);
+    let text = node.0.encode();
+    let count = |labels: &str| {
+        let line = format!("sluice_event_publishes_total{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .unwrap_or_else(|| panic!("no {line} in:\n{text}"))
+            .to_owned()
+    };
+    assert_eq!(count(r#"topic="refunds",outcome="acknowledged""#), "2");
+    assert_eq!(count(r#"topic="refunds",outcome="replayed""#), "1");
+    assert_eq!(count(r#"topic="orders",outcome="acknowledged""#), "1");
+    assert_eq!(count(r#"topic="orders",outcome="rejected""#), "1");
+    assert!(
+        text.contains(r#"sluice_event_publish_duration_seconds_count{topic="refunds"} 3"#),
+        "{text}"
+    );
 }
