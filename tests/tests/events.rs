@@ -641,9 +641,12 @@ consumers:
   - name: globex
     custom_id: GLOBEX
     credentials: [{ api_key: { key: globex-key-0123456789 } }]
+  - name: initech
+    credentials: [{ api_key: { key: initech-key-0123456789 } }]
 subscriptions:
   - { consumer: acme, api: orders, plan: basic }
   - { consumer: globex, api: orders, plan: basic }
+  - { consumer: initech, api: orders, plan: basic }
 apis:
   - name: orders
     policies: [keys]
@@ -717,6 +720,33 @@ apis:
     );
     let anonymous = client().get(node.url("/orders/mine")).send().await?;
     assert_eq!(anonymous.status().as_u16(), 401);
+    // A consumer without the value its stream is filtered by (no custom_id) is refused, and
+    // the refusal is access control's: counted as a denial, not as an allowed request.
+    let unbound = client()
+        .get(node.url("/orders/mine"))
+        .header("x-api-key", "initech-key-0123456789")
+        .send()
+        .await?;
+    assert_eq!(unbound.status().as_u16(), 403);
+    let problem: Value = unbound.json().await?;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("custom_id")),
+        "{problem}"
+    );
+    let refused = r#"decision="deny",reason="identity_filter""#;
+    assert_eq!(
+        node.metric("sluice_access_decisions_total", refused)
+            .await?,
+        1.0
+    );
+    // Three publishes and ACME's stream were allowed; the refused stream was not.
+    assert_eq!(
+        node.metric("sluice_access_decisions_total", r#"decision="allow""#)
+            .await?,
+        4.0
+    );
     Ok(())
 }
 

@@ -308,6 +308,34 @@ impl SubscribeRoute {
         Ok(response)
     }
 
+    /// Whether the caller has every value the route's identity filters bind to: the last step
+    /// of access control on a subscribe route, so that a refusal is counted as one.
+    pub fn admits(&self, identity: Option<&Identity>) -> Result<(), Box<Denial>> {
+        self.bind_identity_filters(identity).map(drop)
+    }
+
+    /// The route's identity filters with the caller's values, or a 403 `identity_filter`
+    /// naming the value the caller lacks.
+    fn bind_identity_filters(
+        &self,
+        identity: Option<&Identity>,
+    ) -> Result<Vec<Filter>, Box<Denial>> {
+        self.identity_filters
+            .iter()
+            .map(|filter| filter.bind(identity))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|detail| {
+                Box::new(Denial {
+                    status: StatusCode::FORBIDDEN,
+                    reason: "identity_filter",
+                    detail,
+                    challenge: None,
+                    rate: None,
+                    retry_after: None,
+                })
+            })
+    }
+
     /// Where the stream starts (`Last-Event-ID`, else `?start=`, else the route's default)
     /// and the client's filters (`?key=`, `?header.NAME=`, `?json/POINTER=`).
     /// The caller's identity filters come first, and are not counted in [`MAX_FILTERS`].
@@ -320,20 +348,8 @@ impl SubscribeRoute {
         let mut start = None;
         let mut filters = Vec::new();
         let bound = self
-            .identity_filters
-            .iter()
-            .map(|filter| filter.bind(identity))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|detail| {
-                GatewayError::Denied(Box::new(Denial {
-                    status: StatusCode::FORBIDDEN,
-                    reason: "identity_filter",
-                    detail,
-                    challenge: None,
-                    rate: None,
-                    retry_after: None,
-                }))
-            })?;
+            .bind_identity_filters(identity)
+            .map_err(GatewayError::Denied)?;
         // Browsers cannot set headers on a WebSocket: the position may come in the query.
         let mut last_event_id = request
             .headers()

@@ -288,10 +288,18 @@ impl Gateway {
                 query: request.uri().query(),
                 certificate: connection.certificate.as_deref(),
             };
-            match access
+            let checked = access
                 .check(&caller, &config.holdings, &config.access, &self.guard)
                 .await
-            {
+                .and_then(|admission| match &route.action {
+                    // A subscriber lacking a value its stream is filtered by is refused here,
+                    // so that the refusal is counted and logged as access control's.
+                    Action::Subscribe(subscribe) => subscribe
+                        .admits(admission.identity.as_ref())
+                        .map(|()| admission),
+                    _ => Ok(admission),
+                });
+            match checked {
                 Ok(admission) => {
                     self.metrics.access_decision("allow", admission.reason);
                     outcome.decision = Some("allow");
