@@ -912,6 +912,81 @@ async fn a_client_that_stops_reading_is_closed_with_its_position() -> anyhow::Re
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_subscriber_catches_up_on_a_long_backlog_at_its_own_pace() -> anyhow::Result<()> {
+    use rdkafka::producer::FutureRecord;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Twice the shared feed's buffer (1024 events), large enough that socket buffers cannot
+    // hold the part the client has not read.
+    const EVENTS: usize = 2048;
+    let topic = TestTopic::create(1).await?;
+    let producer = topic.producer()?;
+    let value = format!("\"{}\"", "x".repeat(8 * 1024));
+    let sends = (0..EVENTS).map(|_| {
+        producer.send(
+            FutureRecord::<(), _>::to(&topic.name).payload(&value),
+            Duration::from_secs(20),
+        )
+    });
+    for sent in futures_util::future::join_all(sends).await {
+        sent.map_err(|(e, _)| anyhow::anyhow!("the backlog was not published: {e}"))?;
+    }
+    let node = DataPlane::start(&kafka_config(&kafka_bootstrap(), &topic.name, ""), &[])?;
+
+    // A client far behind (here: at the start) reads through a reader of its own. It opens the
+    // stream, then reads nothing for a while, with a small receive buffer: the broker has the
+    // whole backlog ready, and a reader that did not wait for its client would get the
+    // client a shared buffer behind and close it as slow.
+    let client_socket = tokio::net::TcpSocket::new_v4()?;
+    client_socket.set_recv_buffer_size(8192)?;
+    let mut socket = client_socket.connect(node.addr).await?;
+    socket
+        .write_all(b"GET /stream?start=earliest HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await?;
+    let mut unread = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    while !unread.windows(6).any(|w| w == b": ok\n\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk)).await??;
+        anyhow::ensure!(n > 0, "the stream closed before it opened");
+        unread.extend_from_slice(&chunk[..n]);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Then it reads as fast as it can, frame by frame, until it has every event.
+    let (mut events, mut last_id, mut closed) = (0, String::new(), None);
+    while events < EVENTS && closed.is_none() {
+        while let Some(end) = unread.windows(2).position(|w| w == b"\n\n") {
+            let frame: Vec<u8> = unread.drain(..end + 2).collect();
+            let frame = String::from_utf8_lossy(&frame);
+            if frame.contains("event: sluice-closed") {
+                closed = Some(frame.into_owned());
+                break;
+            }
+            if let Some(id) = frame.lines().find_map(|l| l.strip_prefix("id: ")) {
+                last_id = id.to_owned();
+                events += 1;
+            }
+        }
+        if events == EVENTS || closed.is_some() {
+            break;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut chunk))
+            .await
+            .with_context(|| format!("no more events after {events}"))??;
+        anyhow::ensure!(n > 0, "the node closed the stream after {events} events");
+        unread.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(closed, None, "closed as slow after {events} events");
+    assert_eq!(events, EVENTS);
+    assert_eq!(last_id, format!("0:{EVENTS}"), "every event, in order");
+    assert_eq!(
+        node.metric("sluice_event_subscribers_closed_slow_total", "")
+            .await?,
+        0.0
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_slow_http2_subscriber_that_still_reads_outlasts_the_send_timeout() -> anyhow::Result<()>
 {

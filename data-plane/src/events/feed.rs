@@ -2,10 +2,14 @@
 //! subscriber of that topic through a bounded broadcast buffer.
 //!
 //! A subscriber that starts at `latest` joins the topic's shared feed (started on the first
-//! such subscriber, stopped when the last one leaves). One that resumes from a position or
-//! starts at `earliest` reads through a private consumer, since it is somewhere else in the
-//! topic; those are limited per broker ([`PRIVATE_READERS`]), beyond which the client gets a
-//! 503 and retries.
+//! such subscriber, stopped when the last one leaves). The shared feed waits for nobody: a
+//! subscriber that falls its buffer behind is closed as slow. One that resumes from a position
+//! or starts at `earliest` reads through a private consumer, since it is somewhere else in the
+//! topic. A private reader serves one subscriber, so it reads at that subscriber's pace: a
+//! client catching up on a long backlog gets all of it on one connection, however fast the
+//! broker sends, with [`OWN_BUFFER`] events and librdkafka's prefetch ([`OWN_PREFETCH_KB`])
+//! between them. Private readers are limited per broker ([`PRIVATE_READERS`]), beyond which the
+//! client gets a 503 and retries.
 //!
 //! Consumers are assigned partitions explicitly (no consumer-group rebalancing, nothing
 //! committed): a subscriber's position lives in its client's `Last-Event-ID`, not in Kafka.
@@ -19,14 +23,22 @@ use bytes::Bytes;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Semaphore, broadcast, mpsc};
 
 use super::Record;
 use super::memory::{FEED_CAPACITY, StoredEvent};
-use super::subscribe::{Position, Source, Start, SubscribeError};
+use super::subscribe::{Live, Position, Source, Start, SubscribeError};
 
 /// Private readers (resumes, `earliest`) open at once per broker on this node.
 pub const PRIVATE_READERS: usize = 64;
+
+/// Events a private reader gets ahead of its subscriber before it waits for it.
+const OWN_BUFFER: usize = 64;
+
+/// librdkafka's prefetch for a private reader (`queued.max.messages.kbytes`, unless the
+/// broker's properties set it): what it fetches ahead while its subscriber is slow. librdkafka's
+/// default, 64 MB, times [`PRIVATE_READERS`] would be 4 GB.
+const OWN_PREFETCH_KB: &str = "2048";
 
 /// Limit on each blocking metadata / watermark request while a feed opens.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,7 +87,7 @@ impl Feed {
         (!state.closed).then(|| Source {
             position: state.position.clone(),
             backlog: Vec::new(),
-            live: state.live.subscribe(),
+            live: Live::Shared(state.live.subscribe()),
         })
     }
 }
@@ -117,13 +129,17 @@ impl Feeds {
                     .map_err(|_| SubscribeError::Busy {
                         broker: broker.clone(),
                     })?;
-            let (feed, consumer) = open(settings, topic, start).await.map_err(unavailable)?;
-            let source = feed.join().expect("a new feed is open");
+            let (position, consumer) = open(settings, topic, start).await.map_err(unavailable)?;
+            let (events, live) = mpsc::channel(OWN_BUFFER);
             tokio::spawn(async move {
-                run(&feed, consumer).await;
+                read_for_one(consumer, events).await;
                 drop(permit);
             });
-            return Ok(source);
+            return Ok(Source {
+                position,
+                backlog: Vec::new(),
+                live: Live::Own(live),
+            });
         }
         // Held while a feed opens, so concurrent first subscribers share one consumer.
         let mut shared = self.shared.lock().await;
@@ -134,9 +150,16 @@ impl Feeds {
         {
             return Ok(source);
         }
-        let (feed, consumer) = open(settings, topic, Start::Latest)
+        let (position, consumer) = open(settings, topic, Start::Latest)
             .await
             .map_err(unavailable)?;
+        let feed = Arc::new(Feed {
+            state: Mutex::new(FeedState {
+                position,
+                live: broadcast::channel(FEED_CAPACITY).0,
+                closed: false,
+            }),
+        });
         shared.insert(topic.clone(), Arc::downgrade(&feed));
         let source = feed.join().expect("a new feed is open");
         tokio::spawn(async move { run(&feed, consumer).await });
@@ -144,13 +167,17 @@ impl Feeds {
     }
 }
 
-/// Creates a consumer assigned every partition of `topic` at `start`.
+/// Creates a consumer assigned every partition of `topic` at `start`, and the position it
+/// starts from.
 async fn open(
     settings: &BTreeMap<String, String>,
     topic: &Arc<str>,
     start: Start,
-) -> Result<(Arc<Feed>, StreamConsumer), String> {
+) -> Result<(Position, StreamConsumer), String> {
     let mut config = ClientConfig::new();
+    if start != Start::Latest {
+        config.set("queued.max.messages.kbytes", OWN_PREFETCH_KB);
+    }
     for (key, value) in settings {
         if !PRODUCER_ONLY.contains(&key.as_str()) {
             config.set(key, value);
@@ -233,14 +260,7 @@ async fn open(
         consumer
             .assign(&assignment)
             .map_err(|e| format!("cannot assign the topic's partitions: {e}"))?;
-        let feed = Arc::new(Feed {
-            state: Mutex::new(FeedState {
-                position: Position(position),
-                live: broadcast::channel(FEED_CAPACITY).0,
-                closed: false,
-            }),
-        });
-        Ok((feed, consumer))
+        Ok((Position(position), consumer))
     })
     .await
     .map_err(|e| format!("opening the feed failed: {e}"))?
@@ -274,6 +294,27 @@ async fn run(feed: &Feed, consumer: StreamConsumer) {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Reads the topic for one subscriber, at its pace: the reader waits while `events` is full,
+/// and stops when the subscriber has gone.
+async fn read_for_one(consumer: StreamConsumer, events: mpsc::Sender<Arc<StoredEvent>>) {
+    loop {
+        let event = tokio::select! {
+            received = consumer.recv() => match received {
+                Ok(message) => Arc::new(stored(&message)),
+                Err(error) => {
+                    tracing::warn!(%error, "subscribe reader: cannot read the topic");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            },
+            () = events.closed() => return,
+        };
+        if events.send(event).await.is_err() {
+            return;
         }
     }
 }

@@ -170,7 +170,7 @@ impl Broker {
         topic: &Arc<str>,
         start: subscribe::Start,
     ) -> Result<subscribe::Source, subscribe::SubscribeError> {
-        use subscribe::{Position, Source, Start};
+        use subscribe::{Live, Position, Source, Start};
         match &self.kind {
             Kind::Kafka(kafka) => {
                 kafka
@@ -195,7 +195,7 @@ impl Broker {
                 Ok(Source {
                     position,
                     backlog: opened.backlog,
-                    live: opened.live,
+                    live: Live::Shared(opened.live),
                 })
             }
         }

@@ -9,7 +9,8 @@
 //! Live subscribers of a topic share one reader per node (a Kafka consumer, [`super::feed`],
 //! or the memory broker's live channel). A client that falls more than the feed's buffer
 //! behind is closed with a final `sluice-closed` event carrying its position, rather than
-//! being let grow memory; it resumes with that position.
+//! being let grow memory; it resumes with that position. A Kafka subscriber that resumes (or
+//! starts at `earliest`) reads through a consumer of its own, which waits for it instead.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -109,7 +110,29 @@ pub enum Start {
 pub struct Source {
     pub position: Position,
     pub backlog: Vec<Arc<StoredEvent>>,
-    pub live: broadcast::Receiver<Arc<StoredEvent>>,
+    pub live: Live,
+}
+
+/// Where a subscriber's events come from after its backlog.
+#[derive(Debug)]
+pub enum Live {
+    /// A feed shared with the topic's other live subscribers, which waits for none of them:
+    /// one that falls its buffer behind gets [`RecvError::Lagged`](broadcast::error::RecvError)
+    /// and is closed as slow.
+    Shared(broadcast::Receiver<Arc<StoredEvent>>),
+    /// A reader of the subscriber's own (a resume, or `earliest`), which reads the topic at the
+    /// subscriber's pace: it never lags.
+    Own(tokio::sync::mpsc::Receiver<Arc<StoredEvent>>),
+}
+
+impl Live {
+    /// The next event; `Closed` once the feed has stopped.
+    pub async fn recv(&mut self) -> Result<Arc<StoredEvent>, broadcast::error::RecvError> {
+        match self {
+            Live::Shared(shared) => shared.recv().await,
+            Live::Own(own) => own.recv().await.ok_or(broadcast::error::RecvError::Closed),
+        }
+    }
 }
 
 /// Why a subscription could not be opened.
@@ -490,16 +513,17 @@ pub(super) async fn admit(
 ///
 /// It has no task or queue of its own: it is the response body, polled by the connection's
 /// task, so an event wakes one task per subscriber and is written as soon as it is made. A
-/// client that stops reading stops being polled; it keeps its place in the feed's shared
-/// buffer, and is closed with its position once it falls a buffer behind, or cut off by the
-/// listener's send timeout if its connection's writes make no progress.
+/// client that stops reading stops being polled; on a shared feed it keeps its place in the
+/// feed's buffer, and is closed with its position once it falls a buffer behind; on a reader of
+/// its own the reader waits for it. Either way it is cut off by the listener's send timeout if
+/// its connection's writes make no progress.
 struct Subscriber {
     /// After the last event taken in (sent or passed over).
     position: Position,
     filters: Vec<Filter>,
     pacer: Option<Pacer>,
     backlog: std::vec::IntoIter<Arc<StoredEvent>>,
-    live: broadcast::Receiver<Arc<StoredEvent>>,
+    live: Live,
     beat: tokio::time::Interval,
     stage: Stage,
     counts: SubscriberCounts,
@@ -746,7 +770,7 @@ mod tests {
         let source = Source {
             position: Position([(0, opened.next_offset)].into()),
             backlog: Vec::new(),
-            live: opened.live,
+            live: Live::Shared(opened.live),
         };
         // More than the feed holds, before the subscriber reads anything.
         for _ in 0..super::super::memory::FEED_CAPACITY + 10 {
@@ -795,7 +819,7 @@ mod tests {
         let source = Source {
             position: Position([(0, 0)].into()),
             backlog: opened.backlog,
-            live: opened.live,
+            live: Live::Shared(opened.live),
         };
         let counts = test_counts();
         let (live, delivered) = (counts.subscribers.clone(), counts.delivered.clone());
