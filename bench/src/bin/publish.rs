@@ -29,9 +29,9 @@
 //! Settings: those of the `proxy` benchmark (`SLUICE_BENCH_SECONDS`, `_WARMUP`,
 //! `_CONNECTIONS`, `_WORKERS`, `SLUICE_BENCH_NGINX` / `_OHA`), `SLUICE_BENCH_RATE` (the fixed
 //! rate, default 2000 here), `SLUICE_BENCH_PARTITIONS` (of each topic, default 1),
-//! `SLUICE_BENCH_LINGER_MS` (`linger.ms` of the node's producer and the direct one instead of
-//! Sluice's default 5; an experiment, not the benchmark) and `SLUICE_BENCH_ONLY`
-//! (comma-separated among `proxy`, `publish`, `producer`).
+//! `SLUICE_BENCH_PRODUCER` (`key=value,...`: librdkafka settings for the node's producer and
+//! the direct one instead of Sluice's defaults, such as `linger.ms=5`; an experiment, not the
+//! benchmark) and `SLUICE_BENCH_ONLY` (comma-separated among `proxy`, `publish`, `producer`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -100,15 +100,26 @@ fn event_body() -> anyhow::Result<Vec<u8>> {
 }
 
 /// The bare proxy's configuration plus a broker and a durable publish route on [`PATH`];
-/// `linger_ms` overrides Sluice's `linger.ms`.
-fn publish_conf(backend: u16, bootstrap: &str, topic: &str, linger_ms: Option<u32>) -> String {
+/// `overrides` are the broker's `properties` (librdkafka settings in place of Sluice's).
+fn publish_conf(
+    backend: u16,
+    bootstrap: &str,
+    topic: &str,
+    overrides: &[(String, String)],
+) -> String {
     let servers: Vec<String> = bootstrap
         .split(',')
         .map(|s| format!("\"{}\"", s.trim()))
         .collect();
-    let properties = linger_ms.map_or_else(String::new, |ms| {
-        format!("\n      properties: {{ linger.ms: \"{ms}\" }}")
-    });
+    let properties = if overrides.is_empty() {
+        String::new()
+    } else {
+        let pairs: Vec<String> = overrides
+            .iter()
+            .map(|(key, value)| format!("{key}: \"{value}\""))
+            .collect();
+        format!("\n      properties: {{ {} }}", pairs.join(", "))
+    };
     // The bare proxy's document ends inside its routes: the publish route continues that
     // list, and the broker follows as a top-level key.
     format!(
@@ -228,22 +239,41 @@ struct ProducerRun {
     load_avg: f64,
 }
 
-/// Sluice's producer settings (the node's own defaults), `linger.ms` overridden by
-/// `linger_ms`, under this program's client id.
-fn producer_settings(linger_ms: Option<u32>) -> Vec<(&'static str, String)> {
-    sluice_data_plane::events::kafka::PRODUCER_DEFAULTS
+/// Sluice's producer settings (the node's own defaults) with `overrides` in their place or
+/// added, under this program's client id.
+fn producer_settings(overrides: &[(String, String)]) -> Vec<(String, String)> {
+    let mut settings: Vec<(String, String)> = sluice_data_plane::events::kafka::PRODUCER_DEFAULTS
         .iter()
-        .map(|(k, v)| match (*k, linger_ms) {
-            ("linger.ms", Some(ms)) => (*k, ms.to_string()),
-            ("client.id", _) => (*k, "sluice-bench".to_owned()),
-            _ => (*k, (*v).to_owned()),
+        .map(|(k, v)| match *k {
+            "client.id" => ((*k).to_owned(), "sluice-bench".to_owned()),
+            _ => ((*k).to_owned(), (*v).to_owned()),
+        })
+        .collect();
+    for (key, value) in overrides {
+        match settings.iter_mut().find(|(k, _)| k == key) {
+            Some(setting) => setting.1.clone_from(value),
+            None => settings.push((key.clone(), value.clone())),
+        }
+    }
+    settings
+}
+
+/// `SLUICE_BENCH_PRODUCER`: `key=value` pairs separated by commas.
+fn producer_overrides(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    text.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                Ok((key.trim().to_owned(), value.trim().to_owned()))
+            }
+            _ => bail!("SLUICE_BENCH_PRODUCER: {pair:?} is not key=value"),
         })
         .collect()
 }
 
-fn producer(bootstrap: &str, linger_ms: Option<u32>) -> anyhow::Result<FutureProducer> {
+fn producer(bootstrap: &str, overrides: &[(String, String)]) -> anyhow::Result<FutureProducer> {
     let mut config = ClientConfig::new();
-    for (key, value) in producer_settings(linger_ms) {
+    for (key, value) in producer_settings(overrides) {
         config.set(key, value);
     }
     config
@@ -349,18 +379,18 @@ async fn measure_producer(
     body: &[u8],
     count: u64,
     broker: Option<&BrokerProcess>,
-    linger_ms: Option<u32>,
+    overrides: &[(String, String)],
 ) -> anyhow::Result<ProducerRun> {
     let ticks = clock_ticks();
     let in_flight = settings.connections;
-    let producer = Arc::new(producer(bootstrap, linger_ms)?);
+    let producer = Arc::new(producer(bootstrap, overrides)?);
     let body: Arc<[u8]> = body.into();
     let warm_up = u64::from(in_flight) * 20;
     let command = format!(
         "rdkafka FutureProducer in {NAME} ({}): {count} events of {} B to {} at {bootstrap}, \
          {in_flight} sends in flight each awaiting its delivery report, after {warm_up} \
          warm-up events",
-        producer_settings(linger_ms)
+        producer_settings(overrides)
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
@@ -471,7 +501,7 @@ fn failure_warnings(publish: Option<&Target>, producer: Option<&ProducerRun>) ->
     warned
 }
 
-/// `make`: how the run was started (with `SLUICE_BENCH_LINGER_MS` when it was set).
+/// `make`: how the run was started (with `SLUICE_BENCH_PRODUCER` when it was set).
 fn rows(
     settings: &Settings,
     make: &str,
@@ -667,13 +697,8 @@ async fn run() -> anyhow::Result<()> {
         partitions >= 1,
         "SLUICE_BENCH_PARTITIONS must be at least 1"
     );
-    let linger_ms = match std::env::var("SLUICE_BENCH_LINGER_MS") {
-        Ok(ms) if !ms.is_empty() => Some(
-            ms.parse::<u32>()
-                .map_err(|_| anyhow::anyhow!("SLUICE_BENCH_LINGER_MS={ms:?} is not a number"))?,
-        ),
-        _ => None,
-    };
+    let overrides =
+        producer_overrides(&std::env::var("SLUICE_BENCH_PRODUCER").unwrap_or_default())?;
     if cfg!(debug_assertions) {
         eprintln!(
             "{NAME}: WARNING: a debug build; run with --release for figures that mean anything"
@@ -741,7 +766,7 @@ async fn run() -> anyhow::Result<()> {
         );
         let target = SluiceTarget {
             name: "publish",
-            config: publish_conf(backend_port, &bootstrap, &topic.name, linger_ms),
+            config: publish_conf(backend_port, &bootstrap, &topic.name, &overrides),
             args: Vec::new(),
             headers: &[],
             service: broker.as_ref().map(|b| b as &dyn CpuMeter),
@@ -771,7 +796,7 @@ async fn run() -> anyhow::Result<()> {
             &body,
             count,
             broker.as_ref(),
-            linger_ms,
+            &overrides,
         )
         .await?;
         topics.push((topic, run.events));
@@ -794,10 +819,14 @@ async fn run() -> anyhow::Result<()> {
         body_file.display(),
         body.len()
     );
-    if let Some(ms) = linger_ms {
+    let experiment = (!overrides.is_empty()).then(|| {
+        let pairs: Vec<String> = overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        pairs.join(",")
+    });
+    if let Some(pairs) = &experiment {
         println!(
-            "NOTE: linger.ms={ms} (SLUICE_BENCH_LINGER_MS) for the node's producer and the direct \
-             one, instead of Sluice's default 5: an experiment, not the benchmark"
+            "NOTE: {pairs} (SLUICE_BENCH_PRODUCER) for the node's producer and the direct one, \
+             in place of Sluice's defaults: an experiment, not the benchmark"
         );
     }
     // The broker must hold at least every event answered 202 (warm-up events come on top).
@@ -818,9 +847,9 @@ async fn run() -> anyhow::Result<()> {
         warnings(&settings, &targets) + failure_warnings(publish.as_ref(), producer.as_ref());
 
     if let Some(publish) = &publish {
-        let make = linger_ms.map_or_else(
+        let make = experiment.as_ref().map_or_else(
             || MAKE.to_owned(),
-            |ms| format!("SLUICE_BENCH_LINGER_MS={ms} {MAKE}"),
+            |pairs| format!("SLUICE_BENCH_PRODUCER={pairs} {MAKE}"),
         );
         let rows = rows(&settings, &make, proxy.as_ref(), publish, producer.as_ref());
         if !rows.is_empty() {
@@ -857,10 +886,32 @@ mod tests {
 
     #[test]
     fn the_publish_configuration_is_the_bare_proxy_plus_a_publish_route() {
-        let text = super::publish_conf(8081, "127.0.0.1:9092", "t1", Some(1));
+        let overrides = super::producer_overrides("linger.ms=5, socket.nagle.disable=false")
+            .expect("two pairs");
+        let text = super::publish_conf(8081, "127.0.0.1:9092", "t1", &overrides);
         let config = load(&text, Format::Yaml).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(config.apis[0].routes.len(), 2, "{text}");
         assert_eq!(config.brokers.len(), 1, "{text}");
-        assert!(text.contains("linger.ms: \"1\""), "{text}");
+        assert!(
+            text.contains(r#"properties: { linger.ms: "5", socket.nagle.disable: "false" }"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_direct_producer_takes_the_same_overrides_as_the_node() {
+        let overrides = super::producer_overrides("linger.ms=5,fetch.wait.max.ms=7").unwrap();
+        let settings = super::producer_settings(&overrides);
+        let get = |key: &str| {
+            settings
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("linger.ms"), Some("5"), "replaced in place");
+        assert_eq!(get("fetch.wait.max.ms"), Some("7"), "added");
+        assert_eq!(get("acks"), Some("all"), "the node's defaults stay");
+        assert_eq!(get("client.id"), Some("sluice-bench"));
+        assert!(super::producer_overrides("linger.ms").is_err());
     }
 }
