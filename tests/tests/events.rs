@@ -666,6 +666,17 @@ apis:
           start: earliest
           identity_filters:
             - { json_pointer: /customer, consumer: custom_id }
+  - name: public
+    routes:
+      - name: theirs
+        methods: [GET]
+        path: /public/mine
+        path_match: exact
+        subscribe:
+          broker: local
+          topic: orders
+          identity_filters:
+            - { json_pointer: /customer, consumer: custom_id }
 "#;
     let node = DataPlane::start(config, &[])?;
     let post = |key: &'static str, body: &'static str| {
@@ -735,11 +746,15 @@ apis:
             .is_some_and(|d| d.contains("custom_id")),
         "{problem}"
     );
+    // A route with no policies but identity filters knows no caller: it refuses everyone,
+    // and says so in the same count.
+    let nobody = client().get(node.url("/public/mine")).send().await?;
+    assert_eq!(nobody.status().as_u16(), 403);
     let refused = r#"decision="deny",reason="identity_filter""#;
     assert_eq!(
         node.metric("sluice_access_decisions_total", refused)
             .await?,
-        1.0
+        2.0
     );
     // Three publishes and ACME's stream were allowed; the refused stream was not.
     assert_eq!(

@@ -19,7 +19,7 @@ use serde_json::Value;
 use sluice_proto::pb;
 
 use super::cloudevents::{self, EventError, Mode};
-use super::idempotency::{Claim, Idempotency, StoredAnswer};
+use super::idempotency::{Claim, Idempotency, IdempotencyError, StoredAnswer};
 use super::{Acks, Broker, Delivered, Delivery, Record, caller_headers, now_ms};
 use crate::auth::Identity;
 use crate::ratelimit::RedisLimiter;
@@ -145,6 +145,8 @@ impl PublishRoute {
             Ok(_) if self.delivery == Delivery::Durable => "acknowledged",
             Ok(_) => "queued",
             Err(GatewayError::Publish(e)) => e.outcome(),
+            // Redis could not say whether the key was used: nothing was published (503).
+            Err(GatewayError::Idempotency(IdempotencyError::Unavailable(_))) => "unavailable",
             Err(_) => "rejected",
         };
         context
@@ -183,13 +185,17 @@ impl PublishRoute {
         {
             Claim::Replay(answer) => {
                 counted.replayed = true;
-                // The earlier request's topic, which a topic rule may have chosen.
-                if let Some(topic) = serde_json::from_str::<Value>(&answer.body)
-                    .ok()
-                    .as_ref()
-                    .and_then(|body| body["topic"].as_str())
+                // The earlier request's topic, which a topic rule may have chosen (one of the
+                // route's topics: a stored answer does not add series of its own).
+                let body = serde_json::from_str::<Value>(&answer.body).ok();
+                let stored = body.as_ref().and_then(|body| body["topic"].as_str());
+                if let Some(topic) = self
+                    .topic_rules
+                    .iter()
+                    .map(|rule| &rule.topic)
+                    .find(|t| Some(&***t) == stored)
                 {
-                    counted.topic = topic.into();
+                    counted.topic = topic.clone();
                 }
                 return Ok(accepted(answer.body, true));
             }

@@ -331,6 +331,12 @@ impl SubscribeRoute {
         Ok(response)
     }
 
+    /// Whether the route's streams are filtered by the caller's identity; a route with no
+    /// policies then still goes through access control, which refuses every caller.
+    pub fn filters_by_identity(&self) -> bool {
+        !self.identity_filters.is_empty()
+    }
+
     /// Whether the caller has every value the route's identity filters bind to: the last step
     /// of access control on a subscribe route, so that a refusal is counted as one.
     pub fn admits(&self, identity: Option<&Identity>) -> Result<(), Box<Denial>> {

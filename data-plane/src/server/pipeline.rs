@@ -279,7 +279,9 @@ impl Gateway {
                 m.min(self.limits.max_body_bytes)
             });
         check_declared_length(&request, max_body_bytes)?;
-        let identity = if access.is_open() {
+        let filters_by_identity =
+            matches!(&route.action, Action::Subscribe(s) if s.filters_by_identity());
+        let identity = if access.is_open() && !filters_by_identity {
             None
         } else {
             let caller = Caller {
