@@ -967,7 +967,9 @@ async fn a_resumed_subscriber_catches_up_on_a_long_backlog_at_its_own_pace() -> 
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    // Then it reads as fast as it can, frame by frame, until it has every event.
+    // Then it reads as fast as it can, frame by frame, until it has every event (heartbeats
+    // keep a stalled stream talking: the whole read has a deadline).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let (mut events, mut last_id, mut closed) = (0, String::new(), None);
     while events < EVENTS && closed.is_none() {
         while let Some(end) = unread.windows(2).position(|w| w == b"\n\n") {
@@ -985,9 +987,9 @@ async fn a_resumed_subscriber_catches_up_on_a_long_backlog_at_its_own_pace() -> 
         if events == EVENTS || closed.is_some() {
             break;
         }
-        let n = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut chunk))
+        let n = tokio::time::timeout_at(deadline, socket.read(&mut chunk))
             .await
-            .with_context(|| format!("no more events after {events}"))??;
+            .with_context(|| format!("only {events} events within 60 s"))??;
         anyhow::ensure!(n > 0, "the node closed the stream after {events} events");
         unread.extend_from_slice(&chunk[..n]);
     }
@@ -998,6 +1000,75 @@ async fn a_resumed_subscriber_catches_up_on_a_long_backlog_at_its_own_pace() -> 
         node.metric("sluice_event_subscribers_closed_slow_total", "")
             .await?,
         0.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_subscriber_behind_more_bytes_than_the_feed_keeps_is_closed_as_slow()
+-> anyhow::Result<()> {
+    use rdkafka::producer::FutureRecord;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Far fewer events than the feed's 1024, twice the bytes it keeps (16 MB).
+    const EVENTS: usize = 64;
+    let topic = TestTopic::create(1).await?;
+    let node = DataPlane::start(&kafka_config(&kafka_bootstrap(), &topic.name, ""), &[])?;
+    let client_socket = tokio::net::TcpSocket::new_v4()?;
+    client_socket.set_recv_buffer_size(8192)?;
+    let mut socket = client_socket.connect(node.addr).await?;
+    socket
+        .write_all(b"GET /stream HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await?;
+    let mut received = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    while !received.windows(6).any(|w| w == b": ok\n\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk)).await??;
+        anyhow::ensure!(n > 0, "the stream closed before it opened");
+        received.extend_from_slice(&chunk[..n]);
+    }
+    // The client reads nothing while the events arrive.
+    let producer = topic.producer()?;
+    let value = "x".repeat(512 * 1024);
+    let sends = (0..EVENTS).map(|_| {
+        producer.send(
+            FutureRecord::<(), _>::to(&topic.name).payload(&value),
+            Duration::from_secs(20),
+        )
+    });
+    for sent in futures_util::future::join_all(sends).await {
+        sent.map_err(|(e, _)| anyhow::anyhow!("an event was not published: {e}"))?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Then it reads what it is sent, until the node closes the stream (a stream left open
+    // sends heartbeats: the client gives up after 30 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = tokio::time::timeout_at(deadline, socket.read(&mut chunk)).await;
+        let Ok(n) = n else { break };
+        let n = n?;
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&received);
+    let data_events = text.matches("data: xxxx").count();
+    assert!(
+        data_events < EVENTS,
+        "the client got every event ({data_events}): the feed kept them all"
+    );
+    let closing = text
+        .find("event: sluice-closed")
+        .context("no sluice-closed event")?;
+    assert!(
+        text[closing..].contains("\"last_event_id\":\"0:"),
+        "{}",
+        &text[closing..closing.saturating_add(300).min(text.len())]
+    );
+    assert_eq!(
+        node.metric("sluice_event_subscribers_closed_slow_total", "")
+            .await?,
+        1.0
     );
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! Kafka feeds for subscribers: one consumer per topic per node, fanned out to every live
-//! subscriber of that topic through a bounded broadcast buffer.
+//! subscriber of that topic through a bounded broadcast buffer, and a consumer of its own for
+//! each subscriber elsewhere in the topic.
 //!
 //! A subscriber that starts at `latest` joins the topic's shared feed (started on the first
 //! such subscriber, stopped when the last one leaves). The shared feed waits for nobody: a
-//! subscriber that falls its buffer behind is closed as slow. One that resumes from a position
+//! subscriber that falls its buffer behind is closed as slow. The buffer is the last
+//! [`FEED_CAPACITY`] events and at most [`FEED_BYTES`] of them, so that large events do not make
+//! it large (the newest event is always kept, whatever its size). One that resumes from a position
 //! or starts at `earliest` reads through a private consumer, since it is somewhere else in the
 //! topic. A private reader serves one subscriber, so it reads at that subscriber's pace: a
 //! client catching up on a long backlog gets all of it on one connection, however fast the
@@ -15,7 +18,7 @@
 //! committed): a subscriber's position lives in its client's `Last-Event-ID`, not in Kafka.
 //! Partitions added to a topic after its feed started are not read until the feed restarts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -23,7 +26,7 @@ use bytes::Bytes;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 
 use super::Record;
 use super::memory::{FEED_CAPACITY, StoredEvent};
@@ -32,13 +35,25 @@ use super::subscribe::{Live, Position, Source, Start, SubscribeError};
 /// Private readers (resumes, `earliest`) open at once per broker on this node.
 pub const PRIVATE_READERS: usize = 64;
 
-/// Events a private reader gets ahead of its subscriber before it waits for it.
+/// The most a shared feed keeps of its last events for subscribers behind it, in record bytes
+/// ([`StoredEvent::size`]; the SSE frames made of them come on top).
+pub const FEED_BYTES: usize = 16 << 20;
+
+/// Events a private reader gets ahead of its subscriber before it waits for it...
 const OWN_BUFFER: usize = 64;
+
+/// ...or fewer, at most this many record bytes (one event is always let through).
+const OWN_BUFFER_BYTES: usize = 1 << 20;
 
 /// librdkafka's prefetch for a private reader (`queued.max.messages.kbytes`, unless the
 /// broker's properties set it): what it fetches ahead while its subscriber is slow. librdkafka's
 /// default, 64 MB, times [`PRIVATE_READERS`] would be 4 GB.
 const OWN_PREFETCH_KB: &str = "2048";
+
+/// How long librdkafka waits before fetching again once the prefetch is full
+/// (`fetch.queue.backoff.ms`, unless the broker's properties set it). Its default, 1 s, would
+/// hold a client catching up to about one prefetch (2 MB) a second.
+const OWN_FETCH_BACKOFF_MS: &str = "10";
 
 /// Limit on each blocking metadata / watermark request while a feed opens.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,9 +90,43 @@ pub struct Feed {
 struct FeedState {
     /// After the last event sent: what a subscriber joining now starts from.
     position: Position,
-    live: broadcast::Sender<Arc<StoredEvent>>,
+    /// Each event by weak reference: what `held` let go of is gone for a subscriber behind it.
+    live: broadcast::Sender<Weak<StoredEvent>>,
+    /// The last events, as many as subscribers behind may still be given.
+    held: VecDeque<Arc<StoredEvent>>,
+    /// Their [`StoredEvent::size`]s added up.
+    held_bytes: usize,
     /// Set (under the lock) when the feed stops, so nobody joins a feed with no reader.
     closed: bool,
+}
+
+impl FeedState {
+    fn new(position: Position) -> Self {
+        FeedState {
+            position,
+            live: broadcast::channel(FEED_CAPACITY).0,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            closed: false,
+        }
+    }
+
+    /// Takes in the next event: keeps it, lets go of the oldest beyond [`FEED_CAPACITY`]
+    /// events or [`FEED_BYTES`], and sends it to the subscribers. False when none is left.
+    fn send(&mut self, event: Arc<StoredEvent>) -> bool {
+        self.position.0.insert(event.partition, event.offset + 1);
+        let live = Arc::downgrade(&event);
+        self.held_bytes += event.size();
+        self.held.push_back(event);
+        while self.held.len() > FEED_CAPACITY
+            || (self.held_bytes > FEED_BYTES && self.held.len() > 1)
+        {
+            if let Some(oldest) = self.held.pop_front() {
+                self.held_bytes -= oldest.size();
+            }
+        }
+        self.live.send(live).is_ok()
+    }
 }
 
 impl Feed {
@@ -131,14 +180,15 @@ impl Feeds {
                     })?;
             let (position, consumer) = open(settings, topic, start).await.map_err(unavailable)?;
             let (events, live) = mpsc::channel(OWN_BUFFER);
+            let bytes = Arc::new(Semaphore::new(OWN_BUFFER_BYTES));
             tokio::spawn(async move {
-                read_for_one(consumer, events).await;
+                read_for_one(consumer, events, bytes).await;
                 drop(permit);
             });
             return Ok(Source {
                 position,
                 backlog: Vec::new(),
-                live: Live::Own(live),
+                live: Live::Own(OwnFeed { events: live }),
             });
         }
         // Held while a feed opens, so concurrent first subscribers share one consumer.
@@ -154,11 +204,7 @@ impl Feeds {
             .await
             .map_err(unavailable)?;
         let feed = Arc::new(Feed {
-            state: Mutex::new(FeedState {
-                position,
-                live: broadcast::channel(FEED_CAPACITY).0,
-                closed: false,
-            }),
+            state: Mutex::new(FeedState::new(position)),
         });
         shared.insert(topic.clone(), Arc::downgrade(&feed));
         let source = feed.join().expect("a new feed is open");
@@ -176,7 +222,9 @@ async fn open(
 ) -> Result<(Position, StreamConsumer), String> {
     let mut config = ClientConfig::new();
     if start != Start::Latest {
-        config.set("queued.max.messages.kbytes", OWN_PREFETCH_KB);
+        config
+            .set("queued.max.messages.kbytes", OWN_PREFETCH_KB)
+            .set("fetch.queue.backoff.ms", OWN_FETCH_BACKOFF_MS);
     }
     for (key, value) in settings {
         if !PRODUCER_ONLY.contains(&key.as_str()) {
@@ -275,8 +323,7 @@ async fn run(feed: &Feed, consumer: StreamConsumer) {
                 Ok(message) => {
                     let event = Arc::new(stored(&message));
                     let mut state = feed.state.lock().unwrap_or_else(|e| e.into_inner());
-                    state.position.0.insert(event.partition, event.offset + 1);
-                    if state.live.send(event).is_err() {
+                    if !state.send(event) {
                         state.closed = true;
                         return;
                     }
@@ -298,9 +345,28 @@ async fn run(feed: &Feed, consumer: StreamConsumer) {
     }
 }
 
-/// Reads the topic for one subscriber, at its pace: the reader waits while `events` is full,
-/// and stops when the subscriber has gone.
-async fn read_for_one(consumer: StreamConsumer, events: mpsc::Sender<Arc<StoredEvent>>) {
+/// The subscriber's end of a private reader: events handed over, each with its share of
+/// [`OWN_BUFFER_BYTES`], given back as the subscriber takes it.
+#[derive(Debug)]
+pub struct OwnFeed {
+    events: mpsc::Receiver<(Arc<StoredEvent>, OwnedSemaphorePermit)>,
+}
+
+impl OwnFeed {
+    /// The next event; `None` once the reader has stopped.
+    pub async fn recv(&mut self) -> Option<Arc<StoredEvent>> {
+        // Its bytes go back to the reader here: the subscriber holds the event, not the buffer.
+        self.events.recv().await.map(|(event, _share)| event)
+    }
+}
+
+/// Reads the topic for one subscriber, at its pace: the reader waits while the subscriber has
+/// [`OWN_BUFFER`] events or [`OWN_BUFFER_BYTES`] not yet taken, and stops when it has gone.
+async fn read_for_one(
+    consumer: StreamConsumer,
+    events: mpsc::Sender<(Arc<StoredEvent>, OwnedSemaphorePermit)>,
+    bytes: Arc<Semaphore>,
+) {
     loop {
         let event = tokio::select! {
             received = consumer.recv() => match received {
@@ -313,7 +379,16 @@ async fn read_for_one(consumer: StreamConsumer, events: mpsc::Sender<Arc<StoredE
             },
             () = events.closed() => return,
         };
-        if events.send(event).await.is_err() {
+        // An event larger than the whole allowance waits for all of it.
+        let share = u32::try_from(event.size().clamp(1, OWN_BUFFER_BYTES)).unwrap_or(u32::MAX);
+        let permit = tokio::select! {
+            permit = bytes.clone().acquire_many_owned(share) => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = events.closed() => return,
+        };
+        if events.send((event, permit)).await.is_err() {
             return;
         }
     }
@@ -345,4 +420,51 @@ fn stored(message: &rdkafka::message::BorrowedMessage<'_>) -> StoredEvent {
             timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::subscribe::Live;
+
+    fn event(offset: i64, bytes: usize) -> Arc<StoredEvent> {
+        Arc::new(StoredEvent::new(
+            0,
+            offset,
+            Record {
+                topic: "t".into(),
+                key: None,
+                value: Bytes::from(vec![b'x'; bytes]),
+                headers: Vec::new(),
+                timestamp_ms: 0,
+            },
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_feed_keeps_at_most_its_bytes_and_a_subscriber_behind_them_lags() {
+        let mut state = FeedState::new(Position::default());
+        let mut behind = Live::Shared(state.live.subscribe());
+        let mut current = Live::Shared(state.live.subscribe());
+        // Far fewer events than the feed holds by count, more bytes than it keeps.
+        let big = FEED_BYTES / 4;
+        for offset in 0..8 {
+            assert!(state.send(event(offset, big)));
+            assert_eq!(current.recv().await.unwrap().offset, offset);
+        }
+        assert_eq!(state.held.len(), 4, "the newest events that fit");
+        assert_eq!(state.held_bytes, 4 * big);
+        assert_eq!(state.position, Position([(0, 8)].into()));
+        assert!(
+            matches!(
+                behind.recv().await,
+                Err(broadcast::error::RecvError::Lagged(_))
+            ),
+            "event 0 was let go: the subscriber still at it is behind what the feed keeps"
+        );
+        // One event larger than the budget is still kept: the newest always is.
+        assert!(state.send(event(8, FEED_BYTES * 2)));
+        assert_eq!(state.held.len(), 1);
+        assert_eq!(current.recv().await.unwrap().offset, 8);
+    }
 }

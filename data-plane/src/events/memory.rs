@@ -6,7 +6,7 @@
 //! events for subscribers that start at `earliest` or resume from an earlier position.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
 
@@ -19,7 +19,8 @@ use super::{Delivered, Record};
 /// Events kept per topic when the resource does not say.
 pub const DEFAULT_RETAINED_EVENTS: usize = 1000;
 
-/// Events a live subscriber may fall behind before it is closed as slow.
+/// Events a live subscriber may fall behind before it is closed as slow (fewer when the
+/// topic retains fewer, or on Kafka when they are large: see [`super::feed`]).
 pub const FEED_CAPACITY: usize = 1024;
 
 /// An event as the memory broker stored it.
@@ -42,6 +43,13 @@ impl StoredEvent {
             sse_frame: OnceLock::new(),
         }
     }
+
+    /// The record's bytes: key, value and headers.
+    pub fn size(&self) -> usize {
+        let record = &self.record;
+        let headers: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        record.key.as_ref().map_or(0, Bytes::len) + record.value.len() + headers
+    }
 }
 
 #[derive(Debug)]
@@ -53,7 +61,9 @@ pub struct MemoryBroker {
 #[derive(Debug)]
 struct Topic {
     log: Mutex<Log>,
-    live: broadcast::Sender<Arc<StoredEvent>>,
+    /// Live events, by weak reference: the log holds them, and a subscriber given an event
+    /// the log no longer holds has fallen further behind than the topic retains.
+    live: broadcast::Sender<Weak<StoredEvent>>,
 }
 
 #[derive(Debug, Default)]
@@ -67,7 +77,7 @@ struct Log {
 #[derive(Debug)]
 pub struct Subscription {
     pub backlog: Vec<Arc<StoredEvent>>,
-    pub live: broadcast::Receiver<Arc<StoredEvent>>,
+    pub live: broadcast::Receiver<Weak<StoredEvent>>,
     /// The offset the next event will have.
     pub next_offset: i64,
 }
@@ -112,9 +122,10 @@ impl MemoryBroker {
         if log.events.len() == self.retained {
             log.events.pop_front();
         }
+        // Held before it is sent, so that every subscriber given it finds it.
         log.events.push_back(event.clone());
         // No live subscriber is not an error: the event is retained.
-        let _ = topic.live.send(event);
+        let _ = topic.live.send(Arc::downgrade(&event));
         delivered
     }
 
@@ -201,7 +212,7 @@ mod tests {
         let backlog: Vec<i64> = subscription.backlog.iter().map(|e| e.offset).collect();
         assert_eq!(backlog, [1, 2]);
         assert_eq!(subscription.next_offset, 3);
-        let live = subscription.live.recv().await.unwrap();
+        let live = subscription.live.recv().await.unwrap().upgrade().unwrap();
         assert_eq!((live.offset, &live.record.value[..]), (3, &b"3"[..]));
     }
 }

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -118,18 +118,23 @@ pub struct Source {
 pub enum Live {
     /// A feed shared with the topic's other live subscribers, which waits for none of them:
     /// one that falls its buffer behind gets [`RecvError::Lagged`](broadcast::error::RecvError)
-    /// and is closed as slow.
-    Shared(broadcast::Receiver<Arc<StoredEvent>>),
+    /// and is closed as slow. Events come by weak reference: the feed holds what it keeps
+    /// (by count, and on Kafka by bytes), and an event it has let go is a lag too.
+    Shared(broadcast::Receiver<Weak<StoredEvent>>),
     /// A reader of the subscriber's own (a resume, or `earliest`), which reads the topic at the
     /// subscriber's pace: it never lags.
-    Own(tokio::sync::mpsc::Receiver<Arc<StoredEvent>>),
+    Own(super::feed::OwnFeed),
 }
 
 impl Live {
     /// The next event; `Closed` once the feed has stopped.
     pub async fn recv(&mut self) -> Result<Arc<StoredEvent>, broadcast::error::RecvError> {
         match self {
-            Live::Shared(shared) => shared.recv().await,
+            Live::Shared(shared) => shared
+                .recv()
+                .await?
+                .upgrade()
+                .ok_or(broadcast::error::RecvError::Lagged(1)),
             Live::Own(own) => own.recv().await.ok_or(broadcast::error::RecvError::Closed),
         }
     }
@@ -517,7 +522,8 @@ pub(super) async fn admit(
 /// One SSE subscriber: its place in the topic, and the frames it is sent, made one at a time
 /// as its connection takes them.
 ///
-/// It has no task or queue of its own: it is the response body, polled by the connection's
+/// It has no task or queue of its own (a resumed Kafka subscriber's reader has, see
+/// [`super::feed`]): it is the response body, polled by the connection's
 /// task, so an event wakes one task per subscriber and is written as soon as it is made. A
 /// client that stops reading stops being polled; on a shared feed it keeps its place in the
 /// feed's buffer, and is closed with its position once it falls a buffer behind; on a reader of
