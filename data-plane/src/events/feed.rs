@@ -5,14 +5,15 @@
 //! A subscriber that starts at `latest` joins the topic's shared feed (started on the first
 //! such subscriber, stopped when the last one leaves). The shared feed waits for nobody: a
 //! subscriber that falls its buffer behind is closed as slow. The buffer is the last
-//! [`FEED_CAPACITY`] events and at most [`FEED_BYTES`] of them, so that large events do not make
-//! it large (the newest event is always kept, whatever its size). One that resumes from a position
-//! or starts at `earliest` reads through a private consumer, since it is somewhere else in the
-//! topic. A private reader serves one subscriber, so it reads at that subscriber's pace: a
-//! client catching up on a long backlog gets all of it on one connection, however fast the
-//! broker sends, with [`OWN_BUFFER`] events and librdkafka's prefetch ([`OWN_PREFETCH_KB`])
-//! between them. Private readers are limited per broker ([`PRIVATE_READERS`]), beyond which the
-//! client gets a 503 and retries.
+//! [`FEED_CAPACITY`] events and, besides the newest, at most [`FEED_BYTES`] of them, so that
+//! large events do not make it large. One that resumes from a position or starts at `earliest`
+//! reads through a private consumer, since it is somewhere else in the topic. A private reader
+//! serves one subscriber, so it reads at that subscriber's pace: a client catching up on a long
+//! backlog gets all of it on one connection, however fast the broker sends, with at most
+//! [`OWN_BUFFER`] events and [`OWN_BUFFER_BYTES`] between them, and librdkafka's prefetch
+//! ([`OWN_PREFETCH_KB`], refetched [`OWN_FETCH_BACKOFF_MS`] after it was full) behind that.
+//! Private readers are limited per broker ([`PRIVATE_READERS`]), beyond which the client gets a
+//! 503 and retries.
 //!
 //! Consumers are assigned partitions explicitly (no consumer-group rebalancing, nothing
 //! committed): a subscriber's position lives in its client's `Last-Event-ID`, not in Kafka.
@@ -35,8 +36,10 @@ use super::subscribe::{Live, Position, Source, Start, SubscribeError};
 /// Private readers (resumes, `earliest`) open at once per broker on this node.
 pub const PRIVATE_READERS: usize = 64;
 
-/// The most a shared feed keeps of its last events for subscribers behind it, in record bytes
-/// ([`StoredEvent::size`]; the SSE frames made of them come on top).
+/// The most a shared feed keeps of its last events, besides the newest, for subscribers behind
+/// it, in record bytes ([`StoredEvent::size`]; the SSE frames made of them, about as large,
+/// come on top). Besides the newest: one event this large does not close every subscriber that
+/// has not read the one before.
 pub const FEED_BYTES: usize = 16 << 20;
 
 /// Events a private reader gets ahead of its subscriber before it waits for it...
@@ -112,14 +115,16 @@ impl FeedState {
     }
 
     /// Takes in the next event: keeps it, lets go of the oldest beyond [`FEED_CAPACITY`]
-    /// events or [`FEED_BYTES`], and sends it to the subscribers. False when none is left.
+    /// events or, besides it, [`FEED_BYTES`], and sends it to the subscribers. False when none
+    /// is left.
     fn send(&mut self, event: Arc<StoredEvent>) -> bool {
         self.position.0.insert(event.partition, event.offset + 1);
         let live = Arc::downgrade(&event);
-        self.held_bytes += event.size();
+        let newest = event.size();
+        self.held_bytes += newest;
         self.held.push_back(event);
         while self.held.len() > FEED_CAPACITY
-            || (self.held_bytes > FEED_BYTES && self.held.len() > 1)
+            || (self.held.len() > 1 && self.held_bytes - newest > FEED_BYTES)
         {
             if let Some(oldest) = self.held.pop_front() {
                 self.held_bytes -= oldest.size();
@@ -380,7 +385,8 @@ async fn read_for_one(
             () = events.closed() => return,
         };
         // An event larger than the whole allowance waits for all of it.
-        let share = u32::try_from(event.size().clamp(1, OWN_BUFFER_BYTES)).unwrap_or(u32::MAX);
+        let share = u32::try_from(event.size().clamp(1, OWN_BUFFER_BYTES))
+            .expect("OWN_BUFFER_BYTES fits in u32");
         let permit = tokio::select! {
             permit = bytes.clone().acquire_many_owned(share) => match permit {
                 Ok(permit) => permit,
@@ -452,8 +458,12 @@ mod tests {
             assert!(state.send(event(offset, big)));
             assert_eq!(current.recv().await.unwrap().offset, offset);
         }
-        assert_eq!(state.held.len(), 4, "the newest events that fit");
-        assert_eq!(state.held_bytes, 4 * big);
+        assert_eq!(
+            state.held.len(),
+            5,
+            "the newest, and the ones before it that fit"
+        );
+        assert_eq!(state.held_bytes, 5 * big);
         assert_eq!(state.position, Position([(0, 8)].into()));
         assert!(
             matches!(
@@ -462,9 +472,11 @@ mod tests {
             ),
             "event 0 was let go: the subscriber still at it is behind what the feed keeps"
         );
-        // One event larger than the budget is still kept: the newest always is.
+        // One event larger than the budget is kept beside the budget's worth before it, so a
+        // subscriber one event behind is not closed by it.
         assert!(state.send(event(8, FEED_BYTES * 2)));
-        assert_eq!(state.held.len(), 1);
+        assert_eq!(state.held.len(), 5);
+        assert_eq!(state.held.front().unwrap().offset, 4);
         assert_eq!(current.recv().await.unwrap().offset, 8);
     }
 }
