@@ -855,17 +855,19 @@ async fn message_rate_limits_pace_streams_and_refuse_extra_publishes() -> anyhow
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_closed_with_its_position() -> anyhow::Result<()> {
+/// Opens an SSE stream on `path` over plain HTTP/1.1 with a small receive buffer, so that the
+/// kernel does not hold much of what the client does not read; returns the socket once the
+/// stream has opened, and what was read so far.
+async fn open_unread_stream(
+    node: &DataPlane,
+    path: &str,
+) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let config = memory_config("retained_events: 16", "");
-    let node = DataPlane::start(&config, &[])?;
-    // A small receive buffer, so that the kernel does not hold what the client does not read.
     let client_socket = tokio::net::TcpSocket::new_v4()?;
     client_socket.set_recv_buffer_size(8192)?;
     let mut socket = client_socket.connect(node.addr).await?;
     socket
-        .write_all(b"GET /stream HTTP/1.1\r\nhost: test\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
         .await?;
     let mut received = Vec::new();
     let mut chunk = vec![0u8; 65536];
@@ -874,6 +876,33 @@ async fn a_client_that_stops_reading_is_closed_with_its_position() -> anyhow::Re
         anyhow::ensure!(n > 0, "the stream closed before it opened");
         received.extend_from_slice(&chunk[..n]);
     }
+    Ok((socket, received))
+}
+
+/// Produces `count` events with `value` to `topic` straight to the broker, all in flight at
+/// once.
+async fn produce_copies(topic: &TestTopic, count: usize, value: &str) -> anyhow::Result<()> {
+    use rdkafka::producer::FutureRecord;
+    let producer = topic.producer()?;
+    let sends = (0..count).map(|_| {
+        producer.send(
+            FutureRecord::<(), _>::to(&topic.name).payload(value),
+            Duration::from_secs(20),
+        )
+    });
+    for sent in futures_util::future::join_all(sends).await {
+        sent.map_err(|(e, _)| anyhow::anyhow!("an event was not published: {e}"))?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_with_its_position() -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let config = memory_config("retained_events: 16", "");
+    let node = DataPlane::start(&config, &[])?;
+    let (mut socket, mut received) = open_unread_stream(&node, "/stream").await?;
+    let mut chunk = vec![0u8; 65536];
     // The client stops reading while more events than the feed holds (16, the topic's
     // retained events) are published: large ones, so that socket buffers cannot hold them all.
     let body = format!("\"{}\"", "x".repeat(64 * 1024));
@@ -929,42 +958,20 @@ async fn a_client_that_stops_reading_is_closed_with_its_position() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_subscriber_catches_up_on_a_long_backlog_at_its_own_pace() -> anyhow::Result<()> {
-    use rdkafka::producer::FutureRecord;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     // Twice the shared feed's buffer (1024 events), large enough that socket buffers cannot
     // hold the part the client has not read.
     const EVENTS: usize = 2048;
     let topic = TestTopic::create(1).await?;
-    let producer = topic.producer()?;
-    let value = format!("\"{}\"", "x".repeat(8 * 1024));
-    let sends = (0..EVENTS).map(|_| {
-        producer.send(
-            FutureRecord::<(), _>::to(&topic.name).payload(&value),
-            Duration::from_secs(20),
-        )
-    });
-    for sent in futures_util::future::join_all(sends).await {
-        sent.map_err(|(e, _)| anyhow::anyhow!("the backlog was not published: {e}"))?;
-    }
+    produce_copies(&topic, EVENTS, &format!("\"{}\"", "x".repeat(8 * 1024))).await?;
     let node = DataPlane::start(&kafka_config(&kafka_bootstrap(), &topic.name, ""), &[])?;
 
     // A client far behind (here: at the start) reads through a reader of its own. It opens the
     // stream, then reads nothing for a while, with a small receive buffer: the broker has the
     // whole backlog ready, and a reader that did not wait for its client would get the
     // client a shared buffer behind and close it as slow.
-    let client_socket = tokio::net::TcpSocket::new_v4()?;
-    client_socket.set_recv_buffer_size(8192)?;
-    let mut socket = client_socket.connect(node.addr).await?;
-    socket
-        .write_all(b"GET /stream?start=earliest HTTP/1.1\r\nhost: test\r\n\r\n")
-        .await?;
-    let mut unread = Vec::new();
+    let (mut socket, mut unread) = open_unread_stream(&node, "/stream?start=earliest").await?;
     let mut chunk = vec![0u8; 65536];
-    while !unread.windows(6).any(|w| w == b": ok\n\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk)).await??;
-        anyhow::ensure!(n > 0, "the stream closed before it opened");
-        unread.extend_from_slice(&chunk[..n]);
-    }
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // Then it reads as fast as it can, frame by frame, until it has every event (heartbeats
@@ -1007,37 +1014,15 @@ async fn a_resumed_subscriber_catches_up_on_a_long_backlog_at_its_own_pace() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_subscriber_behind_more_bytes_than_the_feed_keeps_is_closed_as_slow()
 -> anyhow::Result<()> {
-    use rdkafka::producer::FutureRecord;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     // Far fewer events than the feed's 1024, twice the bytes it keeps (16 MB).
     const EVENTS: usize = 64;
     let topic = TestTopic::create(1).await?;
     let node = DataPlane::start(&kafka_config(&kafka_bootstrap(), &topic.name, ""), &[])?;
-    let client_socket = tokio::net::TcpSocket::new_v4()?;
-    client_socket.set_recv_buffer_size(8192)?;
-    let mut socket = client_socket.connect(node.addr).await?;
-    socket
-        .write_all(b"GET /stream HTTP/1.1\r\nhost: test\r\n\r\n")
-        .await?;
-    let mut received = Vec::new();
+    let (mut socket, mut received) = open_unread_stream(&node, "/stream").await?;
     let mut chunk = vec![0u8; 65536];
-    while !received.windows(6).any(|w| w == b": ok\n\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk)).await??;
-        anyhow::ensure!(n > 0, "the stream closed before it opened");
-        received.extend_from_slice(&chunk[..n]);
-    }
     // The client reads nothing while the events arrive.
-    let producer = topic.producer()?;
-    let value = "x".repeat(512 * 1024);
-    let sends = (0..EVENTS).map(|_| {
-        producer.send(
-            FutureRecord::<(), _>::to(&topic.name).payload(&value),
-            Duration::from_secs(20),
-        )
-    });
-    for sent in futures_util::future::join_all(sends).await {
-        sent.map_err(|(e, _)| anyhow::anyhow!("an event was not published: {e}"))?;
-    }
+    produce_copies(&topic, EVENTS, &"x".repeat(512 * 1024)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Then it reads what it is sent, until the node closes the stream (a stream left open
     // sends heartbeats: the client gives up after 30 s).
