@@ -307,9 +307,10 @@ impl SubscribeRoute {
         &self,
         request: &Request<B>,
         context: SubscribeContext<'_>,
+        identity_filters: Vec<Filter>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let metrics = context.metrics;
-        let (start, filters) = self.options(request, context.identity)?;
+        let (start, filters) = self.options(request, identity_filters)?;
         let pacer = self.pacer(context);
         let source = self
             .broker
@@ -342,18 +343,11 @@ impl SubscribeRoute {
         !self.identity_filters.is_empty()
     }
 
-    /// Whether the caller has every value the route's identity filters bind to: the last step
-    /// of access control on a subscribe route, so that a refusal is counted as one.
-    pub fn admits(&self, identity: Option<&Identity>) -> Result<(), Box<Denial>> {
-        self.bind_identity_filters(identity).map(drop)
-    }
-
     /// The route's identity filters with the caller's values, or a 403 `identity_filter`
-    /// naming the value the caller lacks.
-    fn bind_identity_filters(
-        &self,
-        identity: Option<&Identity>,
-    ) -> Result<Vec<Filter>, Box<Denial>> {
+    /// naming the value the caller lacks: the last step of access control on a subscribe
+    /// route, so that a refusal is counted as one. The filters go to [`Self::serve`] or
+    /// [`Self::serve_websocket`].
+    pub fn bind_identity(&self, identity: Option<&Identity>) -> Result<Vec<Filter>, Box<Denial>> {
         self.identity_filters
             .iter()
             .map(|filter| filter.bind(identity))
@@ -372,18 +366,16 @@ impl SubscribeRoute {
 
     /// Where the stream starts (`Last-Event-ID`, else `?start=`, else the route's default)
     /// and the client's filters (`?key=`, `?header.NAME=`, `?json/POINTER=`).
-    /// The caller's identity filters come first, and are not counted in [`MAX_FILTERS`].
+    /// The caller's identity filters (bound by [`Self::bind_identity`]) come first, and are
+    /// not counted in [`MAX_FILTERS`].
     pub(super) fn options<B>(
         &self,
         request: &Request<B>,
-        identity: Option<&Identity>,
+        identity_filters: Vec<Filter>,
     ) -> Result<(Start, Vec<Filter>), GatewayError> {
         let invalid = |detail: String| GatewayError::InvalidEvent(detail);
         let mut start = None;
         let mut filters = Vec::new();
-        let bound = self
-            .bind_identity_filters(identity)
-            .map_err(GatewayError::Denied)?;
         // Browsers cannot set headers on a WebSocket: the position may come in the query.
         let mut last_event_id = request
             .headers()
@@ -422,7 +414,7 @@ impl SubscribeRoute {
         if filters.len() > MAX_FILTERS {
             return Err(invalid(format!("at most {MAX_FILTERS} filters")));
         }
-        filters.splice(0..0, bound);
+        filters.splice(0..0, identity_filters);
         if let Some(text) = last_event_id.as_deref().filter(|t| !t.is_empty()) {
             let position = Position::parse(text).map_err(|reason| {
                 invalid(format!(

@@ -32,7 +32,6 @@ use super::memory::StoredEvent;
 use super::pacing::Pacer;
 use super::subscribe::{Filter, Position, Source, SubscribeRoute, admit};
 use super::{Acks, Broker, Delivery, Record, now_ms};
-use crate::auth::Identity;
 use crate::server::error::GatewayError;
 use crate::telemetry::Metrics;
 use crate::upstream::{ProxyBody, empty_body};
@@ -46,8 +45,8 @@ pub const CLOSE_SLOW: u16 = 4001;
 /// What a WebSocket subscription needs from the request and the node.
 #[derive(Debug)]
 pub struct WebSocketContext {
-    /// The authenticated caller, for the route's identity filters.
-    pub identity: Option<Identity>,
+    /// The route's identity filters with the caller's values ([`SubscribeRoute::bind_identity`]).
+    pub identity_filters: Vec<Filter>,
     /// The subscriber's message budgets ([`SubscribeRoute::pacer`]).
     pub pacer: Option<Pacer>,
     /// Record headers naming the caller and the request (for events the client publishes).
@@ -72,10 +71,11 @@ impl SubscribeRoute {
     pub async fn serve_websocket(
         &self,
         mut request: Request<Incoming>,
-        context: WebSocketContext,
+        mut context: WebSocketContext,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let accept = accept_key(&request)?;
-        let (start, filters) = self.options(&request, context.identity.as_ref())?;
+        let identity_filters = std::mem::take(&mut context.identity_filters);
+        let (start, filters) = self.options(&request, identity_filters)?;
         let source = self
             .broker
             .subscribe(&self.topic, start)

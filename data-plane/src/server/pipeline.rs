@@ -281,8 +281,8 @@ impl Gateway {
         check_declared_length(&request, max_body_bytes)?;
         let filters_by_identity =
             matches!(&route.action, Action::Subscribe(s) if s.filters_by_identity());
-        let identity = if access.is_open() && !filters_by_identity {
-            None
+        let (identity, identity_filters) = if access.is_open() && !filters_by_identity {
+            (None, Vec::new())
         } else {
             let caller = Caller {
                 ip: connection.client.ip(),
@@ -297,18 +297,18 @@ impl Gateway {
                     // A subscriber lacking a value its stream is filtered by is refused here,
                     // so that the refusal is counted and logged as access control's.
                     Action::Subscribe(subscribe) => subscribe
-                        .admits(admission.identity.as_ref())
-                        .map(|()| admission),
-                    _ => Ok(admission),
+                        .bind_identity(admission.identity.as_ref())
+                        .map(|filters| (admission, filters)),
+                    _ => Ok((admission, Vec::new())),
                 });
             match checked {
-                Ok(admission) => {
+                Ok((admission, identity_filters)) => {
                     self.metrics.access_decision("allow", admission.reason);
                     outcome.decision = Some("allow");
                     outcome.reason = Some(admission.reason);
                     outcome.rate = admission.rate.map(|r| r.decision);
                     outcome.consumer = admission.identity.as_ref().map(|i| i.consumer_id);
-                    admission.identity
+                    (admission.identity, identity_filters)
                 }
                 Err(denial) => {
                     self.metrics.access_decision("deny", denial.reason);
@@ -345,7 +345,7 @@ impl Gateway {
                 });
                 let context = WebSocketContext {
                     headers: caller_headers(identity.as_ref(), request_id, request.headers()),
-                    identity,
+                    identity_filters,
                     pacer,
                     max_message_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
                     metrics: self.metrics.clone(),
@@ -361,6 +361,7 @@ impl Gateway {
                             metrics: &self.metrics,
                             guard: &self.guard,
                         },
+                        identity_filters,
                     )
                     .await
             }
