@@ -51,6 +51,7 @@ bench: services
 	$(CARGO) run --release --locked -p sluice-bench --bin access; \
 	$(CARGO) run --release --locked -p sluice-bench --bin publish; \
 	$(CARGO) run --release --locked -p sluice-bench --bin fanout; \
+	SLUICE_BENCH_BROKER=kafka $(CARGO) run --release --locked -p sluice-bench --bin fanout; \
 	$(CARGO) bench --locked -p sluice-bench --bench access_decision; \
 	$(CARGO) run --release --locked -p sluice-bench --bin propagation; \
 	$(CARGO) run --release --locked -p sluice-bench --bin scale

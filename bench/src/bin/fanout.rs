@@ -1,8 +1,12 @@
 //! SSE fan-out (issue 7's benchmark): many concurrent subscribers of one topic on one node,
 //! one event per second, and how late each event reaches each subscriber.
 //!
-//! One `sluice-dp` (release) serves a memory-broker topic: a publish route and a subscribe
-//! route. This program opens `SLUICE_BENCH_CLIENTS` SSE streams (default 10,000; plain TCP,
+//! One `sluice-dp` (release) serves a topic: a publish route and a subscribe route. The topic
+//! is on the memory broker by default; with `SLUICE_BENCH_BROKER=kafka` it is a fresh topic on
+//! the Kafka broker at `SLUICE_TEST_KAFKA_BOOTSTRAP` (the services' tansu by default), read by
+//! the node's shared feed, so that each latency also holds the durable publish and the feed's
+//! fetch (the node's `fetch.wait.max.ms` is `SLUICE_BENCH_FETCH_WAIT_MS`, default 5: see
+//! [`KAFKA_FETCH_WAIT_MS`]). This program opens `SLUICE_BENCH_CLIENTS` SSE streams (default 10,000; plain TCP,
 //! HTTP/1.1, each stream read by its own task), then publishes one event per second for
 //! `SLUICE_BENCH_SECONDS` (default 20) through the publish route. Each event's body is the
 //! wall-clock time it was sent, in nanoseconds; a subscriber's delivery latency is its receive
@@ -21,6 +25,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use sluice_bench::harness::{Server, clock_ticks, env_num, fresh_dir, sluice_dp};
 use sluice_bench::{Row, report};
+use sluice_tests::kafka::TestTopic;
+use sluice_tests::kafka_bootstrap;
 use sluice_tests::ports::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -33,11 +39,77 @@ const GOAL_KB_PER_CONNECTION: f64 = 16.0;
 /// Streams opened at once while connecting.
 const CONNECT_CONCURRENCY: usize = 256;
 
-fn config() -> &'static str {
-    "format_version: 1
+/// The node's `fetch.wait.max.ms` on Kafka unless `SLUICE_BENCH_FETCH_WAIT_MS` says. tansu
+/// 0.6.0 answers a fetch only after sleeping (half of the wait left, or all of it under 250 ms)
+/// even when it already has records, so librdkafka's default of 500 ms would add a quarter of a
+/// second or more to every delivery; a broker that answers a long poll as soon as records
+/// arrive (Apache Kafka) needs no such setting.
+const KAFKA_FETCH_WAIT_MS: u32 = 5;
+
+/// Where the benchmark's topic lives.
+enum Broker {
+    Memory,
+    /// A topic of its own, deleted when the benchmark ends, and the node's `fetch.wait.max.ms`.
+    Kafka(TestTopic, u32),
+}
+
+impl Broker {
+    async fn from_env() -> anyhow::Result<Self> {
+        match std::env::var("SLUICE_BENCH_BROKER").as_deref() {
+            Err(_) | Ok("memory") => Ok(Broker::Memory),
+            Ok("kafka") => Ok(Broker::Kafka(
+                TestTopic::create(1).await?,
+                env_num("SLUICE_BENCH_FETCH_WAIT_MS", KAFKA_FETCH_WAIT_MS)?,
+            )),
+            Ok(other) => anyhow::bail!("SLUICE_BENCH_BROKER is memory or kafka, not {other:?}"),
+        }
+    }
+
+    /// The report's name, so that the two brokers' results do not overwrite each other.
+    fn report_name(&self) -> &'static str {
+        match self {
+            Broker::Memory => NAME,
+            Broker::Kafka(..) => "fanout-kafka",
+        }
+    }
+
+    /// The environment that chose it, for the report's command line.
+    fn env(&self) -> String {
+        match self {
+            Broker::Memory => "SLUICE_BENCH_BROKER=memory".to_owned(),
+            Broker::Kafka(_, wait) => {
+                format!("SLUICE_BENCH_BROKER=kafka SLUICE_BENCH_FETCH_WAIT_MS={wait}")
+            }
+        }
+    }
+
+    /// How the broker was set, for the report.
+    fn described(&self) -> String {
+        match self {
+            Broker::Memory => "memory broker".to_owned(),
+            Broker::Kafka(_, wait) => format!("kafka, fetch.wait.max.ms {wait}"),
+        }
+    }
+
+    fn config(&self) -> String {
+        let (broker, topic) = match self {
+            Broker::Memory => (
+                "  - name: local\n    memory: { retained_events: 100 }".to_owned(),
+                "ticks",
+            ),
+            Broker::Kafka(topic, wait) => (
+                format!(
+                    "  - name: local\n    kafka: {{ bootstrap_servers: [\"{}\"], \
+                     properties: {{ fetch.wait.max.ms: \"{wait}\" }} }}",
+                    kafka_bootstrap()
+                ),
+                topic.name.as_str(),
+            ),
+        };
+        format!(
+            "format_version: 1
 brokers:
-  - name: local
-    memory: { retained_events: 100 }
+{broker}
 apis:
   - name: bench
     routes:
@@ -45,13 +117,15 @@ apis:
         methods: [POST]
         path: /events
         path_match: exact
-        publish: { broker: local, topic: ticks }
+        publish: {{ broker: local, topic: {topic} }}
       - name: stream
         methods: [GET]
         path: /stream
         path_match: exact
-        subscribe: { broker: local, topic: ticks, start: latest, heartbeat: 60s }
+        subscribe: {{ broker: local, topic: {topic}, start: latest, heartbeat: 60s }}
 "
+        )
+    }
 }
 
 fn now_ns() -> u64 {
@@ -150,10 +224,12 @@ async fn run() -> anyhow::Result<()> {
     let clients: usize = env_num("SLUICE_BENCH_CLIENTS", 10_000)?;
     let seconds: usize = env_num("SLUICE_BENCH_SECONDS", 20)?;
     let workers: usize = env_num("SLUICE_BENCH_WORKERS", 1)?;
+    let broker = Broker::from_env().await?;
+    let name = broker.report_name();
     let (dp, _) = sluice_dp(NAME).await?;
-    let dir = fresh_dir(NAME)?;
+    let dir = fresh_dir(name)?;
     let file = dir.join("fanout.yaml");
-    std::fs::write(&file, config())?;
+    std::fs::write(&file, broker.config())?;
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let args = vec![
@@ -172,7 +248,7 @@ async fn run() -> anyhow::Result<()> {
     server.wait_ready(admin, "/readyz", &[], "").await?;
     let rss_before_kb = server.usage().rss_kb;
 
-    eprintln!("{NAME}: opening {clients} streams");
+    eprintln!("{name}: opening {clients} streams");
     let opened = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut readers = Vec::with_capacity(clients);
@@ -197,7 +273,7 @@ async fn run() -> anyhow::Result<()> {
     let kb_per_connection =
         (rss_open_kb.saturating_sub(rss_before_kb)) as f64 / clients.max(1) as f64;
     eprintln!(
-        "{NAME}: {} streams open in {connect_time:?}; node RSS {rss_before_kb} KB -> {rss_open_kb} KB",
+        "{name}: {} streams open in {connect_time:?}; node RSS {rss_before_kb} KB -> {rss_open_kb} KB",
         opened.load(Ordering::Relaxed)
     );
 
@@ -227,10 +303,14 @@ async fn run() -> anyhow::Result<()> {
     let rss_peak_kb = server.usage().hwm_kb;
     drop(server);
 
-    let peer = format!("{clients} SSE clients, 1 event/s for {seconds} s, --workers {workers}");
+    let peer = format!(
+        "{clients} SSE clients, 1 event/s for {seconds} s, --workers {workers}, {}",
+        broker.described()
+    );
     let command = format!(
-        "{MAKE}; SLUICE_BENCH_CLIENTS={clients} SLUICE_BENCH_SECONDS={seconds} \
-         SLUICE_BENCH_WORKERS={workers}"
+        "{MAKE}; {} SLUICE_BENCH_CLIENTS={clients} SLUICE_BENCH_SECONDS={seconds} \
+         SLUICE_BENCH_WORKERS={workers}",
+        broker.env()
     );
     let rows = vec![
         Row::new(
@@ -290,7 +370,7 @@ async fn run() -> anyhow::Result<()> {
             &command,
         ),
     ];
-    report(NAME, &rows)?;
+    report(name, &rows)?;
     Ok(())
 }
 
