@@ -30,6 +30,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc};
 
 use super::Record;
+use super::kafka::PRODUCER_ONLY;
 use super::memory::{FEED_CAPACITY, StoredEvent};
 use super::subscribe::{Live, Position, Source, Start, SubscribeError};
 
@@ -63,25 +64,6 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often an idle feed checks whether anyone still listens.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
-
-/// Producer settings a consumer has no use for (librdkafka would warn about each).
-const PRODUCER_ONLY: &[&str] = &[
-    "enable.idempotence",
-    "acks",
-    "request.required.acks",
-    "message.timeout.ms",
-    "delivery.timeout.ms",
-    "queue.buffering.max.messages",
-    "queue.buffering.max.kbytes",
-    "queue.buffering.max.ms",
-    "linger.ms",
-    "compression.type",
-    "compression.codec",
-    "batch.num.messages",
-    "batch.size",
-    "retries",
-    "message.send.max.retries",
-];
 
 /// One running consumer and the subscribers it feeds.
 #[derive(Debug)]
@@ -225,26 +207,7 @@ async fn open(
     topic: &Arc<str>,
     start: Start,
 ) -> Result<(Position, StreamConsumer), String> {
-    let mut config = ClientConfig::new();
-    if start != Start::Latest {
-        config
-            .set("queued.max.messages.kbytes", OWN_PREFETCH_KB)
-            .set("fetch.queue.backoff.ms", OWN_FETCH_BACKOFF_MS);
-    }
-    for (key, value) in settings {
-        if !PRODUCER_ONLY.contains(&key.as_str()) {
-            config.set(key, value);
-        }
-    }
-    config
-        .set(
-            "group.id",
-            format!("sluice-dp-feed-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        // A position older than the topic's retention resumes at the oldest event kept.
-        .set("auto.offset.reset", "earliest");
+    let config = consumer_config(settings, &start);
     let topic = topic.clone();
     // Metadata and watermark requests block: off the async workers.
     tokio::task::spawn_blocking(move || {
@@ -317,6 +280,31 @@ async fn open(
     })
     .await
     .map_err(|e| format!("opening the feed failed: {e}"))?
+}
+
+/// A reader's settings: the broker's, less those only a producer takes, and Sluice's own.
+fn consumer_config(settings: &BTreeMap<String, String>, start: &Start) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    if *start != Start::Latest {
+        config
+            .set("queued.max.messages.kbytes", OWN_PREFETCH_KB)
+            .set("fetch.queue.backoff.ms", OWN_FETCH_BACKOFF_MS);
+    }
+    for (key, value) in settings {
+        if !PRODUCER_ONLY.contains(&key.as_str()) {
+            config.set(key, value);
+        }
+    }
+    config
+        .set(
+            "group.id",
+            format!("sluice-dp-feed-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        // A position older than the topic's retention resumes at the oldest event kept.
+        .set("auto.offset.reset", "earliest");
+    config
 }
 
 /// Reads the topic and broadcasts each event until no subscriber is left.
@@ -432,6 +420,32 @@ fn stored(message: &rdkafka::message::BorrowedMessage<'_>) -> StoredEvent {
 mod tests {
     use super::*;
     use crate::events::subscribe::Live;
+
+    #[test]
+    fn readers_take_no_producer_settings_and_private_ones_prefetch_less() {
+        let settings: BTreeMap<String, String> = [
+            ("acks", "all"),
+            ("linger.ms", "1"),
+            ("request.timeout.ms", "3000"),
+            ("fetch.wait.max.ms", "5"),
+            ("client.id", "sluice-dp"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let shared = consumer_config(&settings, &Start::Latest);
+        for producer_only in ["acks", "linger.ms", "request.timeout.ms"] {
+            assert_eq!(shared.get(producer_only), None, "{producer_only}");
+        }
+        assert_eq!(shared.get("fetch.wait.max.ms"), Some("5"));
+        assert_eq!(shared.get("client.id"), Some("sluice-dp"));
+        assert_eq!(shared.get("queued.max.messages.kbytes"), None);
+        let private = consumer_config(&settings, &Start::Earliest);
+        assert_eq!(
+            private.get("queued.max.messages.kbytes"),
+            Some(OWN_PREFETCH_KB)
+        );
+    }
 
     fn event(offset: i64, bytes: usize) -> Arc<StoredEvent> {
         Arc::new(StoredEvent::new(

@@ -41,6 +41,74 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "sluice-dp"),
 ];
 
+/// The broker's `properties` serve its producers and its subscribers' readers (consumers);
+/// each is given only the settings of its own role, since librdkafka warns of every setting of
+/// the other role that it ignores. These are librdkafka 2.12's producer-only settings (`P` in
+/// its CONFIGURATION.md)...
+pub(super) const PRODUCER_ONLY: &[&str] = &[
+    "transactional.id",
+    "transaction.timeout.ms",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "queue.buffering.backpressure.threshold",
+    "linger.ms",
+    "message.send.max.retries",
+    "retries",
+    "compression.codec",
+    "compression.type",
+    "compression.level",
+    "batch.num.messages",
+    "batch.size",
+    "delivery.report.only.error",
+    "sticky.partitioning.linger.ms",
+    "request.required.acks",
+    "acks",
+    "request.timeout.ms",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "queuing.strategy",
+    "produce.offset.report",
+    "partitioner",
+];
+
+/// ...and its consumer-only ones (`C`).
+pub(super) const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "group.protocol.type",
+    "group.protocol",
+    "group.remote.assignor",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "enable.auto.commit",
+    "auto.commit.enable",
+    "auto.commit.interval.ms",
+    "enable.auto.offset.store",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "offset.store.method",
+    "offset.store.path",
+    "offset.store.sync.interval.ms",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+    "auto.offset.reset",
+    "consume.callback.max.messages",
+];
+
 /// Extra wait past `message.timeout.ms` for the delivery report itself, so that the report
 /// (and not our own timer) decides the answer whenever librdkafka keeps its promise.
 const REPORT_GRACE: Duration = Duration::from_secs(1);
@@ -258,7 +326,9 @@ impl Producer {
     fn new(settings: &BTreeMap<String, String>) -> Result<Self, String> {
         let mut client = ClientConfig::new();
         for (key, value) in settings {
-            client.set(key, value);
+            if !CONSUMER_ONLY.contains(&key.as_str()) {
+                client.set(key, value);
+            }
         }
         let producer: FutureProducer = client
             .create()
@@ -381,6 +451,20 @@ mod tests {
         let all = leader_broker.settings_for(Acks::All);
         assert_eq!(acks_and_idempotence(&all), ("all", "false"));
         assert!(broker(&[("acks", "-1")]).sends_with(Acks::All));
+    }
+
+    #[test]
+    fn producers_take_no_consumer_settings() {
+        let broker = broker(&[("fetch.wait.max.ms", "5"), ("compression.type", "lz4")]);
+        let leader = broker.producer_for(Acks::Leader).unwrap();
+        for producer in [&broker.producer, leader] {
+            assert_eq!(producer.client.get("fetch.wait.max.ms"), None);
+            assert_eq!(producer.client.get("compression.type"), Some("lz4"));
+        }
+        assert_eq!(
+            broker.settings["fetch.wait.max.ms"], "5",
+            "kept for the readers"
+        );
     }
 
     #[test]
