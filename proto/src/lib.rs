@@ -12,6 +12,7 @@
 pub mod declarative;
 pub mod error;
 pub mod hash;
+pub mod kafka;
 pub mod resource;
 pub mod snapshot;
 pub mod time;

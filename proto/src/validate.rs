@@ -1420,11 +1420,27 @@ impl<'a> Checker<'a> {
                         check_host_port(server),
                     );
                 }
-                if kafka.properties.contains_key("bootstrap.servers") {
+                if kafka.properties.contains_key("bootstrap.servers")
+                    || kafka.properties.contains_key("metadata.broker.list")
+                {
                     self.error(
                         format!("{base}.kafka.properties"),
                         "set bootstrap.servers with bootstrap_servers",
                     );
+                }
+                // Sorted, so that errors come in a stable order.
+                let mut keys: Vec<&String> = kafka.properties.keys().collect();
+                keys.sort();
+                for key in keys {
+                    if let Some(other) = crate::kafka::alias_of(key)
+                        && key.as_str() < other
+                        && kafka.properties.contains_key(other)
+                    {
+                        self.error(
+                            format!("{base}.kafka.properties"),
+                            format!("{key} and {other} are one librdkafka setting: set only one"),
+                        );
+                    }
                 }
             }
             Some(Kind::Memory(_)) => {}

@@ -6,8 +6,9 @@
 //! the Kafka broker at `SLUICE_TEST_KAFKA_BOOTSTRAP` (the services' tansu by default), read by
 //! the node's shared feed, so that each latency also holds the durable publish and the feed's
 //! fetch (the node's `fetch.wait.max.ms` is `SLUICE_BENCH_FETCH_WAIT_MS`, default 5: see
-//! [`KAFKA_FETCH_WAIT_MS`]). This program opens `SLUICE_BENCH_CLIENTS` SSE streams (default 10,000; plain TCP,
-//! HTTP/1.1, each stream read by its own task), then publishes one event per second for
+//! [`KAFKA_FETCH_WAIT_MS`]). This program opens `SLUICE_BENCH_CLIENTS` SSE streams (default
+//! 10,000; plain TCP, HTTP/1.1, each stream read by its own task), then publishes one event per
+//! second for
 //! `SLUICE_BENCH_SECONDS` (default 20) through the publish route. Each event's body is the
 //! wall-clock time it was sent, in nanoseconds; a subscriber's delivery latency is its receive
 //! time minus that (same machine, same clock). Reported: p50/p99/max delivery latency over
@@ -77,9 +78,11 @@ impl Broker {
     fn env(&self) -> String {
         match self {
             Broker::Memory => "SLUICE_BENCH_BROKER=memory".to_owned(),
-            Broker::Kafka(_, wait) => {
-                format!("SLUICE_BENCH_BROKER=kafka SLUICE_BENCH_FETCH_WAIT_MS={wait}")
-            }
+            Broker::Kafka(_, wait) => format!(
+                "SLUICE_BENCH_BROKER=kafka SLUICE_BENCH_FETCH_WAIT_MS={wait} \
+                 SLUICE_TEST_KAFKA_BOOTSTRAP={}",
+                kafka_bootstrap()
+            ),
         }
     }
 
@@ -283,7 +286,6 @@ async fn run() -> anyhow::Result<()> {
         tick.tick().await;
         publish(addr).await?;
     }
-    let cpu_ticks = server.usage().cpu_ticks - cpu_before;
     let mut latencies = Vec::with_capacity(clients * seconds);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for reader in readers {
@@ -294,6 +296,8 @@ async fn run() -> anyhow::Result<()> {
             Err(_) => {}
         }
     }
+    // Once every reader has its events, so that the last event's deliveries are counted too.
+    let cpu_ticks = server.usage().cpu_ticks - cpu_before;
     let expected = clients * seconds;
     let missing = expected.saturating_sub(latencies.len());
     latencies.sort_unstable();
@@ -307,6 +311,7 @@ async fn run() -> anyhow::Result<()> {
         "{clients} SSE clients, 1 event/s for {seconds} s, --workers {workers}, {}",
         broker.described()
     );
+    let goal = format!("goal, {}", broker.described());
     let command = format!(
         "{MAKE}; {} SLUICE_BENCH_CLIENTS={clients} SLUICE_BENCH_SECONDS={seconds} \
          SLUICE_BENCH_WORKERS={workers}",
@@ -315,7 +320,7 @@ async fn run() -> anyhow::Result<()> {
     let rows = vec![
         Row::new(
             "fanout delivery latency p99 (ms)",
-            "goal",
+            &goal,
             "ms",
             p99,
             Some(GOAL_P99_MS),
@@ -339,7 +344,7 @@ async fn run() -> anyhow::Result<()> {
         ),
         Row::new(
             "fanout memory per connection (KB)",
-            "goal",
+            &goal,
             "KB",
             kb_per_connection,
             Some(GOAL_KB_PER_CONNECTION),

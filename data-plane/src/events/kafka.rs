@@ -44,7 +44,7 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 /// The broker's `properties` serve its producers and its subscribers' readers (consumers);
 /// each is given only the settings of its own role, since librdkafka warns of every setting of
 /// the other role that it ignores. These are librdkafka 2.12's producer-only settings (`P` in
-/// its CONFIGURATION.md)...
+/// its CONFIGURATION.md, less the callbacks, which cannot be set as strings)...
 pub(super) const PRODUCER_ONLY: &[&str] = &[
     "transactional.id",
     "transaction.timeout.ms",
@@ -158,7 +158,14 @@ impl KafkaBroker {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        settings.extend(config.properties.clone());
+        // A user's alias of a setting Sluice has a default for replaces the default, rather
+        // than going to librdkafka beside it (which would keep either).
+        settings.extend(config.properties.iter().map(|(key, value)| {
+            (
+                sluice_proto::kafka::sluice_name(key).to_owned(),
+                value.clone(),
+            )
+        }));
         settings.insert(
             "bootstrap.servers".into(),
             config.bootstrap_servers.join(","),
@@ -451,6 +458,27 @@ mod tests {
         let all = leader_broker.settings_for(Acks::All);
         assert_eq!(acks_and_idempotence(&all), ("all", "false"));
         assert!(broker(&[("acks", "-1")]).sends_with(Acks::All));
+    }
+
+    #[test]
+    fn aliases_replace_sluices_defaults() {
+        let broker = broker(&[
+            ("delivery.timeout.ms", "30000"),
+            ("request.required.acks", "1"),
+            ("enable.idempotence", "false"),
+            ("queue.buffering.max.ms", "7"),
+        ]);
+        assert_eq!(broker.delivery_timeout, Duration::from_secs(30));
+        assert_eq!(broker.settings["message.timeout.ms"], "30000");
+        assert_eq!(broker.settings["linger.ms"], "7");
+        assert!(broker.sends_with(Acks::Leader));
+        for alias in [
+            "delivery.timeout.ms",
+            "request.required.acks",
+            "queue.buffering.max.ms",
+        ] {
+            assert!(!broker.settings.contains_key(alias), "{alias}");
+        }
     }
 
     #[test]

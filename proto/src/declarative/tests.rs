@@ -312,6 +312,37 @@ subscriptions:
 }
 
 #[test]
+fn a_kafka_setting_named_twice_through_an_alias_is_refused() {
+    let text = r#"
+format_version: 1
+brokers:
+  - name: bus
+    kafka:
+      bootstrap_servers: ["127.0.0.1:9092"]
+      properties:
+        acks: "all"
+        request.required.acks: "1"
+        linger.ms: "5"
+        metadata.broker.list: "127.0.0.1:9093"
+"#;
+    let errors = load_err(text);
+    let all = errors.to_string();
+    assert!(
+        all.contains("acks and request.required.acks are one librdkafka setting"),
+        "{all}"
+    );
+    assert!(
+        all.contains("set bootstrap.servers with bootstrap_servers"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("linger.ms"),
+        "one name of a setting is fine: {all}"
+    );
+    assert_eq!(all.lines().count(), 3, "{all}");
+}
+
+#[test]
 fn traffic_outlier_and_certificate_errors_name_their_fields() {
     let text = r#"
 format_version: 1
