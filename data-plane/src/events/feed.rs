@@ -282,7 +282,16 @@ async fn open(
     .map_err(|e| format!("opening the feed failed: {e}"))?
 }
 
-/// A reader's settings: the broker's, less those only a producer takes, and Sluice's own.
+/// Settings every reader sets itself, whatever the broker's `properties` say.
+const READER_OWN: &[&str] = &[
+    "group.id",
+    "enable.auto.commit",
+    "enable.partition.eof",
+    "auto.offset.reset",
+];
+
+/// A reader's settings: the broker's, less those only a producer takes and those it sets
+/// itself (under either of their names: librdkafka would keep either value), and its own.
 fn consumer_config(settings: &BTreeMap<String, String>, start: &Start) -> ClientConfig {
     let mut config = ClientConfig::new();
     if *start != Start::Latest {
@@ -290,8 +299,12 @@ fn consumer_config(settings: &BTreeMap<String, String>, start: &Start) -> Client
             .set("queued.max.messages.kbytes", OWN_PREFETCH_KB)
             .set("fetch.queue.backoff.ms", OWN_FETCH_BACKOFF_MS);
     }
+    let own = |key: &str| {
+        READER_OWN.contains(&key)
+            || sluice_proto::kafka::alias_of(key).is_some_and(|a| READER_OWN.contains(&a))
+    };
     for (key, value) in settings {
-        if !PRODUCER_ONLY.contains(&key.as_str()) {
+        if !PRODUCER_ONLY.contains(&key.as_str()) && !own(key) {
             config.set(key, value);
         }
     }
@@ -429,6 +442,8 @@ mod tests {
             ("request.timeout.ms", "3000"),
             ("fetch.wait.max.ms", "5"),
             ("client.id", "sluice-dp"),
+            ("auto.commit.enable", "true"),
+            ("auto.offset.reset", "latest"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -438,6 +453,13 @@ mod tests {
             assert_eq!(shared.get(producer_only), None, "{producer_only}");
         }
         assert_eq!(shared.get("fetch.wait.max.ms"), Some("5"));
+        assert_eq!(
+            shared.get("auto.commit.enable"),
+            None,
+            "an alias of its own"
+        );
+        assert_eq!(shared.get("enable.auto.commit"), Some("false"));
+        assert_eq!(shared.get("auto.offset.reset"), Some("earliest"));
         assert_eq!(shared.get("client.id"), Some("sluice-dp"));
         assert_eq!(shared.get("queued.max.messages.kbytes"), None);
         let private = consumer_config(&settings, &Start::Earliest);
