@@ -161,10 +161,11 @@ impl KafkaBroker {
         // A user's alias of a setting Sluice has a default for replaces the default, rather
         // than going to librdkafka beside it (which would keep either).
         settings.extend(config.properties.iter().map(|(key, value)| {
-            (
-                sluice_proto::kafka::sluice_name(key).to_owned(),
-                value.clone(),
-            )
+            let name = match sluice_proto::kafka::alias_of(key) {
+                Some(other) if PRODUCER_DEFAULTS.iter().any(|(name, _)| *name == other) => other,
+                _ => key.as_str(),
+            };
+            (name.to_owned(), value.clone())
         }));
         settings.insert(
             "bootstrap.servers".into(),
