@@ -4,7 +4,7 @@
 /// Given both, librdkafka keeps whichever it is handed last, and rdkafka hands settings over in
 /// no fixed order; so a broker's `properties` may not name one setting twice (validation), and
 /// the data plane keeps an alias of a setting it has a default for under the default's name.
-pub const ALIASES: &[(&str, &str)] = &[
+const ALIASES: &[(&str, &str)] = &[
     ("bootstrap.servers", "metadata.broker.list"),
     ("max.in.flight", "max.in.flight.requests.per.connection"),
     ("sasl.mechanism", "sasl.mechanisms"),
