@@ -52,6 +52,21 @@ impl StoredEvent {
     }
 }
 
+/// How far behind a live subscriber of a topic retaining `retained` events may fall: fewer
+/// than the topic retains (the largest power of two below it, since the ring's length is
+/// one), so that the subscriber is closed while the events it missed are still there to
+/// resume from. A ring as long as the log would close it only once the next event it needs
+/// was gone, and its resume would start with a gap.
+fn live_capacity(retained: usize) -> usize {
+    match retained {
+        0 | 1 => 1,
+        n => {
+            let below = n - 1;
+            (1 << (usize::BITS - 1 - below.leading_zeros())).min(FEED_CAPACITY)
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct MemoryBroker {
     retained: usize,
@@ -101,9 +116,7 @@ impl MemoryBroker {
             .or_insert_with(|| {
                 Arc::new(Topic {
                     log: Mutex::new(Log::default()),
-                    // A subscriber further behind than the topic retains could not resume
-                    // without a gap anyway.
-                    live: broadcast::channel(self.retained.min(FEED_CAPACITY)).0,
+                    live: broadcast::channel(live_capacity(self.retained)).0,
                 })
             })
             .clone()
@@ -198,6 +211,15 @@ mod tests {
         assert_eq!(kept, [2, 3, 4], "evicted events are not replayed");
         let other: Arc<str> = "other".into();
         assert_eq!(broker.bounds(&other), (0, 0), "topics are separate");
+    }
+
+    #[test]
+    fn a_live_subscriber_falls_fewer_events_behind_than_the_topic_retains() {
+        let capacities: Vec<usize> = [1, 2, 3, 16, 17, 1000, 1024, 1025, 100_000]
+            .into_iter()
+            .map(live_capacity)
+            .collect();
+        assert_eq!(capacities, [1, 1, 2, 8, 16, 512, 512, 1024, 1024]);
     }
 
     #[tokio::test]

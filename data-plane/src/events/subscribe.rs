@@ -661,13 +661,18 @@ fn shared_frame(event: &StoredEvent, position: &Position) -> Bytes {
     frame
 }
 
-/// One event as SSE: its position as `id`, its value as `data` (one line per line).
+/// One event as SSE: its position as `id`, its value as `data` (one line per line). A line
+/// ends at CR LF, LF or a lone CR, as an SSE client reads it: a value split only at LF could
+/// carry fields of its own (`\rid: …\revent: …`) into every subscriber's stream.
 fn sse_event(event: &StoredEvent, position: &Position) -> Bytes {
     let mut out = String::with_capacity(event.record.value.len() + 64);
     let _ = writeln!(out, "id: {}", position.encode());
-    let data = String::from_utf8_lossy(&event.record.value);
+    let mut data = String::from_utf8_lossy(&event.record.value);
+    if data.contains('\r') {
+        data = data.replace("\r\n", "\n").replace('\r', "\n").into();
+    }
     for line in data.split('\n') {
-        let _ = writeln!(out, "data: {}", line.strip_suffix('\r').unwrap_or(line));
+        let _ = writeln!(out, "data: {line}");
     }
     out.push('\n');
     Bytes::from(out)
@@ -687,6 +692,27 @@ fn closing_event(position: &Position) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_cannot_add_fields_to_the_stream_with_any_line_end() {
+        let event = StoredEvent::new(
+            0,
+            7,
+            super::super::Record {
+                topic: "t".into(),
+                key: None,
+                value: Bytes::from_static(b"a\r\nb\nc\rid: 0:999\revent: admin\r\rdata: forged"),
+                headers: Vec::new(),
+                timestamp_ms: 0,
+            },
+        );
+        let frame = sse_event(&event, &Position([(0, 8)].into()));
+        assert_eq!(
+            std::str::from_utf8(&frame).unwrap(),
+            "id: 0:8\ndata: a\ndata: b\ndata: c\ndata: id: 0:999\ndata: event: admin\n\
+             data: \ndata: data: forged\n\n"
+        );
+    }
 
     #[test]
     fn filters_from_the_query_all_have_to_hold() {
@@ -762,6 +788,44 @@ mod tests {
             headers: Vec::new(),
             timestamp_ms: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn a_memory_subscriber_is_closed_while_what_it_missed_is_still_retained() {
+        use super::super::memory::MemoryBroker;
+        // The default: 1000 events retained.
+        let broker = MemoryBroker::new(&pb::MemoryBroker::default());
+        let topic: Arc<str> = "t".into();
+        let opened = broker.subscribe(&topic, None);
+        let source = Source {
+            position: Position([(0, opened.next_offset)].into()),
+            backlog: Vec::new(),
+            live: Live::Shared(opened.live),
+        };
+        // Fewer than the topic retains, more than a subscriber may fall behind.
+        for _ in 0..600 {
+            broker.publish(record("x"));
+        }
+        let mut subscriber = Subscriber::new(
+            source,
+            Vec::new(),
+            None,
+            Duration::from_secs(60),
+            test_counts(),
+        );
+        subscriber.next_frame().await.unwrap();
+        let last = subscriber.next_frame().await.unwrap();
+        let last = std::str::from_utf8(&last).unwrap();
+        assert!(
+            last.starts_with("id: 0:0\nevent: sluice-closed\n"),
+            "{last}"
+        );
+        let resumed = broker.subscribe(&topic, Some(0));
+        assert_eq!(
+            resumed.backlog.first().map(|e| e.offset),
+            Some(0),
+            "resuming at the close's position starts where the client stopped"
+        );
     }
 
     #[tokio::test]
