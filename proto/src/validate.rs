@@ -367,6 +367,9 @@ fn is_sha256_hex(value: &str) -> bool {
 struct Index<'a> {
     /// id → (kind, group)
     by_id: HashMap<&'a str, (ResourceKind, &'a str)>,
+    /// Kafka brokers whose own `acks` is 0: they acknowledge nothing a durable publish could
+    /// wait for.
+    brokers_without_acks: HashSet<&'a str>,
 }
 
 struct Checker<'a> {
@@ -387,9 +390,23 @@ impl<'a> Checker<'a> {
                 .entry(meta.id.as_str())
                 .or_insert((kind, meta.group.as_str()));
         });
+        let brokers_without_acks = config
+            .brokers
+            .iter()
+            .filter(|broker| match &broker.kind {
+                Some(pb::broker::Kind::Kafka(kafka)) => ["acks", "request.required.acks"]
+                    .iter()
+                    .any(|key| kafka.properties.get(*key).is_some_and(|v| v.trim() == "0")),
+                _ => false,
+            })
+            .filter_map(|broker| broker.meta.as_ref().map(|meta| meta.id.as_str()))
+            .collect();
         Self {
             errors: Vec::new(),
-            index: Index { by_id },
+            index: Index {
+                by_id,
+                brokers_without_acks,
+            },
             locate,
             current: None,
             group: "",
@@ -728,6 +745,20 @@ impl<'a> Checker<'a> {
                             format!("{path}.acks"),
                             "none sends no acknowledgement for a durable publish to wait \
                              for; set delivery to fire_and_forget, or acks to leader or all",
+                        );
+                    }
+                    Ok(pb::publish_action::Acks::Unspecified)
+                        if delivery != Ok(pb::publish_action::Delivery::FireAndForget)
+                            && self
+                                .index
+                                .brokers_without_acks
+                                .contains(publish.broker_id.as_str()) =>
+                    {
+                        self.error(
+                            format!("{path}.acks"),
+                            "the broker's properties set acks 0, which sends no acknowledgement \
+                             for a durable publish to wait for; set acks to leader or all here, \
+                             or delivery to fire_and_forget",
                         );
                     }
                     Ok(_) => {}
@@ -1427,6 +1458,19 @@ impl<'a> Checker<'a> {
                         format!("{base}.kafka.properties"),
                         "set bootstrap.servers with bootstrap_servers",
                     );
+                }
+                for key in ["message.timeout.ms", "delivery.timeout.ms"] {
+                    if let Some(value) = kafka.properties.get(key)
+                        && !value.trim().parse::<u64>().is_ok_and(|ms| ms > 0)
+                    {
+                        self.error(
+                            format!("{base}.kafka.properties"),
+                            format!(
+                                "{key} is the delivery timeout: a number of milliseconds above \
+                                 0 (librdkafka takes 0 as no limit), not {value:?}"
+                            ),
+                        );
+                    }
                 }
                 // Sorted, so that errors come in a stable order.
                 let mut keys: Vec<&String> = kafka.properties.keys().collect();

@@ -337,6 +337,41 @@ async fn an_unreachable_broker_gets_a_prompt_503_never_a_202() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_the_broker_takes_gets_a_prompt_413() -> anyhow::Result<()> {
+    // librdkafka refuses a record over `message.max.bytes` (1,000,000) before it is sent, so
+    // no broker needs to listen; the node takes bodies up to 10 MiB.
+    let nowhere = free_addr().to_string();
+    let node = DataPlane::start(&kafka_config(&nowhere, "nowhere", ""), &[])?;
+    let body = format!("\"{}\"", "x".repeat(1_200_000));
+    let started = Instant::now();
+    let response = client()
+        .post(node.url("/orders/o1/events"))
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 413);
+    assert!(started.elapsed() < Duration::from_secs(2), "not prompt");
+    let problem: Value = response.json().await?;
+    assert_eq!(
+        problem["type"],
+        "https://sluice.dev/problems/event-too-large"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("larger than broker kafka takes"),
+        "{problem}"
+    );
+    assert_eq!(
+        node.metric("sluice_event_publishes_total", "outcome=\"rejected\"")
+            .await?,
+        1.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_resumes_on_another_node_with_no_gap_and_no_repeat() -> anyhow::Result<()> {
     let topic = TestTopic::create(2).await?;
     let config = kafka_config(&kafka_bootstrap(), &topic.name, "");

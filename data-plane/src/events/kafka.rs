@@ -302,7 +302,11 @@ impl KafkaBroker {
         error: KafkaError,
     ) -> PublishError {
         let error = classify(broker, error, self.delivery_timeout);
-        if !matches!(error, PublishError::QueueFull { .. }) {
+        // A full queue or an event too large says nothing of the producer's health.
+        if !matches!(
+            error,
+            PublishError::QueueFull { .. } | PublishError::TooLarge { .. }
+        ) {
             let failures = slot.failures.fetch_add(1, Ordering::Relaxed) + 1;
             slot.recover(broker, producer, failures);
         }
@@ -392,6 +396,10 @@ fn classify(broker: &Arc<str>, error: KafkaError, timeout: Duration) -> PublishE
     let broker = broker.clone();
     match error.rdkafka_error_code() {
         Some(Code::QueueFull) => PublishError::QueueFull { broker },
+        Some(Code::MessageSizeTooLarge) => PublishError::TooLarge {
+            broker,
+            reason: error.to_string(),
+        },
         Some(
             Code::MessageTimedOut
             | Code::RequestTimedOut

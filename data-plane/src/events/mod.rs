@@ -96,7 +96,10 @@ pub enum PublishError {
     /// The producer failed and is being replaced.
     #[error("broker {broker}'s producer failed and is being restarted: {reason}")]
     Unavailable { broker: Arc<str>, reason: String },
-    /// The broker refused the event for good (too large, unknown topic, not authorised).
+    /// The event is larger than the broker takes (`message.max.bytes`): the client's to fix.
+    #[error("the event is larger than broker {broker} takes: {reason}")]
+    TooLarge { broker: Arc<str>, reason: String },
+    /// The broker refused the event for good (unknown topic, not authorised).
     #[error("broker {broker} refused the event: {reason}")]
     Refused { broker: Arc<str>, reason: String },
 }

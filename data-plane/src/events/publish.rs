@@ -431,6 +431,8 @@ impl super::PublishError {
             super::PublishError::QueueFull { .. } => "queue_full",
             super::PublishError::Timeout { .. } => "timeout",
             super::PublishError::Unavailable { .. } => "unavailable",
+            // The client's request, as a bad body is.
+            super::PublishError::TooLarge { .. } => "rejected",
             super::PublishError::Refused { .. } => "refused",
         }
     }

@@ -88,6 +88,7 @@ impl GatewayError {
                 PublishError::Unavailable { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable")
                 }
+                PublishError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "event-too-large"),
                 PublishError::Refused { .. } => (StatusCode::BAD_GATEWAY, "broker-refused"),
             },
             GatewayError::Idempotency(e) => match e {

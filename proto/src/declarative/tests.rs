@@ -324,6 +324,23 @@ brokers:
         request.required.acks: "1"
         linger.ms: "5"
         metadata.broker.list: "127.0.0.1:9093"
+        delivery.timeout.ms: "0"
+  - name: fast
+    kafka:
+      bootstrap_servers: ["127.0.0.1:9092"]
+      properties: { acks: "0", enable.idempotence: "false" }
+apis:
+  - name: shop
+    routes:
+      - name: durable
+        path: /durable
+        publish: { broker: fast, topic: orders }
+      - name: queued
+        path: /queued
+        publish: { broker: fast, topic: orders, delivery: fire_and_forget }
+      - name: leader
+        path: /leader
+        publish: { broker: fast, topic: orders, acks: leader }
 "#;
     let errors = load_err(text);
     let all = errors.to_string();
@@ -339,7 +356,16 @@ brokers:
         !all.contains("linger.ms"),
         "one name of a setting is fine: {all}"
     );
-    assert_eq!(all.lines().count(), 3, "{all}");
+    assert!(
+        all.contains("delivery.timeout.ms is the delivery timeout"),
+        "{all}"
+    );
+    assert_eq!(
+        reason(&errors, "apis[0].routes[0].publish.acks"),
+        "the broker's properties set acks 0, which sends no acknowledgement for a durable \
+         publish to wait for; set acks to leader or all here, or delivery to fire_and_forget"
+    );
+    assert_eq!(all.lines().count(), 5, "{all}");
 }
 
 #[test]
