@@ -21,9 +21,18 @@ use crate::ratelimit::{RedisLimiter, RedisUnavailable};
 /// How long a repeat waits for the first copy's answer before it is told 409.
 pub const IN_PROGRESS_WAIT: Duration = Duration::from_secs(10);
 
-/// How long a claim outlives a node that died while publishing: after this, a retry may
-/// publish again.
+/// How long a claim outlives a node that died while publishing, at the least: after this, a
+/// retry may publish again. A claim also outlives the longest its publish may take
+/// ([`claim_ttl`]), so that it cannot lapse while its request still waits for the broker.
 const CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// Beyond the longest publish, for the answer to be stored.
+const CLAIM_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a claim holds for a publish that takes at most `publish_limit`.
+pub fn claim_ttl(publish_limit: Duration) -> Duration {
+    CLAIM_TTL.max(publish_limit + CLAIM_MARGIN)
+}
 
 /// Pause between looks at a pending claim.
 const POLL: Duration = Duration::from_millis(20);
@@ -103,13 +112,14 @@ impl Idempotency {
         hex::encode(&hash.finalize()[..16])
     }
 
-    /// Claims `scope` for this request, or finds the answer to an earlier copy (waiting up to
-    /// [`IN_PROGRESS_WAIT`] while that copy is being published).
+    /// Claims `scope` for this request, for `ttl` ([`claim_ttl`]), or finds the answer to an
+    /// earlier copy (waiting up to [`IN_PROGRESS_WAIT`] while that copy is being published).
     pub async fn claim(
         &self,
         redis: Option<&RedisLimiter>,
         scope: &str,
         fingerprint: &str,
+        ttl: Duration,
     ) -> Result<Claim, IdempotencyError> {
         let deadline = Instant::now() + IN_PROGRESS_WAIT;
         let pending = format!("p|{fingerprint}");
@@ -124,7 +134,7 @@ impl Idempotency {
                                 .arg(&pending)
                                 .arg("NX")
                                 .arg("PX")
-                                .arg(millis(CLAIM_TTL)),
+                                .arg(millis(ttl)),
                         )
                         .await
                         .map_err(unavailable)?;
@@ -150,7 +160,7 @@ impl Idempotency {
                                     "this node holds {MEMORY_KEYS} keys already"
                                 )));
                             }
-                            memory.insert(scope.to_owned(), (pending.clone(), now + CLAIM_TTL));
+                            memory.insert(scope.to_owned(), (pending.clone(), now + ttl));
                             return Ok(Claim::Won);
                         }
                     }
@@ -291,14 +301,17 @@ mod tests {
         let store = Idempotency::new(Duration::from_secs(60));
         let scope = Idempotency::scope("r1", None, b"key-1").unwrap();
         let fp = Idempotency::fingerprint("/orders", b"{}");
-        assert_eq!(store.claim(None, &scope, &fp).await.unwrap(), Claim::Won);
+        assert_eq!(
+            store.claim(None, &scope, &fp, CLAIM_TTL).await.unwrap(),
+            Claim::Won
+        );
         let answer = StoredAnswer {
             status: 202,
             body: r#"{"offset":7}"#.into(),
         };
         let waiting = async {
             // A concurrent copy waits for the first one's answer.
-            store.claim(None, &scope, &fp).await
+            store.claim(None, &scope, &fp, CLAIM_TTL).await
         };
         let completing = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -308,7 +321,7 @@ mod tests {
         assert_eq!(repeat.unwrap(), Claim::Replay(answer.clone()));
         let other = Idempotency::fingerprint("/orders", b"{\"x\":1}");
         assert!(matches!(
-            store.claim(None, &scope, &other).await,
+            store.claim(None, &scope, &other, CLAIM_TTL).await,
             Err(IdempotencyError::Mismatch)
         ));
     }
@@ -317,9 +330,15 @@ mod tests {
     async fn a_released_claim_lets_the_retry_publish() {
         let store = Idempotency::new(Duration::from_secs(60));
         let scope = Idempotency::scope("r1", Some(uuid::Uuid::nil()), b"k").unwrap();
-        assert_eq!(store.claim(None, &scope, "fp").await.unwrap(), Claim::Won);
+        assert_eq!(
+            store.claim(None, &scope, "fp", CLAIM_TTL).await.unwrap(),
+            Claim::Won
+        );
         store.release(None, &scope).await;
-        assert_eq!(store.claim(None, &scope, "fp").await.unwrap(), Claim::Won);
+        assert_eq!(
+            store.claim(None, &scope, "fp", CLAIM_TTL).await.unwrap(),
+            Claim::Won
+        );
     }
 
     #[test]

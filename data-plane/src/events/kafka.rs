@@ -222,7 +222,7 @@ impl KafkaBroker {
         if delivery == Delivery::FireAndForget {
             return Ok(None);
         }
-        let timeout = self.delivery_timeout + REPORT_GRACE;
+        let timeout = self.publish_limit();
         let outcome = tokio::time::timeout(timeout, report).await;
         self.record_queue_depth();
         match outcome {
@@ -291,6 +291,11 @@ impl KafkaBroker {
             .map(|producer| i64::from(producer.current.load().in_flight_count()))
             .sum();
         self.queue_depth.set(depth);
+    }
+
+    /// The longest a durable publish waits: the delivery timeout, and the report's grace.
+    pub fn publish_limit(&self) -> Duration {
+        self.delivery_timeout + REPORT_GRACE
     }
 
     /// Classifies a failed publish, and replaces the producer when it cannot recover.
@@ -488,6 +493,19 @@ mod tests {
         ] {
             assert!(!broker.settings.contains_key(alias), "{alias}");
         }
+    }
+
+    #[test]
+    fn an_idempotency_claim_outlives_the_longest_publish() {
+        use crate::events::idempotency::claim_ttl;
+        // The default delivery timeout, 5 s, and its grace fit in the least claim, 30 s.
+        assert_eq!(
+            claim_ttl(broker(&[]).publish_limit()),
+            Duration::from_secs(30)
+        );
+        let slow = broker(&[("message.timeout.ms", "60000")]);
+        assert_eq!(slow.publish_limit(), Duration::from_secs(61));
+        assert_eq!(claim_ttl(slow.publish_limit()), Duration::from_secs(66));
     }
 
     #[test]

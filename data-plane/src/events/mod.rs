@@ -204,6 +204,14 @@ impl Broker {
         }
     }
 
+    /// The longest a durable publish to this broker waits for its answer.
+    pub fn publish_limit(&self) -> Duration {
+        match &self.kind {
+            Kind::Kafka(kafka) => kafka.publish_limit(),
+            Kind::Memory(_) => Duration::ZERO,
+        }
+    }
+
     /// Whether events survive the node (documented: the memory broker's do not).
     pub fn is_durable(&self) -> bool {
         matches!(self.kind, Kind::Kafka(_))

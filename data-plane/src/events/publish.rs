@@ -19,7 +19,7 @@ use serde_json::Value;
 use sluice_proto::pb;
 
 use super::cloudevents::{self, EventError, Mode};
-use super::idempotency::{Claim, Idempotency, IdempotencyError, StoredAnswer};
+use super::idempotency::{Claim, Idempotency, IdempotencyError, StoredAnswer, claim_ttl};
 use super::{Acks, Broker, Delivered, Delivery, Record, caller_headers, now_ms};
 use crate::auth::Identity;
 use crate::ratelimit::RedisLimiter;
@@ -179,7 +179,12 @@ impl PublishRoute {
         let fingerprint = Idempotency::fingerprint(parts.uri.path(), &body);
         let store = context.idempotency;
         match store
-            .claim(context.redis, &scope, &fingerprint)
+            .claim(
+                context.redis,
+                &scope,
+                &fingerprint,
+                claim_ttl(self.broker.publish_limit()),
+            )
             .await
             .map_err(GatewayError::Idempotency)?
         {
