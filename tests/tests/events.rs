@@ -461,6 +461,23 @@ async fn live_subscribers_get_new_events_and_a_bad_position_is_named() -> anyhow
             .contains("Last-Event-ID"),
         "{problem}"
     );
+    // Well formed, but not a position of this one-partition topic.
+    for (id, reason) in [
+        ("0:0,7:0", "the topic has no partition 7"),
+        ("0:999999", "partition 0 ends at offset"),
+    ] {
+        let bad = client()
+            .get(node.url("/stream"))
+            .header("last-event-id", id)
+            .send()
+            .await?;
+        assert_eq!(bad.status().as_u16(), 400, "{id}");
+        let problem: Value = bad.json().await?;
+        assert!(
+            problem["detail"].as_str().unwrap_or("").contains(reason),
+            "{id}: {problem}"
+        );
+    }
     Ok(())
 }
 

@@ -152,10 +152,16 @@ impl Feeds {
         topic: &Arc<str>,
         start: Start,
     ) -> Result<Source, SubscribeError> {
-        let unavailable = |reason: String| SubscribeError::Unavailable {
-            broker: broker.clone(),
-            topic: topic.clone(),
-            reason,
+        let unavailable = |error: OpenError| match error {
+            OpenError::Unavailable(reason) => SubscribeError::Unavailable {
+                broker: broker.clone(),
+                topic: topic.clone(),
+                reason,
+            },
+            OpenError::Position(reason) => SubscribeError::Position {
+                topic: topic.clone(),
+                reason,
+            },
         };
         if start != Start::Latest {
             let permit =
@@ -200,17 +206,38 @@ impl Feeds {
     }
 }
 
+/// Why a reader could not open.
+#[derive(Debug)]
+enum OpenError {
+    /// The broker could not be asked, or answered with an error.
+    Unavailable(String),
+    /// The subscriber's resume position is not one of the topic's.
+    Position(String),
+}
+
+impl From<String> for OpenError {
+    fn from(reason: String) -> Self {
+        OpenError::Unavailable(reason)
+    }
+}
+
+impl From<&str> for OpenError {
+    fn from(reason: &str) -> Self {
+        OpenError::Unavailable(reason.to_owned())
+    }
+}
+
 /// Creates a consumer assigned every partition of `topic` at `start`, and the position it
 /// starts from.
 async fn open(
     settings: &BTreeMap<String, String>,
     topic: &Arc<str>,
     start: Start,
-) -> Result<(Position, StreamConsumer), String> {
+) -> Result<(Position, StreamConsumer), OpenError> {
     let config = consumer_config(settings, &start);
     let topic = topic.clone();
     // Metadata and watermark requests block: off the async workers.
-    tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || -> Result<_, OpenError> {
         let consumer: StreamConsumer = config
             .create()
             .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
@@ -223,10 +250,10 @@ async fn open(
             .find(|t| t.name() == &*topic)
             .ok_or("the broker did not describe the topic")?;
         if let Some(error) = described.error() {
-            return Err(format!("the topic is not available: {error:?}"));
+            return Err(format!("the topic is not available: {error:?}").into());
         }
         if described.partitions().is_empty() {
-            return Err("the topic has no partitions (does it exist?)".to_owned());
+            return Err("the topic has no partitions (does it exist?)".into());
         }
         // Offsets by time, for every partition at once.
         let by_time = match &start {
@@ -252,11 +279,21 @@ async fn open(
             _ => BTreeMap::new(),
         };
         let mut position = BTreeMap::new();
+        let mut ends = BTreeMap::new();
+        let mut starts = BTreeMap::new();
         for partition in described.partitions() {
             let id = partition.id();
             let (low, high) = consumer
                 .fetch_watermarks(&topic, id, OPEN_TIMEOUT)
                 .map_err(|e| format!("cannot read partition {id}'s offsets: {e}"))?;
+            ends.insert(id, high);
+            starts.insert(id, low);
+        }
+        if let Start::After(after) = &start {
+            after.check_within(&ends).map_err(OpenError::Position)?;
+        }
+        for (&id, &high) in &ends {
+            let low = starts[&id];
             let offset = match &start {
                 Start::Latest => high,
                 Start::Earliest => low,
@@ -279,7 +316,7 @@ async fn open(
         Ok((Position(position), consumer))
     })
     .await
-    .map_err(|e| format!("opening the feed failed: {e}"))?
+    .map_err(|e| OpenError::Unavailable(format!("opening the feed failed: {e}")))?
 }
 
 /// Settings every reader sets itself, whatever the broker's `properties` say.

@@ -182,6 +182,15 @@ impl Broker {
                     .await
             }
             Kind::Memory(memory) => {
+                if let Start::After(position) = &start {
+                    let (_, next) = memory.bounds(topic);
+                    position
+                        .check_within(&[(0, next)].into())
+                        .map_err(|reason| subscribe::SubscribeError::Position {
+                            topic: topic.clone(),
+                            reason,
+                        })?;
+                }
                 // One partition, 0.
                 let from = match &start {
                     Start::Latest => None,
@@ -262,4 +271,31 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subscribe::{Position, Start, SubscribeError};
+    use super::*;
+
+    #[tokio::test]
+    async fn a_memory_topic_refuses_a_resume_position_it_never_gave() {
+        let config = pb::Broker {
+            meta: None,
+            kind: Some(pb::broker::Kind::Memory(pb::MemoryBroker::default())),
+        };
+        let broker = Broker::reuse(&config, None, &Metrics::default()).unwrap();
+        let topic: Arc<str> = "t".into();
+        let after = |text: &str| Start::After(Position::parse(text).unwrap());
+        for (text, reason) in [
+            ("0:1", "partition 0 ends at offset 0, not 1"),
+            ("0:0,3:0", "the topic has no partition 3"),
+        ] {
+            match broker.subscribe(&topic, after(text)).await {
+                Err(SubscribeError::Position { reason: got, .. }) => assert_eq!(got, reason),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(broker.subscribe(&topic, after("0:0")).await.is_ok());
+    }
 }

@@ -151,6 +151,31 @@ pub enum SubscribeError {
     },
     #[error("broker {broker} is serving as many resumed subscribers as it may; try again")]
     Busy { broker: Arc<str> },
+    /// A `Last-Event-ID` the topic cannot have given: a partition it does not have, or an
+    /// offset past its end (a made-up id, or one from before the topic was recreated).
+    #[error("Last-Event-ID is not a position of topic {topic}: {reason}")]
+    Position { topic: Arc<str>, reason: String },
+}
+
+impl Position {
+    /// Checks a resume position against the topic's partitions and where each ends (`ends`:
+    /// partition, next offset): every partition it names must be the topic's, and no offset
+    /// past its end. An offset before a partition's oldest event is fine: the events since
+    /// are what is left.
+    pub(super) fn check_within(&self, ends: &BTreeMap<i32, i64>) -> Result<(), String> {
+        for (partition, offset) in &self.0 {
+            match ends.get(partition) {
+                None => return Err(format!("the topic has no partition {partition}")),
+                Some(end) if offset > end => {
+                    return Err(format!(
+                        "partition {partition} ends at offset {end}, not {offset}"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A compiled subscribe action.

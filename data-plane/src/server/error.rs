@@ -108,6 +108,7 @@ impl GatewayError {
                 SubscribeError::Busy { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, "subscribers-busy")
                 }
+                SubscribeError::Position { .. } => (StatusCode::BAD_REQUEST, "invalid-event"),
             },
             GatewayError::Upstream(e) => match e {
                 UpstreamError::NoTarget(_) => {
