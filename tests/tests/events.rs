@@ -482,6 +482,49 @@ async fn live_subscribers_get_new_events_and_a_bad_position_is_named() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_the_shared_feed_still_holds_join_it_past_the_private_readers_limit()
+-> anyhow::Result<()> {
+    let topic = TestTopic::create(1).await?;
+    let node = DataPlane::start(&kafka_config(&kafka_bootstrap(), &topic.name, ""), &[])?;
+    let mut live = client().get(node.url("/stream")).send().await?;
+    assert_eq!(live.status().as_u16(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(10), live.chunk()).await??;
+    assert_eq!(first.as_deref(), Some(&b": ok\n\n"[..]));
+    for n in 0..5 {
+        let (status, body) = post_event(&node, &format!("k{n}"), &format!("{{\"n\":{n}}}")).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+    let mut buffer = String::new();
+    let events = read_events(&mut live, &mut buffer, 5, Duration::from_secs(20)).await?;
+    let after_second = events[1].id.clone().context("no id")?;
+    // More clients reconnecting at once (as after a network blip) than a node runs private
+    // readers (64): the feed still holds what they missed, so they all join it.
+    let mut resuming = tokio::task::JoinSet::new();
+    for _ in 0..70 {
+        let (url, id) = (node.url("/stream"), after_second.clone());
+        resuming.spawn(async move { client().get(url).header("last-event-id", id).send().await });
+    }
+    let mut resumed = Vec::new();
+    while let Some(response) = resuming.join_next().await {
+        let response = response??;
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "{}",
+            response.text().await.unwrap_or_default()
+        );
+        resumed.push(response);
+    }
+    for mut stream in resumed {
+        let mut buffer = String::new();
+        let got = read_events(&mut stream, &mut buffer, 3, Duration::from_secs(20)).await?;
+        let data: Vec<&str> = got.iter().map(|e| e.data.as_str()).collect();
+        assert_eq!(data, [r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#]);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_broker_publishes_and_streams_in_one_node() -> anyhow::Result<()> {
     let config = memory_config("retained_events: 100", ", start: earliest");
     let node = DataPlane::start(&config, &[])?;

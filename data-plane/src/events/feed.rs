@@ -6,8 +6,11 @@
 //! such subscriber, stopped when the last one leaves). The shared feed waits for nobody: a
 //! subscriber that falls its buffer behind is closed as slow. The buffer is the last
 //! [`FEED_CAPACITY`] events and, besides the newest, at most [`FEED_BYTES`] of them, so that
-//! large events do not make it large. One that resumes from a position or starts at `earliest`
-//! reads through a private consumer, since it is somewhere else in the topic. A private reader
+//! large events do not make it large. A subscriber that resumes from a position the shared
+//! feed still holds every event since (a client reconnecting after a short break, as browsers
+//! do by themselves) joins it too, starting with those held events. One that resumes from
+//! elsewhere or starts at `earliest` reads through a private consumer, since it is somewhere
+//! else in the topic. A private reader
 //! serves one subscriber, so it reads at that subscriber's pace: a client catching up on a long
 //! backlog gets all of it on one connection, however fast the broker sends, with at most
 //! [`OWN_BUFFER`] events and [`OWN_BUFFER_BYTES`] between them, and librdkafka's prefetch
@@ -126,6 +129,49 @@ impl Feed {
             live: Live::Shared(state.live.subscribe()),
         })
     }
+
+    /// A resumed subscriber's start on this feed, when the feed still holds every event since
+    /// `after` (a client reconnecting after a short break, as browsers do by themselves): the
+    /// held events after it, then the live ones, taken under the feed's lock so that nothing
+    /// falls between. `None` when the feed has stopped, or `after` is elsewhere in the topic.
+    fn resume(&self, after: &Position) -> Option<Source> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.closed || !state.holds_since(after) {
+            return None;
+        }
+        Some(Source {
+            position: after.clone(),
+            backlog: state
+                .held
+                .iter()
+                .filter(|event| after.is_new(event))
+                .cloned()
+                .collect(),
+            live: Live::Shared(state.live.subscribe()),
+        })
+    }
+}
+
+impl FeedState {
+    /// Whether the events this feed holds are all of the topic's since `after`: it names the
+    /// feed's partitions and no others, none past where the feed is, and in each partition
+    /// it is behind, the feed holds the events from there on. Held events leave oldest first,
+    /// so a partition's held events are all it read since its first held one.
+    fn holds_since(&self, after: &Position) -> bool {
+        after.0.len() == self.position.0.len()
+            && after.0.iter().all(|(partition, offset)| {
+                let Some(&at) = self.position.0.get(partition) else {
+                    return false;
+                };
+                *offset == at
+                    || (*offset < at
+                        && self
+                            .held
+                            .iter()
+                            .find(|event| event.partition == *partition)
+                            .is_some_and(|first| first.offset <= *offset))
+            })
+    }
 }
 
 /// A Kafka broker's feeds on this node.
@@ -163,6 +209,17 @@ impl Feeds {
                 reason,
             },
         };
+        if let Start::After(after) = &start
+            && let Some(source) = self
+                .shared
+                .lock()
+                .await
+                .get(topic)
+                .and_then(Weak::upgrade)
+                .and_then(|feed| feed.resume(after))
+        {
+            return Ok(source);
+        }
         if start != Start::Latest {
             let permit =
                 self.private
@@ -518,6 +575,47 @@ mod tests {
                 timestamp_ms: 0,
             },
         ))
+    }
+
+    fn at(pairs: &[(i32, i64)]) -> Position {
+        Position(pairs.iter().copied().collect())
+    }
+
+    #[tokio::test]
+    async fn a_resume_joins_the_feed_while_it_holds_every_event_since() {
+        let feed = Feed {
+            state: Mutex::new(FeedState::new(at(&[(0, 10), (1, 5)]))),
+        };
+        {
+            let mut state = feed.state.lock().unwrap();
+            let _keep_open = state.live.subscribe();
+            for (partition, offset) in [(0, 10), (1, 5), (0, 11), (0, 12), (1, 6)] {
+                let record = event(0, 1).record.clone();
+                state.send(Arc::new(StoredEvent::new(partition, offset, record)));
+            }
+            assert_eq!(state.position, at(&[(0, 13), (1, 7)]));
+            for (after, holds) in [
+                (at(&[(0, 13), (1, 7)]), true),
+                (at(&[(0, 11), (1, 5)]), true),
+                (at(&[(0, 10), (1, 7)]), true),
+                (at(&[(0, 9), (1, 7)]), false),
+                (at(&[(0, 13), (1, 4)]), false),
+                (at(&[(0, 14), (1, 7)]), false),
+                (at(&[(0, 13)]), false),
+                (at(&[(0, 13), (2, 0)]), false),
+            ] {
+                assert_eq!(state.holds_since(&after), holds, "{after:?}");
+            }
+        }
+        let source = feed.resume(&at(&[(0, 12), (1, 6)])).unwrap();
+        let backlog: Vec<(i32, i64)> = source
+            .backlog
+            .iter()
+            .map(|e| (e.partition, e.offset))
+            .collect();
+        assert_eq!(backlog, [(0, 12), (1, 6)]);
+        assert_eq!(source.position, at(&[(0, 12), (1, 6)]));
+        assert!(feed.resume(&at(&[(0, 9), (1, 5)])).is_none());
     }
 
     #[tokio::test]
