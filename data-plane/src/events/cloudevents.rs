@@ -123,30 +123,10 @@ fn structured(headers: &HeaderMap, body: &Bytes) -> Result<Event, EventError> {
 }
 
 fn binary(headers: &HeaderMap) -> Result<Event, EventError> {
-    let attribute = |name: &str| -> Result<&str, EventError> {
-        let header = format!("ce-{name}");
-        let value = headers
-            .get(&header)
-            .ok_or_else(|| EventError::Invalid(format!("header {header} is required")))?;
-        let value = value
-            .to_str()
-            .map_err(|_| EventError::Invalid(format!("header {header} is not visible ASCII")))?;
-        if value.is_empty() {
-            return Err(EventError::Invalid(format!("header {header} is empty")));
-        }
-        Ok(value)
-    };
-    let version = attribute("specversion")?;
-    if version != "1.0" {
-        return Err(EventError::Invalid(format!(
-            "ce-specversion must be 1.0, not {version:?}"
-        )));
-    }
-    for name in REQUIRED {
-        attribute(name)?;
-    }
-    let mut record_headers = Vec::new();
-    for (name, value) in headers {
+    // Every `ce-` header, once each, its value percent-decoded (the HTTP binding encodes what
+    // is not printable ASCII) and UTF-8 (what the Kafka binding's headers carry).
+    let mut attributes: Vec<(&str, String)> = Vec::new();
+    for name in headers.keys() {
         let Some(attribute) = name.as_str().strip_prefix("ce-") else {
             continue;
         };
@@ -162,13 +142,57 @@ fn binary(headers: &HeaderMap) -> Result<Event, EventError> {
                  and digits"
             )));
         }
-        record_headers.push((format!("ce_{attribute}"), bytes_of(value)));
+        if attribute == "datacontenttype" {
+            return Err(EventError::Invalid(
+                "datacontenttype is the Content-Type header in binary mode, not ce-datacontenttype"
+                    .into(),
+            ));
+        }
+        let mut values = headers.get_all(name).iter();
+        let value = values
+            .next()
+            .map(http::HeaderValue::as_bytes)
+            .unwrap_or_default();
+        if values.next().is_some() {
+            return Err(EventError::Invalid(format!(
+                "header {name} appears more than once: an attribute has one value"
+            )));
+        }
+        let value = percent_encoding::percent_decode(value)
+            .decode_utf8()
+            .map_err(|_| {
+                EventError::Invalid(format!("header {name} is not UTF-8 once percent-decoded"))
+            })?;
+        attributes.push((attribute, value.into_owned()));
     }
+    let attribute = |name: &str| -> Result<&str, EventError> {
+        match attributes.iter().find(|(found, _)| *found == name) {
+            None => Err(EventError::Invalid(format!("header ce-{name} is required"))),
+            Some((_, value)) if value.is_empty() => {
+                Err(EventError::Invalid(format!("header ce-{name} is empty")))
+            }
+            Some((_, value)) => Ok(value),
+        }
+    };
+    let version = attribute("specversion")?;
+    if version != "1.0" {
+        return Err(EventError::Invalid(format!(
+            "ce-specversion must be 1.0, not {version:?}"
+        )));
+    }
+    for name in REQUIRED {
+        attribute(name)?;
+    }
+    let id = attribute("id")?.to_owned();
+    let mut record_headers: Vec<(String, Bytes)> = attributes
+        .iter()
+        .map(|(attribute, value)| (format!("ce_{attribute}"), Bytes::from(value.clone())))
+        .collect();
     if let Some(content_type) = headers.get(http::header::CONTENT_TYPE) {
         record_headers.push(("content-type".to_owned(), bytes_of(content_type)));
     }
     Ok(Event {
-        id: attribute("id")?.to_owned(),
+        id,
         headers: record_headers,
         data: None,
     })
@@ -292,6 +316,50 @@ mod tests {
             missing,
             EventError::Invalid("header ce-type is required".into())
         );
+    }
+
+    #[test]
+    fn binary_mode_takes_one_percent_decoded_utf8_value_per_attribute() {
+        let base = [
+            ("ce-specversion", "1.0"),
+            ("ce-source", "/shop"),
+            ("ce-type", "order.paid"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut map = headers(&base);
+            for (name, value) in extra {
+                map.append(
+                    http::HeaderName::from_static(name),
+                    http::HeaderValue::from_static(value),
+                );
+            }
+            read(Mode::Binary, &map, &Bytes::new())
+        };
+        let event = with(&[("ce-id", "e%201"), ("ce-subject", "caf%C3%A9")]).unwrap();
+        assert_eq!(event.id, "e 1");
+        let subject = event
+            .headers
+            .iter()
+            .find(|(k, _)| k == "ce_subject")
+            .unwrap();
+        assert_eq!(subject.1, Bytes::from("café"));
+        for (extra, error) in [
+            (
+                &[("ce-id", "a"), ("ce-id", "b")][..],
+                "header ce-id appears more than once: an attribute has one value",
+            ),
+            (
+                &[("ce-id", "a"), ("ce-subject", "%FF")][..],
+                "header ce-subject is not UTF-8 once percent-decoded",
+            ),
+            (
+                &[("ce-id", "a"), ("ce-datacontenttype", "text/plain")][..],
+                "datacontenttype is the Content-Type header in binary mode, not \
+                 ce-datacontenttype",
+            ),
+        ] {
+            assert_eq!(with(extra).unwrap_err(), EventError::Invalid(error.into()));
+        }
     }
 
     #[test]
