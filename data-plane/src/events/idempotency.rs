@@ -103,12 +103,21 @@ impl Idempotency {
         ))
     }
 
-    /// What the request is, so a reuse of its key for another request is noticed.
-    pub fn fingerprint(path: &str, body: &[u8]) -> String {
+    /// What the request is, so a reuse of its key for another request is noticed: its path,
+    /// the headers that make its event (`headers`, by name), and its body.
+    pub fn fingerprint(path: &str, headers: &[(&str, &[u8])], body: &[u8]) -> String {
         let mut hash = Sha256::new();
-        hash.update(path.as_bytes());
-        hash.update([0]);
-        hash.update(body);
+        // Each part after its length, so that no two requests hash the same parts alike.
+        let mut part = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        part(path.as_bytes());
+        for (name, value) in headers {
+            part(name.as_bytes());
+            part(value);
+        }
+        part(body);
         hex::encode(&hash.finalize()[..16])
     }
 
@@ -300,7 +309,7 @@ mod tests {
     async fn the_first_copy_wins_and_the_others_get_its_answer() {
         let store = Idempotency::new(Duration::from_secs(60));
         let scope = Idempotency::scope("r1", None, b"key-1").unwrap();
-        let fp = Idempotency::fingerprint("/orders", b"{}");
+        let fp = Idempotency::fingerprint("/orders", &[], b"{}");
         assert_eq!(
             store.claim(None, &scope, &fp, CLAIM_TTL).await.unwrap(),
             Claim::Won
@@ -319,7 +328,7 @@ mod tests {
         };
         let (repeat, ()) = tokio::join!(waiting, completing);
         assert_eq!(repeat.unwrap(), Claim::Replay(answer.clone()));
-        let other = Idempotency::fingerprint("/orders", b"{\"x\":1}");
+        let other = Idempotency::fingerprint("/orders", &[], b"{\"x\":1}");
         assert!(matches!(
             store.claim(None, &scope, &other, CLAIM_TTL).await,
             Err(IdempotencyError::Mismatch)

@@ -176,7 +176,8 @@ impl PublishRoute {
         let consumer = context.identity.map(|i| i.consumer_id);
         let scope = Idempotency::scope(context.route_id, consumer, key.as_bytes())
             .map_err(GatewayError::Idempotency)?;
-        let fingerprint = Idempotency::fingerprint(parts.uri.path(), &body);
+        let fingerprint =
+            Idempotency::fingerprint(parts.uri.path(), &self.event_headers(&parts.headers), &body);
         let store = context.idempotency;
         match store
             .claim(
@@ -222,6 +223,27 @@ impl PublishRoute {
                 Err(error)
             }
         }
+    }
+
+    /// The request's headers that make its event, by name: CloudEvents attributes, the
+    /// content type, and those the key or a topic rule reads.
+    fn event_headers<'h>(&self, headers: &'h HeaderMap) -> Vec<(&'h str, &'h [u8])> {
+        let read = |name: &http::HeaderName| {
+            self.key
+                .iter()
+                .chain(self.topic_rules.iter().map(|rule| &rule.source))
+                .any(|source| matches!(source, KeySource::Header(header) if header == name))
+        };
+        let mut chosen: Vec<(&str, &[u8])> = headers
+            .iter()
+            .filter(|(name, _)| {
+                name.as_str().starts_with("ce-") || *name == header::CONTENT_TYPE || read(name)
+            })
+            .map(|(name, value)| (name.as_str(), value.as_bytes()))
+            .collect();
+        // Clients may send headers in any order.
+        chosen.sort_unstable();
+        chosen
     }
 
     /// Publishes the request as one event; the 202's body.

@@ -361,3 +361,38 @@ async fn publishes_are_counted_under_the_topic_their_event_went_to() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_reused_idempotency_key_is_noticed_in_the_headers_that_make_the_event() {
+    let node = (Metrics::new(), Idempotency::new(Duration::from_secs(60)));
+    let route = route(
+        &memory_broker(&node.0),
+        pb::PublishAction {
+            cloud_events: pb::publish_action::CloudEvents::Binary as i32,
+            ..Default::default()
+        },
+    );
+    let event = |kind: &'static str, extra: &'static str| {
+        post(
+            "{}",
+            &[
+                ("idempotency-key", "k1"),
+                ("ce-specversion", "1.0"),
+                ("ce-id", "e-1"),
+                ("ce-source", "/shop"),
+                ("ce-type", kind),
+                ("user-agent", extra),
+            ],
+        )
+    };
+    let (first, _, _) = publish_on(&node, &route, event("order.paid", "a"), &[]).await;
+    assert_eq!(first, StatusCode::ACCEPTED);
+    // Another client header changes nothing: a repeat.
+    let (again, headers, _) = publish_on(&node, &route, event("order.paid", "b"), &[]).await;
+    assert_eq!(again, StatusCode::ACCEPTED);
+    assert_eq!(headers["idempotency-replayed"], "true");
+    // Another event type under the same key and body is another request.
+    let (other, _, body) = publish_on(&node, &route, event("order.refunded", "a"), &[]).await;
+    assert_eq!(other, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(topic_events(&route).len(), 1);
+}
