@@ -670,7 +670,8 @@ apis:
         path_match: exact
         subscribe: { broker: local, topic: demo, start: earliest }
 "#;
-    let node = DataPlane::start(config, &[])?;
+    // Client messages up to 4 KiB (the node's body limit).
+    let node = DataPlane::start(config, &["--max-body-bytes", "4096"])?;
     for n in 0..2 {
         let response = client()
             .post(node.url("/events"))
@@ -710,6 +711,25 @@ apis:
         }
     };
     assert_eq!(u16::from(closed.unwrap().code), 1008);
+
+    // A message over the limit is refused with the close code that says so; a client's own
+    // close is answered.
+    let closing = |mut socket: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>| async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), socket.next()).await? {
+                Some(Ok(Message::Close(frame))) => break anyhow::Ok(frame),
+                Some(Ok(_)) => {}
+                other => anyhow::bail!("expected a close frame, got {other:?}"),
+            }
+        }
+    };
+    let mut large = websocket(&node, "/talk?start=latest").await?;
+    large.send(Message::text("x".repeat(8192))).await?;
+    let frame = closing(large).await?.context("a close frame with a code")?;
+    assert_eq!(u16::from(frame.code), 1009, "{frame:?}");
+    let mut leaving = websocket(&node, "/talk?start=latest").await?;
+    leaving.send(Message::Close(None)).await?;
+    closing(leaving).await?;
 
     // A plain GET without the upgrade still gets SSE on the same route.
     let sse = client().get(node.url("/listen")).send().await?;

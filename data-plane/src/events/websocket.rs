@@ -108,12 +108,10 @@ impl SubscribeRoute {
             )
             .await;
             let metrics = session.context.metrics.clone();
-            let gauge = metrics.subscribers(&session.topic);
-            gauge.inc();
+            let _live = LiveSubscriber::count(metrics.subscribers(&session.topic));
             if session.run(socket, source).await == Ending::Slow {
                 metrics.closed_slow(&session.topic).inc();
             }
-            gauge.dec();
         });
         let mut response = Response::new(empty_body());
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -146,6 +144,23 @@ fn accept_key<B>(request: &Request<B>) -> Result<String, GatewayError> {
         .filter(|k| !k.is_empty())
         .ok_or_else(|| invalid("Sec-WebSocket-Key is required"))?;
     Ok(derive_accept_key(key.as_bytes()))
+}
+
+/// One on the topic's live subscribers gauge for as long as it is held, however the session
+/// ends (a panic included).
+struct LiveSubscriber(prometheus_client::metrics::gauge::Gauge);
+
+impl LiveSubscriber {
+    fn count(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        LiveSubscriber(gauge)
+    }
+}
+
+impl Drop for LiveSubscriber {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -221,7 +236,18 @@ impl Session {
                     }
                 },
                 message = incoming.next() => match message {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ending::Gone,
+                    None => return Ending::Gone,
+                    // The library has queued its answer to the client's close: send it.
+                    Some(Ok(Message::Close(_))) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), sink.close()).await;
+                        return Ending::Gone;
+                    }
+                    Some(Err(error)) => {
+                        if let Some(frame) = refusal(&error) {
+                            let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(frame)).await;
+                        }
+                        return Ending::Gone;
+                    }
                     Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
                         sent_by_client += 1;
                         if !self.publish {
@@ -294,6 +320,22 @@ impl Session {
             Ok(None) => json!({"ack": number, "id": id, "topic": &*self.topic}),
             Err(error) => json!({"nack": number, "error": error.to_string()}),
         }
+    }
+}
+
+/// The close frame that tells a client why its message was refused, when it can still be
+/// told (RFC 6455 7.4.1): too large (1009), text that is not UTF-8 (1007), a protocol error
+/// (1002). `None` when the connection itself failed.
+fn refusal(error: &tokio_tungstenite::tungstenite::Error) -> Option<Message> {
+    use tokio_tungstenite::tungstenite::Error;
+    match error {
+        Error::Capacity(_) => Some(close(
+            CloseCode::Size,
+            "message larger than the route takes",
+        )),
+        Error::Utf8(_) => Some(close(CloseCode::Invalid, "text message is not UTF-8")),
+        Error::Protocol(_) => Some(close(CloseCode::Protocol, "WebSocket protocol error")),
+        _ => None,
     }
 }
 
