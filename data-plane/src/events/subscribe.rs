@@ -523,17 +523,22 @@ pub(super) async fn admit(
     pacer: Option<&Pacer>,
     event: &StoredEvent,
 ) -> bool {
-    if !position.is_new(event) {
-        return false;
-    }
-    position.advance(event);
-    if !wanted(filters, event) {
+    if !take_in(position, filters, event) {
         return false;
     }
     if let Some(pacer) = pacer {
         pacer.wait_to_send().await;
     }
     true
+}
+
+/// [`admit`] without the wait for the message budget.
+fn take_in(position: &mut Position, filters: &[Filter], event: &StoredEvent) -> bool {
+    if !position.is_new(event) {
+        return false;
+    }
+    position.advance(event);
+    wanted(filters, event)
 }
 
 /// One SSE subscriber: its place in the topic, and the frames it is sent, made one at a time
@@ -553,6 +558,8 @@ struct Subscriber {
     pacer: Option<Pacer>,
     backlog: std::vec::IntoIter<Arc<StoredEvent>>,
     live: Live,
+    /// An event taken in and waiting for the message budget (heartbeats go out meanwhile).
+    paced: Option<Arc<StoredEvent>>,
     beat: tokio::time::Interval,
     stage: Stage,
     counts: SubscriberCounts,
@@ -569,15 +576,16 @@ enum Stage {
     Ended,
 }
 
-/// A subscriber's series: live subscribers, events delivered, subscribers closed as slow.
-struct SubscriberCounts {
+/// A subscriber's series: live subscribers (counted while this is held), events delivered,
+/// subscribers closed as slow.
+pub(super) struct SubscriberCounts {
     subscribers: Gauge,
     delivered: Counter,
-    closed_slow: Counter,
+    pub(super) closed_slow: Counter,
 }
 
 impl SubscriberCounts {
-    fn new(metrics: &Metrics, topic: &str) -> Self {
+    pub(super) fn new(metrics: &Metrics, topic: &str) -> Self {
         let subscribers = metrics.subscribers(topic);
         subscribers.inc();
         SubscriberCounts {
@@ -608,6 +616,7 @@ impl Subscriber {
             pacer,
             backlog: source.backlog.into_iter(),
             live: source.live,
+            paced: None,
             beat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
             stage: Stage::Opening,
             counts,
@@ -634,26 +643,20 @@ impl Subscriber {
             Stage::Ended => return None,
             Stage::Streaming => {}
         }
-        for event in self.backlog.by_ref() {
-            if admit(
-                &mut self.position,
-                &self.filters,
-                self.pacer.as_ref(),
-                &event,
-            )
-            .await
-            {
-                self.counts.delivered.inc();
-                return Some(shared_frame(&event, &self.position));
+        if let Some(event) = self.paced.take() {
+            return Some(self.send(event).await);
+        }
+        while let Some(event) = self.backlog.next() {
+            if take_in(&mut self.position, &self.filters, &event) {
+                return Some(self.send(event).await);
             }
         }
         loop {
             tokio::select! {
                 received = self.live.recv() => match received {
                     Ok(event) => {
-                        if admit(&mut self.position, &self.filters, self.pacer.as_ref(), &event).await {
-                            self.counts.delivered.inc();
-                            return Some(shared_frame(&event, &self.position));
+                        if take_in(&mut self.position, &self.filters, &event) {
+                            return Some(self.send(event).await);
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -669,6 +672,25 @@ impl Subscriber {
                 _ = self.beat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
             }
         }
+    }
+}
+
+impl Subscriber {
+    /// `event`'s frame once the message budget allows it, or a heartbeat while it waits (the
+    /// event is kept for the next frame): a stream paced slower than its heartbeat still
+    /// shows proxies it is alive.
+    async fn send(&mut self, event: Arc<StoredEvent>) -> Bytes {
+        if let Some(pacer) = &self.pacer {
+            tokio::select! {
+                () = pacer.wait_to_send() => {}
+                _ = self.beat.tick() => {
+                    self.paced = Some(event);
+                    return Bytes::from_static(b": heartbeat\n\n");
+                }
+            }
+        }
+        self.counts.delivered.inc();
+        shared_frame(&event, &self.position)
     }
 }
 
@@ -813,6 +835,56 @@ mod tests {
             headers: Vec::new(),
             timestamp_ms: 0,
         }
+    }
+
+    // Real time: the limiter reads the clock itself.
+    #[tokio::test]
+    async fn a_paced_stream_sends_heartbeats_while_an_event_waits_for_its_budget() {
+        use super::super::memory::MemoryBroker;
+        use crate::auth::AccessGuard;
+        use crate::ratelimit::Rate;
+        let broker = MemoryBroker::new(&pb::MemoryBroker::default());
+        let topic: Arc<str> = "t".into();
+        broker.publish(record("a"));
+        broker.publish(record("b"));
+        let opened = broker.subscribe(&topic, Some(0));
+        let source = Source {
+            position: Position([(0, 0)].into()),
+            backlog: opened.backlog,
+            live: Live::Shared(opened.live),
+        };
+        // One event a minute; a heartbeat every 50 ms.
+        let rates: Arc<[Rate]> = Arc::new([Rate::new(1, Duration::from_secs(60), 0).unwrap()]);
+        let pacer = Pacer::new(
+            Arc::new(AccessGuard::new(None, 1000, 0)),
+            rates,
+            "route",
+            [7; 16],
+        );
+        let mut subscriber = Subscriber::new(
+            source,
+            Vec::new(),
+            Some(pacer),
+            Duration::from_millis(50),
+            test_counts(),
+        );
+        let mut frames = Vec::new();
+        for _ in 0..4 {
+            let frame = tokio::time::timeout(Duration::from_secs(2), subscriber.next_frame())
+                .await
+                .expect("a frame within the heartbeat")
+                .unwrap();
+            frames.push(String::from_utf8(frame.to_vec()).unwrap());
+        }
+        assert_eq!(
+            frames,
+            [
+                ": ok\n\n",
+                "id: 0:1\ndata: a\n\n",
+                ": heartbeat\n\n",
+                ": heartbeat\n\n"
+            ]
+        );
     }
 
     #[tokio::test]

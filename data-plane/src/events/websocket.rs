@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
-use super::subscribe::{Filter, Position, Source, SubscribeRoute, admit};
+use super::subscribe::{Filter, Position, Source, SubscribeRoute, SubscriberCounts, admit};
 use super::{Acks, Broker, Delivery, Record, now_ms};
 use crate::server::error::GatewayError;
 use crate::telemetry::Metrics;
@@ -107,10 +107,10 @@ impl SubscribeRoute {
                 Some(config),
             )
             .await;
-            let metrics = session.context.metrics.clone();
-            let _live = LiveSubscriber::count(metrics.subscribers(&session.topic));
+            // Counted live until dropped, however the session ends.
+            let counts = SubscriberCounts::new(&session.context.metrics, &session.topic);
             if session.run(socket, source).await == Ending::Slow {
-                metrics.closed_slow(&session.topic).inc();
+                counts.closed_slow.inc();
             }
         });
         let mut response = Response::new(empty_body());
@@ -144,23 +144,6 @@ fn accept_key<B>(request: &Request<B>) -> Result<String, GatewayError> {
         .filter(|k| !k.is_empty())
         .ok_or_else(|| invalid("Sec-WebSocket-Key is required"))?;
     Ok(derive_accept_key(key.as_bytes()))
-}
-
-/// One on the topic's live subscribers gauge for as long as it is held, however the session
-/// ends (a panic included).
-struct LiveSubscriber(prometheus_client::metrics::gauge::Gauge);
-
-impl LiveSubscriber {
-    fn count(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        LiveSubscriber(gauge)
-    }
-}
-
-impl Drop for LiveSubscriber {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
