@@ -784,6 +784,18 @@ impl<'a> Checker<'a> {
                     &subscribe.broker_id,
                 );
                 self.check(|| format!("{path}.topic"), check_topic(&subscribe.topic));
+                if subscribe.websocket_publish
+                    && self
+                        .index
+                        .brokers_without_acks
+                        .contains(subscribe.broker_id.as_str())
+                {
+                    self.error(
+                        format!("{path}.websocket_publish"),
+                        "messages are published durably, and the broker's properties set acks \
+                         0, which sends no acknowledgement to wait for",
+                    );
+                }
                 if pb::subscribe_action::Start::try_from(subscribe.default_start).is_err() {
                     self.error(format!("{path}.start"), "unknown start position");
                 }
@@ -1461,7 +1473,7 @@ impl<'a> Checker<'a> {
                 }
                 for key in ["message.timeout.ms", "delivery.timeout.ms"] {
                     if let Some(value) = kafka.properties.get(key)
-                        && !value.trim().parse::<u64>().is_ok_and(|ms| ms > 0)
+                        && !value.parse::<u64>().is_ok_and(|ms| ms > 0)
                     {
                         self.error(
                             format!("{base}.kafka.properties"),

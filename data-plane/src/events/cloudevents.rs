@@ -142,17 +142,25 @@ fn binary(headers: &HeaderMap) -> Result<Event, EventError> {
                  and digits"
             )));
         }
-        if attribute == "datacontenttype" {
-            return Err(EventError::Invalid(
-                "datacontenttype is the Content-Type header in binary mode, not ce-datacontenttype"
-                    .into(),
-            ));
-        }
         let mut values = headers.get_all(name).iter();
         let value = values
             .next()
             .map(http::HeaderValue::as_bytes)
             .unwrap_or_default();
+        if attribute == "datacontenttype" {
+            // Content-Type carries it in binary mode; a copy that agrees is let pass.
+            if headers
+                .get(http::header::CONTENT_TYPE)
+                .map(http::HeaderValue::as_bytes)
+                == Some(value)
+            {
+                continue;
+            }
+            return Err(EventError::Invalid(
+                "datacontenttype is the Content-Type header in binary mode, not ce-datacontenttype"
+                    .into(),
+            ));
+        }
         if values.next().is_some() {
             return Err(EventError::Invalid(format!(
                 "header {name} appears more than once: an attribute has one value"
@@ -163,6 +171,11 @@ fn binary(headers: &HeaderMap) -> Result<Event, EventError> {
             .map_err(|_| {
                 EventError::Invalid(format!("header {name} is not UTF-8 once percent-decoded"))
             })?;
+        if value.chars().any(char::is_control) {
+            return Err(EventError::Invalid(format!(
+                "header {name} holds a control character once percent-decoded"
+            )));
+        }
         attributes.push((attribute, value.into_owned()));
     }
     let attribute = |name: &str| -> Result<&str, EventError> {
@@ -335,14 +348,24 @@ mod tests {
             }
             read(Mode::Binary, &map, &Bytes::new())
         };
-        let event = with(&[("ce-id", "e%201"), ("ce-subject", "caf%C3%A9")]).unwrap();
+        let event = with(&[
+            ("ce-id", "e%201"),
+            ("ce-subject", "caf%C3%A9 100%"),
+            ("content-type", "application/json"),
+            ("ce-datacontenttype", "application/json"),
+        ])
+        .unwrap();
         assert_eq!(event.id, "e 1");
         let subject = event
             .headers
             .iter()
             .find(|(k, _)| k == "ce_subject")
             .unwrap();
-        assert_eq!(subject.1, Bytes::from("café"));
+        assert_eq!(subject.1, Bytes::from("café 100%"), "a lone % stays");
+        assert!(
+            !event.headers.iter().any(|(k, _)| k == "ce_datacontenttype"),
+            "Content-Type carries it"
+        );
         for (extra, error) in [
             (
                 &[("ce-id", "a"), ("ce-id", "b")][..],
@@ -356,6 +379,10 @@ mod tests {
                 &[("ce-id", "a"), ("ce-datacontenttype", "text/plain")][..],
                 "datacontenttype is the Content-Type header in binary mode, not \
                  ce-datacontenttype",
+            ),
+            (
+                &[("ce-id", "a"), ("ce-subject", "a%0D%0Ab")][..],
+                "header ce-subject holds a control character once percent-decoded",
             ),
         ] {
             assert_eq!(with(extra).unwrap_err(), EventError::Invalid(error.into()));

@@ -145,7 +145,7 @@ impl Feed {
                 .held
                 .iter()
                 .filter(|event| after.is_new(event))
-                .cloned()
+                .map(Arc::downgrade)
                 .collect(),
             live: Live::Shared(state.live.subscribe()),
         })
@@ -611,6 +611,7 @@ mod tests {
         let backlog: Vec<(i32, i64)> = source
             .backlog
             .iter()
+            .filter_map(Weak::upgrade)
             .map(|e| (e.partition, e.offset))
             .collect();
         assert_eq!(backlog, [(0, 12), (1, 6)]);

@@ -121,17 +121,31 @@ impl Idempotency {
         hex::encode(&hash.finalize()[..16])
     }
 
+    /// The fingerprint earlier builds stored (path and body, without lengths): accepted from
+    /// answers they stored, so that a retry across an upgrade, within the key's time to live,
+    /// is still answered from the first request.
+    pub fn earlier_fingerprint(path: &str, body: &[u8]) -> String {
+        let mut hash = Sha256::new();
+        hash.update(path.as_bytes());
+        hash.update([0]);
+        hash.update(body);
+        hex::encode(&hash.finalize()[..16])
+    }
+
     /// Claims `scope` for this request, for `ttl` ([`claim_ttl`]), or finds the answer to an
     /// earlier copy (waiting up to [`IN_PROGRESS_WAIT`] while that copy is being published).
+    /// `fingerprints`: the request's ([`Self::fingerprint`], kept with the claim) and others it
+    /// may have been stored under ([`Self::earlier_fingerprint`]).
     pub async fn claim(
         &self,
         redis: Option<&RedisLimiter>,
         scope: &str,
-        fingerprint: &str,
+        fingerprints: &[&str],
         ttl: Duration,
     ) -> Result<Claim, IdempotencyError> {
         let deadline = Instant::now() + IN_PROGRESS_WAIT;
-        let pending = format!("p|{fingerprint}");
+        let pending = format!("p|{}", fingerprints.first().copied().unwrap_or_default());
+        let same = |other: &str| fingerprints.contains(&other);
         loop {
             let found = match redis {
                 Some(redis) => {
@@ -179,7 +193,7 @@ impl Idempotency {
                 // Expired or released between the two looks: claim again.
                 None => continue,
                 Some(Stored::Pending { fingerprint: other }) => {
-                    if other != fingerprint {
+                    if !same(&other) {
                         return Err(IdempotencyError::Mismatch);
                     }
                     if Instant::now() >= deadline {
@@ -191,7 +205,7 @@ impl Idempotency {
                     fingerprint: other,
                     answer,
                 }) => {
-                    if other != fingerprint {
+                    if !same(&other) {
                         return Err(IdempotencyError::Mismatch);
                     }
                     return Ok(Claim::Replay(answer));
@@ -311,7 +325,7 @@ mod tests {
         let scope = Idempotency::scope("r1", None, b"key-1").unwrap();
         let fp = Idempotency::fingerprint("/orders", &[], b"{}");
         assert_eq!(
-            store.claim(None, &scope, &fp, CLAIM_TTL).await.unwrap(),
+            store.claim(None, &scope, &[&fp], CLAIM_TTL).await.unwrap(),
             Claim::Won
         );
         let answer = StoredAnswer {
@@ -320,7 +334,7 @@ mod tests {
         };
         let waiting = async {
             // A concurrent copy waits for the first one's answer.
-            store.claim(None, &scope, &fp, CLAIM_TTL).await
+            store.claim(None, &scope, &[&fp], CLAIM_TTL).await
         };
         let completing = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -330,9 +344,35 @@ mod tests {
         assert_eq!(repeat.unwrap(), Claim::Replay(answer.clone()));
         let other = Idempotency::fingerprint("/orders", &[], b"{\"x\":1}");
         assert!(matches!(
-            store.claim(None, &scope, &other, CLAIM_TTL).await,
+            store.claim(None, &scope, &[&other], CLAIM_TTL).await,
             Err(IdempotencyError::Mismatch)
         ));
+    }
+
+    #[tokio::test]
+    async fn an_answer_stored_by_an_earlier_build_is_still_replayed() {
+        let store = Idempotency::new(Duration::from_secs(60));
+        let scope = Idempotency::scope("r1", None, b"key-1").unwrap();
+        let earlier = Idempotency::earlier_fingerprint("/orders", b"{}");
+        let answer = StoredAnswer {
+            status: 202,
+            body: r#"{"offset":7}"#.into(),
+        };
+        // As a build before the headers counted stored it.
+        store
+            .claim(None, &scope, &[&earlier], CLAIM_TTL)
+            .await
+            .unwrap();
+        store.complete(None, &scope, &earlier, &answer).await;
+        let current = Idempotency::fingerprint("/orders", &[], b"{}");
+        assert_ne!(current, earlier);
+        assert_eq!(
+            store
+                .claim(None, &scope, &[&current, &earlier], CLAIM_TTL)
+                .await
+                .unwrap(),
+            Claim::Replay(answer)
+        );
     }
 
     #[tokio::test]
@@ -340,12 +380,12 @@ mod tests {
         let store = Idempotency::new(Duration::from_secs(60));
         let scope = Idempotency::scope("r1", Some(uuid::Uuid::nil()), b"k").unwrap();
         assert_eq!(
-            store.claim(None, &scope, "fp", CLAIM_TTL).await.unwrap(),
+            store.claim(None, &scope, &["fp"], CLAIM_TTL).await.unwrap(),
             Claim::Won
         );
         store.release(None, &scope).await;
         assert_eq!(
-            store.claim(None, &scope, "fp", CLAIM_TTL).await.unwrap(),
+            store.claim(None, &scope, &["fp"], CLAIM_TTL).await.unwrap(),
             Claim::Won
         );
     }

@@ -206,7 +206,7 @@ impl Broker {
                 };
                 Ok(Source {
                     position,
-                    backlog: opened.backlog,
+                    backlog: opened.backlog.iter().map(Arc::downgrade).collect(),
                     live: Live::Shared(opened.live),
                 })
             }

@@ -178,12 +178,13 @@ impl PublishRoute {
             .map_err(GatewayError::Idempotency)?;
         let fingerprint =
             Idempotency::fingerprint(parts.uri.path(), &self.event_headers(&parts.headers), &body);
+        let earlier = Idempotency::earlier_fingerprint(parts.uri.path(), &body);
         let store = context.idempotency;
         match store
             .claim(
                 context.redis,
                 &scope,
-                &fingerprint,
+                &[&fingerprint, &earlier],
                 claim_ttl(self.broker.publish_limit()),
             )
             .await
@@ -241,8 +242,9 @@ impl PublishRoute {
             })
             .map(|(name, value)| (name.as_str(), value.as_bytes()))
             .collect();
-        // Clients may send headers in any order.
-        chosen.sort_unstable();
+        // Clients may send headers in any order; one header's values keep theirs (the key and
+        // topic rules read the first).
+        chosen.sort_by_key(|(name, _)| *name);
         chosen
     }
 

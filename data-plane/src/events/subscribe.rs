@@ -9,8 +9,11 @@
 //! Live subscribers of a topic share one reader per node (a Kafka consumer, [`super::feed`],
 //! or the memory broker's live channel). A client that falls more than the feed's buffer
 //! behind is closed with a final `sluice-closed` event carrying its position, rather than
-//! being let grow memory; it resumes with that position. A Kafka subscriber that resumes (or
-//! starts at `earliest`) reads through a consumer of its own, which waits for it instead.
+//! being let grow memory; it resumes with that position. A Kafka subscriber that resumes
+//! where the shared reader still holds every event since joins it, starting with those events
+//! (by weak reference: one the reader lets go first closes it as slow too); one that resumes
+//! from further back (or starts at `earliest`) reads through a consumer of its own, which
+//! waits for it instead.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -109,7 +112,10 @@ pub enum Start {
 #[derive(Debug)]
 pub struct Source {
     pub position: Position,
-    pub backlog: Vec<Arc<StoredEvent>>,
+    /// By weak reference: the feed or the memory broker's log holds them, and an event let go
+    /// before the subscriber took it means it fell behind (closed as slow with its position,
+    /// which is just before that event), so a slow subscriber pins nothing.
+    pub backlog: Vec<Weak<StoredEvent>>,
     pub live: Live,
 }
 
@@ -556,7 +562,7 @@ struct Subscriber {
     position: Position,
     filters: Vec<Filter>,
     pacer: Option<Pacer>,
-    backlog: std::vec::IntoIter<Arc<StoredEvent>>,
+    backlog: std::vec::IntoIter<Weak<StoredEvent>>,
     live: Live,
     /// An event taken in and waiting for the message budget (heartbeats go out meanwhile).
     paced: Option<Arc<StoredEvent>>,
@@ -647,6 +653,9 @@ impl Subscriber {
             return Some(self.send(event).await);
         }
         while let Some(event) = self.backlog.next() {
+            let Some(event) = event.upgrade() else {
+                return Some(self.closed_as_slow());
+            };
             if take_in(&mut self.position, &self.filters, &event) {
                 return Some(self.send(event).await);
             }
@@ -660,9 +669,7 @@ impl Subscriber {
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        self.stage = Stage::Ended;
-                        self.counts.closed_slow.inc();
-                        return Some(closing_event(&self.position));
+                        return Some(self.closed_as_slow());
                     }
                     Err(broadcast::error::RecvError::Closed) => {
                         self.stage = Stage::Ended;
@@ -676,6 +683,13 @@ impl Subscriber {
 }
 
 impl Subscriber {
+    /// The last frame of a subscriber that fell behind: where to resume.
+    fn closed_as_slow(&mut self) -> Bytes {
+        self.stage = Stage::Ended;
+        self.counts.closed_slow.inc();
+        closing_event(&self.position)
+    }
+
     /// `event`'s frame once the message budget allows it, or a heartbeat while it waits (the
     /// event is kept for the next frame): a stream paced slower than its heartbeat still
     /// shows proxies it is alive.
@@ -850,7 +864,7 @@ mod tests {
         let opened = broker.subscribe(&topic, Some(0));
         let source = Source {
             position: Position([(0, 0)].into()),
-            backlog: opened.backlog,
+            backlog: opened.backlog.iter().map(Arc::downgrade).collect(),
             live: Live::Shared(opened.live),
         };
         // One event a minute; a heartbeat every 50 ms.
@@ -885,6 +899,39 @@ mod tests {
                 ": heartbeat\n\n"
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_backlog_let_go_before_it_was_read_closes_the_subscriber_as_slow() {
+        use super::super::memory::MemoryBroker;
+        let broker = MemoryBroker::new(&pb::MemoryBroker { retained_events: 3 });
+        let topic: Arc<str> = "t".into();
+        for _ in 0..3 {
+            broker.publish(record("old"));
+        }
+        let opened = broker.subscribe(&topic, Some(0));
+        let source = Source {
+            position: Position([(0, 0)].into()),
+            backlog: opened.backlog.iter().map(Arc::downgrade).collect(),
+            live: Live::Shared(opened.live),
+        };
+        drop(opened.backlog);
+        // The log lets the backlog go before the subscriber reads any of it.
+        for _ in 0..3 {
+            broker.publish(record("new"));
+        }
+        let counts = test_counts();
+        let closed_slow = counts.closed_slow.clone();
+        let mut subscriber =
+            Subscriber::new(source, Vec::new(), None, Duration::from_secs(60), counts);
+        subscriber.next_frame().await.unwrap();
+        let last = subscriber.next_frame().await.unwrap();
+        let last = std::str::from_utf8(&last).unwrap();
+        assert!(
+            last.starts_with("id: 0:0\nevent: sluice-closed\n"),
+            "{last}"
+        );
+        assert_eq!(closed_slow.get(), 1);
     }
 
     #[tokio::test]
@@ -983,7 +1030,7 @@ mod tests {
         let opened = broker.subscribe(&topic, Some(0));
         let source = Source {
             position: Position([(0, 0)].into()),
-            backlog: opened.backlog,
+            backlog: opened.backlog.iter().map(Arc::downgrade).collect(),
             live: Live::Shared(opened.live),
         };
         let counts = test_counts();

@@ -182,6 +182,9 @@ impl Session {
             };
         }
         for event in std::mem::take(&mut source.backlog) {
+            let Some(event) = event.upgrade() else {
+                return close_slow(&mut sink, &position).await;
+            };
             if admit(&mut position, &self.filters, pacer, &event).await {
                 send!(event_message(&event, &position));
                 delivered.inc();
@@ -200,18 +203,7 @@ impl Session {
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let id = position.encode();
-                        let last = json!({
-                            "event": "sluice-closed",
-                            "reason": "slow_consumer",
-                            "last_event_id": id,
-                        });
-                        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                            sink.send(Message::text(last.to_string())).await?;
-                            sink.send(close(CloseCode::Library(CLOSE_SLOW), "slow consumer; resume with last_event_id")).await
-                        })
-                        .await;
-                        return Ending::Slow;
+                        return close_slow(&mut sink, &position).await;
                     }
                     Err(broadcast::error::RecvError::Closed) => {
                         let _ = sink.send(close(CloseCode::Away, "the stream ended")).await;
@@ -304,6 +296,29 @@ impl Session {
             Err(error) => json!({"nack": number, "error": error.to_string()}),
         }
     }
+}
+
+/// Tells a subscriber that fell behind where to resume, and closes its socket with
+/// [`CLOSE_SLOW`].
+async fn close_slow<S>(sink: &mut S, position: &Position) -> Ending
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let last = json!({
+        "event": "sluice-closed",
+        "reason": "slow_consumer",
+        "last_event_id": position.encode(),
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        sink.send(Message::text(last.to_string())).await?;
+        sink.send(close(
+            CloseCode::Library(CLOSE_SLOW),
+            "slow consumer; resume with last_event_id",
+        ))
+        .await
+    })
+    .await;
+    Ending::Slow
 }
 
 /// The close frame that tells a client why its message was refused, when it can still be

@@ -341,6 +341,9 @@ apis:
       - name: leader
         path: /leader
         publish: { broker: fast, topic: orders, acks: leader }
+      - name: talk
+        path: /talk
+        subscribe: { broker: fast, topic: orders, websocket_publish: true }
 "#;
     let errors = load_err(text);
     let all = errors.to_string();
@@ -365,7 +368,11 @@ apis:
         "the broker's properties set acks 0, which sends no acknowledgement for a durable \
          publish to wait for; set acks to leader or all here, or delivery to fire_and_forget"
     );
-    assert_eq!(all.lines().count(), 5, "{all}");
+    assert!(
+        reason(&errors, "apis[0].routes[3].subscribe.websocket_publish").contains("acks 0"),
+        "{all}"
+    );
+    assert_eq!(all.lines().count(), 6, "{all}");
 }
 
 #[test]
