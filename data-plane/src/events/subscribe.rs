@@ -862,11 +862,7 @@ mod tests {
         broker.publish(record("a"));
         broker.publish(record("b"));
         let opened = broker.subscribe(&topic, Some(0));
-        let source = Source {
-            position: Position([(0, 0)].into()),
-            backlog: opened.backlog.iter().map(Arc::downgrade).collect(),
-            live: Live::Shared(opened.live),
-        };
+        let source = memory_source(opened, Some(0));
         // One event a minute; a heartbeat every 50 ms.
         let rates: Arc<[Rate]> = Arc::new([Rate::new(1, Duration::from_secs(60), 0).unwrap()]);
         let pacer = Pacer::new(
@@ -910,12 +906,7 @@ mod tests {
             broker.publish(record("old"));
         }
         let opened = broker.subscribe(&topic, Some(0));
-        let source = Source {
-            position: Position([(0, 0)].into()),
-            backlog: opened.backlog.iter().map(Arc::downgrade).collect(),
-            live: Live::Shared(opened.live),
-        };
-        drop(opened.backlog);
+        let source = memory_source(opened, Some(0));
         // The log lets the backlog go before the subscriber reads any of it.
         for _ in 0..3 {
             broker.publish(record("new"));
@@ -924,13 +915,7 @@ mod tests {
         let closed_slow = counts.closed_slow.clone();
         let mut subscriber =
             Subscriber::new(source, Vec::new(), None, Duration::from_secs(60), counts);
-        subscriber.next_frame().await.unwrap();
-        let last = subscriber.next_frame().await.unwrap();
-        let last = std::str::from_utf8(&last).unwrap();
-        assert!(
-            last.starts_with("id: 0:0\nevent: sluice-closed\n"),
-            "{last}"
-        );
+        assert_closed_at_start(&mut subscriber).await;
         assert_eq!(closed_slow.get(), 1);
     }
 
@@ -941,11 +926,7 @@ mod tests {
         let broker = MemoryBroker::new(&pb::MemoryBroker::default());
         let topic: Arc<str> = "t".into();
         let opened = broker.subscribe(&topic, None);
-        let source = Source {
-            position: Position([(0, opened.next_offset)].into()),
-            backlog: Vec::new(),
-            live: Live::Shared(opened.live),
-        };
+        let source = memory_source(opened, None);
         // Fewer than the topic retains, more than a subscriber may fall behind.
         for _ in 0..600 {
             broker.publish(record("x"));
@@ -957,13 +938,7 @@ mod tests {
             Duration::from_secs(60),
             test_counts(),
         );
-        subscriber.next_frame().await.unwrap();
-        let last = subscriber.next_frame().await.unwrap();
-        let last = std::str::from_utf8(&last).unwrap();
-        assert!(
-            last.starts_with("id: 0:0\nevent: sluice-closed\n"),
-            "{last}"
-        );
+        assert_closed_at_start(&mut subscriber).await;
         let resumed = broker.subscribe(&topic, Some(0));
         assert_eq!(
             resumed.backlog.first().map(|e| e.offset),
@@ -979,11 +954,7 @@ mod tests {
         let topic: Arc<str> = "t".into();
         broker.publish(record("before"));
         let opened = broker.subscribe(&topic, None);
-        let source = Source {
-            position: Position([(0, opened.next_offset)].into()),
-            backlog: Vec::new(),
-            live: Live::Shared(opened.live),
-        };
+        let source = memory_source(opened, None);
         // More than the feed holds, before the subscriber reads anything.
         for _ in 0..super::super::memory::FEED_CAPACITY + 10 {
             broker.publish(record("x"));
@@ -1010,6 +981,27 @@ mod tests {
         assert_eq!(closed_slow.get(), 1);
     }
 
+    /// A subscriber's source on a memory topic, from `from` (`None`: its next offset): the
+    /// backlog by weak reference, as the broker hands it over, then the live feed.
+    fn memory_source(opened: super::super::memory::Subscription, from: Option<i64>) -> Source {
+        Source {
+            position: Position([(0, from.unwrap_or(opened.next_offset))].into()),
+            backlog: opened.backlog.iter().map(Arc::downgrade).collect(),
+            live: Live::Shared(opened.live),
+        }
+    }
+
+    /// The subscriber's frame after its opening comment closes it as slow at offset 0.
+    async fn assert_closed_at_start(subscriber: &mut Subscriber) {
+        subscriber.next_frame().await.unwrap();
+        let last = subscriber.next_frame().await.unwrap();
+        let last = std::str::from_utf8(&last).unwrap();
+        assert!(
+            last.starts_with("id: 0:0\nevent: sluice-closed\n"),
+            "{last}"
+        );
+    }
+
     /// A subscriber's series, counting it as live.
     fn test_counts() -> SubscriberCounts {
         let counts = SubscriberCounts {
@@ -1028,11 +1020,7 @@ mod tests {
         let topic: Arc<str> = "t".into();
         broker.publish(record("a"));
         let opened = broker.subscribe(&topic, Some(0));
-        let source = Source {
-            position: Position([(0, 0)].into()),
-            backlog: opened.backlog.iter().map(Arc::downgrade).collect(),
-            live: Live::Shared(opened.live),
-        };
+        let source = memory_source(opened, Some(0));
         let counts = test_counts();
         let (live, delivered) = (counts.subscribers.clone(), counts.delivered.clone());
         let mut body = Subscriber::new(source, Vec::new(), None, Duration::from_millis(50), counts)
