@@ -10,13 +10,12 @@
 //! feed still holds every event since (a client reconnecting after a short break, as browsers
 //! do by themselves) joins it too, starting with those held events. One that resumes from
 //! elsewhere or starts at `earliest` reads through a private consumer, since it is somewhere
-//! else in the topic. A private reader
-//! serves one subscriber, so it reads at that subscriber's pace: a client catching up on a long
-//! backlog gets all of it on one connection, however fast the broker sends, with at most
-//! [`OWN_BUFFER`] events and [`OWN_BUFFER_BYTES`] between them, and librdkafka's prefetch
-//! ([`OWN_PREFETCH_KB`], refetched [`OWN_FETCH_BACKOFF_MS`] after it was full) behind that.
-//! Private readers are limited per broker ([`PRIVATE_READERS`]), beyond which the client gets a
-//! 503 and retries.
+//! else in the topic. A private reader serves one subscriber, so it reads at that subscriber's
+//! pace: a client catching up on a long backlog gets all of it on one connection, however fast
+//! the broker sends, with at most [`OWN_BUFFER`] events and [`OWN_BUFFER_BYTES`] between them,
+//! and librdkafka's prefetch ([`OWN_PREFETCH_KB`], refetched [`OWN_FETCH_BACKOFF_MS`] after it
+//! was full) behind that. Private readers are limited per broker ([`PRIVATE_READERS`]), beyond
+//! which the client gets a 503 and retries.
 //!
 //! Consumers are assigned partitions explicitly (no consumer-group rebalancing, nothing
 //! committed): a subscriber's position lives in its client's `Last-Event-ID`, not in Kafka.
@@ -198,7 +197,7 @@ impl Feeds {
         topic: &Arc<str>,
         start: Start,
     ) -> Result<Source, SubscribeError> {
-        let unavailable = |error: OpenError| match error {
+        let not_opened = |error: OpenError| match error {
             OpenError::Unavailable(reason) => SubscribeError::Unavailable {
                 broker: broker.clone(),
                 topic: topic.clone(),
@@ -228,7 +227,7 @@ impl Feeds {
                     .map_err(|_| SubscribeError::Busy {
                         broker: broker.clone(),
                     })?;
-            let (position, consumer) = open(settings, topic, start).await.map_err(unavailable)?;
+            let (position, consumer) = open(settings, topic, start).await.map_err(not_opened)?;
             let (events, live) = mpsc::channel(OWN_BUFFER);
             let bytes = Arc::new(Semaphore::new(OWN_BUFFER_BYTES));
             tokio::spawn(async move {
@@ -252,7 +251,7 @@ impl Feeds {
         }
         let (position, consumer) = open(settings, topic, Start::Latest)
             .await
-            .map_err(unavailable)?;
+            .map_err(not_opened)?;
         let feed = Arc::new(Feed {
             state: Mutex::new(FeedState::new(position)),
         });
