@@ -177,7 +177,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
     let metrics = Arc::new(Metrics::new());
     let redis = match &args.redis_url {
         Some(url) => match RedisLimiter::new(url, args.redis_prefix.clone(), args.redis_timeout) {
-            Ok(redis) => Some(redis),
+            Ok(redis) => Some(Arc::new(redis)),
             Err(e) => {
                 eprintln!("sluice-dp: --redis-url: {e}");
                 return ExitCode::FAILURE;

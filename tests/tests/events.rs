@@ -612,6 +612,57 @@ async fn one_idempotency_key_across_two_nodes_publishes_once() -> anyhow::Result
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_publish_gets_the_first_answer_on_its_retry() -> anyhow::Result<()>
+{
+    let topic = TestTopic::create(1).await?;
+    // The producer holds each record 1.5 s before sending it, so the first client can leave
+    // while its publish waits for the broker.
+    let config = kafka_config(&kafka_bootstrap(), &topic.name, "").replace(
+        r#"properties: { message.timeout.ms: "3000" }"#,
+        r#"properties: { message.timeout.ms: "6000", linger.ms: "1500" }"#,
+    );
+    let node = DataPlane::start(&config, &[])?;
+    let send = |client: reqwest::Client| {
+        client
+            .post(node.url("/orders/o8/events"))
+            .header("idempotency-key", "order-8-paid")
+            .body(r#"{"paid":true}"#)
+            .send()
+    };
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(400))
+        .build()?;
+    let left = send(impatient).await;
+    assert!(
+        left.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "the first client was to give up before the broker answered: {left:?}"
+    );
+
+    // The node finished that publish: the retry is its answer, not a second record (nor a
+    // 409 while an abandoned claim waits to expire).
+    let retry = send(client()).await?;
+    assert_eq!(retry.status().as_u16(), 202);
+    assert_eq!(
+        retry
+            .headers()
+            .get("idempotency-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let answer: Value = retry.json().await?;
+    let consumer = topic.consumer_from_beginning()?;
+    let record = tokio::time::timeout(Duration::from_secs(20), consumer.recv()).await??;
+    assert_eq!(Some(record.offset()), answer["offset"].as_i64(), "{answer}");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), consumer.recv())
+            .await
+            .is_err(),
+        "a second record reached the topic"
+    );
+    Ok(())
+}
+
 /// A WebSocket to `path` on `node`, handshake done.
 async fn websocket(
     node: &DataPlane,
@@ -967,6 +1018,102 @@ async fn message_rate_limits_pace_streams_and_refuse_extra_publishes() -> anyhow
     assert_eq!(answers[0]["ack"], 1, "{answers:?}");
     assert_eq!(answers[1]["nack"], 2, "{answers:?}");
     assert!(answers[1]["retry_after_ms"].as_u64().unwrap() <= 200);
+    Ok(())
+}
+
+/// What a WebSocket client saw within `window`: its text messages as JSON, and how many pings.
+async fn watch_websocket(
+    socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    window: Duration,
+) -> anyhow::Result<(Vec<Value>, usize)> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let until = tokio::time::Instant::now() + window;
+    let (mut texts, mut pings) = (Vec::new(), 0);
+    while let Ok(message) = tokio::time::timeout_at(until, socket.next()).await {
+        match message.context("the socket closed")?? {
+            Message::Text(text) => texts.push(serde_json::from_str(&text)?),
+            Message::Ping(_) => pings += 1,
+            other => anyhow::bail!("unexpected message {other:?}"),
+        }
+    }
+    Ok((texts, pings))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_session_pings_and_publishes_while_an_event_waits_for_its_budget()
+-> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    // One event a minute: the second waits for its budget for the rest of the test.
+    let config = memory_config(
+        "",
+        ", start: earliest, heartbeat: 300ms, websocket_publish: true, \
+         message_rate_limits: [{ limit: 1, per: minute }]",
+    );
+    let node = DataPlane::start(&config, &[])?;
+    for n in 0..2 {
+        let response = client()
+            .post(node.url("/events"))
+            .body(format!("{{\"n\":{n}}}"))
+            .send()
+            .await?;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    let mut socket = websocket(&node, "/stream").await?;
+    assert_eq!(next_json(&mut socket).await?["data"]["n"], 0);
+    socket
+        .send(Message::text(r#"{"n":"from the client"}"#))
+        .await?;
+    let (texts, pings) = watch_websocket(&mut socket, Duration::from_secs(2)).await?;
+    assert_eq!(texts.len(), 1, "only the answer: the events wait {texts:?}");
+    assert_eq!(texts[0]["ack"], 1, "{texts:?}");
+    assert_eq!(texts[0]["offset"], 2, "{texts:?}");
+    assert!(pings >= 3, "{pings} pings in 2 s at a 300 ms heartbeat");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_need_not_wait_for_each_answer_before_publishing_the_next()
+-> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let topic = TestTopic::create(1).await?;
+    // The producer holds each batch 2 s: one message at a time, three would take 6 s.
+    let config = kafka_config(&kafka_bootstrap(), &topic.name, "")
+        .replace(
+            r#"properties: { message.timeout.ms: "3000" }"#,
+            r#"properties: { message.timeout.ms: "8000", linger.ms: "2000" }"#,
+        )
+        .replace(
+            "heartbeat: 1s",
+            "heartbeat: 500ms\n          websocket_publish: true",
+        );
+    let node = DataPlane::start(&config, &[])?;
+    let mut socket = websocket(&node, "/stream").await?;
+    let started = Instant::now();
+    for n in 1..=3 {
+        socket.send(Message::text(format!("{{\"n\":{n}}}"))).await?;
+    }
+    let (texts, pings) = watch_websocket(&mut socket, Duration::from_millis(4500)).await?;
+    let acks: Vec<_> = texts.iter().filter(|t| t.get("ack").is_some()).collect();
+    assert_eq!(
+        acks.iter().map(|a| a["ack"].as_u64()).collect::<Vec<_>>(),
+        [Some(1), Some(2), Some(3)],
+        "answered in order within {:?}: {texts:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        acks.iter()
+            .map(|a| a["offset"].as_i64())
+            .collect::<Vec<_>>(),
+        [Some(0), Some(1), Some(2)],
+        "{texts:?}"
+    );
+    assert!(
+        pings >= 3,
+        "{pings} pings while the broker held the messages"
+    );
     Ok(())
 }
 

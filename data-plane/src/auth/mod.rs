@@ -58,7 +58,7 @@ pub struct AccessGuard {
     pub local: LocalLimiter,
     /// `None` when the node was started without `--redis-url`: budgets counted in Redis
     /// then follow their policy's `fail_open`.
-    pub redis: Option<RedisLimiter>,
+    pub redis: Option<Arc<RedisLimiter>>,
     throttle: FailureThrottle,
 }
 
@@ -66,7 +66,7 @@ impl AccessGuard {
     /// `failures_per_minute`: failed authentications a client address may make before its
     /// next attempts are refused unread (0: never).
     pub fn new(
-        redis: Option<RedisLimiter>,
+        redis: Option<Arc<RedisLimiter>>,
         local_budgets: usize,
         failures_per_minute: u64,
     ) -> Self {

@@ -11,7 +11,7 @@
 //! with a different request (another body or path) is refused with 422.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -75,13 +75,16 @@ pub enum IdempotencyError {
 #[derive(Debug)]
 pub struct Idempotency {
     ttl: Duration,
+    /// Where keys are shared between nodes, when the node has Redis.
+    redis: Option<Arc<RedisLimiter>>,
     memory: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl Idempotency {
-    pub fn new(ttl: Duration) -> Self {
+    pub fn new(ttl: Duration, redis: Option<Arc<RedisLimiter>>) -> Self {
         Idempotency {
             ttl,
+            redis,
             memory: Mutex::new(HashMap::new()),
         }
     }
@@ -138,7 +141,6 @@ impl Idempotency {
     /// may have been stored under ([`Self::earlier_fingerprint`]).
     pub async fn claim(
         &self,
-        redis: Option<&RedisLimiter>,
         scope: &str,
         fingerprints: &[&str],
         ttl: Duration,
@@ -147,7 +149,7 @@ impl Idempotency {
         let pending = format!("p|{}", fingerprints.first().copied().unwrap_or_default());
         let same = |other: &str| fingerprints.contains(&other);
         loop {
-            let found = match redis {
+            let found = match &self.redis {
                 Some(redis) => {
                     let key = redis.key(scope);
                     let claimed: Option<String> = redis
@@ -221,15 +223,9 @@ impl Idempotency {
 
     /// Stores the answer of a request that won its claim. A failure to store is logged: the
     /// event is published and the client gets its answer; a repeat may publish again.
-    pub async fn complete(
-        &self,
-        redis: Option<&RedisLimiter>,
-        scope: &str,
-        fingerprint: &str,
-        answer: &StoredAnswer,
-    ) {
+    pub async fn complete(&self, scope: &str, fingerprint: &str, answer: &StoredAnswer) {
         let value = format!("d|{fingerprint}|{}|{}", answer.status, answer.body);
-        match redis {
+        match &self.redis {
             Some(redis) => {
                 let stored = redis
                     .query::<()>(
@@ -252,8 +248,8 @@ impl Idempotency {
     }
 
     /// Gives up a claim whose publish failed, so that a retry publishes.
-    pub async fn release(&self, redis: Option<&RedisLimiter>, scope: &str) {
-        match redis {
+    pub async fn release(&self, scope: &str) {
+        match &self.redis {
             Some(redis) => {
                 if let Err(error) = redis
                     .query::<()>(::redis::cmd("DEL").arg(redis.key(scope)))
@@ -321,11 +317,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_copy_wins_and_the_others_get_its_answer() {
-        let store = Idempotency::new(Duration::from_secs(60));
+        let store = Idempotency::new(Duration::from_secs(60), None);
         let scope = Idempotency::scope("r1", None, b"key-1").unwrap();
         let fp = Idempotency::fingerprint("/orders", &[], b"{}");
         assert_eq!(
-            store.claim(None, &scope, &[&fp], CLAIM_TTL).await.unwrap(),
+            store.claim(&scope, &[&fp], CLAIM_TTL).await.unwrap(),
             Claim::Won
         );
         let answer = StoredAnswer {
@@ -334,24 +330,24 @@ mod tests {
         };
         let waiting = async {
             // A concurrent copy waits for the first one's answer.
-            store.claim(None, &scope, &[&fp], CLAIM_TTL).await
+            store.claim(&scope, &[&fp], CLAIM_TTL).await
         };
         let completing = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            store.complete(None, &scope, &fp, &answer).await;
+            store.complete(&scope, &fp, &answer).await;
         };
         let (repeat, ()) = tokio::join!(waiting, completing);
         assert_eq!(repeat.unwrap(), Claim::Replay(answer.clone()));
         let other = Idempotency::fingerprint("/orders", &[], b"{\"x\":1}");
         assert!(matches!(
-            store.claim(None, &scope, &[&other], CLAIM_TTL).await,
+            store.claim(&scope, &[&other], CLAIM_TTL).await,
             Err(IdempotencyError::Mismatch)
         ));
     }
 
     #[tokio::test]
     async fn an_answer_stored_by_an_earlier_build_is_still_replayed() {
-        let store = Idempotency::new(Duration::from_secs(60));
+        let store = Idempotency::new(Duration::from_secs(60), None);
         let scope = Idempotency::scope("r1", None, b"key-1").unwrap();
         let earlier = Idempotency::earlier_fingerprint("/orders", b"{}");
         let answer = StoredAnswer {
@@ -359,16 +355,13 @@ mod tests {
             body: r#"{"offset":7}"#.into(),
         };
         // As a build before the headers counted stored it.
-        store
-            .claim(None, &scope, &[&earlier], CLAIM_TTL)
-            .await
-            .unwrap();
-        store.complete(None, &scope, &earlier, &answer).await;
+        store.claim(&scope, &[&earlier], CLAIM_TTL).await.unwrap();
+        store.complete(&scope, &earlier, &answer).await;
         let current = Idempotency::fingerprint("/orders", &[], b"{}");
         assert_ne!(current, earlier);
         assert_eq!(
             store
-                .claim(None, &scope, &[&current, &earlier], CLAIM_TTL)
+                .claim(&scope, &[&current, &earlier], CLAIM_TTL)
                 .await
                 .unwrap(),
             Claim::Replay(answer)
@@ -377,15 +370,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_released_claim_lets_the_retry_publish() {
-        let store = Idempotency::new(Duration::from_secs(60));
+        let store = Idempotency::new(Duration::from_secs(60), None);
         let scope = Idempotency::scope("r1", Some(uuid::Uuid::nil()), b"k").unwrap();
         assert_eq!(
-            store.claim(None, &scope, &["fp"], CLAIM_TTL).await.unwrap(),
+            store.claim(&scope, &["fp"], CLAIM_TTL).await.unwrap(),
             Claim::Won
         );
-        store.release(None, &scope).await;
+        store.release(&scope).await;
         assert_eq!(
-            store.claim(None, &scope, &["fp"], CLAIM_TTL).await.unwrap(),
+            store.claim(&scope, &["fp"], CLAIM_TTL).await.unwrap(),
             Claim::Won
         );
     }

@@ -22,7 +22,6 @@ use super::cloudevents::{self, EventError, Mode};
 use super::idempotency::{Claim, Idempotency, IdempotencyError, StoredAnswer, claim_ttl};
 use super::{Acks, Broker, Delivered, Delivery, Record, caller_headers, now_ms};
 use crate::auth::Identity;
-use crate::ratelimit::RedisLimiter;
 use crate::server::error::{GatewayError, SchemaError};
 use crate::telemetry::Metrics;
 use crate::upstream::ProxyBody;
@@ -66,9 +65,7 @@ pub struct PublishContext<'a> {
     pub request_id: &'a HeaderValue,
     pub max_body_bytes: u64,
     pub metrics: &'a Metrics,
-    pub idempotency: &'a Idempotency,
-    /// Where idempotency keys are shared between nodes, when the node has Redis.
-    pub redis: Option<&'a RedisLimiter>,
+    pub idempotency: &'a Arc<Idempotency>,
 }
 
 static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
@@ -170,7 +167,13 @@ impl PublishRoute {
         let (parts, body) = request.into_parts();
         let body = read_body(body, context.max_body_bytes).await?;
         let Some(key) = parts.headers.get(&IDEMPOTENCY_KEY) else {
-            let answer = self.publish(&parts, body, context, counted).await?;
+            let event = self.event(&parts, body, context, counted)?;
+            let delivered = self
+                .broker
+                .publish(event.record, self.delivery, self.acks)
+                .await
+                .map_err(GatewayError::Publish)?;
+            let answer = answer(&event.id, &event.topic, delivered);
             return Ok(accepted(answer.to_string(), false));
         };
         let consumer = context.identity.map(|i| i.consumer_id);
@@ -182,7 +185,6 @@ impl PublishRoute {
         let store = context.idempotency;
         match store
             .claim(
-                context.redis,
                 &scope,
                 &[&fingerprint, &earlier],
                 claim_ttl(self.broker.publish_limit()),
@@ -208,21 +210,42 @@ impl PublishRoute {
             }
             Claim::Won => {}
         }
-        match self.publish(&parts, body, context, counted).await {
-            Ok(answer) => {
-                let answer = StoredAnswer {
-                    status: StatusCode::ACCEPTED.as_u16(),
-                    body: answer.to_string(),
-                };
-                store
-                    .complete(context.redis, &scope, &fingerprint, &answer)
-                    .await;
-                Ok(accepted(answer.body, false))
-            }
+        let event = match self.event(&parts, body, context, counted) {
+            Ok(event) => event,
             Err(error) => {
-                store.release(context.redis, &scope).await;
-                Err(error)
+                store.release(&scope).await;
+                return Err(error);
             }
+        };
+        // The client may leave while the broker works, and its request's future is then
+        // dropped. The publish and what it settles run on their own, so that the answer is
+        // stored (or the claim released) whatever the client does: its retry is answered from
+        // the first publish instead of waiting out the claim and publishing a second copy.
+        let settle = tokio::spawn({
+            let (broker, store) = (self.broker.clone(), Arc::clone(store));
+            let (delivery, acks) = (self.delivery, self.acks);
+            async move {
+                match broker.publish(event.record, delivery, acks).await {
+                    Ok(delivered) => {
+                        let answer = StoredAnswer {
+                            status: StatusCode::ACCEPTED.as_u16(),
+                            body: answer(&event.id, &event.topic, delivered).to_string(),
+                        };
+                        store.complete(&scope, &fingerprint, &answer).await;
+                        Ok(answer.body)
+                    }
+                    Err(error) => {
+                        store.release(&scope).await;
+                        Err(error)
+                    }
+                }
+            }
+        });
+        match settle.await {
+            Ok(settled) => Ok(accepted(settled.map_err(GatewayError::Publish)?, false)),
+            // Only a panic ends the task early (the runtime is not shut down while requests
+            // are served): the claim is left to expire.
+            Err(panicked) => std::panic::resume_unwind(panicked.into_panic()),
         }
     }
 
@@ -248,14 +271,14 @@ impl PublishRoute {
         chosen
     }
 
-    /// Publishes the request as one event; the 202's body.
-    async fn publish(
+    /// The request as one event, checked and ready to publish.
+    fn event(
         &self,
         parts: &http::request::Parts,
         body: Bytes,
         context: &PublishContext<'_>,
         counted: &mut Counted,
-    ) -> Result<Value, GatewayError> {
+    ) -> Result<Event, GatewayError> {
         let event = cloudevents::read(self.mode, &parts.headers, &body).map_err(|e| match e {
             EventError::MediaType(detail) => GatewayError::UnsupportedMediaType(detail),
             EventError::Invalid(detail) => GatewayError::InvalidEvent(detail),
@@ -312,12 +335,11 @@ impl PublishRoute {
             headers,
             timestamp_ms: now_ms(),
         };
-        let delivered = self
-            .broker
-            .publish(record, self.delivery, self.acks)
-            .await
-            .map_err(GatewayError::Publish)?;
-        Ok(answer(&event.id, &topic, delivered))
+        Ok(Event {
+            id: event.id,
+            topic,
+            record,
+        })
     }
 
     fn key(
@@ -351,6 +373,14 @@ impl PublishRoute {
             })
             .map_or(&self.topic, |rule| &rule.topic)
     }
+}
+
+/// A request made into an event.
+struct Event {
+    /// The event's id (CloudEvents `id`, or one the node made).
+    id: String,
+    topic: Arc<str>,
+    record: Record,
 }
 
 /// What the publish metric counts a request under: the topic its event went to (a topic rule's,

@@ -520,26 +520,10 @@ pub(super) fn wanted(filters: &[Filter], event: &StoredEvent) -> bool {
 }
 
 /// Takes `event` in for a subscriber at `position` (after the last event taken in, sent or
-/// passed over): whether to send it now. The position moves past every new event, sent or not
-/// (an event filtered out is passed over: a resume does not read it again); one to send waits
-/// for the subscriber's message budget first.
-pub(super) async fn admit(
-    position: &mut Position,
-    filters: &[Filter],
-    pacer: Option<&Pacer>,
-    event: &StoredEvent,
-) -> bool {
-    if !take_in(position, filters, event) {
-        return false;
-    }
-    if let Some(pacer) = pacer {
-        pacer.wait_to_send().await;
-    }
-    true
-}
-
-/// [`admit`] without the wait for the message budget.
-fn take_in(position: &mut Position, filters: &[Filter], event: &StoredEvent) -> bool {
+/// passed over): whether to send it (once the subscriber's message budget allows). The
+/// position moves past every new event, sent or not (an event filtered out is passed over: a
+/// resume does not read it again).
+pub(super) fn take_in(position: &mut Position, filters: &[Filter], event: &StoredEvent) -> bool {
     if !position.is_new(event) {
         return false;
     }

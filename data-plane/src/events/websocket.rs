@@ -10,12 +10,14 @@
 //!
 //! Client → server (publish): each text or binary message is one event. The answer is
 //! `{"ack":N,"id":…,"topic":…,"partition":…,"offset":…,"timestamp":…}` once the broker has it,
-//! or `{"nack":N,"error":…}`, where N counts the client's messages from 1.
+//! or `{"nack":N,"error":…}`, where N counts the client's messages from 1. Up to
+//! [`MAX_PUBLISHING`] messages are published at once; answers come back in the messages' order.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -30,7 +32,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
-use super::subscribe::{Filter, Position, Source, SubscribeRoute, SubscriberCounts, admit};
+use super::subscribe::{Filter, Position, Source, SubscribeRoute, SubscriberCounts, take_in};
 use super::{Acks, Broker, Delivery, Record, now_ms};
 use crate::server::error::GatewayError;
 use crate::telemetry::Metrics;
@@ -41,6 +43,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Close code for a subscriber that fell behind (private-use range 4000-4999).
 pub const CLOSE_SLOW: u16 = 4001;
+
+/// A client's messages published at once, at most; the next are read as answers come back.
+const MAX_PUBLISHING: usize = 64;
 
 /// What a WebSocket subscription needs from the request and the node.
 #[derive(Debug)]
@@ -181,36 +186,37 @@ impl Session {
                 }
             };
         }
-        for event in std::mem::take(&mut source.backlog) {
-            let Some(event) = event.upgrade() else {
-                return close_slow(&mut sink, &position).await;
-            };
-            if admit(&mut position, &self.filters, pacer, &event).await {
-                send!(event_message(&event, &position));
-                delivered.inc();
-            }
-        }
+        let mut backlog = std::mem::take(&mut source.backlog).into_iter();
+        // The event taken in and next to send, once its message budget allows. Only one is
+        // held: the feed's buffer keeps the rest (and closes a subscriber that falls a buffer
+        // behind), so pacing bounds nothing here.
+        let mut next: Option<Arc<StoredEvent>> = None;
+        // The client's messages being published, answered in the order they came.
+        let mut publishing = FuturesOrdered::new();
         let mut beat =
             tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
         let mut sent_by_client = 0u64;
         loop {
-            tokio::select! {
-                received = source.live.recv() => match received {
-                    Ok(event) => {
-                        if admit(&mut position, &self.filters, pacer, &event).await {
-                            send!(event_message(&event, &position));
-                            delivered.inc();
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
+            if next.is_none() {
+                for event in backlog.by_ref() {
+                    let Some(event) = event.upgrade() else {
                         return close_slow(&mut sink, &position).await;
+                    };
+                    if take_in(&mut position, &self.filters, &event) {
+                        next = Some(event);
+                        break;
                     }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        let _ = sink.send(close(CloseCode::Away, "the stream ended")).await;
-                        return Ending::FeedEnded;
-                    }
-                },
-                message = incoming.next() => match message {
+                }
+            }
+            // Every branch but the sends is polled while an event waits for its budget or a
+            // message for the broker: heartbeats go out, the client's pings and close are
+            // answered, and its next messages are read (up to MAX_PUBLISHING at once).
+            tokio::select! {
+                // In this order, so that answers go out before the events they published, and the
+                // client's messages and heartbeats are not starved by a busy topic.
+                biased;
+                Some(answer) = publishing.next() => send!(Message::text(Value::to_string(&answer))),
+                message = incoming.next(), if publishing.len() < MAX_PUBLISHING => match message {
                     None => return Ending::Gone,
                     // The library has queued its answer to the client's close: send it.
                     Some(Ok(Message::Close(_))) => {
@@ -230,13 +236,31 @@ impl Session {
                             return Ending::Gone;
                         }
                         let text = message.is_text();
-                        let answer = self.publish(sent_by_client, message.into_data(), text).await;
-                        send!(Message::text(answer.to_string()));
+                        publishing.push_back(self.publish(sent_by_client, message.into_data(), text));
                     }
                     // Pings are answered by the library; pongs need nothing.
                     Some(Ok(_)) => {}
                 },
                 _ = beat.tick() => send!(Message::Ping(Bytes::new())),
+                () = budget(pacer), if next.is_some() => {
+                    let event = next.take().expect("the branch runs only with an event");
+                    send!(event_message(&event, &position));
+                    delivered.inc();
+                }
+                received = source.live.recv(), if next.is_none() && backlog.len() == 0 => match received {
+                    Ok(event) => {
+                        if take_in(&mut position, &self.filters, &event) {
+                            next = Some(event);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        return close_slow(&mut sink, &position).await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = sink.send(close(CloseCode::Away, "the stream ended")).await;
+                        return Ending::FeedEnded;
+                    }
+                },
             }
         }
     }
@@ -295,6 +319,13 @@ impl Session {
             Ok(None) => json!({"ack": number, "id": id, "topic": &*self.topic}),
             Err(error) => json!({"nack": number, "error": error.to_string()}),
         }
+    }
+}
+
+/// Waits until `pacer` allows one more event to be sent (at once without one).
+async fn budget(pacer: Option<&Pacer>) {
+    if let Some(pacer) = pacer {
+        pacer.wait_to_send().await;
     }
 }
 

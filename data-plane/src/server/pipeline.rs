@@ -81,7 +81,7 @@ pub struct Gateway {
     limits: Limits,
     guard: Arc<AccessGuard>,
     /// Publish routes' idempotency keys (in Redis when the guard has it, else here).
-    idempotency: Idempotency,
+    idempotency: Arc<Idempotency>,
 }
 
 /// What one request amounted to, for the access log and metrics.
@@ -107,12 +107,13 @@ impl Gateway {
         limits: Limits,
         guard: Arc<AccessGuard>,
     ) -> Self {
+        let idempotency = Idempotency::new(limits.idempotency_ttl, guard.redis.clone());
         Gateway {
             store,
             metrics,
             limits,
             guard,
-            idempotency: Idempotency::new(limits.idempotency_ttl),
+            idempotency: Arc::new(idempotency),
         }
     }
 
@@ -333,7 +334,6 @@ impl Gateway {
                     max_body_bytes,
                     metrics: &self.metrics,
                     idempotency: &self.idempotency,
-                    redis: self.guard.redis.as_ref(),
                 };
                 publish.serve(request, context).await
             }

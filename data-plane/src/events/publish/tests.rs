@@ -57,13 +57,16 @@ async fn publish(
     request: Request<Full<Bytes>>,
     params: &[(&str, String)],
 ) -> (StatusCode, HeaderMap, Value) {
-    let node = (Metrics::new(), Idempotency::new(Duration::from_secs(60)));
+    let node = (
+        Metrics::new(),
+        Arc::new(Idempotency::new(Duration::from_secs(60), None)),
+    );
     publish_on(&node, route, request, params).await
 }
 
 /// Publishes on a node whose metrics and idempotency store outlive one request.
 async fn publish_on(
-    (metrics, idempotency): &(Metrics, Idempotency),
+    (metrics, idempotency): &(Metrics, Arc<Idempotency>),
     route: &PublishRoute,
     request: Request<Full<Bytes>>,
     params: &[(&str, String)],
@@ -77,7 +80,6 @@ async fn publish_on(
         max_body_bytes: 1024,
         metrics,
         idempotency,
-        redis: None,
     };
     let response = match route.serve(request, context).await {
         Ok(response) => response,
@@ -317,7 +319,10 @@ async fn topic_rules_pick_the_topic_in_order_and_the_route_topic_is_the_default(
 #[tokio::test]
 async fn publishes_are_counted_under_the_topic_their_event_went_to() {
     use pb::topic_rule::Condition;
-    let node = (Metrics::new(), Idempotency::new(Duration::from_secs(60)));
+    let node = (
+        Metrics::new(),
+        Arc::new(Idempotency::new(Duration::from_secs(60), None)),
+    );
     let broker = memory_broker(&node.0);
     let route = route(
         &broker,
@@ -364,7 +369,10 @@ async fn publishes_are_counted_under_the_topic_their_event_went_to() {
 
 #[tokio::test]
 async fn a_reused_idempotency_key_is_noticed_in_the_headers_that_make_the_event() {
-    let node = (Metrics::new(), Idempotency::new(Duration::from_secs(60)));
+    let node = (
+        Metrics::new(),
+        Arc::new(Idempotency::new(Duration::from_secs(60), None)),
+    );
     let route = route(
         &memory_broker(&node.0),
         pb::PublishAction {
