@@ -616,11 +616,11 @@ async fn one_idempotency_key_across_two_nodes_publishes_once() -> anyhow::Result
 async fn a_client_that_leaves_mid_publish_gets_the_first_answer_on_its_retry() -> anyhow::Result<()>
 {
     let topic = TestTopic::create(1).await?;
-    // The producer holds each record 1.5 s before sending it, so the first client can leave
-    // while its publish waits for the broker.
+    // The producer holds each record 4 s before sending it, so the first client can leave
+    // while its publish waits for the broker (and not before its key is claimed: it waits 1 s).
     let config = kafka_config(&kafka_bootstrap(), &topic.name, "").replace(
         r#"properties: { message.timeout.ms: "3000" }"#,
-        r#"properties: { message.timeout.ms: "6000", linger.ms: "1500" }"#,
+        r#"properties: { message.timeout.ms: "10000", linger.ms: "4000" }"#,
     );
     let node = DataPlane::start(&config, &[])?;
     let send = |client: reqwest::Client| {
@@ -631,7 +631,7 @@ async fn a_client_that_leaves_mid_publish_gets_the_first_answer_on_its_retry() -
             .send()
     };
     let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(400))
+        .timeout(Duration::from_secs(1))
         .build()?;
     let left = send(impatient).await;
     assert!(
@@ -660,6 +660,12 @@ async fn a_client_that_leaves_mid_publish_gets_the_first_answer_on_its_retry() -
             .is_err(),
         "a second record reached the topic"
     );
+    // The publish whose client left was counted, by the node that finished it.
+    for (outcome, count) in [("acknowledged", 1.0), ("replayed", 1.0)] {
+        let label = format!("outcome=\"{outcome}\"");
+        let counted = node.metric("sluice_event_publishes_total", &label).await?;
+        assert_eq!(counted, count, "{outcome}");
+    }
     Ok(())
 }
 
@@ -1079,11 +1085,11 @@ async fn a_websocket_client_need_not_wait_for_each_answer_before_publishing_the_
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let topic = TestTopic::create(1).await?;
-    // The producer holds each batch 2 s: one message at a time, three would take 6 s.
+    // The producer holds each batch 3 s: one message at a time, three would take 9 s.
     let config = kafka_config(&kafka_bootstrap(), &topic.name, "")
         .replace(
             r#"properties: { message.timeout.ms: "3000" }"#,
-            r#"properties: { message.timeout.ms: "8000", linger.ms: "2000" }"#,
+            r#"properties: { message.timeout.ms: "10000", linger.ms: "3000" }"#,
         )
         .replace(
             "heartbeat: 1s",
@@ -1095,7 +1101,7 @@ async fn a_websocket_client_need_not_wait_for_each_answer_before_publishing_the_
     for n in 1..=3 {
         socket.send(Message::text(format!("{{\"n\":{n}}}"))).await?;
     }
-    let (texts, pings) = watch_websocket(&mut socket, Duration::from_millis(4500)).await?;
+    let (texts, pings) = watch_websocket(&mut socket, Duration::from_millis(7500)).await?;
     let acks: Vec<_> = texts.iter().filter(|t| t.get("ack").is_some()).collect();
     assert_eq!(
         acks.iter().map(|a| a["ack"].as_u64()).collect::<Vec<_>>(),

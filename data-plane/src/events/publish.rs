@@ -17,6 +17,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use serde_json::Value;
 use sluice_proto::pb;
+use tokio_util::task::TaskTracker;
 
 use super::cloudevents::{self, EventError, Mode};
 use super::idempotency::{Claim, Idempotency, IdempotencyError, StoredAnswer, claim_ttl};
@@ -64,8 +65,10 @@ pub struct PublishContext<'a> {
     pub identity: Option<&'a Identity>,
     pub request_id: &'a HeaderValue,
     pub max_body_bytes: u64,
-    pub metrics: &'a Metrics,
+    pub metrics: &'a Arc<Metrics>,
     pub idempotency: &'a Arc<Idempotency>,
+    /// Where work that must outlive the request runs: the node's drain waits for it.
+    pub tasks: &'a TaskTracker,
 }
 
 static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
@@ -131,24 +134,25 @@ impl PublishRoute {
         B: Body<Data = Bytes>,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        let started = Instant::now();
         let mut counted = Counted {
             topic: self.topic.clone(),
             replayed: false,
+            started: Instant::now(),
+            by_publish: false,
         };
         let result = self.publish_once(request, &context, &mut counted).await;
+        if counted.by_publish {
+            return result;
+        }
         let outcome = match &result {
             Ok(_) if counted.replayed => "replayed",
-            Ok(_) if self.delivery == Delivery::Durable => "acknowledged",
-            Ok(_) => "queued",
+            Ok(_) => outcome(self.delivery, &Ok(())),
             Err(GatewayError::Publish(e)) => e.outcome(),
             // Redis could not say whether the key was used: nothing was published (503).
             Err(GatewayError::Idempotency(IdempotencyError::Unavailable(_))) => "unavailable",
             Err(_) => "rejected",
         };
-        context
-            .metrics
-            .event_published(&counted.topic, outcome, started.elapsed().as_secs_f64());
+        counted.record(context.metrics, outcome);
         result
     }
 
@@ -210,22 +214,33 @@ impl PublishRoute {
             }
             Claim::Won => {}
         }
-        let event = match self.event(&parts, body, context, counted) {
-            Ok(event) => event,
-            Err(error) => {
-                store.release(&scope).await;
-                return Err(error);
-            }
-        };
+        let event = self.event(&parts, body, context, counted);
         // The client may leave while the broker works, and its request's future is then
-        // dropped. The publish and what it settles run on their own, so that the answer is
-        // stored (or the claim released) whatever the client does: its retry is answered from
-        // the first publish instead of waiting out the claim and publishing a second copy.
-        let settle = tokio::spawn({
+        // dropped. What follows the claim runs on a task of its own, so that the answer is
+        // stored (or the claim released) and the publish counted whatever the client does: its
+        // retry is answered from the first publish instead of waiting out the claim and
+        // publishing a second copy.
+        let settle = context.tasks.spawn({
             let (broker, store) = (self.broker.clone(), Arc::clone(store));
+            let metrics = Arc::clone(context.metrics);
             let (delivery, acks) = (self.delivery, self.acks);
+            let counted = Counted {
+                topic: counted.topic.clone(),
+                by_publish: true,
+                ..*counted
+            };
             async move {
-                match broker.publish(event.record, delivery, acks).await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(refused) => {
+                        store.release(&scope).await;
+                        counted.record(&metrics, "rejected");
+                        return Err(refused);
+                    }
+                };
+                let published = broker.publish(event.record, delivery, acks).await;
+                counted.record(&metrics, outcome(delivery, &published));
+                match published {
                     Ok(delivered) => {
                         let answer = StoredAnswer {
                             status: StatusCode::ACCEPTED.as_u16(),
@@ -236,16 +251,20 @@ impl PublishRoute {
                     }
                     Err(error) => {
                         store.release(&scope).await;
-                        Err(error)
+                        Err(GatewayError::Publish(error))
                     }
                 }
             }
         });
+        counted.by_publish = true;
         match settle.await {
-            Ok(settled) => Ok(accepted(settled.map_err(GatewayError::Publish)?, false)),
-            // Only a panic ends the task early (the runtime is not shut down while requests
-            // are served): the claim is left to expire.
-            Err(panicked) => std::panic::resume_unwind(panicked.into_panic()),
+            Ok(settled) => Ok(accepted(settled?, false)),
+            Err(ended) if ended.is_panic() => std::panic::resume_unwind(ended.into_panic()),
+            // Cancelled: only as the node's runtime shuts down.
+            Err(_) => Err(GatewayError::Publish(super::PublishError::Unavailable {
+                broker: self.broker.name.clone(),
+                reason: "the node is shutting down".into(),
+            })),
         }
     }
 
@@ -389,6 +408,25 @@ struct Event {
 struct Counted {
     topic: Arc<str>,
     replayed: bool,
+    started: Instant,
+    /// Counted by the task that published (see [`PublishRoute::publish_once`]), not by the
+    /// request.
+    by_publish: bool,
+}
+
+impl Counted {
+    fn record(&self, metrics: &Metrics, outcome: &'static str) {
+        metrics.event_published(&self.topic, outcome, self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The publish metric's `outcome` for what the broker said.
+fn outcome<T>(delivery: Delivery, published: &Result<T, super::PublishError>) -> &'static str {
+    match published {
+        Ok(_) if delivery == Delivery::Durable => "acknowledged",
+        Ok(_) => "queued",
+        Err(error) => error.outcome(),
+    }
 }
 
 /// The value `source` names in the request, or what is missing.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -46,6 +46,10 @@ pub const CLOSE_SLOW: u16 = 4001;
 
 /// A client's messages published at once, at most; the next are read as answers come back.
 const MAX_PUBLISHING: usize = 64;
+
+/// The bytes of a client's messages published at once, beyond which no more are read (one
+/// message may be larger alone, up to the node's message limit).
+const MAX_PUBLISHING_BYTES: usize = 1 << 20;
 
 /// What a WebSocket subscription needs from the request and the node.
 #[derive(Debug)]
@@ -186,83 +190,97 @@ impl Session {
                 }
             };
         }
-        let mut backlog = std::mem::take(&mut source.backlog).into_iter();
-        // The event taken in and next to send, once its message budget allows. Only one is
-        // held: the feed's buffer keeps the rest (and closes a subscriber that falls a buffer
-        // behind), so pacing bounds nothing here.
-        let mut next: Option<Arc<StoredEvent>> = None;
         // The client's messages being published, answered in the order they came.
         let mut publishing = FuturesOrdered::new();
-        let mut beat =
-            tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
-        let mut sent_by_client = 0u64;
-        loop {
-            if next.is_none() {
-                for event in backlog.by_ref() {
-                    let Some(event) = event.upgrade() else {
-                        return close_slow(&mut sink, &position).await;
-                    };
-                    if take_in(&mut position, &self.filters, &event) {
-                        next = Some(event);
-                        break;
-                    }
-                }
-            }
-            // Every branch but the sends is polled while an event waits for its budget or a
-            // message for the broker: heartbeats go out, the client's pings and close are
-            // answered, and its next messages are read (up to MAX_PUBLISHING at once).
-            tokio::select! {
-                // In this order, so that answers go out before the events they published, and the
-                // client's messages and heartbeats are not starved by a busy topic.
-                biased;
-                Some(answer) = publishing.next() => send!(Message::text(Value::to_string(&answer))),
-                message = incoming.next(), if publishing.len() < MAX_PUBLISHING => match message {
-                    None => return Ending::Gone,
-                    // The library has queued its answer to the client's close: send it.
-                    Some(Ok(Message::Close(_))) => {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), sink.close()).await;
-                        return Ending::Gone;
-                    }
-                    Some(Err(error)) => {
-                        if let Some(frame) = refusal(&error) {
-                            let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(frame)).await;
-                        }
-                        return Ending::Gone;
-                    }
-                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                        sent_by_client += 1;
-                        if !self.publish {
-                            let _ = sink.send(close(CloseCode::Policy, "this route does not take messages")).await;
-                            return Ending::Gone;
-                        }
-                        let text = message.is_text();
-                        publishing.push_back(self.publish(sent_by_client, message.into_data(), text));
-                    }
-                    // Pings are answered by the library; pongs need nothing.
-                    Some(Ok(_)) => {}
-                },
-                _ = beat.tick() => send!(Message::Ping(Bytes::new())),
-                () = budget(pacer), if next.is_some() => {
-                    let event = next.take().expect("the branch runs only with an event");
-                    send!(event_message(&event, &position));
-                    delivered.inc();
-                }
-                received = source.live.recv(), if next.is_none() && backlog.len() == 0 => match received {
-                    Ok(event) => {
+        // Returns from this block end the session; its publishes are then finished.
+        let ending = async {
+            let mut backlog = std::mem::take(&mut source.backlog).into_iter();
+            // The event taken in and next to send, once its message budget allows. Only one is
+            // held: the feed's buffer keeps the rest (and closes a subscriber that falls a buffer
+            // behind), so pacing bounds nothing here.
+            let mut next: Option<Arc<StoredEvent>> = None;
+            let mut publishing_bytes = 0;
+            let mut beat =
+                tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
+            let mut sent_by_client = 0u64;
+            loop {
+                if next.is_none() {
+                    for event in backlog.by_ref() {
+                        let Some(event) = event.upgrade() else {
+                            return close_slow(&mut sink, &position).await;
+                        };
                         if take_in(&mut position, &self.filters, &event) {
                             next = Some(event);
+                            break;
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        return close_slow(&mut sink, &position).await;
+                }
+                // Every branch but the sends is polled while an event waits for its budget or a
+                // message for the broker: heartbeats go out, the client's pings and close are
+                // answered, and its next messages are read (within MAX_PUBLISHING and
+                // MAX_PUBLISHING_BYTES). Not biased: neither a busy topic nor a busy client starves
+                // the other.
+                let reading = publishing.len() < MAX_PUBLISHING && publishing_bytes < MAX_PUBLISHING_BYTES;
+                tokio::select! {
+                    Some((answer, bytes)) = publishing.next() => {
+                        publishing_bytes -= bytes;
+                        send!(Message::text(Value::to_string(&answer)));
                     }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        let _ = sink.send(close(CloseCode::Away, "the stream ended")).await;
-                        return Ending::FeedEnded;
+                    message = incoming.next(), if reading => match message {
+                        None => return Ending::Gone,
+                        // The library has queued its answer to the client's close: send it.
+                        Some(Ok(Message::Close(_))) => {
+                            let _ = tokio::time::timeout(Duration::from_secs(5), sink.close()).await;
+                            return Ending::Gone;
+                        }
+                        Some(Err(error)) => {
+                            if let Some(frame) = refusal(&error) {
+                                let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(frame)).await;
+                            }
+                            return Ending::Gone;
+                        }
+                        Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                            sent_by_client += 1;
+                            if !self.publish {
+                                let _ = sink.send(close(CloseCode::Policy, "this route does not take messages")).await;
+                                return Ending::Gone;
+                            }
+                            let (text, value) = (message.is_text(), message.into_data());
+                            let bytes = value.len();
+                            publishing_bytes += bytes;
+                            publishing.push_back(
+                                self.publish(sent_by_client, value, text).map(move |answer| (answer, bytes)),
+                            );
+                        }
+                        // Pings are answered by the library; pongs need nothing.
+                        Some(Ok(_)) => {}
+                    },
+                    _ = beat.tick() => send!(Message::Ping(Bytes::new())),
+                    () = budget(pacer), if next.is_some() => {
+                        let event = next.take().expect("the branch runs only with an event");
+                        send!(event_message(&event, &position));
+                        delivered.inc();
                     }
-                },
+                    received = source.live.recv(), if next.is_none() && backlog.len() == 0 => match received {
+                        Ok(event) => {
+                            if take_in(&mut position, &self.filters, &event) {
+                                next = Some(event);
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            return close_slow(&mut sink, &position).await;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => {
+                            let _ = sink.send(close(CloseCode::Away, "the stream ended")).await;
+                            return Ending::FeedEnded;
+                        }
+                    },
+                }
             }
         }
+        .await;
+        finish_publishing(publishing).await;
+        ending
     }
 
     /// Publishes one client message, durably; the acknowledgement (or refusal) to send back.
@@ -320,6 +338,13 @@ impl Session {
             Err(error) => json!({"nack": number, "error": error.to_string()}),
         }
     }
+}
+
+/// Waits for the client's messages still being published when its session ends (each within
+/// the broker's publish limit), so that each is counted. They cannot be answered: a
+/// WebSocket sends nothing after a close.
+async fn finish_publishing<F: Future>(publishing: FuturesOrdered<F>) {
+    publishing.for_each(|_| async {}).await;
 }
 
 /// Waits until `pacer` allows one more event to be sent (at once without one).

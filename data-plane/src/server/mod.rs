@@ -161,9 +161,16 @@ pub async fn serve(
     // Each acceptor drops its listener as it returns: no new connections from here on.
     acceptors.join_all().await;
     tracing::info!(deadline = ?settings.drain_timeout, "draining connections");
+    let draining = tokio::time::Instant::now();
     match tokio::time::timeout(settings.drain_timeout, stop.closed()).await {
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!("drain deadline passed; closing remaining connections"),
+    }
+    // Publishes whose clients left still finish and store their answers, within what is left
+    // of the deadline: cut short, each would leave its idempotency claim to expire.
+    let left = settings.drain_timeout.saturating_sub(draining.elapsed());
+    if !shared.gateway.finish_tasks(left).await {
+        tracing::warn!("drain deadline passed; abandoning publishes whose clients left");
     }
 }
 

@@ -53,6 +53,7 @@ use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, 
 use crate::telemetry::Metrics;
 use crate::upstream::retry::TryFailure;
 use crate::upstream::{Lease, ProxyBody, Target, Upstream, UpstreamError, empty_body};
+use tokio_util::task::TaskTracker;
 
 /// Node-wide request limits.
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +83,9 @@ pub struct Gateway {
     guard: Arc<AccessGuard>,
     /// Publish routes' idempotency keys (in Redis when the guard has it, else here).
     idempotency: Arc<Idempotency>,
+    /// Work that outlives the request it was for (a publish whose client left); the node's
+    /// drain waits for it.
+    tasks: TaskTracker,
 }
 
 /// What one request amounted to, for the access log and metrics.
@@ -114,11 +118,21 @@ impl Gateway {
             limits,
             guard,
             idempotency: Arc::new(idempotency),
+            tasks: TaskTracker::new(),
         }
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Waits, up to `deadline`, for the work requests left behind ([`Gateway::tasks`]); no
+    /// more may start.
+    pub async fn finish_tasks(&self, deadline: std::time::Duration) -> bool {
+        self.tasks.close();
+        tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_ok()
     }
 
     /// Serves one request. Never fails: every error becomes a problem+json response.
@@ -334,6 +348,7 @@ impl Gateway {
                     max_body_bytes,
                     metrics: &self.metrics,
                     idempotency: &self.idempotency,
+                    tasks: &self.tasks,
                 };
                 publish.serve(request, context).await
             }

@@ -57,16 +57,21 @@ async fn publish(
     request: Request<Full<Bytes>>,
     params: &[(&str, String)],
 ) -> (StatusCode, HeaderMap, Value) {
-    let node = (
-        Metrics::new(),
-        Arc::new(Idempotency::new(Duration::from_secs(60), None)),
-    );
+    let node = node();
     publish_on(&node, route, request, params).await
+}
+
+/// A node's metrics and idempotency store, to publish on.
+fn node() -> (Arc<Metrics>, Arc<Idempotency>) {
+    (
+        Arc::new(Metrics::new()),
+        Arc::new(Idempotency::new(Duration::from_secs(60), None)),
+    )
 }
 
 /// Publishes on a node whose metrics and idempotency store outlive one request.
 async fn publish_on(
-    (metrics, idempotency): &(Metrics, Arc<Idempotency>),
+    (metrics, idempotency): &(Arc<Metrics>, Arc<Idempotency>),
     route: &PublishRoute,
     request: Request<Full<Bytes>>,
     params: &[(&str, String)],
@@ -80,6 +85,7 @@ async fn publish_on(
         max_body_bytes: 1024,
         metrics,
         idempotency,
+        tasks: &TaskTracker::new(),
     };
     let response = match route.serve(request, context).await {
         Ok(response) => response,
@@ -319,10 +325,7 @@ async fn topic_rules_pick_the_topic_in_order_and_the_route_topic_is_the_default(
 #[tokio::test]
 async fn publishes_are_counted_under_the_topic_their_event_went_to() {
     use pb::topic_rule::Condition;
-    let node = (
-        Metrics::new(),
-        Arc::new(Idempotency::new(Duration::from_secs(60), None)),
-    );
+    let node = node();
     let broker = memory_broker(&node.0);
     let route = route(
         &broker,
@@ -369,10 +372,7 @@ async fn publishes_are_counted_under_the_topic_their_event_went_to() {
 
 #[tokio::test]
 async fn a_reused_idempotency_key_is_noticed_in_the_headers_that_make_the_event() {
-    let node = (
-        Metrics::new(),
-        Arc::new(Idempotency::new(Duration::from_secs(60), None)),
-    );
+    let node = node();
     let route = route(
         &memory_broker(&node.0),
         pb::PublishAction {
