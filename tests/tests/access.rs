@@ -205,15 +205,22 @@ async fn the_upstream_learns_who_called_and_never_sees_the_key_or_forged_identit
     let echo: Value = response.json().await.unwrap();
     assert_eq!(echo["query"], "page=3", "the key is taken out of the query");
 
-    // Without a route's policies, forged identity headers are still removed.
+    // Without a route's policies, forged identity headers are still removed, in any spelling
+    // an upstream may read as theirs.
     let response = client()
         .get(node.url("/open/x"))
         .header("x-consumer-id", "forged")
+        .header("x-consumer_id", "forged")
+        .header("x_subscription_id", "forged")
+        .header("x-other_header", "kept")
         .send()
         .await
         .unwrap();
     let echo: Value = response.json().await.unwrap();
-    assert!(echo["headers"].get("x-consumer-id").is_none(), "{echo}");
+    for forged in ["x-consumer-id", "x-consumer_id", "x_subscription_id"] {
+        assert!(echo["headers"].get(forged).is_none(), "{forged}: {echo}");
+    }
+    assert_eq!(echo["headers"]["x-other_header"], "kept", "{echo}");
 }
 
 #[tokio::test]

@@ -129,6 +129,65 @@ async fn two_nodes_share_a_redis_limit() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_in_redis_spends_no_budget_held_by_the_node() {
+    let redis = TestRedis::create().await.unwrap();
+    let backend = EchoBackend::start("app").await.unwrap();
+    // One budget of 4 for every caller of the route, held by the node; acme's plan allows one
+    // request a month (in Redis), beta's is open.
+    let config = format!(
+        r#"format_version: 1
+upstreams:
+  - name: app
+    targets: [{{ url: "{backend}" }}]
+policies:
+  - name: keys
+    key_auth: {{}}
+  - name: route-wide
+    rate_limit: {{ limits: [{{ limit: 4, per: minute, burst: 3 }}], scope: api }}
+apis:
+  - name: orders
+    policies: [keys]
+    routes:
+      - {{ name: limited, path: /limited, policies: [route-wide], proxy: {{ upstream: app }} }}
+plans:
+  - name: capped
+    monthly_quota: 1
+  - name: open
+consumers:
+  - name: acme
+    credentials:
+      - api_key: {{ key: {KEY} }}
+  - name: beta
+    credentials:
+      - api_key: {{ key: beta-key-0123456789 }}
+subscriptions:
+  - {{ consumer: acme, api: orders, plan: capped }}
+  - {{ consumer: beta, api: orders, plan: open }}
+"#,
+        backend = backend.url()
+    );
+    let [node, _] = two_nodes_sharing(&config, &redis);
+    let client = client();
+    let statuses = |key: &'static str, count: usize| {
+        let (client, url) = (client.clone(), node.url("/limited"));
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..count {
+                let response = client.get(&url).header("x-api-key", key).send().await;
+                statuses.push(response.unwrap().status().as_u16());
+            }
+            statuses
+        }
+    };
+    assert_eq!(statuses(KEY, 5).await, [200, 429, 429, 429, 429]);
+    // acme's refused requests took nothing from the route's budget: 3 of its 4 are left.
+    assert_eq!(
+        statuses("beta-key-0123456789", 4).await,
+        [200, 200, 200, 429]
+    );
+}
+
 /// A `redis-server` of the test's own, on its own port: the test stops and resumes it.
 struct PrivateRedis {
     child: Child,

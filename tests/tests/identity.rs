@@ -25,6 +25,9 @@ const PRIVATE_KEY: &str = include_str!("../fixtures/jwt-rsa.pem");
 const PUBLIC_KEY: &str = include_str!("../fixtures/jwt-rsa.pub.pem");
 const JWK: &str = include_str!("../fixtures/jwt-rsa.jwk.json");
 const ISSUER: &str = "https://id.example.com/";
+/// A second issuer of the policy, whose tokens are signed with a shared secret.
+const PARTNER: &str = "https://partner.example.com/";
+const PARTNER_SECRET: &[u8] = b"partner-secret-of-32-bytes-or-more!!";
 
 /// A JWKS endpoint that counts its requests.
 struct JwksServer {
@@ -128,6 +131,9 @@ policies:
           algorithms: [RS256]
           jwks_url: "http://{jwks}/jwks.json"
           claim_headers: {{ tenant: x-tenant }}
+        - issuer: "{PARTNER}"
+          algorithms: [HS256]
+          jwks: {{ keys: [{{ kty: oct, kid: p1, k: "{partner_key}" }}] }}
 apis:
   - name: orders
     policies: [tokens]
@@ -139,11 +145,16 @@ consumers:
   - name: acme
     credentials:
       - jwt: {{ issuer: "{ISSUER}", subject: acme-service }}
+  - name: partner
+    credentials:
+      - jwt: {{ issuer: "{PARTNER}", subject: partner-service }}
 subscriptions:
   - {{ consumer: acme, api: orders, plan: basic }}
+  - {{ consumer: partner, api: orders, plan: basic }}
 "#,
         backend = backend.url(),
         jwks = jwks.addr,
+        partner_key = b64(PARTNER_SECRET),
     )
 }
 
@@ -179,6 +190,19 @@ async fn tokens_are_checked_against_the_issuers_jwks_and_mapped_to_consumers() {
         echo["headers"]["x-tenant"], "t-42",
         "a claim passed as a header"
     );
+    // Another issuer of the policy maps no claims: its tokens' `tenant` is not passed on.
+    let mut partner = claims("partner-service");
+    partner["iss"] = json!(PARTNER);
+    let partner = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &partner,
+        &EncodingKey::from_secret(PARTNER_SECRET),
+    )
+    .unwrap();
+    let (status, _, echo) = call(&node, &partner).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["headers"]["x-consumer-name"], "partner");
+    assert!(echo["headers"].get("x-tenant").is_none(), "{echo}");
 
     let mut expired = claims("acme-service");
     expired["exp"] = json!(now() - 120);

@@ -139,7 +139,7 @@ impl JwksCache {
     /// Fails when `json` is not a JWKS or none of its keys can verify a signature; keys that
     /// cannot be used are skipped with a warning.
     pub fn inline(json: &str) -> Result<Arc<JwksSource>, String> {
-        let keys = parse_jwks(json.as_bytes(), "inline JWKS")?;
+        let keys = parse_jwks(json.as_bytes(), "inline JWKS", Origin::Inline)?;
         Ok(Arc::new(JwksSource {
             state: Arc::new(SourceState {
                 origin: "inline JWKS".into(),
@@ -451,7 +451,7 @@ impl Remote {
                     self.timings.fetch_timeout.as_millis()
                 )
             })??;
-        parse_jwks(&body, origin)
+        parse_jwks(&body, origin, Origin::Url)
     }
 }
 
@@ -615,10 +615,22 @@ struct JwksDocument {
     keys: Vec<serde_json::Value>,
 }
 
+/// Where a JWKS document came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The configuration itself.
+    Inline,
+    /// A `jwks_url`: it may hold only public keys. A shared secret (`oct`) served at a URL is
+    /// no secret, and one served by whoever sits on the path of a plain-http fetch would let
+    /// them sign tokens.
+    Url,
+}
+
 /// Parses a JWKS document. Keys that cannot verify signatures (encryption keys, unsupported
-/// types or curves, malformed values) are skipped with a warning naming `origin`; a document
-/// left with no usable key is an error, so a broken document never replaces good keys.
-fn parse_jwks(document: &[u8], origin: &str) -> Result<KeySet, String> {
+/// types or curves, malformed values, shared secrets from a URL) are skipped with a warning
+/// naming `source`; a document left with no usable key is an error, so a broken document
+/// never replaces good keys.
+fn parse_jwks(document: &[u8], source: &str, origin: Origin) -> Result<KeySet, String> {
     let document: JwksDocument = serde_json::from_slice(document)
         .map_err(|e| format!("not a JWKS (an object with a \"keys\" array): {e}"))?;
     let total = document.keys.len();
@@ -630,19 +642,21 @@ fn parse_jwks(document: &[u8], origin: &str) -> Result<KeySet, String> {
             .map(str::to_owned);
         let parsed = serde_json::from_value::<Jwk>(value)
             .map_err(|e| format!("not a JWK: {e}"))
-            .and_then(|jwk| verification_key(&jwk));
+            .and_then(|jwk| verification_key(&jwk))
+            .and_then(|key| match key {
+                Some(key) if key.family == KeyFamily::Hmac && origin == Origin::Url => Err(
+                    "an oct key (a shared secret) is taken only from an inline jwks, never a URL"
+                        .into(),
+                ),
+                key => Ok(key),
+            });
         match parsed {
             Ok(Some(key)) => keys.push(key),
             Ok(None) => {
-                tracing::debug!(
-                    source = origin,
-                    index,
-                    kid,
-                    "JWKS key is not for signatures"
-                );
+                tracing::debug!(source, index, kid, "JWKS key is not for signatures");
             }
             Err(problem) => {
-                tracing::warn!(source = origin, index, kid, problem = %problem, "JWKS key skipped");
+                tracing::warn!(source, index, kid, problem = %problem, "JWKS key skipped");
             }
         }
     }
@@ -1386,6 +1400,18 @@ mod tests {
         assert_eq!(fitting(KeyFamily::EcP256), [ES256]);
         assert_eq!(fitting(KeyFamily::EcP384), [ES384]);
         assert_eq!(fitting(KeyFamily::Ed25519), [EdDSA]);
+    }
+
+    #[test]
+    fn shared_secrets_are_taken_inline_but_never_from_a_url() {
+        let secret = json!({ "kty": "oct", "kid": "secret", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQ" });
+        let document = json!({ "keys": [secret, TestKey::ed("ed").jwk()] }).to_string();
+        let inline = parse_jwks(document.as_bytes(), "inline", Origin::Inline).unwrap();
+        assert_eq!(kids(&inline), ["secret", "ed"]);
+        let fetched = parse_jwks(document.as_bytes(), "a URL", Origin::Url).unwrap();
+        assert_eq!(kids(&fetched), ["ed"]);
+        let only_secret = json!({ "keys": [secret] }).to_string();
+        assert!(parse_jwks(only_secret.as_bytes(), "a URL", Origin::Url).is_err());
     }
 
     #[tokio::test]

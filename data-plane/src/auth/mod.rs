@@ -46,7 +46,7 @@ use crate::ratelimit::{
     Budget, BudgetKey, Decision, LocalLimiter, Quota, Rate, RedisLimiter, Subject,
 };
 use cors::Cors;
-use ip::IpRules;
+use ip::{IpRules, budget_address};
 use jwks::JwksCache;
 use jwt::JwtAuthenticator;
 use key::{KeyAuth, KeyLocation};
@@ -193,7 +193,9 @@ enum Compiled {
 #[derive(Debug)]
 struct JwtAuth {
     verifier: JwtAuthenticator,
-    claim_headers: Vec<(String, HeaderName)>,
+    /// By issuer (`iss`): the claims its tokens pass upstream, and as which headers. Another
+    /// issuer's tokens do not pass them, whatever claims they carry.
+    claim_headers: HashMap<String, Vec<(String, HeaderName)>>,
 }
 
 /// A `rate_limit` policy.
@@ -325,13 +327,15 @@ impl AccessPolicies {
 }
 
 fn compile_jwt(policy: &pb::JwtPolicy, jwks: &JwksCache) -> Result<JwtAuth, String> {
-    let mut claim_headers = Vec::new();
+    let mut claim_headers = HashMap::new();
     for issuer in &policy.issuers {
+        let mut headers = Vec::new();
         for (claim, header) in &issuer.claim_headers {
             let name = HeaderName::from_bytes(header.as_bytes())
                 .map_err(|_| format!("claim_headers.{claim}: {header:?} is not a header name"))?;
-            claim_headers.push((claim.clone(), name));
+            headers.push((claim.clone(), name));
         }
+        claim_headers.insert(issuer.issuer.clone(), headers);
     }
     Ok(JwtAuth {
         verifier: JwtAuthenticator::compile(policy, jwks)?,
@@ -403,7 +407,7 @@ impl RouteAccess {
                 Compiled::Jwt(j) => {
                     access
                         .claim_headers
-                        .extend(j.claim_headers.iter().map(|(_, h)| h.clone()));
+                        .extend(j.claim_headers.values().flatten().map(|(_, h)| h.clone()));
                     access.authenticators.push(Authenticator::Jwt(j.clone()));
                 }
                 Compiled::Mtls(m) => access.authenticators.push(Authenticator::Mtls(m.clone())),
@@ -476,7 +480,7 @@ impl RouteAccess {
                 },
             });
         }
-        if let Some(wait) = guard.throttle.wait(caller.ip) {
+        if let Some(wait) = guard.throttle.wait(budget_address(caller.ip)) {
             return Err(Box::new(Denial {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 reason: "too_many_failures",
@@ -491,7 +495,9 @@ impl RouteAccess {
             Ok(authenticated) => authenticated,
             Err(denial) => {
                 if denial.reason != "missing_credential" {
-                    guard.throttle.failed(caller.ip, &guard.local);
+                    guard
+                        .throttle
+                        .failed(budget_address(caller.ip), &guard.local);
                 }
                 return Err(denial);
             }
@@ -653,7 +659,8 @@ impl RouteAccess {
             })?;
         let mut authenticated = self.by_credential(&credential)?;
         authenticated.scopes = token.scopes;
-        for (claim, header) in &auth.claim_headers {
+        let claim_headers = auth.claim_headers.get(&*token.issuer);
+        for (claim, header) in claim_headers.into_iter().flatten() {
             let value = match token.claims.get(claim) {
                 None => continue,
                 Some(serde_json::Value::String(text)) => HeaderValue::from_str(text),
@@ -755,7 +762,7 @@ impl RouteAccess {
         let consumer = subscriber.map(|s| s.consumer_id);
         let subject_of = |scope: Scope| match (scope, consumer) {
             (Scope::Api, _) => Subject::Whole,
-            (Scope::Ip, _) | (_, None) => Subject::Ip(caller.ip),
+            (Scope::Ip, _) | (_, None) => Subject::Ip(budget_address(caller.ip)),
             (_, Some(consumer)) => Subject::Consumer(consumer),
         };
         // On the stack for the usual few: this runs on every request of a limited route.
@@ -805,9 +812,17 @@ impl RouteAccess {
             .filter(|(_, _, redis, _)| !redis)
             .map(|(key, rates, _, _)| Budget { key, rates })
             .collect();
+        let in_redis = counted.iter().any(|(_, _, redis, _)| *redis) || quota.is_some();
         let mut decision = Decision::unlimited();
         if !local.is_empty() {
-            decision = guard.local.check(&local);
+            // With budgets in Redis to ask as well, the local ones are only looked at here, and
+            // counted once Redis has allowed the request: a request refused there (or refused
+            // because Redis cannot be asked) spends nothing here.
+            decision = if in_redis {
+                guard.local.peek(&local)
+            } else {
+                guard.local.check(&local)
+            };
             if !decision.allowed {
                 return Err(Denial::limited(decision));
             }
@@ -825,7 +840,7 @@ impl RouteAccess {
             })
             .collect();
         let mut fail_open = false;
-        if !shared.is_empty() || !quotas.is_empty() {
+        if in_redis {
             let answer = match &guard.redis {
                 Some(redis) => redis
                     .check(&shared, &quotas)
@@ -833,9 +848,10 @@ impl RouteAccess {
                     .map_err(|e| e.to_string()),
                 None => Err("the node has no Redis (--redis-url)".to_owned()),
             };
+            let mut in_redis_decision = Decision::unlimited();
             match answer {
                 Ok(shared) if !shared.allowed => return Err(Denial::limited(shared)),
-                Ok(shared) => decision = decision.merge(shared),
+                Ok(shared) => in_redis_decision = shared,
                 Err(why) => {
                     let opens = counted.iter().all(|(_, _, redis, open)| !redis || *open)
                         && quota.as_ref().is_none_or(|(_, _, open)| *open);
@@ -854,6 +870,14 @@ impl RouteAccess {
                     fail_open = true;
                 }
             }
+            if !local.is_empty() {
+                // Another request may have taken the last of a local budget meanwhile.
+                decision = guard.local.check(&local);
+                if !decision.allowed {
+                    return Err(Denial::limited(decision));
+                }
+            }
+            decision = decision.merge(in_redis_decision);
         }
         Ok(Some(RateHeaders {
             decision,

@@ -217,6 +217,8 @@ struct MetaNameView {
 pub struct HeldSubscription {
     pub id: [u8; 16],
     pub plan_id: [u8; 16],
+    /// Not active: suspended, or in a status this node does not know (one a newer control
+    /// plane added), which admits nobody until the node learns what it means.
     pub suspended: bool,
     /// `expires_at` as (seconds, nanos); `None`: it never expires.
     expires: Option<(i64, i32)>,
@@ -227,7 +229,10 @@ impl HeldSubscription {
         Some(HeldSubscription {
             id,
             plan_id: uuid_bytes(&subscription.plan_id)?,
-            suspended: subscription.status == pb::subscription::Status::Suspended as i32,
+            suspended: !matches!(
+                pb::subscription::Status::try_from(subscription.status),
+                Ok(pb::subscription::Status::Active | pb::subscription::Status::Unspecified)
+            ),
             expires: subscription.expires_at.map(|t| (t.seconds, t.nanos)),
         })
     }
@@ -1196,6 +1201,25 @@ subscriptions:
         assert!(next.api_key(&new_key).is_some());
         // The holdings the delta applied to still answer as they did.
         assert!(held.credential(&jwt).is_some() && held.subscription(&acme, &orders).is_some());
+    }
+
+    #[test]
+    fn only_active_subscriptions_admit_and_a_status_the_node_does_not_know_admits_nobody() {
+        use pb::subscription::Status;
+        let suspended = |status: i32| {
+            let subscription = pb::Subscription {
+                plan_id: "00000000-0000-0000-0000-000000000001".into(),
+                status,
+                ..Default::default()
+            };
+            HeldSubscription::of([1; 16], &subscription)
+                .unwrap()
+                .suspended
+        };
+        assert!(!suspended(Status::Active as i32));
+        assert!(!suspended(Status::Unspecified as i32));
+        assert!(suspended(Status::Suspended as i32));
+        assert!(suspended(7), "a status added by a newer control plane");
     }
 
     #[test]

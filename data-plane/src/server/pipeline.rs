@@ -29,7 +29,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{HeaderName, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -465,6 +465,22 @@ impl Gateway {
         // Only the gateway says who the caller is.
         for reserved in access.reserved_headers() {
             parts.headers.remove(reserved);
+        }
+        // Nor in another spelling: upstreams that read headers CGI-style take `X-Consumer_Id`
+        // for `X-Consumer-Id` (both become `HTTP_X_CONSUMER_ID`).
+        let respelled: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|name| {
+                name.as_str().contains('_')
+                    && access.reserved_headers().any(|reserved| {
+                        reserved.as_str().replace('-', "_") == name.as_str().replace('-', "_")
+                    })
+            })
+            .cloned()
+            .collect();
+        for name in respelled {
+            parts.headers.remove(name);
         }
         if let Some(identity) = identity {
             identity.apply(&mut parts.headers);

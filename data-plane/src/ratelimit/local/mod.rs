@@ -83,6 +83,16 @@ impl LocalLimiter {
     /// [`check`](Self::check) at a given instant (for tests; instants before the limiter was
     /// made count as the moment it was made).
     pub fn check_at(&self, budgets: &[Budget<'_>], now: Instant) -> Decision {
+        self.decide(budgets, now, true)
+    }
+
+    /// What [`check`](Self::check) would decide now, counting nothing: for a request that other
+    /// budgets (in Redis) may still refuse, so that a refused request spends nothing here.
+    pub fn peek(&self, budgets: &[Budget<'_>]) -> Decision {
+        self.decide(budgets, Instant::now(), false)
+    }
+
+    fn decide(&self, budgets: &[Budget<'_>], now: Instant, count: bool) -> Decision {
         let mut rates_left: usize = budgets.iter().map(|budget| budget.rates.len()).sum();
         if rates_left == 0 {
             return Decision::unlimited();
@@ -126,7 +136,9 @@ impl LocalLimiter {
                         decision = decision.merge(step.decision);
                         // After a refusal the remaining rates are only looked at, for the
                         // Retry-After of the whole request.
-                        if let (true, Some(tat_after)) = (decision.allowed, step.tat_after) {
+                        if let (true, true, Some(tat_after)) =
+                            (count, decision.allowed, step.tat_after)
+                        {
                             *tat = tat_after;
                         }
                         (Some(stored), step)
@@ -134,13 +146,15 @@ impl LocalLimiter {
                     None => {
                         let step = gcra::step(rate, 0, now);
                         decision = decision.merge(step.decision);
-                        if let (true, Some(tat_after)) = (decision.allowed, step.tat_after) {
+                        if let (true, true, Some(tat_after)) =
+                            (count, decision.allowed, step.tat_after)
+                        {
                             shard.insert(key.clone(), tat_after, now);
                         }
                         (None, step)
                     }
                 };
-                if decision.allowed && step.tat_after.is_some() && rates_left > 0 {
+                if count && decision.allowed && step.tat_after.is_some() && rates_left > 0 {
                     undo.push((index, key, stored));
                 }
             }

@@ -332,3 +332,23 @@ fn a_check_costs_little_with_a_full_table() {
     assert!(per_check < Duration::from_micros(20), "{per_check:?}");
     assert!(limiter.len() <= 10_000);
 }
+
+#[test]
+fn a_peek_decides_as_a_check_would_and_counts_nothing() {
+    let limiter = LocalLimiter::new(1000);
+    let key = ip_key(9, 1);
+    let rates = [Rate::new(2, Duration::from_secs(60), 1).unwrap()];
+    let budgets = [Budget {
+        key: &key,
+        rates: &rates,
+    }];
+    for _ in 0..5 {
+        let peeked = limiter.peek(&budgets);
+        assert!(peeked.allowed);
+        assert_eq!(peeked.remaining, 1, "{peeked:?}");
+    }
+    assert!(limiter.check(&budgets).allowed);
+    assert!(limiter.check(&budgets).allowed);
+    assert!(!limiter.peek(&budgets).allowed);
+    assert!(!limiter.check(&budgets).allowed);
+}
