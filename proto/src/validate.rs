@@ -1396,6 +1396,12 @@ impl<'a> Checker<'a> {
                         format!("{url:?} is not an http(s) URL"),
                     );
                 }
+                if hmac > 0 {
+                    self.error(
+                        format!("{path}.jwks_url"),
+                        "HMAC (HS*) secrets are not taken from a URL; give them in an inline jwks",
+                    );
+                }
             }
             Some(Keys::JwksJson(json)) => {
                 let keys = serde_json::from_str::<serde_json::Value>(json)

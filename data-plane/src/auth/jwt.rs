@@ -260,6 +260,13 @@ impl Issuer {
             );
         }
         let keys = match &config.keys {
+            Some(Keys::JwksUrl(_)) if hmac > 0 => {
+                return Err(
+                    "jwks_url: HMAC (HS*) secrets are not taken from a URL; give them in an \
+                     inline jwks"
+                        .into(),
+                );
+            }
             Some(Keys::JwksUrl(url)) => jwks
                 .remote(url, Duration::from_secs(config.jwks_refresh_s))
                 .map_err(|e| format!("jwks_url: {e}"))?,

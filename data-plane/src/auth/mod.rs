@@ -815,18 +815,19 @@ impl RouteAccess {
         let in_redis = counted.iter().any(|(_, _, redis, _)| *redis) || quota.is_some();
         let mut decision = Decision::unlimited();
         if !local.is_empty() {
-            // With budgets in Redis to ask as well, the local ones are only looked at here, and
-            // counted once Redis has allowed the request: a request refused there (or refused
-            // because Redis cannot be asked) spends nothing here.
-            decision = if in_redis {
-                guard.local.peek(&local)
-            } else {
-                guard.local.check(&local)
-            };
+            decision = guard.local.check(&local);
             if !decision.allowed {
                 return Err(Denial::limited(decision));
             }
         }
+        // A request refused in Redis (or because Redis cannot be asked) gives back what it
+        // counted here: it spends no budget anywhere.
+        let refused = |denial: Box<Denial>| {
+            if !local.is_empty() {
+                guard.local.refund(&local);
+            }
+            Err(denial)
+        };
         let shared: Vec<Budget> = counted
             .iter()
             .filter(|(_, _, redis, _)| *redis)
@@ -848,16 +849,15 @@ impl RouteAccess {
                     .map_err(|e| e.to_string()),
                 None => Err("the node has no Redis (--redis-url)".to_owned()),
             };
-            let mut in_redis_decision = Decision::unlimited();
             match answer {
-                Ok(shared) if !shared.allowed => return Err(Denial::limited(shared)),
-                Ok(shared) => in_redis_decision = shared,
+                Ok(shared) if !shared.allowed => return refused(Denial::limited(shared)),
+                Ok(shared) => decision = decision.merge(shared),
                 Err(why) => {
                     let opens = counted.iter().all(|(_, _, redis, open)| !redis || *open)
                         && quota.as_ref().is_none_or(|(_, _, open)| *open);
                     if !opens {
                         tracing::warn!(error = %why, "rate limits counted in Redis cannot be checked: refusing");
-                        return Err(Box::new(Denial {
+                        return refused(Box::new(Denial {
                             status: StatusCode::SERVICE_UNAVAILABLE,
                             reason: "limits_unavailable",
                             detail: "rate limits cannot be checked right now".into(),
@@ -870,14 +870,6 @@ impl RouteAccess {
                     fail_open = true;
                 }
             }
-            if !local.is_empty() {
-                // Another request may have taken the last of a local budget meanwhile.
-                decision = guard.local.check(&local);
-                if !decision.allowed {
-                    return Err(Denial::limited(decision));
-                }
-            }
-            decision = decision.merge(in_redis_decision);
         }
         Ok(Some(RateHeaders {
             decision,

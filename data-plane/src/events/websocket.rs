@@ -118,9 +118,7 @@ impl SubscribeRoute {
             .await;
             // Counted live until dropped, however the session ends.
             let counts = SubscriberCounts::new(&session.context.metrics, &session.topic);
-            if session.run(socket, source).await == Ending::Slow {
-                counts.closed_slow.inc();
-            }
+            session.run(socket, source, counts).await;
         });
         let mut response = Response::new(empty_body());
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -176,7 +174,8 @@ impl Session {
         &self,
         socket: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
         mut source: Source,
-    ) -> Ending {
+        counts: SubscriberCounts,
+    ) {
         let (mut sink, mut incoming) = socket.split();
         let mut position = source.position.clone();
         let pacer = self.context.pacer.as_ref();
@@ -279,8 +278,13 @@ impl Session {
             }
         }
         .await;
+        if ending == Ending::Slow {
+            counts.closed_slow.inc();
+        }
+        // The session is over for the client and the topic: its connection closes and it
+        // stops counting as a subscriber now, not once its last messages are published.
+        drop((sink, incoming, source, counts));
         finish_publishing(publishing).await;
-        ending
     }
 
     /// Publishes one client message, durably; the acknowledgement (or refusal) to send back.

@@ -473,9 +473,9 @@ impl Gateway {
             .keys()
             .filter(|name| {
                 name.as_str().contains('_')
-                    && access.reserved_headers().any(|reserved| {
-                        reserved.as_str().replace('-', "_") == name.as_str().replace('-', "_")
-                    })
+                    && access
+                        .reserved_headers()
+                        .any(|reserved| same_but_for_underscores(reserved.as_str(), name.as_str()))
             })
             .cloned()
             .collect();
@@ -869,4 +869,10 @@ impl Body for LeasedBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Whether two header names are the same once `_` is read as `-`.
+fn same_but_for_underscores(a: &str, b: &str) -> bool {
+    let dash = |c: u8| if c == b'_' { b'-' } else { c };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
 }

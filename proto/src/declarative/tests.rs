@@ -288,6 +288,7 @@ subscriptions:
         "plans[0].rate_limits[0].limit",
         "policies[0].jwt.issuers[0].algorithms",
         "policies[0].jwt.issuers[0].algorithms[2]",
+        "policies[0].jwt.issuers[0].jwks_url",
         "policies[1].ip_restriction.allow[0]",
         "policies[2]",
         "subscriptions[0].plan",
@@ -305,6 +306,10 @@ subscriptions:
     assert!(reason(&errors, "apis[0].routes[2]").contains("sets proxy and direct_response"));
     assert!(reason(&errors, "apis[0].routes[3]").contains("exactly one action"));
     assert!(reason(&errors, "policies[0].jwt.issuers[0].algorithms").contains("key confusion"));
+    assert!(
+        reason(&errors, "policies[0].jwt.issuers[0].jwks_url").contains("inline jwks"),
+        "HMAC secrets are not fetched"
+    );
     assert!(reason(&errors, "apis[1].name").contains("also the name of apis[0]"));
     assert!(reason(&errors, "subscriptions[0].plan").contains("no plan named \"missing\""));
     // The display lists them all, one per line.

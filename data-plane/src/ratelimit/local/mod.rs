@@ -83,16 +83,6 @@ impl LocalLimiter {
     /// [`check`](Self::check) at a given instant (for tests; instants before the limiter was
     /// made count as the moment it was made).
     pub fn check_at(&self, budgets: &[Budget<'_>], now: Instant) -> Decision {
-        self.decide(budgets, now, true)
-    }
-
-    /// What [`check`](Self::check) would decide now, counting nothing: for a request that other
-    /// budgets (in Redis) may still refuse, so that a refused request spends nothing here.
-    pub fn peek(&self, budgets: &[Budget<'_>]) -> Decision {
-        self.decide(budgets, Instant::now(), false)
-    }
-
-    fn decide(&self, budgets: &[Budget<'_>], now: Instant, count: bool) -> Decision {
         let mut rates_left: usize = budgets.iter().map(|budget| budget.rates.len()).sum();
         if rates_left == 0 {
             return Decision::unlimited();
@@ -136,9 +126,7 @@ impl LocalLimiter {
                         decision = decision.merge(step.decision);
                         // After a refusal the remaining rates are only looked at, for the
                         // Retry-After of the whole request.
-                        if let (true, true, Some(tat_after)) =
-                            (count, decision.allowed, step.tat_after)
-                        {
+                        if let (true, Some(tat_after)) = (decision.allowed, step.tat_after) {
                             *tat = tat_after;
                         }
                         (Some(stored), step)
@@ -146,15 +134,13 @@ impl LocalLimiter {
                     None => {
                         let step = gcra::step(rate, 0, now);
                         decision = decision.merge(step.decision);
-                        if let (true, true, Some(tat_after)) =
-                            (count, decision.allowed, step.tat_after)
-                        {
+                        if let (true, Some(tat_after)) = (decision.allowed, step.tat_after) {
                             shard.insert(key.clone(), tat_after, now);
                         }
                         (None, step)
                     }
                 };
-                if count && decision.allowed && step.tat_after.is_some() && rates_left > 0 {
+                if decision.allowed && step.tat_after.is_some() && rates_left > 0 {
                     undo.push((index, key, stored));
                 }
             }
@@ -165,6 +151,24 @@ impl LocalLimiter {
             }
         }
         decision
+    }
+
+    /// Gives back what an allowed [`check`](Self::check) counted, for a request that other
+    /// budgets (in Redis) then refused: one emission interval off each rate's budget, so that
+    /// requests counted since keep their share.
+    pub fn refund(&self, budgets: &[Budget<'_>]) {
+        for budget in budgets {
+            let hash = self.budget_hash(budget.key);
+            let mut shard = lock(&self.shards[self.shard_of(hash)]);
+            for rate in budget.rates {
+                if let Some(tat) = shard
+                    .entries
+                    .get_mut(&EntryKey::new(hash, budget.key, rate))
+                {
+                    *tat = tat.saturating_sub(rate.emission_us());
+                }
+            }
+        }
     }
 
     /// The number of entries held (budget keys times their rates), for metrics.

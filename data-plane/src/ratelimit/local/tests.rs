@@ -334,21 +334,23 @@ fn a_check_costs_little_with_a_full_table() {
 }
 
 #[test]
-fn a_peek_decides_as_a_check_would_and_counts_nothing() {
+fn a_refund_gives_back_one_request_and_keeps_the_others() {
     let limiter = LocalLimiter::new(1000);
     let key = ip_key(9, 1);
-    let rates = [Rate::new(2, Duration::from_secs(60), 1).unwrap()];
+    // 3 a minute, all at once.
+    let rates = [Rate::new(3, Duration::from_secs(60), 2).unwrap()];
     let budgets = [Budget {
         key: &key,
         rates: &rates,
     }];
-    for _ in 0..5 {
-        let peeked = limiter.peek(&budgets);
-        assert!(peeked.allowed);
-        assert_eq!(peeked.remaining, 1, "{peeked:?}");
-    }
-    assert!(limiter.check(&budgets).allowed);
-    assert!(limiter.check(&budgets).allowed);
-    assert!(!limiter.peek(&budgets).allowed);
+    assert_eq!(limiter.check(&budgets).remaining, 2);
+    assert_eq!(limiter.check(&budgets).remaining, 1);
+    limiter.refund(&budgets);
+    assert_eq!(
+        limiter.check(&budgets).remaining,
+        1,
+        "the refunded request is back"
+    );
+    assert_eq!(limiter.check(&budgets).remaining, 0);
     assert!(!limiter.check(&budgets).allowed);
 }
