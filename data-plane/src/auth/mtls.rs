@@ -26,8 +26,8 @@ pub struct ClientCertificate {
     chain: Vec<CertificateDer<'static>>,
     /// SHA-256 of the leaf certificate, lowercase hex.
     pub fingerprint_sha256: String,
-    /// The leaf's subject distinguished name as `x509-parser` prints it
-    /// (`CN=acme-client, O=Acme`); `None` when the certificate does not parse.
+    /// The leaf's subject distinguished name ([`subject_string`]: `CN=acme-client, O=Acme`);
+    /// `None` when the certificate does not parse.
     pub subject: Option<String>,
 }
 
@@ -37,12 +37,84 @@ impl ClientCertificate {
         let leaf = chain.first()?;
         let subject = x509_parser::parse_x509_certificate(leaf)
             .ok()
-            .map(|(_, certificate)| certificate.subject().to_string());
+            .and_then(|(_, certificate)| subject_string(certificate.subject()));
         Some(ClientCertificate {
             fingerprint_sha256: hex::encode(Sha256::digest(leaf)),
             subject,
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
         })
+    }
+}
+
+/// A distinguished name as `x509-parser` prints it (attributes in certificate order, `, `
+/// between RDNs, ` + ` within one), but with each string value escaped as RFC 4514 says, so
+/// that no value can pass for several attributes: a CN of `a, O=Acme` reads `CN=a\, O=Acme`,
+/// not `CN=a, O=Acme`. Names with no such characters read as `x509-parser` prints them.
+/// `None` for a value that does not decode.
+fn subject_string(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
+    use x509_parser::der_parser::asn1_rs::Tag;
+    let registry = x509_parser::objects::oid_registry();
+    let mut out = String::new();
+    for (i, rdn) in name.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for (j, attribute) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push_str(" + ");
+            }
+            match x509_parser::objects::oid2abbrev(attribute.attr_type(), registry) {
+                Ok(abbreviation) => out.push_str(abbreviation),
+                Err(_) => out.push_str(&format!("{:?}", attribute.attr_type())),
+            }
+            out.push('=');
+            let value = attribute.attr_value();
+            let text = match value.tag() {
+                Tag::NumericString
+                | Tag::VisibleString
+                | Tag::PrintableString
+                | Tag::GeneralString
+                | Tag::ObjectDescriptor
+                | Tag::GraphicString
+                | Tag::T61String
+                | Tag::VideotexString
+                | Tag::Utf8String
+                | Tag::Ia5String => std::str::from_utf8(value.data).ok()?.to_owned(),
+                Tag::BmpString => {
+                    let units = value
+                        .data
+                        .chunks_exact(2)
+                        .map(|pair| u16::from_be_bytes([pair[0], pair[1]]));
+                    char::decode_utf16(units)
+                        .collect::<Result<String, _>>()
+                        .ok()?
+                }
+                // Not a string: its bytes in hex, as x509-parser prints them (nothing to escape).
+                _ => {
+                    out.push_str(&hex::encode_upper(value.as_bytes()));
+                    continue;
+                }
+            };
+            escape_rfc4514(&text, &mut out);
+        }
+    }
+    Some(out)
+}
+
+/// Appends `value` escaped as an RFC 4514 attribute value.
+fn escape_rfc4514(value: &str, out: &mut String) {
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            '\0' => out.push_str("\\00"),
+            c => out.push(c),
+        }
     }
 }
 
@@ -171,5 +243,34 @@ impl ClientCertVerifier for DeferredClientAuth {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject_of(name: &[(rcgen::DnType, &str)]) -> Option<String> {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (kind, value) in name {
+            params.distinguished_name.push(kind.clone(), *value);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = params.self_signed(&key).unwrap();
+        ClientCertificate::from_chain(&[certificate.der().clone()])
+            .unwrap()
+            .subject
+    }
+
+    #[test]
+    fn subjects_read_as_before_and_no_value_passes_for_several_attributes() {
+        use rcgen::DnType::{CommonName, OrganizationName};
+        let plain = subject_of(&[(CommonName, "acme-client"), (OrganizationName, "Acme")]);
+        assert_eq!(plain.as_deref(), Some("CN=acme-client, O=Acme"));
+        let forged = subject_of(&[(CommonName, "acme-client, O=Acme")]);
+        assert_eq!(forged.as_deref(), Some(r"CN=acme-client\, O=Acme"));
+        let odd = subject_of(&[(CommonName, " #a+b;c<d>e\"quoted\"\\ ")]);
+        assert_eq!(odd.as_deref(), Some(r#"CN=\ #a\+b\;c\<d\>e\"quoted\"\\\ "#));
     }
 }
