@@ -534,6 +534,45 @@ async fn crud_on_every_collection_with_etags_and_errors() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
+async fn bodies_and_queries_the_registry_cannot_take_are_refused_with_their_reason()
+-> anyhow::Result<()> {
+    let cp = ControlPlane::start(&[]).await?;
+    let policy =
+        json!({ "name": "rl", "rate_limit": { "limits": [{ "limit": 5, "per": "second" }] } });
+    let made = admin(&cp, Method::POST, "/v1/policies", Some(policy)).await?;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    // A consumer's policies are looked up by name, as an API's are.
+    let consumer = json!({ "name": "acme", "policies": ["rl"] });
+    let made = admin(&cp, Method::POST, "/v1/consumers", Some(consumer)).await?;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    // Credentials nested in a consumer's body would be dropped: refused, with where they go.
+    let nested =
+        json!({ "name": "beta", "credentials": [{ "api_key": { "key": "beta-key-0123456789" } }] });
+    let refused = admin(&cp, Method::POST, "/v1/consumers", Some(nested)).await?;
+    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        refused.body.to_string().contains("/credentials"),
+        "{}",
+        refused.body
+    );
+    // A NUL character is the client's mistake, not the server's.
+    let upstream = json!({ "name": "app", "targets": [{ "url": "http://127.0.0.1:9" }] });
+    let refused = admin(
+        &cp,
+        Method::POST,
+        "/v1/upstreams?message=a%00b",
+        Some(upstream),
+    )
+    .await?;
+    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(refused.body.to_string().contains("NUL"), "{}", refused.body);
+    // An export format it does not write.
+    let refused = admin(&cp, Method::GET, "/v1/export?format=xml", None).await?;
+    assert_problem(&refused, StatusCode::BAD_REQUEST);
+    Ok(())
+}
+
+#[tokio::test]
 async fn consumer_credentials_and_api_keys() -> anyhow::Result<()> {
     let cp = ControlPlane::start(&[]).await?;
     admin(

@@ -87,6 +87,13 @@ fn references(kind: ResourceKind, body: &Value) -> Vec<(ResourceKind, String)> {
                 );
             }
         }
+        ResourceKind::Consumer => {
+            refs.extend(
+                list(body.get("policies"))
+                    .into_iter()
+                    .map(|n| (ResourceKind::Policy, n)),
+            );
+        }
         ResourceKind::Subscription => {
             refs.extend(text(body.get("consumer")).map(|n| (ResourceKind::Consumer, n)));
             refs.extend(text(body.get("api")).map(|n| (ResourceKind::Api, n)));
@@ -155,6 +162,22 @@ pub async fn from_json(
         && let Value::Object(map) = &mut body
     {
         map.insert("group".into(), group.clone().into());
+    }
+    // A consumer's body is the consumer alone: credentials nested in it would be dropped.
+    if kind == ResourceKind::Consumer
+        && body
+            .get("credentials")
+            .is_some_and(|c| c.as_array().is_none_or(|list| !list.is_empty()))
+    {
+        return Err(ApiError::Invalid(sluice_proto::ConfigErrors(vec![
+            sluice_proto::FieldError {
+                path: "credentials".into(),
+                reason: "credentials are added under /v1/consumers/{consumer}/credentials (or \
+                         /keys), not in the consumer's body"
+                    .into(),
+                resource: None,
+            },
+        ])));
     }
     let refs = references(kind, &body);
     let (document_value, prefix) = match consumer {

@@ -588,7 +588,10 @@ impl registry_server::Registry for RegistryService {
             (!group.is_empty()).then_some(group.as_str()),
         )
         .await
-        .map_err(|e| Status::internal(format!("cannot read data-plane status: {e}")))?;
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot read data-plane status");
+            Status::internal("cannot read data-plane status")
+        })?;
         Ok(Response::new(pb::ListDataPlanesResponse { nodes }))
     }
 

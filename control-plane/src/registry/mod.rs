@@ -176,6 +176,12 @@ impl RegistryError {
             Some("23514") => {
                 Self::Conflict(format!("violates a registry constraint ({constraint})"))
             }
+            // A text value Postgres cannot store (the NUL character): the client's to fix.
+            Some("22021") => Self::Invalid(ConfigErrors(vec![sluice_proto::FieldError {
+                path: String::new(),
+                reason: "a text value holds the NUL character, which cannot be stored".into(),
+                resource: None,
+            }])),
             _ => Self::Database(e),
         }
     }

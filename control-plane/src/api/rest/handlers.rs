@@ -858,11 +858,19 @@ pub(super) async fn export(
     };
     sluice_proto::hash::canonicalize(&mut state);
     let document = declarative::export(&state);
-    let wants_json = args.text("format") == Some("json")
-        || headers
+    let wants_json = match args.text("format") {
+        Some("json") => true,
+        Some("yaml") => false,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "format: {other:?} is not json or yaml"
+            )));
+        }
+        None => headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("json"));
+            .is_some_and(|a| a.contains("json")),
+    };
     let (content_type, text) = if wants_json {
         (
             "application/json",
