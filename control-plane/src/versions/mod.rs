@@ -90,18 +90,59 @@ pub fn diff_resources(pairs: Vec<(Option<Resource>, Option<Resource>)>) -> Vec<R
     out
 }
 
-/// What a resource holds, as JSON, without its bookkeeping. A certificate's private key is
-/// replaced by a fingerprint: diffs are read by more people than keys should be, and a changed
-/// key still shows as a changed field.
+/// What a resource holds, as JSON, without its bookkeeping. Secrets (a certificate's private
+/// key, an inline JWKS's shared secrets, a broker's passwords and client secrets) are replaced
+/// by fingerprints: diffs are read by more people than keys should be, and a changed secret
+/// still shows as a changed field.
 fn content_json(resource: &Resource) -> Value {
+    use sluice_proto::pb::{broker, jwt_issuer::Keys, policy, resource::Kind};
     let mut content = resource.clone();
     if let Some(meta) = content.meta_mut() {
         meta.resource_version = 0;
     }
-    if let Some(sluice_proto::pb::resource::Kind::Certificate(certificate)) = &mut content.kind {
-        certificate.key_pem = redacted_key(&certificate.key_pem);
+    match &mut content.kind {
+        Some(Kind::Certificate(certificate)) => {
+            certificate.key_pem = redacted_key(&certificate.key_pem);
+        }
+        Some(Kind::Policy(sluice_proto::pb::Policy {
+            kind: Some(policy::Kind::Jwt(jwt)),
+            ..
+        })) => {
+            for issuer in &mut jwt.issuers {
+                if let Some(Keys::JwksJson(json)) = &mut issuer.keys {
+                    *json = redacted_shared_secrets(json);
+                }
+            }
+        }
+        Some(Kind::Broker(sluice_proto::pb::Broker {
+            kind: Some(broker::Kind::Kafka(kafka)),
+            ..
+        })) => {
+            for (name, value) in &mut kafka.properties {
+                if name.contains("password") || name.contains("secret") {
+                    *value = redacted_key(value);
+                }
+            }
+        }
+        _ => {}
     }
     export_resource(&content)
+}
+
+/// An inline JWKS with each `oct` key's `k` (a shared secret) replaced by its fingerprint.
+fn redacted_shared_secrets(jwks: &str) -> String {
+    let Ok(mut document) = serde_json::from_str::<Value>(jwks) else {
+        return jwks.to_owned();
+    };
+    let keys = document.get_mut("keys").and_then(Value::as_array_mut);
+    for key in keys.into_iter().flatten() {
+        if key.get("kty").and_then(Value::as_str) == Some("oct")
+            && let Some(secret) = key.get("k").and_then(Value::as_str)
+        {
+            key["k"] = Value::String(redacted_key(secret));
+        }
+    }
+    document.to_string()
 }
 
 /// `(redacted; sha256 <first 16 hex digits>)`.
@@ -388,13 +429,20 @@ fn remap_ids(resource: &mut Resource, remap: &HashMap<String, String>) {
                 }
                 route.policy_ids.iter_mut().for_each(fix);
                 match &mut route.action {
-                    Some(Action::Proxy(p)) => fix(&mut p.upstream_id),
+                    Some(Action::Proxy(p)) => {
+                        fix(&mut p.upstream_id);
+                        p.canaries.iter_mut().for_each(|c| fix(&mut c.upstream_id));
+                        if let Some(mirror) = &mut p.mirror {
+                            fix(&mut mirror.upstream_id);
+                        }
+                    }
                     Some(Action::Publish(p)) => fix(&mut p.broker_id),
                     Some(Action::Subscribe(s)) => fix(&mut s.broker_id),
                     _ => {}
                 }
             }
         }
+        Some(Kind::Consumer(c)) => c.policy_ids.iter_mut().for_each(fix),
         Some(Kind::Credential(c)) => fix(&mut c.consumer_id),
         Some(Kind::Subscription(s)) => {
             fix(&mut s.consumer_id);
@@ -512,4 +560,90 @@ pub fn diff_changes(changes: &[Change]) -> Vec<ResourceDiff> {
             .map(|c| (c.before.clone(), c.after.clone()))
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_proto::pb::{self, resource::Kind, route::Action};
+
+    use super::*;
+
+    #[test]
+    fn diffs_show_shared_secrets_and_broker_passwords_only_as_fingerprints() {
+        let broker = Resource {
+            kind: Some(Kind::Broker(pb::Broker {
+                kind: Some(pb::broker::Kind::Kafka(pb::KafkaBroker {
+                    properties: [("sasl.password", "hunter2"), ("linger.ms", "5")]
+                        .into_iter()
+                        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                        .collect(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })),
+        };
+        let jwks = r#"{"keys":[{"kty":"oct","kid":"s","k":"c2VjcmV0LXNlY3JldA"}]}"#;
+        let policy = Resource {
+            kind: Some(Kind::Policy(pb::Policy {
+                kind: Some(pb::policy::Kind::Jwt(pb::JwtPolicy {
+                    issuers: vec![pb::JwtIssuer {
+                        keys: Some(pb::jwt_issuer::Keys::JwksJson(jwks.into())),
+                        ..Default::default()
+                    }],
+                })),
+                ..Default::default()
+            })),
+        };
+        let text = format!("{} {}", content_json(&broker), content_json(&policy));
+        assert!(
+            !text.contains("hunter2") && !text.contains("c2VjcmV0LXNlY3JldA"),
+            "{text}"
+        );
+        assert!(text.contains("(redacted; sha256 "), "{text}");
+        assert!(text.contains("linger.ms"), "{text}");
+    }
+
+    #[test]
+    fn every_reference_follows_a_remapped_id() {
+        let (old, new) = ("old-id".to_owned(), "new-id".to_owned());
+        let remap = HashMap::from([(old.clone(), new.clone())]);
+        let proxy = pb::ProxyAction {
+            upstream_id: old.clone(),
+            canaries: vec![pb::Canary {
+                upstream_id: old.clone(),
+                percent: 10.0,
+                ..Default::default()
+            }],
+            mirror: Some(pb::Mirror {
+                upstream_id: old.clone(),
+                percent: 5.0,
+            }),
+            ..Default::default()
+        };
+        let mut api = Resource {
+            kind: Some(Kind::Api(pb::Api {
+                policy_ids: vec![old.clone()],
+                routes: vec![pb::Route {
+                    policy_ids: vec![old.clone()],
+                    action: Some(Action::Proxy(proxy)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+        };
+        let mut consumer = Resource {
+            kind: Some(Kind::Consumer(pb::Consumer {
+                policy_ids: vec![old.clone()],
+                ..Default::default()
+            })),
+        };
+        for resource in [&mut api, &mut consumer] {
+            remap_ids(resource, &remap);
+            let references = resource.references();
+            assert!(!references.is_empty());
+            for (kind, id) in references {
+                assert_eq!(id, new, "a {kind:?} reference kept the old id");
+            }
+        }
+    }
 }
