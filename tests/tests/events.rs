@@ -78,6 +78,20 @@ apis:
     )
 }
 
+/// Publishes events `{"n":0}` … `{"n":count-1}` through `POST /events` (as in
+/// [`memory_config`]), each taken.
+async fn publish_to_memory(node: &DataPlane, count: usize) -> anyhow::Result<()> {
+    for n in 0..count {
+        let response = client()
+            .post(node.url("/events"))
+            .body(format!("{{\"n\":{n}}}"))
+            .send()
+            .await?;
+        anyhow::ensure!(response.status() == 202, "event {n}: {}", response.status());
+    }
+    Ok(())
+}
+
 /// One SSE event as the client saw it.
 #[derive(Debug, Clone, PartialEq)]
 struct SseEvent {
@@ -729,14 +743,7 @@ apis:
 "#;
     // Client messages up to 4 KiB (the node's body limit).
     let node = DataPlane::start(config, &["--max-body-bytes", "4096"])?;
-    for n in 0..2 {
-        let response = client()
-            .post(node.url("/events"))
-            .body(format!("{{\"n\":{n}}}"))
-            .send()
-            .await?;
-        assert_eq!(response.status().as_u16(), 202);
-    }
+    publish_to_memory(&node, 2).await?;
     let mut talk = websocket(&node, "/talk").await?;
     let first = next_json(&mut talk).await?;
     assert_eq!(first["id"], "0:1");
@@ -990,14 +997,7 @@ async fn message_rate_limits_pace_streams_and_refuse_extra_publishes() -> anyhow
          message_rate_limits: [{ limit: 5, per: second }]",
     );
     let node = DataPlane::start(&config, &[])?;
-    for n in 0..8 {
-        let response = client()
-            .post(node.url("/events"))
-            .body(format!("{{\"n\":{n}}}"))
-            .send()
-            .await?;
-        assert_eq!(response.status().as_u16(), 202);
-    }
+    publish_to_memory(&node, 8).await?;
     // 8 events at 5 per second with no burst: one at once, then one per 200 ms.
     let started = Instant::now();
     let mut stream = client().get(node.url("/stream")).send().await?;
@@ -1058,14 +1058,7 @@ async fn a_websocket_session_pings_and_publishes_while_an_event_waits_for_its_bu
          message_rate_limits: [{ limit: 1, per: minute }]",
     );
     let node = DataPlane::start(&config, &[])?;
-    for n in 0..2 {
-        let response = client()
-            .post(node.url("/events"))
-            .body(format!("{{\"n\":{n}}}"))
-            .send()
-            .await?;
-        assert_eq!(response.status().as_u16(), 202);
-    }
+    publish_to_memory(&node, 2).await?;
     let mut socket = websocket(&node, "/stream").await?;
     assert_eq!(next_json(&mut socket).await?["data"]["n"], 0);
     socket
