@@ -348,6 +348,25 @@ async fn constraints_become_clear_errors() -> anyhow::Result<()> {
         }) => {}
         other => panic!("expected PreconditionFailed, got {other:?}"),
     }
+    // An update of a resource that is gone (deleted by a commit that came first) creates
+    // nothing; of one that is there, it passes at any version (this one changes nothing, so
+    // makes no version).
+    let update = |resource: Resource| {
+        vec![Write::Put {
+            resource,
+            if_match: Some(Write::EXISTING),
+        }]
+    };
+    match registry
+        .commit("t", "update", update(consumer("gone")))
+        .await
+    {
+        Err(RegistryError::NotFound { .. }) => {}
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    registry
+        .commit("t", "update", update(upstream.clone()))
+        .await?;
     // Deleting what a route still uses.
     match registry
         .commit(

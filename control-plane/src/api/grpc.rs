@@ -300,7 +300,12 @@ impl registry_server::Registry for RegistryService {
         } else {
             r.message
         };
-        let if_match = (r.if_match > 0).then_some(r.if_match);
+        // Updating never creates, even when a delete commits first.
+        let if_match = Some(if r.if_match > 0 {
+            r.if_match
+        } else {
+            Write::EXISTING
+        });
         let committed = self
             .registry
             .commit(

@@ -53,6 +53,13 @@ pub enum Plan {
 /// One change requested of a commit.
 // Nearly every write of a large commit is a `Put`, so boxing its resource would save no
 // memory, only add an allocation per write.
+impl Write {
+    /// An `if_match` that asks only that the resource exist, at any version: an update
+    /// without `If-Match` (checked under the commit's lock, so that an update racing a delete
+    /// does not bring the resource back).
+    pub const EXISTING: u64 = u64::MAX;
+}
+
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -647,6 +654,15 @@ fn check_if_match(
     let Some(expected) = if_match else {
         return Ok(());
     };
+    if expected == Write::EXISTING {
+        return match before {
+            Some(_) => Ok(()),
+            None => Err(RegistryError::NotFound {
+                kind: kind_name(kind),
+                key: id.to_owned(),
+            }),
+        };
+    }
     let actual = before
         .and_then(Resource::meta)
         .map_or(0, |m| m.resource_version);

@@ -389,7 +389,8 @@ pub(super) async fn update_resource(
         message,
         Write::Put {
             resource,
-            if_match: if_match(&headers)?,
+            // Updating never creates, even when a delete commits first.
+            if_match: Some(if_match(&headers)?.unwrap_or(Write::EXISTING)),
         },
         false,
     )
