@@ -35,6 +35,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
 
 use super::error::GatewayError;
 use super::forwarding::{self, X_REQUEST_ID};
@@ -53,7 +54,6 @@ use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, 
 use crate::telemetry::Metrics;
 use crate::upstream::retry::TryFailure;
 use crate::upstream::{Lease, ProxyBody, Target, Upstream, UpstreamError, empty_body};
-use tokio_util::task::TaskTracker;
 
 /// Node-wide request limits.
 #[derive(Debug, Clone, Copy)]
@@ -126,8 +126,8 @@ impl Gateway {
         &self.metrics
     }
 
-    /// Waits, up to `deadline`, for the work requests left behind ([`Gateway::tasks`]); no
-    /// more may start.
+    /// Waits, up to `deadline`, for the work requests left behind ([`Gateway::tasks`]), once
+    /// the connections have drained (no request is left to start more).
     pub async fn finish_tasks(&self, deadline: std::time::Duration) -> bool {
         self.tasks.close();
         tokio::time::timeout(deadline, self.tasks.wait())
