@@ -393,12 +393,7 @@ impl<'a> Checker<'a> {
         let brokers_without_acks = config
             .brokers
             .iter()
-            .filter(|broker| match &broker.kind {
-                Some(pb::broker::Kind::Kafka(kafka)) => ["acks", "request.required.acks"]
-                    .iter()
-                    .any(|key| kafka.properties.get(*key).is_some_and(|v| v.trim() == "0")),
-                _ => false,
-            })
+            .filter(|broker| broker_sends_no_acks(broker))
             .filter_map(|broker| broker.meta.as_ref().map(|meta| meta.id.as_str()))
             .collect();
         Self {
@@ -576,43 +571,26 @@ impl<'a> Checker<'a> {
     }
 
     /// A consumer's policies follow it on every API, before any route is known: only those
-    /// that need nothing but the caller (IP lists, and rate limits counted per consumer).
+    /// that need nothing but the caller (see [`consumer_cannot_hold`]).
     fn consumer_policies(
         &mut self,
         base: &str,
         consumer: &pb::Consumer,
         policies: &HashMap<&str, &pb::Policy>,
     ) {
-        use pb::policy::Kind;
-        use pb::rate_limit_policy::Scope;
         for (j, id) in consumer.policy_ids.iter().enumerate() {
             let path = || format!("{base}.policies[{j}]");
             self.reference(path, ResourceKind::Policy, id);
-            let kind = match policies.get(id.as_str()).map(|p| &p.kind) {
-                // A dangling reference was named just above.
-                None | Some(None) => continue,
-                Some(Some(Kind::IpRestriction(_))) => continue,
-                Some(Some(Kind::RateLimit(r)))
-                    if matches!(
-                        Scope::try_from(r.scope),
-                        Ok(Scope::Consumer | Scope::Unspecified)
-                    ) =>
-                {
-                    continue;
-                }
-                Some(Some(Kind::RateLimit(_))) => "a rate_limit policy not counted per consumer",
-                Some(Some(Kind::KeyAuth(_))) => "a key_auth policy",
-                Some(Some(Kind::Jwt(_))) => "a jwt policy",
-                Some(Some(Kind::Mtls(_))) => "an mtls policy",
-                Some(Some(Kind::Cors(_))) => "a cors policy",
-                Some(Some(Kind::RequestSize(_))) => "a request_size policy",
+            // A dangling reference was named just above.
+            let Some(kind) = policies
+                .get(id.as_str())
+                .and_then(|p| consumer_cannot_hold(p))
+            else {
+                continue;
             };
             self.error(
                 path(),
-                format!(
-                    "policy {id} is {kind}; a consumer's policies may only be ip_restriction, \
-                     or rate_limit with scope consumer"
-                ),
+                format!("policy {id} is {kind}; {CONSUMER_POLICY_KINDS}"),
             );
         }
     }
@@ -748,7 +726,7 @@ impl<'a> Checker<'a> {
                         );
                     }
                     Ok(pb::publish_action::Acks::Unspecified)
-                        if delivery != Ok(pb::publish_action::Delivery::FireAndForget)
+                        if publish_takes_broker_acks(publish)
                             && self
                                 .index
                                 .brokers_without_acks
@@ -1508,6 +1486,73 @@ impl<'a> Checker<'a> {
             Some(Kind::Memory(_)) => {}
         }
     }
+}
+
+/// What a consumer's policies may be, said after a refusal.
+pub const CONSUMER_POLICY_KINDS: &str =
+    "a consumer's policies may only be ip_restriction, or rate_limit with scope consumer";
+
+/// A consumer's policies follow it on every API, before any route is known, so they may only
+/// be those that need nothing but the caller: IP lists, and rate limits counted per consumer.
+/// `None` when a consumer may hold `policy` (or it has no kind, refused on its own), else what
+/// it is ("a jwt policy").
+pub fn consumer_cannot_hold(policy: &pb::Policy) -> Option<&'static str> {
+    use pb::policy::Kind;
+    use pb::rate_limit_policy::Scope;
+    match policy.kind.as_ref()? {
+        Kind::IpRestriction(_) => None,
+        Kind::RateLimit(r)
+            if matches!(
+                Scope::try_from(r.scope),
+                Ok(Scope::Consumer | Scope::Unspecified)
+            ) =>
+        {
+            None
+        }
+        Kind::RateLimit(_) => Some("a rate_limit policy not counted per consumer"),
+        Kind::KeyAuth(_) => Some("a key_auth policy"),
+        Kind::Jwt(_) => Some("a jwt policy"),
+        Kind::Mtls(_) => Some("an mtls policy"),
+        Kind::Cors(_) => Some("a cors policy"),
+        Kind::RequestSize(_) => Some("a request_size policy"),
+    }
+}
+
+/// Whether a Kafka broker's own properties set `acks` 0: it acknowledges nothing a durable
+/// publish could wait for.
+pub fn broker_sends_no_acks(broker: &pb::Broker) -> bool {
+    match &broker.kind {
+        Some(pb::broker::Kind::Kafka(kafka)) => ["acks", "request.required.acks"]
+            .iter()
+            .any(|key| kafka.properties.get(*key).is_some_and(|v| v.trim() == "0")),
+        _ => false,
+    }
+}
+
+/// The routes of `api` that wait for acknowledgements from broker `broker_id` with the
+/// broker's own `acks`: durable publishes that set no `acks` of their own, and subscriptions
+/// whose WebSocket clients publish. Such a broker must not set `acks` 0.
+pub fn routes_taking_broker_acks<'a>(api: &'a pb::Api, broker_id: &str) -> Vec<&'a str> {
+    use pb::route::Action;
+    api.routes
+        .iter()
+        .filter(|route| match &route.action {
+            Some(Action::Publish(publish)) => {
+                publish.broker_id == broker_id && publish_takes_broker_acks(publish)
+            }
+            Some(Action::Subscribe(subscribe)) => {
+                subscribe.broker_id == broker_id && subscribe.websocket_publish
+            }
+            _ => false,
+        })
+        .map(|route| route.name.as_str())
+        .collect()
+}
+
+/// A durable publish with no `acks` of its own waits for the broker's.
+fn publish_takes_broker_acks(publish: &pb::PublishAction) -> bool {
+    publish.acks == pb::publish_action::Acks::Unspecified as i32
+        && publish.delivery != pb::publish_action::Delivery::FireAndForget as i32
 }
 
 /// Calls `f` with the kind, list position and meta of every resource that has a meta, in

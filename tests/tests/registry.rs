@@ -13,8 +13,7 @@ use sluice_tests::postgres::TestDatabase;
 const EXAMPLE: &str = include_str!("../../deploy/examples/sluice.yaml");
 
 async fn registry(database: &TestDatabase, retention: u64) -> anyhow::Result<Registry> {
-    let pool = sluice_control_plane::db::connect(&database.url, std::time::Duration::from_secs(10))
-        .await?;
+    let pool = sluice_control_plane::db::connect(&database.url, Default::default()).await?;
     sluice_control_plane::db::migrate(&pool).await?;
     Ok(Registry::new(pool, retention))
 }
@@ -316,6 +315,60 @@ async fn retention_bounds_rollback_with_a_clear_error() -> anyhow::Result<()> {
         .commit_plan("t", "ok", Plan::RollbackTo(3), false)
         .await?;
     assert_eq!(registry.state(None).await?.1.consumers.len(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_write_stuck_behind_a_lock_ends_with_the_statement_timeout() -> anyhow::Result<()> {
+    use sqlx::Connection;
+    use std::time::{Duration, Instant};
+    let database = TestDatabase::create().await?;
+    let timeouts = sluice_control_plane::db::Timeouts {
+        statement: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let pool = sluice_control_plane::db::connect(&database.url, timeouts).await?;
+    sluice_control_plane::db::migrate(&pool).await?;
+    let registry = Registry::new(pool.clone(), 100);
+    let put = || {
+        vec![Write::Put {
+            resource: consumer("patient"),
+            if_match: None,
+        }]
+    };
+
+    // Another session holds the registry head's row lock, as a hung commit would.
+    let mut holder = sqlx::PgConnection::connect(&database.url).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("SELECT version FROM registry_head FOR UPDATE")
+        .execute(&mut holder)
+        .await?;
+    let started = Instant::now();
+    let blocked = registry.commit("t", "blocked", put()).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(&blocked, Err(RegistryError::Unavailable(m)) if m.contains("did not finish in time")),
+        "a write behind a held lock must end as unavailable, got {blocked:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "the lock timeout (500 ms) should end the wait, it took {waited:?}"
+    );
+
+    // A statement that runs too long ends the same way.
+    let slow = sqlx::query("SELECT pg_sleep(3)").execute(&pool).await;
+    assert!(
+        matches!(
+            RegistryError::from_db(slow.unwrap_err()),
+            RegistryError::Unavailable(_)
+        ),
+        "a statement past the timeout must be cancelled"
+    );
+
+    // Nothing was half-done: once the lock goes, the same write commits as the first version.
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    let committed = registry.commit("t", "unblocked", put()).await?;
+    assert_eq!(committed.version.map(|v| v.number), Some(1));
     Ok(())
 }
 
@@ -923,5 +976,205 @@ async fn a_delta_past_retention_is_refused() -> anyhow::Result<()> {
             .len(),
         2
     );
+    Ok(())
+}
+
+/// Expects a refusal naming `path` with a reason that contains `needle`.
+fn assert_refused(result: Result<impl std::fmt::Debug, RegistryError>, path: &str, needle: &str) {
+    match result {
+        Err(RegistryError::Invalid(errors)) => assert!(
+            errors
+                .0
+                .iter()
+                .any(|e| e.path == path && e.reason.contains(needle)),
+            "expected {path}: …{needle}…, got {errors}"
+        ),
+        other => panic!("expected Invalid at {path}, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_write_that_would_break_what_refers_to_it_is_refused() -> anyhow::Result<()> {
+    use pb::resource::Kind;
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 100).await?;
+    registry
+        .commit_plan("t", "v1", Plan::Apply(example()), false)
+        .await?;
+    let put = |resource: Resource| {
+        vec![Write::Put {
+            resource,
+            if_match: None,
+        }]
+    };
+
+    // Consumer "acme" lists the IP policy "office-only": it cannot become a body limit.
+    let mut policy = registry
+        .find(ResourceKind::Policy, "default", "office-only")
+        .await?;
+    let Some(Kind::Policy(inner)) = &mut policy.kind else {
+        unreachable!()
+    };
+    inner.kind = Some(pb::policy::Kind::RequestSize(pb::RequestSizePolicy {
+        max_body_bytes: 1024,
+    }));
+    assert_refused(
+        registry
+            .commit("t", "policy kind", put(policy.clone()))
+            .await,
+        "policies[0]",
+        "consumer \"acme\"",
+    );
+    // Changed in the same commit that takes it off the consumer, it is fine.
+    let mut acme = registry
+        .find(ResourceKind::Consumer, "default", "acme")
+        .await?;
+    let Some(Kind::Consumer(consumer)) = &mut acme.kind else {
+        unreachable!()
+    };
+    consumer.policy_ids.clear();
+    let mut both = put(policy);
+    both.extend(put(acme));
+    registry.commit("t", "both", both).await?;
+
+    // Route "publish-order-event" publishes durably through broker "kafka" with its acks.
+    let mut broker = registry
+        .find(ResourceKind::Broker, "default", "kafka")
+        .await?;
+    let Some(Kind::Broker(pb::Broker {
+        kind: Some(pb::broker::Kind::Kafka(kafka)),
+        ..
+    })) = &mut broker.kind
+    else {
+        unreachable!()
+    };
+    kafka.properties.insert("acks".into(), "0".into());
+    assert_refused(
+        registry.commit("t", "no acks", put(broker)).await,
+        "brokers[0].kafka.properties",
+        "route \"publish-order-event\" of api \"orders\"",
+    );
+
+    // One default certificate per group; its own update is not a conflict with itself.
+    let ca = sluice_tests::pki::TestCa::new("registry test")?;
+    let certificate = |name: &str, sni: &str| -> anyhow::Result<Resource> {
+        let leaf = ca.leaf(&["edge.example.com"])?;
+        Ok(pb::Certificate {
+            meta: Some(pb::Meta {
+                id: derived_id(ResourceKind::Certificate, "default", name),
+                group: "default".into(),
+                name: name.into(),
+                ..Default::default()
+            }),
+            cert_pem: leaf.cert_pem,
+            key_pem: leaf.key_pem,
+            snis: vec![sni.into()],
+        }
+        .into())
+    };
+    registry
+        .commit("t", "first", put(certificate("first", "*")?))
+        .await?;
+    registry
+        .commit("t", "first again", put(certificate("first", "*")?))
+        .await?;
+    assert_refused(
+        registry
+            .commit("t", "second", put(certificate("second", "*")?))
+            .await,
+        "certificates[0].snis[0]",
+        "\"*\" is also served by certificate \"first\"",
+    );
+    registry
+        .commit(
+            "t",
+            "second",
+            put(certificate("second", "edge.example.com")?),
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rollback_keeps_credentials_revoked_and_expiring() -> anyhow::Result<()> {
+    use pb::resource::Kind;
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 100).await?;
+    let first = registry
+        .commit_plan("t", "v1", Plan::Apply(example()), false)
+        .await?
+        .version
+        .expect("a first version")
+        .number;
+    let (_, state) = registry.state(Some("default")).await?;
+    let key = state
+        .credentials
+        .iter()
+        .find(|c| matches!(c.kind, Some(pb::credential::Kind::ApiKey(_))))
+        .expect("the example has an API key")
+        .clone();
+    let key_id = key.meta.as_ref().unwrap().id.clone();
+    let current_key = || async {
+        match registry.get(ResourceKind::Credential, &key_id).await?.kind {
+            Some(Kind::Credential(c)) => Ok::<_, anyhow::Error>(c),
+            other => anyhow::bail!("not a credential: {other:?}"),
+        }
+    };
+    let mut upstream = state.upstreams[0].clone();
+    let weight = upstream.targets[0].weight;
+    upstream.targets[0].weight = weight + 7;
+    let ends = prost_types::Timestamp {
+        seconds: 1_900_000_000,
+        nanos: 0,
+    };
+
+    // A rotation's expiry, then a rollback past it: the other change goes, the expiry stays.
+    let mut expiring = key.clone();
+    expiring.expires_at = Some(ends);
+    registry
+        .commit(
+            "t",
+            "rotate",
+            vec![
+                Write::Put {
+                    resource: expiring.clone().into(),
+                    if_match: None,
+                },
+                Write::Put {
+                    resource: upstream.clone().into(),
+                    if_match: None,
+                },
+            ],
+        )
+        .await?;
+    registry
+        .commit_plan("t", "back", Plan::RollbackTo(first), false)
+        .await?;
+    let (_, rolled) = registry.state(Some("default")).await?;
+    assert_eq!(rolled.upstreams[0].targets[0].weight, weight, "restored");
+    assert_eq!(current_key().await?.expires_at, Some(ends), "kept");
+
+    // A revocation, then a rollback past it: still revoked.
+    let mut revoked = expiring;
+    revoked.revoked = true;
+    registry
+        .commit(
+            "t",
+            "revoke",
+            vec![Write::Put {
+                resource: revoked.into(),
+                if_match: None,
+            }],
+        )
+        .await?;
+    registry
+        .commit_plan("t", "back again", Plan::RollbackTo(first), false)
+        .await?;
+    let after = current_key().await?;
+    assert!(
+        after.revoked,
+        "a rollback must not bring a revoked key back"
+    );
+    assert_eq!(after.expires_at, Some(ends));
     Ok(())
 }

@@ -45,8 +45,7 @@ async fn raw_insert(pool: &sqlx::PgPool, config: &ConfigSet) -> anyhow::Result<(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
-    let pool = sluice_control_plane::db::connect(&database.url, std::time::Duration::from_secs(10))
-        .await?;
+    let pool = sluice_control_plane::db::connect(&database.url, Default::default()).await?;
     sluice_control_plane::db::migrate(&pool).await?;
     let registry = Registry::new(pool.clone(), 1000);
     let mut rows = Vec::new();

@@ -52,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(20);
     sluice_bench::build_binaries("scale", &["sluice-control-plane", "sluice-data-plane"]).await?;
     let database = TestDatabase::create().await?;
-    let pool = sluice_control_plane::db::connect(&database.url, Duration::from_secs(10)).await?;
+    let pool = sluice_control_plane::db::connect(&database.url, Default::default()).await?;
     sluice_control_plane::db::migrate(&pool).await?;
     let registry = Registry::new(pool.clone(), 1000);
     eprintln!("scale: committing the large registry (1M API keys, 20k routes)...");

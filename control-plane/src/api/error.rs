@@ -118,6 +118,10 @@ impl From<RegistryError> for ApiError {
             RegistryError::Conflict(message) => Self::Conflict(message),
             RegistryError::StillReferenced(message) => Self::InUse(message),
             RegistryError::VersionNotRetained { .. } => Self::Gone(e.to_string()),
+            RegistryError::Unavailable(message) => {
+                tracing::warn!(error = %message, "registry database unavailable");
+                Self::Unavailable(message)
+            }
             RegistryError::Database(_) | RegistryError::Corrupt(_) => {
                 tracing::error!(error = %e, "registry failure");
                 Self::Internal(e.to_string())

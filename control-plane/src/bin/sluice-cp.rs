@@ -47,6 +47,10 @@ struct Cli {
         hide_env_values = true
     )]
     admin_token: Option<String>,
+    /// The longest one registry statement may run or wait for a lock, and a transaction may
+    /// sit idle: Postgres ends it past this, and the request gets 503.
+    #[arg(long, env = "SLUICE_DB_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    db_timeout: Duration,
     /// Versions kept for diffs and rollback; older ones are pruned at each commit.
     #[arg(long, env = "SLUICE_VERSION_RETENTION", value_name = "N", default_value_t = DEFAULT_RETENTION)]
     version_retention: u64,
@@ -83,7 +87,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let url = cli
         .database_url
         .context("no registry database: set --database-url or DATABASE_URL")?;
-    let pool = db::connect(&url, Duration::from_secs(10))
+    let timeouts = db::Timeouts {
+        statement: cli.db_timeout,
+        ..db::Timeouts::default()
+    };
+    let pool = db::connect(&url, timeouts)
         .await
         .context("cannot connect to the registry database")?;
     db::migrate(&pool)

@@ -3,9 +3,11 @@
 //! All writes go through [`Registry::commit`], one transaction that locks the head of the
 //! history (so commits are serialised: version numbers are contiguous and no update is lost),
 //! checks `If-Match`, validates the written resources against the resources they refer to
-//! with the same rules as the data planes, writes the rows, the change log and the new version,
+//! with the same rules as the data planes (and against what refers to them, see
+//! `dependents`), writes the rows, the change log and the new version,
 //! and notifies the other control-plane replicas.
 
+mod dependents;
 pub mod hash;
 pub mod rows;
 
@@ -132,10 +134,20 @@ pub enum RegistryError {
         "version {requested} is no longer retained; the oldest version that can be restored is {oldest}"
     )]
     VersionNotRetained { requested: u64, oldest: u64 },
+    /// The database did not answer in time (no connection within the pool's timeout, or a
+    /// statement or lock wait ended by the statement timeout): retrying may succeed.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("registry database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("{0}")]
     Corrupt(String),
+}
+
+impl From<sqlx::Error> for RegistryError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::from_db(e)
+    }
 }
 
 impl From<FetchError> for RegistryError {
@@ -155,7 +167,12 @@ impl RegistryError {
     /// Turns constraint violations into conflicts a person can act on.
     pub fn from_db(e: sqlx::Error) -> Self {
         let Some(db) = e.as_database_error() else {
-            return Self::Database(e);
+            return match e {
+                sqlx::Error::PoolTimedOut => Self::Unavailable(
+                    "the registry database gave no connection in time; try again".into(),
+                ),
+                e => Self::Database(e),
+            };
         };
         let constraint = db.constraint().unwrap_or_default().to_owned();
         match db.code().as_deref() {
@@ -183,6 +200,13 @@ impl RegistryError {
             Some("23514") => {
                 Self::Conflict(format!("violates a registry constraint ({constraint})"))
             }
+            // The statement timeout (57014) or the lock timeout (55P03) ended the statement:
+            // the registry is busy or stuck, not the request wrong.
+            // 25P03: the session sat idle in a transaction past its limit and was ended.
+            Some("57014" | "55P03" | "25P03") => Self::Unavailable(format!(
+                "the registry database did not finish in time ({}); nothing was committed; try again",
+                db.message()
+            )),
             // A text value Postgres cannot store (the NUL character): the client's to fix.
             Some("22021") => Self::Invalid(ConfigErrors(vec![sluice_proto::FieldError {
                 path: String::new(),
@@ -295,6 +319,7 @@ impl Registry {
         if dry_run && !changes.is_empty() {
             // Validation and every constraint run as for real; then nothing is kept.
             validate_in_context(&mut tx, &changes).await?;
+            dependents::check(&mut tx, &changes).await?;
             write_rows(&mut tx, &changes).await?;
             check_still_referenced(&mut tx, &changes).await?;
             sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
@@ -311,6 +336,7 @@ impl Registry {
             });
         }
         validate_in_context(&mut tx, &changes).await?;
+        dependents::check(&mut tx, &changes).await?;
         write_rows(&mut tx, &changes).await?;
         check_still_referenced(&mut tx, &changes).await?;
 

@@ -309,6 +309,7 @@ pub(crate) async fn rollback_writes(
             None => deletes.push((kind, id)),
         }
     }
+    keep_credentials_ended(conn, &mut writes).await?;
     // A resource created after N and deleted since needs no delete.
     for (kind, id) in deletes {
         let exists: bool = sqlx::query_scalar(&format!(
@@ -328,6 +329,63 @@ pub(crate) async fn rollback_writes(
         }
     }
     Ok(writes)
+}
+
+/// A rollback never gives a credential back a life it lost: one revoked now stays revoked,
+/// and one that expires now keeps its expiry (or an earlier one) when the restored version
+/// had none or a later one. A revocation or a rotation answers a leak; restoring routes or
+/// plans must not undo it. (A credential deleted since is restored: deleting is not
+/// revoking.)
+async fn keep_credentials_ended(
+    conn: &mut PgConnection,
+    writes: &mut [Write],
+) -> Result<(), RegistryError> {
+    use sluice_proto::pb::resource::Kind;
+    let ids: Vec<Uuid> = writes
+        .iter()
+        .filter_map(|write| match write {
+            Write::Put { resource, .. } if resource.kind() == ResourceKind::Credential => {
+                Uuid::parse_str(resource.id()).ok()
+            }
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let current: HashMap<String, sluice_proto::pb::Credential> =
+        rows::fetch_by_ids(conn, ResourceKind::Credential, &ids, false)
+            .await?
+            .into_iter()
+            .filter_map(|resource| match resource.kind {
+                Some(Kind::Credential(c)) => Some((c.meta.as_ref()?.id.clone(), c)),
+                _ => None,
+            })
+            .collect();
+    for write in writes {
+        let Write::Put { resource, .. } = write else {
+            continue;
+        };
+        let Some(Kind::Credential(restored)) = &mut resource.kind else {
+            continue;
+        };
+        let Some(now) = restored
+            .meta
+            .as_ref()
+            .and_then(|meta| current.get(&meta.id))
+        else {
+            continue;
+        };
+        restored.revoked |= now.revoked;
+        if let Some(ends) = &now.expires_at {
+            let later =
+                |t: &prost_types::Timestamp| (t.seconds, t.nanos) > (ends.seconds, ends.nanos);
+            if restored.expires_at.as_ref().is_none_or(later) {
+                restored.expires_at = Some(*ends);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The writes that make the registry equal `desired` (or, without `delete_missing`, hold
