@@ -215,19 +215,32 @@ pub struct SnapshotCache {
 }
 
 impl SnapshotCache {
-    /// The group's snapshot as of commit counter `seen` or later. One reader computes it
-    /// while the others wait for it (the lock), so a push to many nodes reads it once.
+    /// The group's snapshot as of commit counter `seen` or later, and at version `at_least`
+    /// or later when the registry has it (a node that says it runs a version this copy
+    /// predates was served by a replica that heard of a commit first). One reader computes
+    /// it while the others wait for it (the lock), so a push to many nodes reads it once.
+    ///
+    /// A copy whose version is still the registry's head is kept however often the counter
+    /// moves: the periodic catch-up moves it every few seconds, and reading the group again
+    /// each time would cost a full read per group while nothing changes.
     async fn get(
         &self,
         registry: &Registry,
         group: &str,
         seen: u64,
+        at_least: u64,
     ) -> Result<Arc<GroupSnapshot>, crate::registry::RegistryError> {
         let mut groups = self.groups.lock().await;
-        if let Some((at, snapshot)) = groups.get(group)
-            && *at >= seen
-        {
-            return Ok(snapshot.clone());
+        if let Some((at, snapshot)) = groups.get_mut(group) {
+            if *at >= seen && snapshot.version >= at_least {
+                return Ok(snapshot.clone());
+            }
+            // A head below `at_least` means the history was rewound (a restored database):
+            // the registry's state is what the node must run.
+            if registry.head().await?.0 == snapshot.version {
+                *at = (*at).max(seen);
+                return Ok(snapshot.clone());
+            }
         }
         let snapshot = Arc::new(registry.snapshot(group).await?);
         groups.insert(group.to_owned(), (seen, snapshot.clone()));
@@ -333,7 +346,8 @@ impl Session {
                     }
                     self.service.commits.mark_unchanged();
                     let seen = *self.service.commits.borrow();
-                    match self.service.snapshots.get(&self.service.registry, &self.node.group, seen).await {
+                    let at_least = sent.base.unwrap_or(0);
+                    match self.service.snapshots.get(&self.service.registry, &self.node.group, seen, at_least).await {
                         Ok(current) if current.content_hash != sent.hash => {
                             let base = sent.base;
                             if self.push(&current, base, &mut sent).await.is_err() {
@@ -362,7 +376,7 @@ impl Session {
                                 // The node could not take the delta (another base, a hash
                                 // that did not match): the whole snapshot sets it right.
                                 let seen = *self.service.commits.borrow();
-                                match self.service.snapshots.get(&self.service.registry, &self.node.group, seen).await {
+                                match self.service.snapshots.get(&self.service.registry, &self.node.group, seen, 0).await {
                                     Ok(current) => {
                                         if self.push(&current, None, &mut sent).await.is_err() {
                                             return;

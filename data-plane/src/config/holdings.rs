@@ -722,8 +722,10 @@ impl SnapshotReader {
             field_len: Some(len),
         }) = next_field(rest)
         {
-            // One allocation for a large field (the resources), not a doubling series.
-            self.pending.reserve_exact(len);
+            // One allocation for a large field (the resources), not a doubling series. The
+            // length comes from the sender: a length no allocation can hold is not reserved
+            // (the buffer then grows only with the bytes that come), rather than aborting.
+            let _ = self.pending.try_reserve_exact(len);
         }
         self.pending.extend_from_slice(rest);
         Ok(())

@@ -40,7 +40,11 @@ pub async fn run<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
     let (done, result) = oneshot::channel();
+    // Compiling a config starts tasks (an upstream's health checker): they go to the caller's
+    // runtime, entered for the job's length.
+    let runtime = tokio::runtime::Handle::try_current().ok();
     let job: Job = Box::new(move || {
+        let _entered = runtime.as_ref().map(tokio::runtime::Handle::enter);
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(work)).map_err(|panic| {
             panic
                 .downcast_ref::<&str>()

@@ -35,6 +35,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A stream with nothing from the control plane for this long is reopened.
 const SILENCE: Duration = Duration::from_secs(15);
+/// How long the stream may take to open once the TCP connection is made.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
 /// Largest response accepted: a snapshot of a million API keys is about 100 MB.
@@ -142,12 +144,10 @@ async fn session(
     answered: &mut bool,
 ) -> anyhow::Result<()> {
     let node = &settings.node;
-    let channel = Endpoint::from_shared(endpoint.to_owned())?
+    let endpoint_settings = Endpoint::from_shared(endpoint.to_owned())?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
+        .keep_alive_timeout(Duration::from_secs(5));
     let (tx, rx) = mpsc::channel(8);
     let running = store.current();
     let hello = pb::Hello {
@@ -162,25 +162,44 @@ async fn session(
             .unwrap_or_default(),
     };
     tx.send(request(RequestKind::Hello(hello))).await?;
-    let mut inbound =
-        wire::stream_config(channel, ReceiverStream::new(rx), MAX_RESPONSE_BYTES).await?;
+    // The TCP connect has its own timeout; the TLS and HTTP/2 handshakes and the stream's
+    // response headers have this one, so a balancer that accepts and then stalls does not
+    // keep the node from trying the next endpoint.
+    let opening = async {
+        let channel = endpoint_settings.connect().await?;
+        anyhow::Ok(wire::stream_config(channel, ReceiverStream::new(rx), MAX_RESPONSE_BYTES).await?)
+    };
+    let mut inbound = tokio::time::timeout(OPEN_TIMEOUT, opening)
+        .await
+        .map_err(|_| anyhow::anyhow!("the stream did not open within {OPEN_TIMEOUT:?}"))??;
     tracing::info!(control_plane = %endpoint, "discovery stream open");
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    // Reset by every message: one timer for the whole silence, which the heartbeats sent
+    // meanwhile do not restart.
+    let silence = tokio::time::sleep(SILENCE);
+    tokio::pin!(silence);
     let mut parts = Parts::default();
     loop {
+        // Biased: a message already waiting (one that came while the last was applied)
+        // counts before the silence does; the heartbeat, due once in a while, goes first so a
+        // long stream of snapshot parts cannot hold it back.
         let message = tokio::select! {
-            message = tokio::time::timeout(SILENCE, inbound.message()) => message,
+            biased;
             _ = heartbeat.tick() => {
                 tx.send(request(RequestKind::Heartbeat(pb::Heartbeat { sent_at: None }))).await?;
                 continue;
             }
+            message = inbound.message() => message,
+            () = &mut silence => anyhow::bail!("the control plane was silent for {SILENCE:?}"),
         };
         let response = match message {
-            Err(_) => anyhow::bail!("the control plane was silent for {SILENCE:?}"),
-            Ok(Err(status)) => return Err(status.into()),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(response))) => response,
+            Err(status) => return Err(status.into()),
+            Ok(None) => return Ok(()),
+            Ok(Some(response)) => response,
         };
+        silence
+            .as_mut()
+            .reset(tokio::time::Instant::now() + SILENCE);
         *answered = true;
         let (nonce, version, hash) = (
             response.nonce.clone(),
@@ -439,17 +458,18 @@ async fn apply_delta(
     let holdings = compiled.holdings.clone();
     swap(compiled, version, "delta", started, store, metrics);
     let to_check = holdings.clone();
-    let held_hash = worker::run(move || to_check.content_hash())
-        .await
-        .map_err(|e| ConfigErrors::single("", format!("checking failed: {e}")))?;
-    if held_hash != expected_hash {
-        store.restore(previous);
-        metrics
-            .config_version
-            .set(i64::try_from(running_version).unwrap_or(i64::MAX));
-        return Err(hash_mismatch("delta", &held_hash, expected_hash));
-    }
-    Ok(holdings)
+    let checked = match worker::run(move || to_check.content_hash()).await {
+        Ok(held_hash) if held_hash == expected_hash => return Ok(holdings),
+        Ok(held_hash) => hash_mismatch("delta", &held_hash, expected_hash),
+        Err(e) => ConfigErrors::single("", format!("checking failed: {e}")),
+    };
+    // Served since the swap but not what the control plane has: back to the version the node
+    // reports, whatever kept the check from passing.
+    store.restore(previous);
+    metrics
+        .config_version
+        .set(i64::try_from(running_version).unwrap_or(i64::MAX));
+    Err(checked)
 }
 
 fn hash_mismatch(what: &str, held: &str, expected: &str) -> ConfigErrors {
