@@ -96,6 +96,14 @@ struct Args {
     /// A client must send its request headers within this time.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
+    /// An upstream response body that sends nothing for this long is cut off (the client's
+    /// response ends with an error, the upstream slot is freed). 0s: no limit.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    upstream_idle_timeout: Duration,
+    /// An HTTP/2 client connection that starts no request for this long is sent GOAWAY (its
+    /// open streams finish first). 0s: never.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
     /// A client connection whose writes make no progress for this long (the client stopped
     /// reading) is closed; an HTTP/2 stream that has had bytes to send and sent none for this
     /// long (no flow-control window) is reset.
@@ -295,12 +303,14 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
         Limits {
             max_body_bytes: args.max_body_bytes,
             idempotency_ttl: args.idempotency_ttl,
+            upstream_idle_timeout: args.upstream_idle_timeout,
         },
         guard,
     ));
     let settings = ListenerSettings {
         header_read_timeout: args.header_read_timeout,
         send_timeout: args.send_timeout,
+        idle_timeout: args.idle_timeout,
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
         drain_timeout: args.drain_timeout,

@@ -46,6 +46,10 @@ apis:
     base_path: /open
     routes:
       - { name: all, path: /, proxy: { upstream: app } }
+  - name: strict
+    base_path: /strict
+    routes:
+      - { name: removal, path: /items, methods: [DELETE], proxy: { upstream: app } }
 plans:
   - name: basic
     scopes: ["orders:read"]
@@ -274,6 +278,16 @@ async fn cors_preflights_are_answered_and_bodies_are_capped_per_route() {
     assert_eq!(headers["access-control-max-age"], "600");
     let response = preflight("https://evil.example.com").await.unwrap();
     assert_eq!(response.status(), 403);
+    // A preflight for a route with no CORS policy that does not take OPTIONS finds no route:
+    // it is not sent to the upstream as an OPTIONS request the route never allowed.
+    let response = client()
+        .request(reqwest::Method::OPTIONS, node.url("/strict/items"))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "DELETE")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
     assert_eq!(backend.requests(), 0, "preflights are the gateway's");
 
     let response = client()

@@ -562,6 +562,59 @@ async fn the_memory_broker_publishes_and_streams_in_one_node() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_ends_its_streams_at_once_with_where_to_resume() -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let config = memory_config("retained_events: 100", ", start: earliest");
+    let mut node = DataPlane::start(&config, &["--drain-timeout", "30s"])?;
+    publish_to_memory(&node, 2).await?;
+    let mut sse = client().get(node.url("/stream")).send().await?;
+    let mut buffer = String::new();
+    read_events(&mut sse, &mut buffer, 2, Duration::from_secs(10)).await?;
+    let mut socket = websocket(&node, "/stream").await?;
+    for _ in 0..2 {
+        next_json(&mut socket).await?;
+    }
+
+    let stopped = Instant::now();
+    node.process.terminate()?;
+    let last = read_events(&mut sse, &mut buffer, 1, Duration::from_secs(10)).await?;
+    assert_eq!(last[0].event.as_deref(), Some("sluice-closed"), "{last:?}");
+    assert_eq!(last[0].id.as_deref(), Some("0:2"));
+    let data: Value = serde_json::from_str(&last[0].data)?;
+    assert_eq!(data["reason"], "node_stopping");
+    assert_eq!(data["last_event_id"], "0:2");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), sse.chunk())
+            .await??
+            .is_none(),
+        "the stream ends after its last event"
+    );
+
+    let message = next_json(&mut socket).await?;
+    assert_eq!(message["event"], "sluice-closed");
+    assert_eq!(message["reason"], "node_stopping");
+    assert_eq!(message["last_event_id"], "0:2");
+    let close = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await?
+        .context("the socket ended without a close frame")??;
+    let Message::Close(Some(frame)) = close else {
+        anyhow::bail!("expected a close frame, got {close:?}");
+    };
+    assert_eq!(u16::from(frame.code), 1001);
+    drop(socket);
+
+    // Nothing else held it: the node is gone long before its 30 s drain deadline.
+    node.process.wait_exit(Duration::from_secs(10))?;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "the node took {:?} to stop",
+        stopped.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_idempotency_key_across_two_nodes_publishes_once() -> anyhow::Result<()> {
     let topic = TestTopic::create(1).await?;
     let redis = sluice_tests::redis::TestRedis::create().await?;

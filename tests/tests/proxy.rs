@@ -132,6 +132,19 @@ async fn forwards_with_forwarding_headers_and_strips_hop_by_hop() -> anyhow::Res
         "{traceparent}"
     );
 
+    // An absolute URI names the host; a Host header that says otherwise is replaced, so the
+    // upstream is told the host the request was routed by.
+    let (response, _) = raw(
+        node.addr,
+        b"GET http://shop.example.com/abs HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    let body = &response[response.find('{').unwrap()..=response.rfind('}').unwrap()];
+    let echo: Value = serde_json::from_str(body)?;
+    assert_eq!(echo["headers"]["x-forwarded-host"], "shop.example.com");
+
     // Without ids, the gateway makes them.
     let (_, response_headers, echo) = get_json(&node.url("/")).await?;
     let made = response_headers["x-request-id"].to_str()?;
@@ -665,6 +678,75 @@ async fn a_client_that_sends_nothing_is_disconnected_after_the_header_read_timeo
 }
 
 #[tokio::test]
+async fn an_idle_http2_connection_is_sent_goaway_after_the_idle_timeout() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("idle").await?;
+    let node = DataPlane::start(&proxy_everything_to(&backend), &["--idle-timeout", "300ms"])?;
+    let stream = tokio::net::TcpStream::connect(node.addr).await?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    // Driven on its own task, which answers the node's pings as live clients do, and ends
+    // when the node closes the connection.
+    let connection = tokio::spawn(connection);
+    // A connection that keeps asking is kept, well past the idle timeout...
+    for _ in 0..8 {
+        let request =
+            http::Request::get(node.url("/")).body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        assert_eq!(response.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!connection.is_finished(), "a busy connection was closed");
+    // ...and once it stops asking, the node sends GOAWAY and closes it.
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .map_err(|_| anyhow::anyhow!("the idle HTTP/2 connection was kept open"))???;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_sending_its_body_is_cut_off() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that sends its headers and the start of its body, then hangs.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let backend = listener.local_addr()?;
+    let hanging = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nthe start")
+                .await;
+            held.push(stream);
+        }
+    });
+    let node = DataPlane::start(
+        &config(
+            &upstream("hangs", &[format!("http://{backend}")], ""),
+            "      - name: all\n        path: /\n        proxy: { upstream: hangs }\n",
+        ),
+        &["--upstream-idle-timeout", "300ms"],
+    )?;
+    let started = Instant::now();
+    let response = client().get(node.url("/")).send().await?;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.bytes().await.is_err(),
+        "a body cut short must end in an error, not look complete"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the body was cut off only after {:?}",
+        started.elapsed()
+    );
+    hanging.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn websocket_upgrades_are_tunnelled() -> anyhow::Result<()> {
     let backend = EchoBackend::start("ws").await?;
     let node = DataPlane::start(&proxy_everything_to(&backend), &[])?;
@@ -980,23 +1062,78 @@ async fn the_circuit_opens_on_failures_and_closes_after_a_good_probe() -> anyhow
 }
 
 #[tokio::test]
+async fn clients_that_fail_their_own_uploads_do_not_open_the_circuit() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("steady").await?;
+    let node = DataPlane::start(
+        &config(
+            &upstream(
+                "steady",
+                &[backend.url()],
+                "    circuit_breaker: { failure_threshold: 2, open_for: 60s }\n",
+            ),
+            "      - name: all\n        path: /\n        proxy: { upstream: steady, timeout: 500ms }\n",
+        ),
+        &["--max-body-bytes", "1024"],
+    )?;
+    let t = Duration::from_secs(5);
+    let oversized = format!(
+        "POST /anything HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n{}\r\n0\r\n\r\n",
+        "a".repeat(4096)
+    );
+    // Announces 100 bytes, sends 10, then waits: the route's time runs out mid-upload.
+    let stalled = b"POST /anything HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789";
+    for _ in 0..3 {
+        let (response, _) = raw(node.addr, oversized.as_bytes(), t).await;
+        assert_eq!(status_of(&response), 413, "{response}");
+        let (response, _) = raw(node.addr, stalled, Duration::from_secs(3)).await;
+        assert_eq!(
+            status_of(&response),
+            408,
+            "a stalled upload is the client's timeout, not the upstream's: {response}"
+        );
+    }
+    assert_eq!(
+        client().get(node.url("/status/200")).send().await?.status(),
+        200,
+        "six client failures must not open the circuit for everyone"
+    );
+    assert_eq!(
+        node.metric("sluice_upstream_circuit_state", "steady")
+            .await?,
+        0.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn health_checks_eject_a_failing_target_and_bring_it_back() -> anyhow::Result<()> {
     let (a, b) = (
         EchoBackend::start("a").await?,
         EchoBackend::start("b").await?,
     );
+    // The checks come with a reload, compiled on the node's config thread (as every config
+    // from a control plane is), not with the first file read on the runtime.
     let node = DataPlane::start(
         &config(
-            &upstream(
-                "checked",
-                &[a.url(), b.url()],
-                "    health_check: { path: /healthz, interval: 50ms, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }\n",
-            ),
-            "      - name: all\n        path: /\n        proxy: { upstream: checked }\n",
+            &upstream("checked", &[a.url(), b.url()], ""),
+            "      - name: before\n        path: /before\n        proxy: { upstream: checked }\n",
         ),
-        &[],
+        &["--watch-interval", "50ms"],
     )?;
+    node.write_config(&config(
+        &upstream(
+            "checked",
+            &[a.url(), b.url()],
+            "    health_check: { path: /healthz, interval: 50ms, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }\n",
+        ),
+        "      - name: all\n        path: /\n        proxy: { upstream: checked }\n",
+    ))?;
     let client = client();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client.get(node.url("/work")).send().await?.status() != 200 {
+        assert!(Instant::now() < deadline, "the reload never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let backends = |n: usize| {
         let client = client.clone();
         let url = node.url("/work");

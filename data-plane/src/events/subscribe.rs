@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use sluice_proto::pb;
 use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::Broker;
 use super::memory::StoredEvent;
@@ -207,6 +209,8 @@ pub struct SubscribeContext<'a> {
     pub identity: Option<&'a Identity>,
     pub metrics: &'a Arc<Metrics>,
     pub guard: &'a Arc<AccessGuard>,
+    /// Cancelled when the node stops: the stream then ends with its position.
+    pub stopping: &'a CancellationToken,
 }
 
 /// A filter whose value is the caller's: see [`pb::IdentityFilter`].
@@ -341,6 +345,7 @@ impl SubscribeRoute {
         identity_filters: Vec<Filter>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let metrics = context.metrics;
+        let stopping = context.stopping.clone();
         let (start, filters) = self.options(request, identity_filters)?;
         let pacer = self.pacer(context);
         let source = self
@@ -354,6 +359,7 @@ impl SubscribeRoute {
             pacer,
             self.heartbeat,
             SubscriberCounts::new(metrics, &self.topic),
+            stopping,
         );
         let mut response = Response::new(subscriber.into_body());
         let headers = response.headers_mut();
@@ -553,6 +559,11 @@ struct Subscriber {
     beat: tokio::time::Interval,
     stage: Stage,
     counts: SubscriberCounts,
+    /// Resolves when the node stops. Made once and kept: the token's waiter is registered
+    /// once, not again for every event.
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The same stop, looked at between backlog events.
+    stopping_token: CancellationToken,
 }
 
 /// Where a [`Subscriber`]'s stream is.
@@ -562,7 +573,8 @@ enum Stage {
     /// stream open.
     Opening,
     Streaming,
-    /// The last frame was sent (the client fell behind, or the feed stopped).
+    /// The last frame was sent (the client fell behind, the feed stopped, or the node is
+    /// stopping).
     Ended,
 }
 
@@ -599,6 +611,7 @@ impl Subscriber {
         pacer: Option<Pacer>,
         heartbeat: Duration,
         counts: SubscriberCounts,
+        stopping: CancellationToken,
     ) -> Self {
         Subscriber {
             position: source.position,
@@ -610,6 +623,8 @@ impl Subscriber {
             beat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
             stage: Stage::Opening,
             counts,
+            stopping: Box::pin(stopping.clone().cancelled_owned()),
+            stopping_token: stopping,
         }
     }
 
@@ -637,6 +652,10 @@ impl Subscriber {
             return Some(self.send(event).await);
         }
         while let Some(event) = self.backlog.next() {
+            // A backlog is read without waiting (bar the budget): the stop is looked at here.
+            if self.stopping_token.is_cancelled() {
+                return Some(self.closed_for_stop(None));
+            }
             let Some(event) = event.upgrade() else {
                 return Some(self.closed_as_slow());
             };
@@ -661,6 +680,7 @@ impl Subscriber {
                     }
                 },
                 _ = self.beat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
+                () = self.stopping.as_mut() => return Some(self.closed_for_stop(None)),
             }
         }
     }
@@ -671,7 +691,15 @@ impl Subscriber {
     fn closed_as_slow(&mut self) -> Bytes {
         self.stage = Stage::Ended;
         self.counts.closed_slow.inc();
-        closing_event(&self.position)
+        closing_event(&self.position, SLOW)
+    }
+
+    /// The last frame of a stream on a node that is stopping: where to resume, on any node.
+    /// `unsent`: an event taken in but not sent (waiting for its budget), which the client
+    /// reads again on resuming.
+    fn closed_for_stop(&mut self, unsent: Option<&StoredEvent>) -> Bytes {
+        self.stage = Stage::Ended;
+        closing_event(&resume_before(&self.position, unsent), STOPPING)
     }
 
     /// `event`'s frame once the message budget allows it, or a heartbeat while it waits (the
@@ -685,6 +713,7 @@ impl Subscriber {
                     self.paced = Some(event);
                     return Bytes::from_static(b": heartbeat\n\n");
                 }
+                () = self.stopping.as_mut() => return self.closed_for_stop(Some(&event)),
             }
         }
         self.counts.delivered.inc();
@@ -723,12 +752,46 @@ fn sse_event(event: &StoredEvent, position: &Position) -> Bytes {
     Bytes::from(out)
 }
 
-/// The last event a slow client gets: where to resume.
-fn closing_event(position: &Position) -> Bytes {
+/// Why the gateway closed a stream: the `reason` and `detail` of its last event, and over
+/// WebSocket the close frame's code and reason.
+pub(super) struct Closing {
+    pub(super) reason: &'static str,
+    pub(super) detail: &'static str,
+    pub(super) close_code: u16,
+    pub(super) close_reason: &'static str,
+}
+
+pub(super) const SLOW: Closing = Closing {
+    reason: "slow_consumer",
+    detail: "the client fell behind the stream; reconnect with Last-Event-ID to resume",
+    close_code: super::websocket::CLOSE_SLOW,
+    close_reason: "slow consumer; resume with last_event_id",
+};
+
+pub(super) const STOPPING: Closing = Closing {
+    reason: "node_stopping",
+    detail: "this node is shutting down; reconnect (to any node) with Last-Event-ID to resume",
+    // Going away (RFC 6455 section 7.4.1).
+    close_code: 1001,
+    close_reason: "node stopping; resume with last_event_id",
+};
+
+/// The position to resume from when `unsent`, the last event taken in, was not sent: just
+/// before it, so the client reads it again.
+pub(super) fn resume_before(position: &Position, unsent: Option<&StoredEvent>) -> Position {
+    let mut resume = position.clone();
+    if let Some(event) = unsent {
+        resume.0.insert(event.partition, event.offset);
+    }
+    resume
+}
+
+/// The last event a client gets when the gateway closes its stream: why, and where to resume.
+fn closing_event(position: &Position, closing: Closing) -> Bytes {
     let id = position.encode();
     let data = serde_json::json!({
-        "reason": "slow_consumer",
-        "detail": "the client fell behind the stream; reconnect with Last-Event-ID to resume",
+        "reason": closing.reason,
+        "detail": closing.detail,
         "last_event_id": id,
     });
     Bytes::from(format!("id: {id}\nevent: sluice-closed\ndata: {data}\n\n"))
@@ -861,6 +924,7 @@ mod tests {
             Some(pacer),
             Duration::from_millis(50),
             test_counts(),
+            CancellationToken::new(),
         );
         let mut frames = Vec::new();
         for _ in 0..4 {
@@ -897,8 +961,14 @@ mod tests {
         }
         let counts = test_counts();
         let closed_slow = counts.closed_slow.clone();
-        let mut subscriber =
-            Subscriber::new(source, Vec::new(), None, Duration::from_secs(60), counts);
+        let mut subscriber = Subscriber::new(
+            source,
+            Vec::new(),
+            None,
+            Duration::from_secs(60),
+            counts,
+            CancellationToken::new(),
+        );
         assert_closed_at_start(&mut subscriber).await;
         assert_eq!(closed_slow.get(), 1);
     }
@@ -921,6 +991,7 @@ mod tests {
             None,
             Duration::from_secs(60),
             test_counts(),
+            CancellationToken::new(),
         );
         assert_closed_at_start(&mut subscriber).await;
         let resumed = broker.subscribe(&topic, Some(0));
@@ -945,8 +1016,14 @@ mod tests {
         }
         let counts = test_counts();
         let (delivered, closed_slow) = (counts.delivered.clone(), counts.closed_slow.clone());
-        let mut subscriber =
-            Subscriber::new(source, Vec::new(), None, Duration::from_secs(60), counts);
+        let mut subscriber = Subscriber::new(
+            source,
+            Vec::new(),
+            None,
+            Duration::from_secs(60),
+            counts,
+            CancellationToken::new(),
+        );
         assert_eq!(
             subscriber.next_frame().await.unwrap(),
             Bytes::from_static(b": ok\n\n")
@@ -1007,8 +1084,15 @@ mod tests {
         let source = memory_source(opened, Some(0));
         let counts = test_counts();
         let (live, delivered) = (counts.subscribers.clone(), counts.delivered.clone());
-        let mut body = Subscriber::new(source, Vec::new(), None, Duration::from_millis(50), counts)
-            .into_body();
+        let mut body = Subscriber::new(
+            source,
+            Vec::new(),
+            None,
+            Duration::from_millis(50),
+            counts,
+            CancellationToken::new(),
+        )
+        .into_body();
         broker.publish(record("b"));
         let mut texts = Vec::new();
         for _ in 0..4 {
@@ -1032,6 +1116,58 @@ mod tests {
             0,
             "a subscriber whose client left is no longer counted"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stream_on_a_stopping_node_ends_with_where_to_resume() {
+        use super::super::memory::MemoryBroker;
+        let broker = MemoryBroker::new(&pb::MemoryBroker::default());
+        let topic: Arc<str> = "t".into();
+        broker.publish(record("a"));
+        let source = memory_source(broker.subscribe(&topic, Some(0)), Some(0));
+        let stopping = CancellationToken::new();
+        let mut subscriber = Subscriber::new(
+            source,
+            Vec::new(),
+            None,
+            Duration::from_secs(60),
+            test_counts(),
+            stopping.clone(),
+        );
+        assert_eq!(subscriber.next_frame().await.unwrap(), ": ok\n\n");
+        assert_eq!(
+            subscriber.next_frame().await.unwrap(),
+            "id: 0:1\ndata: a\n\n"
+        );
+        stopping.cancel();
+        let last = subscriber.next_frame().await.unwrap();
+        let last = std::str::from_utf8(&last).unwrap();
+        assert!(
+            last.starts_with("id: 0:1\nevent: sluice-closed\n") && last.contains("node_stopping"),
+            "{last}"
+        );
+        assert!(
+            subscriber.next_frame().await.is_none(),
+            "then the stream ends"
+        );
+    }
+
+    #[test]
+    fn resuming_before_an_unsent_event_reads_it_again() {
+        let position = Position([(0, 5), (1, 3)].into());
+        let event = StoredEvent::new(
+            1,
+            2,
+            super::super::Record {
+                topic: "t".into(),
+                key: None,
+                value: Bytes::new(),
+                headers: Vec::new(),
+                timestamp_ms: 0,
+            },
+        );
+        assert_eq!(resume_before(&position, None), position);
+        assert_eq!(resume_before(&position, Some(&event)).encode(), "0:5,1:2");
     }
 
     #[test]

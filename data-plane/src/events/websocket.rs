@@ -6,7 +6,8 @@
 //! position after the event (reconnect with `?last_event_id=` or a `Last-Event-ID` header),
 //! and `data` the event's value (JSON as it is, anything else as a string). Heartbeats are
 //! WebSocket pings. A client that falls behind gets `{"event":"sluice-closed",…}` with its
-//! position, then a close frame with code 4001.
+//! position, then a close frame with code 4001; on a node that is stopping, the same message
+//! (reason `node_stopping`) and a close frame with code 1001 (going away).
 //!
 //! Client → server (publish): each text or binary message is one event. The answer is
 //! `{"ack":N,"id":…,"topic":…,"partition":…,"offset":…,"timestamp":…}` once the broker has it,
@@ -29,10 +30,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
-use super::subscribe::{Filter, Position, Source, SubscribeRoute, SubscriberCounts, take_in};
+use super::subscribe::{
+    Closing, Filter, Position, SLOW, STOPPING, Source, SubscribeRoute, SubscriberCounts,
+    resume_before, take_in,
+};
 use super::{Acks, Broker, Delivery, Record, now_ms};
 use crate::server::error::GatewayError;
 use crate::telemetry::Metrics;
@@ -63,6 +69,10 @@ pub struct WebSocketContext {
     /// Largest message a client may send.
     pub max_message_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// Cancelled when the node stops: the session then ends with its position.
+    pub stopping: CancellationToken,
+    /// Where the session runs once upgraded: the node's drain waits for it.
+    pub tasks: TaskTracker,
 }
 
 /// Whether `request` asks to become a WebSocket.
@@ -99,7 +109,8 @@ impl SubscribeRoute {
             filters,
             context,
         };
-        tokio::spawn(async move {
+        let tasks = session.context.tasks.clone();
+        tasks.spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(error) => {
@@ -158,6 +169,7 @@ enum Ending {
     Gone,
     Slow,
     FeedEnded,
+    Stopping,
 }
 
 struct Session {
@@ -191,6 +203,8 @@ impl Session {
         }
         // The client's messages being published, answered in the order they came.
         let mut publishing = FuturesOrdered::new();
+        let stopping = self.context.stopping.clone().cancelled_owned();
+        tokio::pin!(stopping);
         // Returns from this block end the session; its publishes are then finished.
         let ending = async {
             let mut backlog = std::mem::take(&mut source.backlog).into_iter();
@@ -206,7 +220,7 @@ impl Session {
                 if next.is_none() {
                     for event in backlog.by_ref() {
                         let Some(event) = event.upgrade() else {
-                            return close_slow(&mut sink, &position).await;
+                            return close_with(&mut sink, &position, SLOW).await;
                         };
                         if take_in(&mut position, &self.filters, &event) {
                             next = Some(event);
@@ -267,13 +281,20 @@ impl Session {
                             }
                         }
                         Err(broadcast::error::RecvError::Lagged(_)) => {
-                            return close_slow(&mut sink, &position).await;
+                            return close_with(&mut sink, &position, SLOW).await;
                         }
                         Err(broadcast::error::RecvError::Closed) => {
                             let _ = sink.send(close(CloseCode::Away, "the stream ended")).await;
                             return Ending::FeedEnded;
                         }
                     },
+                    // The client's messages already read are still published (the session's
+                    // end finishes them; their answers cannot follow the close); the event
+                    // waiting for its budget is read again on resuming.
+                    () = &mut stopping => {
+                        let resume = resume_before(&position, next.as_deref());
+                        return close_with(&mut sink, &resume, STOPPING).await;
+                    }
                 }
             }
         }
@@ -358,27 +379,32 @@ async fn budget(pacer: Option<&Pacer>) {
     }
 }
 
-/// Tells a subscriber that fell behind where to resume, and closes its socket with
-/// [`CLOSE_SLOW`].
-async fn close_slow<S>(sink: &mut S, position: &Position) -> Ending
+/// Tells a subscriber the gateway closes where to resume, and closes its socket: with
+/// [`CLOSE_SLOW`] when it fell behind, with 1001 (going away) when the node is stopping.
+async fn close_with<S>(sink: &mut S, position: &Position, closing: Closing) -> Ending
 where
     S: futures_util::Sink<Message> + Unpin,
 {
     let last = json!({
         "event": "sluice-closed",
-        "reason": "slow_consumer",
+        "reason": closing.reason,
+        "detail": closing.detail,
         "last_event_id": position.encode(),
     });
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         sink.send(Message::text(last.to_string())).await?;
         sink.send(close(
-            CloseCode::Library(CLOSE_SLOW),
-            "slow consumer; resume with last_event_id",
+            CloseCode::from(closing.close_code),
+            closing.close_reason,
         ))
         .await
     })
     .await;
-    Ending::Slow
+    if closing.close_code == CLOSE_SLOW {
+        Ending::Slow
+    } else {
+        Ending::Stopping
+    }
 }
 
 /// The close frame that tells a client why its message was refused, when it can still be

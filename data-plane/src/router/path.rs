@@ -49,13 +49,16 @@ fn has_dot_segment(path: &str) -> bool {
         .any(|segment| segment == "." || segment == "..")
 }
 
+/// Decodes the escapes of unreserved characters and upper-cases the others. Bytes other than
+/// escapes are copied as they are: a path may carry raw UTF-8 (`/files/café`), which must
+/// reach the upstream as the same bytes, not as one Latin-1 character per byte.
 fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
-    let mut out = String::with_capacity(bytes.len());
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
         if b != b'%' {
-            out.push(char::from(b));
+            out.push(b);
             i += 1;
             continue;
         }
@@ -70,17 +73,16 @@ fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
             b'/' | b'\\' => return Err(PathError::EncodedSeparator),
             0 => return Err(PathError::EncodedNul),
             v if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') => {
-                out.push(char::from(v));
+                out.push(v);
             }
             v => {
-                out.push('%');
-                out.push(char::from(HEX[usize::from(v >> 4)]));
-                out.push(char::from(HEX[usize::from(v & 0xf)]));
+                out.extend_from_slice(&[b'%', HEX[usize::from(v >> 4)], HEX[usize::from(v & 0xf)]])
             }
         }
         i += 3;
     }
-    Ok(out)
+    // UTF-8 still: the input was, and only whole escapes (ASCII) were replaced by ASCII.
+    String::from_utf8(out).map_err(|_| PathError::BadEscape)
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -125,6 +127,16 @@ fn remove_dot_segments(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_utf8_passes_through_a_path_that_is_decoded() {
+        assert_eq!(
+            normalize("/files/café%20menu.pdf").unwrap(),
+            "/files/café%20menu.pdf"
+        );
+        assert_eq!(normalize("/a/./ünï/../b%7e").unwrap(), "/a/b~");
+        assert_eq!(normalize("/ünï/./x").unwrap(), "/ünï/x");
+    }
 
     #[test]
     fn plain_paths_are_borrowed_unchanged() {

@@ -128,6 +128,19 @@ impl<S> FramingGuard<S> {
             bytes = match &mut self.state {
                 State::Off => return,
                 State::Head { partial } => {
+                    if partial.is_empty() {
+                        // The empty lines a server skips before a request line (RFC 9112
+                        // section 2.2): taken for a head of their own, they would end the
+                        // guard before the request that follows them.
+                        let blank = bytes
+                            .iter()
+                            .take_while(|b| matches!(b, b'\r' | b'\n'))
+                            .count();
+                        bytes = &bytes[blank..];
+                        if bytes.is_empty() {
+                            return;
+                        }
+                    }
                     if partial.is_empty() && !starts_like_a_request(bytes[0]) {
                         // Not a request line: the tunnel of an accepted upgrade or CONNECT
                         // (or garbage hyper refuses). Nothing more to follow.
@@ -288,10 +301,10 @@ fn head_end(bytes: &[u8], from: usize) -> Option<usize> {
         })
 }
 
-/// Whether a head may start with this byte: a method's first letter, or the empty lines a
-/// server skips before a request line.
+/// Whether a head may start with this byte: a method's first letter (the empty lines a
+/// server skips before a request line are skipped before this is asked).
 fn starts_like_a_request(byte: u8) -> bool {
-    byte.is_ascii_uppercase() || byte == b'\r' || byte == b'\n'
+    byte.is_ascii_uppercase()
 }
 
 /// Advances a chunked body over `bytes`: how many bytes it used and whether the body ended.
@@ -467,6 +480,18 @@ mod tests {
                 String::from_utf8_lossy(head)
             );
         }
+    }
+
+    #[test]
+    fn empty_lines_before_a_request_do_not_end_the_guard() {
+        let stream: &[u8] = b"\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 5\r\n\
+            Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(verdicts(&[stream], 1), [true]);
+        assert_eq!(verdicts(&bytewise(stream), 1), [true]);
+        // Between two requests too.
+        let between: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\r\n\n\
+            POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(verdicts(&[between], 2), [false, true]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -53,6 +54,10 @@ pub struct ListenerSettings {
     pub max_header_bytes: usize,
     /// Most request headers, HTTP/1: 431 beyond.
     pub max_headers: usize,
+    /// An HTTP/2 connection that starts no request for this long is sent GOAWAY (its open
+    /// streams finish): an idle one holds a connection slot no longer than an idle HTTP/1
+    /// keep-alive connection does (which the header read timeout ends). Zero: never.
+    pub idle_timeout: Duration,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: Duration,
     /// Open client connections, all listeners together. At the limit the node stops
@@ -91,6 +96,11 @@ impl std::fmt::Debug for Listener {
 
 /// A TLS client must finish its handshake within this time.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HTTP/2 client is pinged after this long without a frame, and the connection is closed
+/// when the ping goes unanswered for [`H2_PING_TIMEOUT`].
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The first bytes of every HTTP/2 connection: a client on the plain port that starts with
 /// them speaks h2c with prior knowledge; one that does not speaks HTTP/1.
@@ -137,7 +147,10 @@ pub async fn serve(
     });
     http2
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        // A peer gone without a word (its streams open, its socket silent) is found by pings.
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     // Set once the node stops. Every acceptor and connection holds a receiver: a connection
     // drains when it sees the stop, and the node has drained when no receiver is left.
     let (stop, stopped) = watch::channel(false);
@@ -150,6 +163,7 @@ pub async fn serve(
         max_headers: settings.max_headers,
         header_read_timeout: settings.header_read_timeout,
         send_timeout: settings.send_timeout,
+        idle_timeout: settings.idle_timeout,
     });
     let mut acceptors = tokio::task::JoinSet::new();
     for listener in listeners {
@@ -158,6 +172,7 @@ pub async fn serve(
     drop(stopped);
     shutdown.await;
     let _ = stop.send(true);
+    shared.gateway.stop_event_streams();
     // Each acceptor drops its listener as it returns: no new connections from here on.
     acceptors.join_all().await;
     tracing::info!(deadline = ?settings.drain_timeout, "draining connections");
@@ -184,6 +199,7 @@ struct Shared {
     max_headers: usize,
     header_read_timeout: Duration,
     send_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 /// Accepts connections on one listener until told to stop, serving each on its own task.
@@ -196,9 +212,15 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
         max_headers,
         header_read_timeout,
         send_timeout,
+        idle_timeout,
     } = &*shared;
-    let (max_head, max_headers, header_read_timeout, send_timeout) =
-        (*max_head, *max_headers, *header_read_timeout, *send_timeout);
+    let (max_head, max_headers, header_read_timeout, send_timeout, idle_timeout) = (
+        *max_head,
+        *max_headers,
+        *header_read_timeout,
+        *send_timeout,
+        *idle_timeout,
+    );
     let scheme = if listener.tls.is_some() {
         "https"
     } else {
@@ -231,12 +253,19 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
         let gateway = gateway.clone();
         let verdicts = Arc::new(Verdicts::default());
         let framing = verdicts.clone();
+        // Requests started on the connection, which an HTTP/2 connection's idle watch reads.
+        let started = Arc::new(AtomicU64::new(0));
+        let idle = Idle {
+            timeout: idle_timeout,
+            started: started.clone(),
+        };
         // The connection's service; over TLS, made once the handshake has told whether the
         // client presented a certificate.
         let make_service = move |info: ConnectionInfo| {
             service_fn(move |request| {
                 let (gateway, info) = (gateway.clone(), info.clone());
                 let ambiguous = framing.next_is_ambiguous();
+                started.fetch_add(1, Ordering::Relaxed);
                 // Boxed: hyper keeps a connection's in-flight future in an allocation of the
                 // future's full size for as long as the connection lives, and `handle`'s is
                 // about 6 KB (every action's state). Boxed per request instead, an idle
@@ -279,7 +308,8 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
                     let stream = SendTimeout::new(stream, send_timeout);
                     let io =
                         TokioIo::new(FramingGuard::new(stream, max_head, max_headers, verdicts));
-                    if let Err(e) = serve_in(version, io, service, &protocols, stopped).await {
+                    if let Err(e) = serve_in(version, io, service, &protocols, stopped, idle).await
+                    {
                         tracing::debug!(error = %e, client = %client, "connection ended with an error");
                     }
                 });
@@ -322,7 +352,8 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
                     });
                     let io =
                         TokioIo::new(FramingGuard::new(stream, max_head, max_headers, verdicts));
-                    if let Err(e) = serve_in(version, io, service, &protocols, stopped).await {
+                    if let Err(e) = serve_in(version, io, service, &protocols, stopped, idle).await
+                    {
                         tracing::debug!(error = %e, client = %client, "connection ended with an error");
                     }
                 });
@@ -367,6 +398,7 @@ fn serve_in<I, S>(
     service: S,
     protocols: &Protocols,
     stopped: watch::Receiver<bool>,
+    idle: Idle,
 ) -> Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -386,25 +418,63 @@ where
                 .with_upgrades(),
             http1::UpgradeableConnection::graceful_shutdown,
             stopped,
+            None,
         )),
         Http::Two => Box::pin(until_drained(
             protocols.http2.serve_connection(io, service),
             http2::Connection::graceful_shutdown,
             stopped,
+            Some(idle),
         )),
     }
 }
 
-/// Drives `connection` to its end; once the node stops, asks it to wind down first.
+/// An HTTP/2 connection's idle watch: [`ListenerSettings::idle_timeout`], and the count of
+/// requests started on it.
+struct Idle {
+    timeout: Duration,
+    started: Arc<AtomicU64>,
+}
+
+impl Idle {
+    /// Resolves once a whole `timeout` passed with no request started (so between one and two
+    /// timeouts after the last one). Streams still open do not count: GOAWAY lets them
+    /// finish, and a client that wants more opens a new connection.
+    async fn passed(&self) {
+        if self.timeout.is_zero() {
+            return std::future::pending().await;
+        }
+        let mut seen = self.started.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(self.timeout).await;
+            let now = self.started.load(Ordering::Relaxed);
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    }
+}
+
+/// Drives `connection` to its end; once the node stops, or an HTTP/2 connection (`idle`) has
+/// started no request for its idle timeout, asks it to wind down first.
 async fn until_drained<C: Future>(
     connection: C,
     graceful_shutdown: fn(Pin<&mut C>),
     mut stopped: watch::Receiver<bool>,
+    idle: Option<Idle>,
 ) -> C::Output {
     let mut connection = pin!(connection);
+    let idle_passed = async {
+        match &idle {
+            Some(idle) => idle.passed().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         ended = connection.as_mut() => return ended,
         () = stopping(&mut stopped) => {}
+        () = idle_passed => tracing::debug!("HTTP/2 connection idle; sending GOAWAY"),
     }
     graceful_shutdown(connection.as_mut());
     connection.await

@@ -35,6 +35,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::error::GatewayError;
@@ -62,6 +63,10 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// How long a publish route remembers an `Idempotency-Key`'s answer.
     pub idempotency_ttl: std::time::Duration,
+    /// How long an upstream's response body may send nothing before it is cut off (as
+    /// nginx's `proxy_read_timeout`): a backend that sent its headers and hung holds neither
+    /// the client nor its upstream slot for ever. Zero: no limit.
+    pub upstream_idle_timeout: std::time::Duration,
 }
 
 /// What the pipeline knows about the connection a request came on.
@@ -83,9 +88,13 @@ pub struct Gateway {
     guard: Arc<AccessGuard>,
     /// Publish routes' idempotency keys (in Redis when the guard has it, else here).
     idempotency: Arc<Idempotency>,
-    /// Work that outlives the request it was for (a publish whose client left); the node's
-    /// drain waits for it.
+    /// Work that outlives the request it was for (a publish whose client left, a WebSocket
+    /// session); the node's drain waits for it.
     tasks: TaskTracker,
+    /// Cancelled when the node stops: event streams (SSE, WebSocket) then end at once with
+    /// their resume position, so their clients move to another node rather than wait out the
+    /// drain and lose the connection without one.
+    streams_stopping: CancellationToken,
 }
 
 /// What one request amounted to, for the access log and metrics.
@@ -119,7 +128,14 @@ impl Gateway {
             guard,
             idempotency: Arc::new(idempotency),
             tasks: TaskTracker::new(),
+            streams_stopping: CancellationToken::new(),
         }
+    }
+
+    /// Ends every event stream, now and to come, with its resume position: the node is
+    /// stopping.
+    pub fn stop_event_streams(&self) {
+        self.streams_stopping.cancel();
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -216,11 +232,12 @@ impl Gateway {
     async fn serve(
         &self,
         connection: ConnectionInfo,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         ambiguous_framing: bool,
         request_id: &HeaderValue,
         outcome: &mut Outcome,
     ) -> Result<Response<ProxyBody>, GatewayError> {
+        host_from_authority(&mut request);
         if ambiguous_framing {
             return Err(GatewayError::Malformed(
                 "ambiguous length: Content-Length with Transfer-Encoding, or several Content-Lengths",
@@ -255,7 +272,13 @@ impl Gateway {
                     method: &asked,
                     ..parts
                 };
-                config.router.route(&parts).ok_or_else(no_route)?
+                // Only a route with a CORS policy answers for it: any other would be sent an
+                // OPTIONS request it does not take.
+                config
+                    .router
+                    .route(&parts)
+                    .filter(|matched| matched.route.access.cors.is_some())
+                    .ok_or_else(no_route)?
             }
             None => return Err(no_route()),
         };
@@ -357,6 +380,7 @@ impl Gateway {
                     identity: identity.as_ref(),
                     metrics: &self.metrics,
                     guard: &self.guard,
+                    stopping: &self.streams_stopping,
                 });
                 let context = WebSocketContext {
                     headers: caller_headers(identity.as_ref(), request_id, request.headers()),
@@ -364,6 +388,8 @@ impl Gateway {
                     pacer,
                     max_message_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
                     metrics: self.metrics.clone(),
+                    stopping: self.streams_stopping.clone(),
+                    tasks: self.tasks.clone(),
                 };
                 subscribe.serve_websocket(request, context).await
             }
@@ -375,6 +401,7 @@ impl Gateway {
                             identity: identity.as_ref(),
                             metrics: &self.metrics,
                             guard: &self.guard,
+                            stopping: &self.streams_stopping,
                         },
                         identity_filters,
                     )
@@ -513,6 +540,7 @@ impl Gateway {
         let body_state = Arc::new(BodyState {
             fault: OnceLock::new(),
             done: AtomicBool::new(!has_body),
+            waiting_on_client: AtomicBool::new(false),
         });
         let mut body = ClientBody {
             inner: Limited::new(body, limit),
@@ -546,11 +574,10 @@ impl Gateway {
                 .send(request, deadline.saturating_duration_since(sent))
                 .await;
             upstream.duration.observe(sent.elapsed().as_secs_f64());
-            // A try that failed while the client's body was failing or still arriving (a
-            // client that stalls its upload makes the upstream time out) is not the target's
-            // fault; one that never connected always is.
-            let clients_doing =
-                body_state.fault.get().is_some() || !body_state.done.load(Ordering::Relaxed);
+            // A try that failed while the client's body was failing or the upload waited on
+            // the client (a client that stalls its upload makes the upstream time out) is not
+            // the target's fault; one that never connected always is.
+            let clients_doing = body_state.clients_fault();
             if !clients_doing || matches!(outcome, Err(UpstreamError::Connect { .. })) {
                 upstream.report(lease.index(), is_target_failure(&outcome));
             }
@@ -584,16 +611,29 @@ impl Gateway {
             *request.headers_mut() = headers.clone();
             aim(&mut request, lease.target(), &path_and_query, http2)?;
         };
+        // A failure while the client's body was failing or the upload waited on the client is
+        // the client's (as for outlier ejection above): counting it would let any client open
+        // the breaker for everyone with a few oversized or stalled uploads. Its pass is let go
+        // unrecorded.
+        let clients_fault = body_state.clients_fault();
         if let Some(pass) = pass {
-            pass.record(matches!(&response, Ok(r) if !r.status().is_server_error()));
+            match &response {
+                Err(UpstreamError::Connect { .. }) => pass.record(false),
+                Err(_) if clients_fault => drop(pass),
+                outcome => pass.record(matches!(outcome, Ok(r) if !r.status().is_server_error())),
+            }
         }
-        // A failure while sending is the client's when its body was what failed.
+        // A failure while sending is the client's when its body was what failed, or when the
+        // time ran out while its body was still coming (408, not the upstream's 504).
         let response = response.map_err(|e| match body_state.fault.get() {
             Some(BodyFault::TooLarge) => GatewayError::BodyTooLarge {
                 limit: max_body_bytes,
             },
             Some(BodyFault::Malformed) => {
                 GatewayError::Malformed("the request body is not validly framed")
+            }
+            None if clients_fault && matches!(e, UpstreamError::Timeout(_)) => {
+                GatewayError::BodyTimeout
             }
             None => GatewayError::Upstream(e),
         })?;
@@ -625,6 +665,9 @@ impl Gateway {
             LeasedBody {
                 inner: body,
                 _lease: lease,
+                idle_timeout: self.limits.upstream_idle_timeout,
+                idle: None,
+                progressed: false,
             }
             .boxed(),
         ))
@@ -751,6 +794,20 @@ struct BodyState {
     fault: OnceLock<BodyFault>,
     /// Set once the whole body has been read.
     done: AtomicBool,
+    /// Whether the body's last poll found nothing from the client yet: the upload is waiting
+    /// on the client. (An upstream that stops reading stops polling: the last poll then had
+    /// a frame, and a failure is the upstream's.)
+    waiting_on_client: AtomicBool,
+}
+
+impl BodyState {
+    /// Whether a failed try is the client's doing: its body failed, or the upload was
+    /// waiting on it.
+    fn clients_fault(&self) -> bool {
+        self.fault.get().is_some()
+            || (!self.done.load(Ordering::Relaxed)
+                && self.waiting_on_client.load(Ordering::Relaxed))
+    }
 }
 
 impl Body for ClientBody {
@@ -763,6 +820,9 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.state
+            .waiting_on_client
+            .store(polled.is_pending(), Ordering::Relaxed);
         match &polled {
             Poll::Ready(Some(Err(e))) => {
                 let fault = if e.is::<LengthLimitError>() {
@@ -787,6 +847,30 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A request that names its host twice (an absolute URI or HTTP/2's `:authority`, and a
+/// `Host` header) is about the URI's: RFC 9112 section 3.2.2 has a proxy replace `Host`
+/// with it. Routing, policies, `X-Forwarded-Host` and the upstream then all see the one host
+/// the request was routed by; a `Host: evil.example` riding on
+/// `GET http://api.example.com/…` cannot reach a backend as the host it builds links with.
+///
+/// The value is the authority's host and port, never its userinfo (`user:pw@`).
+fn host_from_authority<B>(request: &mut Request<B>) {
+    let Some(authority) = request.uri().authority() else {
+        return;
+    };
+    let host = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_owned(),
+    };
+    let differs = request
+        .headers()
+        .get(header::HOST)
+        .is_some_and(|given| !given.as_bytes().eq_ignore_ascii_case(host.as_bytes()));
+    if differs && let Ok(value) = HeaderValue::from_str(&host) {
+        request.headers_mut().insert(header::HOST, value);
     }
 }
 
@@ -843,10 +927,16 @@ fn direct_response(direct: &DirectResponse) -> Response<ProxyBody> {
 }
 
 /// A response body that holds its upstream lease until the body is done, so in-flight counts
-/// and the concurrency cap cover streaming responses too.
+/// and the concurrency cap cover streaming responses too; and that ends with an error once
+/// the upstream has sent nothing for [`Limits::upstream_idle_timeout`].
 struct LeasedBody {
     inner: Incoming,
     _lease: Lease,
+    idle_timeout: std::time::Duration,
+    /// Armed the first time the upstream makes the body wait (a body that comes whole with
+    /// its headers never needs a timer); reset when it waits again after progress.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    progressed: bool,
 }
 
 impl Body for LeasedBody {
@@ -857,9 +947,37 @@ impl Body for LeasedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner)
-            .poll_frame(cx)
-            .map_err(Into::into)
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.progressed = true;
+                return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            }
+            Poll::Pending if this.idle_timeout.is_zero() => return Poll::Pending,
+            Poll::Pending => {}
+        }
+        let deadline = tokio::time::Instant::now() + this.idle_timeout;
+        let idle = match &mut this.idle {
+            Some(idle) => {
+                if std::mem::take(&mut this.progressed) {
+                    idle.as_mut().reset(deadline);
+                }
+                idle
+            }
+            None => {
+                this.progressed = false;
+                this.idle
+                    .insert(Box::pin(tokio::time::sleep_until(deadline)))
+            }
+        };
+        match idle.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "the upstream sent nothing for {:?}",
+                this.idle_timeout
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
