@@ -1178,3 +1178,48 @@ async fn a_rollback_keeps_credentials_revoked_and_expiring() -> anyhow::Result<(
     assert_eq!(after.expires_at, Some(ends));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_resource_created_again_does_not_match_an_etag_of_its_earlier_self() -> anyhow::Result<()>
+{
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 100).await?;
+    let put = |if_match| {
+        vec![Write::Put {
+            resource: consumer("phoenix"),
+            if_match,
+        }]
+    };
+    let first = registry.commit("t", "create", put(None)).await?.resources[0]
+        .clone()
+        .expect("stored");
+    let seen = first.meta().unwrap().resource_version;
+    registry
+        .commit(
+            "t",
+            "delete",
+            vec![Write::Delete {
+                kind: ResourceKind::Consumer,
+                id: first.id().to_owned(),
+                if_match: Some(seen),
+            }],
+        )
+        .await?;
+    let again = registry.commit("t", "create again", put(None)).await?;
+    let version = again.version.expect("a version").number;
+    assert_eq!(
+        again.resources[0]
+            .as_ref()
+            .unwrap()
+            .meta()
+            .unwrap()
+            .resource_version,
+        version,
+        "a resource's version is the number of the version that wrote it"
+    );
+    assert!(matches!(
+        registry.commit("t", "stale", put(Some(seen))).await,
+        Err(RegistryError::PreconditionFailed { .. })
+    ));
+    Ok(())
+}

@@ -315,7 +315,7 @@ impl Registry {
         };
         let writes = canonical_writes(writes)?;
         let current = lock_current(&mut tx, &writes).await?;
-        let (changes, resources) = plan_changes(&current, writes)?;
+        let (changes, resources) = plan_changes(&current, writes, head_version + 1)?;
         if dry_run && !changes.is_empty() {
             // Validation and every constraint run as for real; then nothing is kept.
             validate_in_context(&mut tx, &changes).await?;
@@ -578,6 +578,7 @@ async fn lock_current(
 fn plan_changes(
     current: &HashMap<String, Resource>,
     writes: Vec<Write>,
+    version: u64,
 ) -> Result<(Vec<Change>, Vec<Option<Resource>>), RegistryError> {
     let mut changes = Vec::new();
     let mut resources = Vec::with_capacity(writes.len());
@@ -631,7 +632,10 @@ fn plan_changes(
                 let meta = resource
                     .meta_mut()
                     .expect("a resource with an id has a meta");
-                meta.resource_version = before_version + 1;
+                // The number of the version that writes it: it grows with every write, and a
+                // resource deleted and created again never takes a number its earlier self
+                // had, so an ETag read before the delete cannot match it.
+                meta.resource_version = version;
                 let (group, name) = (meta.group.clone(), meta.name.clone());
                 resources.push(Some(resource.clone()));
                 changes.push(Change {
