@@ -1154,6 +1154,20 @@ impl<'a> Checker<'a> {
                         ),
                         _ => {}
                     }
+                    if !mtls.ca_sha256.is_empty() {
+                        if !mtls.fingerprint_sha256.is_empty() {
+                            self.error(
+                                format!("{base}.mtls.ca_sha256"),
+                                "goes with subject only (a fingerprint names one certificate \
+                                 already)",
+                            );
+                        } else if !is_sha256_hex(&mtls.ca_sha256) {
+                            self.error(
+                                format!("{base}.mtls.ca_sha256"),
+                                "must be 64 lowercase hex digits",
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -38,6 +38,12 @@ impl TestCa {
         self.issuer.pem()
     }
 
+    /// The CA certificate's SHA-256, lowercase hex (an `mtls` credential's `ca_sha256`).
+    pub fn fingerprint_sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(self.issuer.der()))
+    }
+
     /// A server certificate for `names` signed by this CA.
     pub fn leaf(&self, names: &[&str]) -> anyhow::Result<Leaf> {
         let params =

@@ -378,3 +378,77 @@ certificates:
     assert_eq!(backend.requests(), 1);
     drop(node);
 }
+
+#[tokio::test]
+async fn a_subject_credential_tied_to_a_ca_matches_only_what_that_ca_issued() {
+    let server_ca = TestCa::new("server-ca").unwrap();
+    let own_ca = TestCa::new("own-ca").unwrap();
+    let partner_ca = TestCa::new("partner-ca").unwrap();
+    let server = server_ca.leaf(&["api.example.com"]).unwrap();
+    let backend = EchoBackend::start("app").await.unwrap();
+    // One policy trusting both CAs. "CN=shared-client" names acme under the own CA and
+    // globex under the partner's; "CN=any-client" names initech under either.
+    let config = format!(
+        r#"format_version: 1
+upstreams:
+  - name: app
+    targets: [{{ url: "{backend}" }}]
+policies:
+  - name: certificates
+    mtls:
+      ca_pem: {cas}
+apis:
+  - name: orders
+    policies: [certificates]
+    routes:
+      - {{ name: list, path: /orders, proxy: {{ upstream: app }} }}
+plans:
+  - name: basic
+consumers:
+  - name: acme
+    credentials:
+      - mtls: {{ subject: "CN=shared-client", ca_sha256: "{own}" }}
+  - name: globex
+    credentials:
+      - mtls: {{ subject: "CN=shared-client", ca_sha256: "{partner}" }}
+  - name: initech
+    credentials:
+      - mtls: {{ subject: "CN=any-client" }}
+subscriptions:
+  - {{ consumer: acme, api: orders, plan: basic }}
+  - {{ consumer: globex, api: orders, plan: basic }}
+  - {{ consumer: initech, api: orders, plan: basic }}
+certificates:
+  - name: api
+    snis: ["*"]
+    cert_pem: {cert}    key_pem: {key}"#,
+        backend = backend.url(),
+        cas = Leaf::yaml_block(&(own_ca.cert_pem() + &partner_ca.cert_pem()), 8),
+        own = own_ca.fingerprint_sha256(),
+        partner = partner_ca.fingerprint_sha256(),
+        cert = Leaf::yaml_block(&server.cert_pem, 6),
+        key = Leaf::yaml_block(&server.key_pem, 6),
+    );
+    let tls = free_addr();
+    let node = DataPlane::start(&config, &["--tls-listen", &tls.to_string()]).unwrap();
+    for (ca, name, consumer) in [
+        (&own_ca, "shared-client", "acme"),
+        (&partner_ca, "shared-client", "globex"),
+        (&own_ca, "any-client", "initech"),
+        (&partner_ca, "any-client", "initech"),
+    ] {
+        let leaf = ca.client_leaf(name, false).unwrap();
+        let (status, body) = https_get(
+            tls,
+            server_ca.client_config_with_certificate(&leaf).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{name}: {body}");
+        assert_eq!(
+            body["headers"]["x-consumer-name"], consumer,
+            "CN={name} should be {consumer}"
+        );
+    }
+    drop(node);
+}

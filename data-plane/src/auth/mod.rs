@@ -680,18 +680,21 @@ impl RouteAccess {
         auth: &MtlsAuth,
         certificate: &ClientCertificate,
     ) -> Result<Authenticated, Box<Denial>> {
-        auth.verify(certificate)
+        let ca = auth
+            .verify(certificate)
             .map_err(|(reason, detail)| self.unauthorized(reason, detail, None))?;
+        // The certificate itself, then its subject under the CA it chains to, then its
+        // subject under any CA.
+        let by_subject = |ca| {
+            let subject = certificate.subject.as_deref()?;
+            held.credential(&CredentialIdentity::CertificateSubject { subject, ca })
+        };
         let credential = held
             .credential(&CredentialIdentity::CertificateFingerprint(
                 &certificate.fingerprint_sha256,
             ))
-            .or_else(|| {
-                certificate
-                    .subject
-                    .as_deref()
-                    .and_then(|s| held.credential(&CredentialIdentity::CertificateSubject(s)))
-            })
+            .or_else(|| by_subject(ca))
+            .or_else(|| by_subject(""))
             .ok_or_else(|| {
                 self.unauthorized(
                     "unknown_certificate",

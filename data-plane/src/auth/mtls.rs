@@ -118,10 +118,13 @@ fn escape_rfc4514(value: &str, out: &mut String) {
     }
 }
 
-/// One `mtls` policy: the CAs its client certificates must chain to.
+/// One `mtls` policy: the CAs its client certificates must chain to, each with a verifier of
+/// its own, so that a verified chain names the CA it leads to (a credential may be tied to
+/// one: [`pb::MtlsCredential::ca_sha256`]).
 #[derive(Debug, Clone)]
 pub struct MtlsAuth {
-    verifier: Arc<dyn ClientCertVerifier>,
+    /// (the CA certificate's SHA-256, lowercase hex; a verifier trusting that CA alone)
+    anchors: Vec<(String, Arc<dyn ClientCertVerifier>)>,
 }
 
 /// Why a certificate was refused: a reason code and what to tell the client.
@@ -131,41 +134,65 @@ impl MtlsAuth {
     pub fn compile(policy: &pb::MtlsPolicy) -> Result<Self, String> {
         let cas =
             sluice_proto::tls::parse_chain(&policy.ca_pem).map_err(|e| format!("ca_pem: {e}"))?;
-        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::with_capacity(cas.len());
         for (i, ca) in cas.into_iter().enumerate() {
+            let fingerprint = hex::encode(Sha256::digest(&ca));
+            let mut roots = RootCertStore::empty();
             roots
                 .add(ca)
                 .map_err(|e| format!("ca_pem: certificate {i} cannot be a trust anchor: {e}"))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                crate::tls::provider(),
+            )
+            .build()
+            .map_err(|e| format!("ca_pem: {e}"))?;
+            anchors.push((fingerprint, verifier));
         }
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
-                .build()
-                .map_err(|e| format!("ca_pem: {e}"))?;
-        Ok(MtlsAuth { verifier })
+        Ok(MtlsAuth { anchors })
     }
 
-    /// Checks that `certificate` chains to the policy's CAs, is valid now and is meant for
-    /// client authentication.
-    pub fn verify(&self, certificate: &ClientCertificate) -> Result<(), CertificateRefusal> {
+    /// Checks that `certificate` chains to one of the policy's CAs, is valid now and is meant
+    /// for client authentication; the SHA-256 of the CA it chains to.
+    pub fn verify(&self, certificate: &ClientCertificate) -> Result<&str, CertificateRefusal> {
         let (leaf, intermediates) = certificate
             .chain
             .split_first()
             .ok_or(("missing_credential", "no client certificate".to_owned()))?;
-        self.verifier
-            .verify_client_cert(leaf, intermediates, UnixTime::now())
-            .map(drop)
-            .map_err(|e| {
-                let reason = match &e {
-                    rustls::Error::InvalidCertificate(
-                        CertificateError::Expired | CertificateError::ExpiredContext { .. },
-                    ) => "certificate_expired",
-                    rustls::Error::InvalidCertificate(
-                        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
-                    ) => "certificate_not_yet_valid",
-                    _ => "certificate_untrusted",
-                };
-                (reason, format!("the client certificate is refused: {e}"))
-            })
+        let now = UnixTime::now();
+        let mut refusal = None;
+        for (fingerprint, verifier) in &self.anchors {
+            match verifier.verify_client_cert(leaf, intermediates, now) {
+                Ok(_) => return Ok(fingerprint),
+                // Another CA's: the chain may lead to the next one.
+                Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))
+                    if refusal.is_some() => {}
+                // The most telling refusal: the CA the chain leads to says why (expired, say)
+                // where the others only do not know its issuer.
+                Err(e) => {
+                    let unknown_issuer = matches!(
+                        e,
+                        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+                    );
+                    if refusal.is_none() || !unknown_issuer {
+                        refusal = Some(e);
+                    }
+                }
+            }
+        }
+        let e = refusal.unwrap_or(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        ));
+        let reason = match &e {
+            rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ) => "certificate_expired",
+            rustls::Error::InvalidCertificate(
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+            ) => "certificate_not_yet_valid",
+            _ => "certificate_untrusted",
+        };
+        Err((reason, format!("the client certificate is refused: {e}")))
     }
 }
 

@@ -85,8 +85,9 @@ pub enum CredentialIdentity<'a> {
     Jwt { issuer: &'a str, subject: &'a str },
     /// A client certificate's SHA-256, lowercase hex.
     CertificateFingerprint(&'a str),
-    /// A client certificate's subject distinguished name (RFC 4514, as `x509-parser` prints it).
-    CertificateSubject(&'a str),
+    /// A client certificate's subject distinguished name (RFC 4514, as `x509-parser` prints it),
+    /// and the SHA-256 of the CA its chain must lead to ("": any the route trusts).
+    CertificateSubject { subject: &'a str, ca: &'a str },
 }
 
 impl CredentialIdentity<'_> {
@@ -104,9 +105,13 @@ impl CredentialIdentity<'_> {
                 hasher.update(b"mtls-sha256\0");
                 hasher.update(fingerprint.to_ascii_lowercase().as_bytes());
             }
-            CredentialIdentity::CertificateSubject(subject) => {
+            CredentialIdentity::CertificateSubject { subject, ca } => {
                 hasher.update(b"mtls-subject\0");
                 hasher.update(subject.as_bytes());
+                if !ca.is_empty() {
+                    hasher.update(b"\0");
+                    hasher.update(ca.to_ascii_lowercase().as_bytes());
+                }
             }
         }
         hasher.finalize().into()
@@ -123,7 +128,10 @@ impl CredentialIdentity<'_> {
             Some(Kind::Mtls(mtls)) if !mtls.fingerprint_sha256.is_empty() => Some(
                 CredentialIdentity::CertificateFingerprint(&mtls.fingerprint_sha256),
             ),
-            Some(Kind::Mtls(mtls)) => Some(CredentialIdentity::CertificateSubject(&mtls.subject)),
+            Some(Kind::Mtls(mtls)) => Some(CredentialIdentity::CertificateSubject {
+                subject: &mtls.subject,
+                ca: &mtls.ca_sha256,
+            }),
             Some(Kind::ApiKey(_)) | None => None,
         }
     }

@@ -505,6 +505,7 @@ fn export_credential(c: &pb::Credential) -> doc::Credential {
             out.mtls = Some(doc::MtlsSubject {
                 subject: m.subject.clone(),
                 fingerprint_sha256: m.fingerprint_sha256.clone(),
+                ca_sha256: m.ca_sha256.clone(),
             });
         }
         None => {}

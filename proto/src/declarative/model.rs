@@ -607,7 +607,8 @@ pub struct JwtSubject {
     pub subject: String,
 }
 
-/// Exactly one of `subject` (the certificate's subject DN) or `fingerprint_sha256`.
+/// Exactly one of `subject` (the certificate's subject DN) or `fingerprint_sha256`; with
+/// `subject`, optionally `ca_sha256`: the CA the certificate must be issued under.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MtlsSubject {
@@ -615,6 +616,8 @@ pub struct MtlsSubject {
     pub subject: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub fingerprint_sha256: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ca_sha256: String,
 }
 
 /// What a subscription allows: rate limits, a monthly quota, scopes.

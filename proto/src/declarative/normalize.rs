@@ -793,14 +793,17 @@ impl<'a> Normalizer<'a> {
                 format!("jwt-{}", &digest[..12]),
             )
         } else if let Some(mtls) = &credential.mtls {
-            let digest = hex::encode(Sha256::digest(format!(
-                "{}\u{0}{}",
-                mtls.subject, mtls.fingerprint_sha256
-            )));
+            // The CA joins the name only when set, so names derived before it existed stay.
+            let mut identity = format!("{}\u{0}{}", mtls.subject, mtls.fingerprint_sha256);
+            if !mtls.ca_sha256.is_empty() {
+                identity = format!("{identity}\u{0}{}", mtls.ca_sha256);
+            }
+            let digest = hex::encode(Sha256::digest(identity));
             (
                 Some(Kind::Mtls(pb::MtlsCredential {
                     subject: mtls.subject.clone(),
                     fingerprint_sha256: mtls.fingerprint_sha256.clone(),
+                    ca_sha256: mtls.ca_sha256.clone(),
                 })),
                 format!("mtls-{}", &digest[..12]),
             )
