@@ -761,6 +761,21 @@ async fn websocket_upgrades_are_tunnelled() -> anyhow::Result<()> {
     assert!(lower.contains("connection: upgrade"), "{head}");
     assert!(lower.contains("x-request-id:"), "{head}");
     assert_eq!(echoed, b"frames pass through untouched");
+
+    // Another protocol (h2c, which would tunnel requests past the gateway) is not upgraded:
+    // the request goes upstream without its Upgrade header and is answered as it is.
+    let (response, _) = raw(
+        addr,
+        b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    assert!(
+        !response.to_ascii_lowercase().contains("\"upgrade\""),
+        "the upstream saw an Upgrade header: {response}"
+    );
     Ok(())
 }
 

@@ -464,9 +464,14 @@ impl Gateway {
             None => None,
         };
         let lease = upstream.lease(request.headers(), None)?;
+        // WebSocket only: a tunnel skips everything per request that follows (routing, access,
+        // identity headers, body limits), and other protocols (h2c above all) would carry
+        // requests the gateway never sees. Any other `Upgrade` is dropped with the hop-by-hop
+        // headers and the request proxied as it is.
         let upgrade = (request.version() == Version::HTTP_11)
             .then(|| forwarding::requested_upgrade(request.headers()))
-            .flatten();
+            .flatten()
+            .filter(|protocol| protocol.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let mut request = request;
         // Taken before the request is consumed: resolves with the client's connection once
         // the 101 has been sent to it.
