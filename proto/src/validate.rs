@@ -1103,6 +1103,7 @@ impl<'a> Checker<'a> {
         use pb::credential::Kind;
         let mut keys: HashMap<(&str, &str), String> = HashMap::new();
         let mut jwt_subjects: HashMap<(&str, String), String> = HashMap::new();
+        let mut certificates: HashMap<(&str, String), String> = HashMap::new();
         for (i, credential) in config.credentials.iter().enumerate() {
             let base = self.enter(ResourceKind::Credential, i, credential.meta.as_ref());
             self.reference(
@@ -1153,6 +1154,25 @@ impl<'a> Checker<'a> {
                             "must be 64 lowercase hex digits",
                         ),
                         _ => {}
+                    }
+                    if mtls.subject.chars().any(char::is_control) {
+                        self.error(
+                            format!("{base}.mtls.subject"),
+                            "must not hold control characters (a certificate's subject shows \
+                             them escaped, as \\00)",
+                        );
+                    }
+                    // One certificate, or one subject under one CA, names one consumer.
+                    let identity = if mtls.fingerprint_sha256.is_empty() {
+                        format!("subject\u{0}{}\u{0}{}", mtls.ca_sha256, mtls.subject)
+                    } else {
+                        format!("sha256\u{0}{}", mtls.fingerprint_sha256)
+                    };
+                    if let Some(first) = certificates.insert((self.group, identity), base.clone()) {
+                        self.error(
+                            format!("{base}.mtls"),
+                            format!("the same certificate (or subject under the same CA) is used by {first}"),
+                        );
                     }
                     if !mtls.ca_sha256.is_empty() {
                         if !mtls.fingerprint_sha256.is_empty() {

@@ -1223,3 +1223,80 @@ async fn a_resource_created_again_does_not_match_an_etag_of_its_earlier_self() -
     ));
     Ok(())
 }
+
+#[tokio::test]
+async fn one_client_certificate_identity_names_one_consumer() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let registry = registry(&database, 100).await?;
+    let ca = "c".repeat(64);
+    let credential = |name: &str, consumer: &Resource, ca: &str| -> Resource {
+        pb::Credential {
+            meta: Some(pb::Meta {
+                id: derived_id(ResourceKind::Credential, "default", name),
+                group: "default".into(),
+                name: name.into(),
+                ..Default::default()
+            }),
+            consumer_id: consumer.id().to_owned(),
+            kind: Some(pb::credential::Kind::Mtls(pb::MtlsCredential {
+                subject: "CN=svc".into(),
+                fingerprint_sha256: String::new(),
+                ca_sha256: ca.into(),
+            })),
+            expires_at: None,
+            revoked: false,
+        }
+        .into()
+    };
+    let put = |resource: Resource| Write::Put {
+        resource,
+        if_match: None,
+    };
+    let (first, second) = (consumer("first"), consumer("second"));
+    registry
+        .commit(
+            "t",
+            "first",
+            vec![
+                put(first.clone()),
+                put(second.clone()),
+                put(credential("first-cert", &first, &ca)),
+            ],
+        )
+        .await?;
+    // The same subject under the same CA for another consumer: refused by the registry...
+    match registry
+        .commit("t", "twin", vec![put(credential("twin", &second, &ca))])
+        .await
+    {
+        Err(RegistryError::Conflict(message)) => {
+            assert!(message.contains("client certificate"), "{message}")
+        }
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    // ...but under another CA, or under any CA, it names another consumer.
+    registry
+        .commit(
+            "t",
+            "other CA",
+            vec![
+                put(credential("other-ca", &second, &"d".repeat(64))),
+                put(credential("any-ca", &second, "")),
+            ],
+        )
+        .await?;
+    // A document holding both twins is refused by the validator, naming the first.
+    let mut document = registry.state(Some("default")).await?.1;
+    let Some(pb::resource::Kind::Credential(twin)) = credential("twin", &second, &ca).kind else {
+        unreachable!()
+    };
+    document.credentials.push(twin);
+    let errors = sluice_proto::validate::config_set(&document).unwrap_err();
+    assert!(
+        errors.0.iter().any(|e| e
+            .reason
+            .contains("the same certificate (or subject under the same CA)")),
+        "{errors}"
+    );
+    Ok(())
+}

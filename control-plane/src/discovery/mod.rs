@@ -270,6 +270,19 @@ impl SnapshotCache {
     }
 }
 
+/// The longest a stream waits to record its node's status: the status is best effort, and a
+/// slow registry must not hold the stream's heartbeats and pushes behind it (its node would
+/// take the silence for a dead replica and move, adding to the registry's load).
+const STATUS_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Records a status change within [`STATUS_WRITE_TIMEOUT`].
+async fn recording(write: impl Future<Output = sqlx::Result<()>>) -> Result<(), String> {
+    match tokio::time::timeout(STATUS_WRITE_TIMEOUT, write).await {
+        Ok(written) => written.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {STATUS_WRITE_TIMEOUT:?}")),
+    }
+}
+
 /// What a stream last sent its node.
 struct Sent {
     /// The content hash the node runs or was sent: nothing is sent while the group's content
@@ -364,14 +377,14 @@ impl Session {
                     let recorded = match message {
                         Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Ack(ack)) })) => {
                             tracing::info!(node = %self.node.id, version = ack.version, nonce = %ack.nonce, "config applied");
-                            if let Ok(Some(seconds)) = status::since_commit(pool, ack.version).await {
+                            if let Ok(Ok(Some(seconds))) = tokio::time::timeout(STATUS_WRITE_TIMEOUT, status::since_commit(pool, ack.version)).await {
                                 self.service.metrics.commit_to_ack.observe(seconds);
                             }
-                            status::acked(pool, &self.node.id, &ack).await
+                            recording(status::acked(pool, &self.node.id, &ack)).await
                         }
                         Ok(Some(pb::DiscoveryRequest { kind: Some(RequestKind::Nack(nack)) })) => {
                             tracing::warn!(node = %self.node.id, version = nack.version, nonce = %nack.nonce, message = %nack.message, errors = nack.errors.len(), "config refused; the node keeps its previous one");
-                            let recorded = status::nacked(pool, &self.node.id, &nack).await;
+                            let recorded = recording(status::nacked(pool, &self.node.id, &nack)).await;
                             if sent.delta_nonce.as_deref() == Some(nack.nonce.as_str()) {
                                 // The node could not take the delta (another base, a hash
                                 // that did not match): the whole snapshot sets it right.
@@ -390,7 +403,7 @@ impl Session {
                             }
                             recorded
                         }
-                        Ok(Some(_)) => status::seen(pool, &self.node.id).await,
+                        Ok(Some(_)) => recording(status::seen(pool, &self.node.id)).await,
                         Ok(None) | Err(_) => {
                             tracing::info!(node = %self.node.id, "data plane disconnected");
                             return;

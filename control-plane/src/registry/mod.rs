@@ -189,6 +189,10 @@ impl RegistryError {
                 "credentials_grp_jwt_issuer_jwt_subject_key" => {
                     "this JWT issuer and subject already name a consumer in the group".into()
                 }
+                "credentials_grp_mtls_identity_key" => "this client certificate (its \
+                     fingerprint, or its subject under the same CA) already names a consumer \
+                     in the group"
+                    .into(),
                 "subscriptions_consumer_id_api_id_key" => {
                     "the consumer is already subscribed to this API".into()
                 }

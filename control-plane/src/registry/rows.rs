@@ -60,6 +60,8 @@ pub enum Extra {
         api_key_sha256: Option<String>,
         /// (issuer, subject) of a JWT credential.
         jwt: Option<(String, String)>,
+        /// A client-certificate credential's identity ([`mtls_identity`]).
+        mtls: Option<String>,
     },
     Subscription {
         consumer_id: Uuid,
@@ -77,6 +79,17 @@ pub struct RowError(pub String);
 
 fn uuid(value: &str, what: &str) -> Result<Uuid, RowError> {
     Uuid::parse_str(value).map_err(|_| RowError(format!("{what} {value:?} is not a UUID")))
+}
+
+/// What names a client-certificate credential's consumer, unique per group: the certificate
+/// (`sha256:FINGERPRINT`) or its subject under a CA (`subject:CA_SHA256:SUBJECT`, the CA empty
+/// for any the route trusts).
+fn mtls_identity(mtls: &pb::MtlsCredential) -> String {
+    if mtls.fingerprint_sha256.is_empty() {
+        format!("subject:{}:{}", mtls.ca_sha256, mtls.subject)
+    } else {
+        format!("sha256:{}", mtls.fingerprint_sha256)
+    }
 }
 
 pub fn to_row(resource: &Resource) -> Result<RowValues, RowError> {
@@ -104,14 +117,17 @@ pub fn to_row(resource: &Resource) -> Result<RowValues, RowError> {
             None => return Err(RowError("broker has no kind".into())),
         }),
         Some(Kind::Credential(c)) => {
-            let (kind, api_key_sha256, jwt) = match &c.kind {
+            let (kind, api_key_sha256, jwt, mtls) = match &c.kind {
                 Some(pb::credential::Kind::ApiKey(k)) => {
-                    ("api_key", Some(k.key_sha256.clone()), None)
+                    ("api_key", Some(k.key_sha256.clone()), None, None)
                 }
-                Some(pb::credential::Kind::Jwt(j)) => {
-                    ("jwt", None, Some((j.issuer.clone(), j.subject.clone())))
-                }
-                Some(pb::credential::Kind::Mtls(_)) => ("mtls", None, None),
+                Some(pb::credential::Kind::Jwt(j)) => (
+                    "jwt",
+                    None,
+                    Some((j.issuer.clone(), j.subject.clone())),
+                    None,
+                ),
+                Some(pb::credential::Kind::Mtls(m)) => ("mtls", None, None, Some(mtls_identity(m))),
                 None => return Err(RowError("credential has no kind".into())),
             };
             Extra::Credential {
@@ -119,6 +135,7 @@ pub fn to_row(resource: &Resource) -> Result<RowValues, RowError> {
                 kind,
                 api_key_sha256,
                 jwt,
+                mtls,
             }
         }
         Some(Kind::Subscription(s)) => Extra::Subscription {
@@ -242,13 +259,15 @@ pub async fn upsert(
                 let mut consumers = Vec::with_capacity(batch.len());
                 let mut kinds = Vec::with_capacity(batch.len());
                 let mut keys = Vec::with_capacity(batch.len());
-                let (mut issuers, mut subjects) = (Vec::new(), Vec::new());
+                let (mut issuers, mut subjects, mut certificates) =
+                    (Vec::new(), Vec::new(), Vec::new());
                 for r in batch {
                     if let Extra::Credential {
                         consumer_id,
                         kind,
                         api_key_sha256,
                         jwt,
+                        mtls,
                     } = &r.extra
                     {
                         consumers.push(*consumer_id);
@@ -256,17 +275,20 @@ pub async fn upsert(
                         keys.push(api_key_sha256.clone());
                         issuers.push(jwt.as_ref().map(|(issuer, _)| issuer.clone()));
                         subjects.push(jwt.as_ref().map(|(_, subject)| subject.clone()));
+                        certificates.push(mtls.clone());
                     }
                 }
                 sqlx::query(&format!(
-                    "INSERT INTO {t} ({common}, consumer_id, kind, api_key_sha256, jwt_issuer, jwt_subject) \
-                     SELECT * FROM UNNEST({common_types}, $6::uuid[], $7::text[], $8::text[], $9::text[], $10::text[]) \
+                    "INSERT INTO {t} ({common}, consumer_id, kind, api_key_sha256, jwt_issuer, jwt_subject, mtls_identity) \
+                     SELECT * FROM UNNEST({common_types}, $6::uuid[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[]) \
                      ON CONFLICT (id) DO UPDATE SET {common_set}, consumer_id = EXCLUDED.consumer_id, \
                      kind = EXCLUDED.kind, api_key_sha256 = EXCLUDED.api_key_sha256, \
-                     jwt_issuer = EXCLUDED.jwt_issuer, jwt_subject = EXCLUDED.jwt_subject"
+                     jwt_issuer = EXCLUDED.jwt_issuer, jwt_subject = EXCLUDED.jwt_subject, \
+                     mtls_identity = EXCLUDED.mtls_identity"
                 ))
                 .bind(ids).bind(groups).bind(names).bind(versions).bind(bodies)
                 .bind(consumers).bind(kinds).bind(keys).bind(issuers).bind(subjects)
+                .bind(certificates)
                 .execute(&mut *conn)
                 .await?;
             }

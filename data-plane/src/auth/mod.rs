@@ -680,11 +680,11 @@ impl RouteAccess {
         auth: &MtlsAuth,
         certificate: &ClientCertificate,
     ) -> Result<Authenticated, Box<Denial>> {
-        let ca = auth
+        let anchors = auth
             .verify(certificate)
             .map_err(|(reason, detail)| self.unauthorized(reason, detail, None))?;
-        // The certificate itself, then its subject under the CA it chains to, then its
-        // subject under any CA.
+        // The certificate itself, then its subject under a CA it chains to, then its subject
+        // under any CA.
         let by_subject = |ca| {
             let subject = certificate.subject.as_deref()?;
             held.credential(&CredentialIdentity::CertificateSubject { subject, ca })
@@ -693,7 +693,7 @@ impl RouteAccess {
             .credential(&CredentialIdentity::CertificateFingerprint(
                 &certificate.fingerprint_sha256,
             ))
-            .or_else(|| by_subject(ca))
+            .or_else(|| anchors.iter().find_map(|ca| by_subject(ca)))
             .or_else(|| by_subject(""))
             .ok_or_else(|| {
                 self.unauthorized(

@@ -152,18 +152,20 @@ impl MtlsAuth {
         Ok(MtlsAuth { anchors })
     }
 
-    /// Checks that `certificate` chains to one of the policy's CAs, is valid now and is meant
-    /// for client authentication; the SHA-256 of the CA it chains to.
-    pub fn verify(&self, certificate: &ClientCertificate) -> Result<&str, CertificateRefusal> {
+    /// Checks that `certificate` chains to the policy's CAs, is valid now and is meant for
+    /// client authentication; the SHA-256 of each CA it chains to (more than one when the
+    /// policy lists a root and its intermediate, or cross-signed CAs).
+    pub fn verify(&self, certificate: &ClientCertificate) -> Result<Vec<&str>, CertificateRefusal> {
         let (leaf, intermediates) = certificate
             .chain
             .split_first()
             .ok_or(("missing_credential", "no client certificate".to_owned()))?;
         let now = UnixTime::now();
+        let mut anchors = Vec::new();
         let mut refusal = None;
         for (fingerprint, verifier) in &self.anchors {
             match verifier.verify_client_cert(leaf, intermediates, now) {
-                Ok(_) => return Ok(fingerprint),
+                Ok(_) => anchors.push(fingerprint.as_str()),
                 // Another CA's: the chain may lead to the next one.
                 Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))
                     if refusal.is_some() => {}
@@ -179,6 +181,9 @@ impl MtlsAuth {
                     }
                 }
             }
+        }
+        if !anchors.is_empty() {
+            return Ok(anchors);
         }
         let e = refusal.unwrap_or(rustls::Error::InvalidCertificate(
             CertificateError::UnknownIssuer,

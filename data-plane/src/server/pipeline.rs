@@ -582,7 +582,8 @@ impl Gateway {
             // A try that failed while the client's body was failing or the upload waited on
             // the client (a client that stalls its upload makes the upstream time out) is not
             // the target's fault; one that never connected always is.
-            let clients_doing = body_state.clients_fault();
+            let clients_doing =
+                body_state.clients_fault(matches!(outcome, Err(UpstreamError::Timeout(_))));
             if !clients_doing || matches!(outcome, Err(UpstreamError::Connect { .. })) {
                 upstream.report(lease.index(), is_target_failure(&outcome));
             }
@@ -620,7 +621,8 @@ impl Gateway {
         // the client's (as for outlier ejection above): counting it would let any client open
         // the breaker for everyone with a few oversized or stalled uploads. Its pass is let go
         // unrecorded.
-        let clients_fault = body_state.clients_fault();
+        let clients_fault =
+            body_state.clients_fault(matches!(response, Err(UpstreamError::Timeout(_))));
         if let Some(pass) = pass {
             match &response {
                 Err(UpstreamError::Connect { .. }) => pass.record(false),
@@ -806,11 +808,13 @@ struct BodyState {
 }
 
 impl BodyState {
-    /// Whether a failed try is the client's doing: its body failed, or the upload was
-    /// waiting on it.
-    fn clients_fault(&self) -> bool {
+    /// Whether a failed try is the client's doing: its body failed, or the try timed out
+    /// while the upload was waiting on the client. (Any other failure mid-upload, a reset or
+    /// an early 5xx, is the upstream's, however the upload was going.)
+    fn clients_fault(&self, timed_out: bool) -> bool {
         self.fault.get().is_some()
-            || (!self.done.load(Ordering::Relaxed)
+            || (timed_out
+                && !self.done.load(Ordering::Relaxed)
                 && self.waiting_on_client.load(Ordering::Relaxed))
     }
 }
@@ -961,7 +965,10 @@ impl Body for LeasedBody {
             Poll::Pending if this.idle_timeout.is_zero() => return Poll::Pending,
             Poll::Pending => {}
         }
-        let deadline = tokio::time::Instant::now() + this.idle_timeout;
+        // A limit too far off to be a time is no limit.
+        let Some(deadline) = tokio::time::Instant::now().checked_add(this.idle_timeout) else {
+            return Poll::Pending;
+        };
         let idle = match &mut this.idle {
             Some(idle) => {
                 if std::mem::take(&mut this.progressed) {
