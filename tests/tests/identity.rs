@@ -302,6 +302,44 @@ async fn https_get(
     Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
 }
 
+/// A node's config for client-certificate tests: an API whose one route needs a certificate
+/// chaining to `cas` (PEM), served with `server`'s certificate for every name, and
+/// `consumers` (YAML list items), each subscribed to the API.
+fn mtls_config(backend: &EchoBackend, cas: &str, server: &Leaf, consumers: &str) -> String {
+    let subscriptions: String = consumers
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- name: "))
+        .map(|name| format!("  - {{ consumer: {name}, api: orders, plan: basic }}\n"))
+        .collect();
+    format!(
+        r#"format_version: 1
+upstreams:
+  - name: app
+    targets: [{{ url: "{backend}" }}]
+policies:
+  - name: certificates
+    mtls:
+      ca_pem: {cas}
+apis:
+  - name: orders
+    policies: [certificates]
+    routes:
+      - {{ name: list, path: /orders, proxy: {{ upstream: app }} }}
+plans:
+  - name: basic
+consumers:
+{consumers}subscriptions:
+{subscriptions}certificates:
+  - name: api
+    snis: ["*"]
+    cert_pem: {cert}    key_pem: {key}"#,
+        backend = backend.url(),
+        cas = Leaf::yaml_block(cas, 8),
+        cert = Leaf::yaml_block(&server.cert_pem, 6),
+        key = Leaf::yaml_block(&server.key_pem, 6),
+    )
+}
+
 #[tokio::test]
 async fn client_certificates_must_chain_to_the_policy_ca_and_be_valid() {
     let server_ca = TestCa::new("server-ca").unwrap();
@@ -313,36 +351,14 @@ async fn client_certificates_must_chain_to_the_policy_ca_and_be_valid() {
     let foreign = foreign_ca.client_leaf("acme-client", false).unwrap();
     let unknown = client_ca.client_leaf("nobody", false).unwrap();
     let backend = EchoBackend::start("app").await.unwrap();
-    let config = format!(
-        r#"format_version: 1
-upstreams:
-  - name: app
-    targets: [{{ url: "{backend}" }}]
-policies:
-  - name: certificates
-    mtls:
-      ca_pem: {ca}
-apis:
-  - name: orders
-    policies: [certificates]
-    routes:
-      - {{ name: list, path: /orders, proxy: {{ upstream: app }} }}
-plans:
-  - name: basic
-consumers:
-  - name: acme
+    let config = mtls_config(
+        &backend,
+        &client_ca.cert_pem(),
+        &server,
+        r#"  - name: acme
     credentials:
-      - mtls: {{ subject: "CN=acme-client" }}
-subscriptions:
-  - {{ consumer: acme, api: orders, plan: basic }}
-certificates:
-  - name: api
-    snis: ["*"]
-    cert_pem: {cert}    key_pem: {key}"#,
-        backend = backend.url(),
-        ca = Leaf::yaml_block(&client_ca.cert_pem(), 8),
-        cert = Leaf::yaml_block(&server.cert_pem, 6),
-        key = Leaf::yaml_block(&server.key_pem, 6),
+      - mtls: { subject: "CN=acme-client" }
+"#,
     );
     let tls = free_addr();
     let node = DataPlane::start(&config, &["--tls-listen", &tls.to_string()]).unwrap();
@@ -388,24 +404,12 @@ async fn a_subject_credential_tied_to_a_ca_matches_only_what_that_ca_issued() {
     let backend = EchoBackend::start("app").await.unwrap();
     // One policy trusting both CAs. "CN=shared-client" names acme under the own CA and
     // globex under the partner's; "CN=any-client" names initech under either.
-    let config = format!(
-        r#"format_version: 1
-upstreams:
-  - name: app
-    targets: [{{ url: "{backend}" }}]
-policies:
-  - name: certificates
-    mtls:
-      ca_pem: {cas}
-apis:
-  - name: orders
-    policies: [certificates]
-    routes:
-      - {{ name: list, path: /orders, proxy: {{ upstream: app }} }}
-plans:
-  - name: basic
-consumers:
-  - name: acme
+    let config = mtls_config(
+        &backend,
+        &(own_ca.cert_pem() + &partner_ca.cert_pem()),
+        &server,
+        &format!(
+            r#"  - name: acme
     credentials:
       - mtls: {{ subject: "CN=shared-client", ca_sha256: "{own}" }}
   - name: globex
@@ -414,20 +418,10 @@ consumers:
   - name: initech
     credentials:
       - mtls: {{ subject: "CN=any-client" }}
-subscriptions:
-  - {{ consumer: acme, api: orders, plan: basic }}
-  - {{ consumer: globex, api: orders, plan: basic }}
-  - {{ consumer: initech, api: orders, plan: basic }}
-certificates:
-  - name: api
-    snis: ["*"]
-    cert_pem: {cert}    key_pem: {key}"#,
-        backend = backend.url(),
-        cas = Leaf::yaml_block(&(own_ca.cert_pem() + &partner_ca.cert_pem()), 8),
-        own = own_ca.fingerprint_sha256(),
-        partner = partner_ca.fingerprint_sha256(),
-        cert = Leaf::yaml_block(&server.cert_pem, 6),
-        key = Leaf::yaml_block(&server.key_pem, 6),
+"#,
+            own = own_ca.fingerprint_sha256(),
+            partner = partner_ca.fingerprint_sha256(),
+        ),
     );
     let tls = free_addr();
     let node = DataPlane::start(&config, &["--tls-listen", &tls.to_string()]).unwrap();
