@@ -961,14 +961,7 @@ mod tests {
         }
         let counts = test_counts();
         let closed_slow = counts.closed_slow.clone();
-        let mut subscriber = Subscriber::new(
-            source,
-            Vec::new(),
-            None,
-            Duration::from_secs(60),
-            counts,
-            CancellationToken::new(),
-        );
+        let mut subscriber = unfiltered(source, counts);
         assert_closed_at_start(&mut subscriber).await;
         assert_eq!(closed_slow.get(), 1);
     }
@@ -985,14 +978,7 @@ mod tests {
         for _ in 0..600 {
             broker.publish(record("x"));
         }
-        let mut subscriber = Subscriber::new(
-            source,
-            Vec::new(),
-            None,
-            Duration::from_secs(60),
-            test_counts(),
-            CancellationToken::new(),
-        );
+        let mut subscriber = unfiltered(source, test_counts());
         assert_closed_at_start(&mut subscriber).await;
         let resumed = broker.subscribe(&topic, Some(0));
         assert_eq!(
@@ -1016,14 +1002,7 @@ mod tests {
         }
         let counts = test_counts();
         let (delivered, closed_slow) = (counts.delivered.clone(), counts.closed_slow.clone());
-        let mut subscriber = Subscriber::new(
-            source,
-            Vec::new(),
-            None,
-            Duration::from_secs(60),
-            counts,
-            CancellationToken::new(),
-        );
+        let mut subscriber = unfiltered(source, counts);
         assert_eq!(
             subscriber.next_frame().await.unwrap(),
             Bytes::from_static(b": ok\n\n")
@@ -1061,6 +1040,18 @@ mod tests {
             last.starts_with("id: 0:0\nevent: sluice-closed\n"),
             "{last}"
         );
+    }
+
+    /// A subscriber to all of `source`, unpaced, with a heartbeat too slow to show.
+    fn unfiltered(source: Source, counts: SubscriberCounts) -> Subscriber {
+        Subscriber::new(
+            source,
+            Vec::new(),
+            None,
+            Duration::from_secs(60),
+            counts,
+            CancellationToken::new(),
+        )
     }
 
     /// A subscriber's series, counting it as live.
