@@ -579,9 +579,9 @@ impl Gateway {
                 .send(request, deadline.saturating_duration_since(sent))
                 .await;
             upstream.duration.observe(sent.elapsed().as_secs_f64());
-            // A try that failed while the client's body was failing or the upload waited on
-            // the client (a client that stalls its upload makes the upstream time out) is not
-            // the target's fault; one that never connected always is.
+            // A try that failed while the client's body was failing, or timed out while the
+            // upload waited on the client (a client that stalls its upload makes the upstream
+            // time out), is not the target's fault; one that never connected always is.
             let clients_doing =
                 body_state.clients_fault(matches!(outcome, Err(UpstreamError::Timeout(_))));
             if !clients_doing || matches!(outcome, Err(UpstreamError::Connect { .. })) {
@@ -617,10 +617,9 @@ impl Gateway {
             *request.headers_mut() = headers.clone();
             aim(&mut request, lease.target(), &path_and_query, http2)?;
         };
-        // A failure while the client's body was failing or the upload waited on the client is
-        // the client's (as for outlier ejection above): counting it would let any client open
-        // the breaker for everyone with a few oversized or stalled uploads. Its pass is let go
-        // unrecorded.
+        // A failure of the client's doing (as for outlier ejection above) is not counted: it
+        // would let any client open the breaker for everyone with a few oversized or stalled
+        // uploads. Its pass is let go unrecorded.
         let clients_fault =
             body_state.clients_fault(matches!(response, Err(UpstreamError::Timeout(_))));
         if let Some(pass) = pass {
@@ -639,9 +638,8 @@ impl Gateway {
             Some(BodyFault::Malformed) => {
                 GatewayError::Malformed("the request body is not validly framed")
             }
-            None if clients_fault && matches!(e, UpstreamError::Timeout(_)) => {
-                GatewayError::BodyTimeout
-            }
+            // With no body fault, the client's doing is a timeout while the upload waited.
+            None if clients_fault => GatewayError::BodyTimeout,
             None => GatewayError::Upstream(e),
         })?;
         let mut response = response;
@@ -965,22 +963,21 @@ impl Body for LeasedBody {
             Poll::Pending if this.idle_timeout.is_zero() => return Poll::Pending,
             Poll::Pending => {}
         }
-        // A limit too far off to be a time is no limit.
-        let Some(deadline) = tokio::time::Instant::now().checked_add(this.idle_timeout) else {
+        // The clock is read only to arm or reset the timer, not at every wait. A limit too
+        // far off to be a time is no limit.
+        let rearm = this.idle.is_none() || std::mem::take(&mut this.progressed);
+        if rearm {
+            let Some(deadline) = tokio::time::Instant::now().checked_add(this.idle_timeout) else {
+                return Poll::Pending;
+            };
+            match &mut this.idle {
+                Some(idle) => idle.as_mut().reset(deadline),
+                None => this.idle = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            this.progressed = false;
+        }
+        let Some(idle) = &mut this.idle else {
             return Poll::Pending;
-        };
-        let idle = match &mut this.idle {
-            Some(idle) => {
-                if std::mem::take(&mut this.progressed) {
-                    idle.as_mut().reset(deadline);
-                }
-                idle
-            }
-            None => {
-                this.progressed = false;
-                this.idle
-                    .insert(Box::pin(tokio::time::sleep_until(deadline)))
-            }
         };
         match idle.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(format!(
