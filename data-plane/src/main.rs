@@ -11,6 +11,7 @@ use sluice_data_plane::auth::AccessGuard;
 use sluice_data_plane::auth::jwks::JwksCache;
 use sluice_data_plane::config::{CompiledConfig, ConfigStore, watch};
 use sluice_data_plane::ratelimit::RedisLimiter;
+use sluice_data_plane::server::forwarding::TrustedProxies;
 use sluice_data_plane::server::pipeline::{Gateway, Limits};
 use sluice_data_plane::server::{self, Listener, ListenerSettings};
 use sluice_data_plane::telemetry::Metrics;
@@ -28,7 +29,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The Sluice data plane: a reverse proxy serving either a declarative file (standalone mode,
 /// reloaded when it changes) or its group's configuration streamed from control planes.
 #[derive(Debug, Parser)]
-#[command(name = "sluice-dp", version = env!("SLUICE_BUILD_VERSION"))]
+// A flag given twice takes its last value, so a deployment's extra arguments can override
+// what a chart sets (repeating a flag is otherwise an error, and the pod would not start).
+#[command(name = "sluice-dp", version = env!("SLUICE_BUILD_VERSION"), args_override_self = true)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control_plane"])))]
 struct Args {
     /// Standalone mode: serve this declarative file (YAML, or JSON if it ends in .json).
@@ -151,6 +154,17 @@ struct Args {
     /// 0 turns this off.
     #[arg(long, value_name = "N", default_value_t = 60)]
     auth_failures_per_minute: u64,
+    /// The load balancers or proxies in front of the node (addresses or CIDR networks,
+    /// comma-separated): a request from one of them is from the address its `X-Forwarded-For`
+    /// names (read from the right past every trusted hop), over the scheme its
+    /// `X-Forwarded-Proto` names. Default: none, and the client is the TCP peer.
+    #[arg(
+        long,
+        value_name = "CIDR",
+        value_delimiter = ',',
+        env = "SLUICE_DP_TRUSTED_PROXIES"
+    )]
+    trusted_proxies: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -179,6 +193,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
+    let trusted_proxies = match TrustedProxies::parse(&args.trusted_proxies) {
+        Ok(trusted) => trusted,
+        Err(e) => {
+            eprintln!("sluice-dp: --trusted-proxies: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let store = Arc::new(ConfigStore::new(JwksCache::new(
         tokio::runtime::Handle::current(),
     )));
@@ -306,6 +327,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
             upstream_idle_timeout: args.upstream_idle_timeout,
         },
         guard,
+        trusted_proxies,
     ));
     let settings = ListenerSettings {
         header_read_timeout: args.header_read_timeout,

@@ -34,7 +34,8 @@ apis:
     routes:
       - { name: list, path: /orders, proxy: { upstream: app } }
       - { name: admin, path: /admin, scopes: ["orders:admin"], proxy: { upstream: app } }
-      - { name: limited, path: /limited, policies: [per-consumer], proxy: { upstream: app } }
+      # Listed twice, counted once.
+      - { name: limited, path: /limited, policies: [per-consumer, per-consumer], proxy: { upstream: app } }
       - { name: upload, path: /upload, policies: [small], proxy: { upstream: app } }
   - name: hidden
     base_path: /hidden
@@ -353,5 +354,88 @@ async fn repeated_failed_authentications_are_refused_unread() {
     assert_eq!(
         get(&other, "/orders", Some("acme-key-0123456789")).await.0,
         200
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_names_the_client_and_nobody_else_does() {
+    let backend = EchoBackend::start("app").await.unwrap();
+    let config = format!(
+        r#"format_version: 1
+upstreams:
+  - name: app
+    targets: [{{ url: "{}" }}]
+policies:
+  - name: no-documentation-net
+    ip_restriction: {{ deny: ["203.0.113.0/24"] }}
+  - name: one-per-address
+    rate_limit: {{ scope: ip, limits: [{{ limit: 1, per: minute }}] }}
+apis:
+  - name: walled
+    policies: [no-documentation-net]
+    routes:
+      - {{ name: all, path: /, proxy: {{ upstream: app }} }}
+      - {{ name: limited, path: /limited, policies: [one-per-address], proxy: {{ upstream: app }} }}
+"#,
+        backend.url()
+    );
+    // The test's requests come from loopback: the proxy in front of `behind_proxy`.
+    let behind_proxy =
+        DataPlane::start(&config, &["--trusted-proxies", "127.0.0.0/8,::1"]).unwrap();
+    let direct = DataPlane::start(&config, &[]).unwrap();
+    let send = |node: &DataPlane, path: &str, forwarded_for: &str| {
+        client()
+            .get(node.url(path))
+            .header("x-forwarded-for", forwarded_for)
+            .header("x-forwarded-proto", "https")
+            .send()
+    };
+
+    let response = send(&behind_proxy, "/", "203.0.113.7").await.unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!((status, problem(&body)), (403, "ip-denied"), "{body}");
+    // The nearest untrusted hop is the client, whatever it claimed further left.
+    let response = send(&behind_proxy, "/", "203.0.113.7, 198.51.100.1")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(
+        echo["headers"]["x-forwarded-for"],
+        "203.0.113.7, 198.51.100.1, 127.0.0.1"
+    );
+    assert_eq!(
+        echo["headers"]["x-forwarded-proto"], "https",
+        "the scheme the client spoke to the proxy"
+    );
+    // Per-address budgets are the clients', not the proxy's one address.
+    for client_address in ["198.51.100.1", "198.51.100.2"] {
+        let response = send(&behind_proxy, "/limited", client_address)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{client_address}'s first request");
+    }
+    let response = send(&behind_proxy, "/limited", "198.51.100.1")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+
+    // Without trusted proxies, forwarding headers are the client's own claims.
+    let response = send(&direct, "/", "203.0.113.7").await.unwrap();
+    assert_eq!(response.status(), 200, "a denied address claimed");
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "http");
+    let response = send(&direct, "/limited", "198.51.100.1").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let response = send(&direct, "/limited", "198.51.100.2").await.unwrap();
+    assert_eq!(
+        response.status(),
+        429,
+        "one budget for the one real address"
+    );
+    assert!(
+        DataPlane::start(&config, &["--trusted-proxies", "10.0.0.0/33"]).is_err(),
+        "a bad network stops the node"
     );
 }

@@ -51,7 +51,8 @@ pub fn budget_address(client: IpAddr) -> IpAddr {
     }
 }
 
-fn parse_net(entry: &str) -> Option<IpNet> {
+/// An address or CIDR network, an IPv4-mapped one as its IPv4 network.
+pub(crate) fn parse_net(entry: &str) -> Option<IpNet> {
     let entry = entry.trim();
     let net = entry
         .parse::<IpNet>()

@@ -1,10 +1,13 @@
 //! Headers on the way through: hop-by-hop headers removed, `X-Forwarded-*` set, a request id
 //! and a W3C `traceparent` on every request.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
 use rand::Rng;
+
+use crate::auth::ip::parse_net;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -13,6 +16,92 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The proxies in front of the node (load balancers, CDNs) whose word on the client is
+/// taken: a request whose TCP peer is one of them is from the address its `X-Forwarded-For`
+/// names, read from the right past every trusted hop (nginx's `real_ip_recursive`, Envoy's
+/// trusted hops), and over the scheme its `X-Forwarded-Proto` names. Anyone else's
+/// forwarding headers are claims the client made about itself: the client is the peer.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies {
+    networks: Vec<IpNet>,
+}
+
+/// Who a request is from, as far as the node can believe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The caller: the peer, or the address a trusted proxy vouched for. IP lists, per-address
+    /// budgets, the brute-force brake and the access log use it.
+    pub client: IpAddr,
+    /// `http` or `https` as the caller spoke to the first trusted hop (or to the node).
+    pub scheme: &'static str,
+}
+
+impl TrustedProxies {
+    /// From addresses and CIDR networks (`10.0.0.0/8`, `2001:db8::/32`, `127.0.0.1`).
+    pub fn parse<S: AsRef<str>>(entries: &[S]) -> Result<Self, String> {
+        let networks = entries
+            .iter()
+            .map(|entry| {
+                let entry = entry.as_ref();
+                parse_net(entry)
+                    .ok_or_else(|| format!("{entry:?} is not an IP address or CIDR network"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TrustedProxies { networks })
+    }
+
+    fn trusts(&self, address: IpAddr) -> bool {
+        let address = address.to_canonical();
+        self.networks.iter().any(|net| net.contains(&address))
+    }
+
+    /// Who a request that came from `peer` over `scheme` with `headers` is from.
+    pub fn origin(&self, peer: IpAddr, scheme: &'static str, headers: &HeaderMap) -> Origin {
+        if self.networks.is_empty() || !self.trusts(peer) {
+            return Origin {
+                client: peer,
+                scheme,
+            };
+        }
+        // Every X-Forwarded-For line, in order, is one list; each hop appended its peer on
+        // the right. The nearest hop not trusted is the client. A malformed entry ends the
+        // walk at the last hop read: what lies left of it was written by nobody trusted.
+        let mut client = peer;
+        let lines: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(|line| line.to_str().unwrap_or(""))
+            .collect();
+        'walk: for line in lines.iter().rev() {
+            for entry in line.rsplit(',') {
+                let Some(address) = forwarded_address(entry) else {
+                    break 'walk;
+                };
+                client = address;
+                if !self.trusts(address) {
+                    break 'walk;
+                }
+            }
+        }
+        let scheme = match headers.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
+            Some(b"https") => "https",
+            Some(b"http") => "http",
+            _ => scheme,
+        };
+        Origin { client, scheme }
+    }
+}
+
+/// An `X-Forwarded-For` entry: an address, with a port as some load balancers write it
+/// (`203.0.113.7:41234`, `[2001:db8::1]:41234`).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .or_else(|_| entry.parse::<SocketAddr>().map(|socket| socket.ip()))
+        .ok()
+}
 
 /// Longest request id taken from a client.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -165,20 +254,21 @@ pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .flatten()
 }
 
-/// Sets the forwarding headers on a request bound upstream: the client's address appended to
-/// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` (the host the client asked
-/// for; the request's own `Host` becomes the target's), the request id and `traceparent`.
+/// Sets the forwarding headers on a request bound upstream: the peer's address appended to
+/// `X-Forwarded-For` (the client's, or the trusted proxy's after what it wrote),
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` (the host the client asked for; the request's
+/// own `Host` becomes the target's), the request id and `traceparent`.
 pub fn set_forwarding(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    peer: IpAddr,
     proto: &'static str,
     original_host: Option<HeaderValue>,
     request_id: &HeaderValue,
     traceparent: HeaderValue,
 ) {
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {client}"),
-        _ => client.to_string(),
+        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {peer}"),
+        _ => peer.to_string(),
     };
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
@@ -259,6 +349,74 @@ mod tests {
         names.sort_unstable();
         assert_eq!(names, ["te", "x-kept"]);
         assert_eq!(headers[header::TE], "trailers");
+    }
+
+    #[test]
+    fn a_trusted_proxy_names_the_client_and_nobody_else_does() {
+        let trusted = TrustedProxies::parse(&["10.0.0.0/8", "2001:db8::/32"]).unwrap();
+        let origin = |peer: &str, lines: &[&str], proto: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(&X_FORWARDED_FOR, HeaderValue::from_str(line).unwrap());
+            }
+            if let Some(proto) = proto {
+                headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_str(proto).unwrap());
+            }
+            trusted.origin(peer.parse().unwrap(), "http", &headers)
+        };
+        let at = |client: &str, scheme| Origin {
+            client: client.parse().unwrap(),
+            scheme,
+        };
+        // From the right, past every trusted hop, to the first address nobody trusted wrote.
+        assert_eq!(
+            origin(
+                "10.0.0.1",
+                &["198.51.100.1, 203.0.113.7, 10.0.0.2"],
+                Some("https")
+            ),
+            at("203.0.113.7", "https")
+        );
+        assert_eq!(
+            origin(
+                "::ffff:10.0.0.1",
+                &["198.51.100.1", "203.0.113.7:4123, 10.9.9.9"],
+                None
+            ),
+            at("203.0.113.7", "http"),
+            "lines joined in order; a port dropped; a dual-stack peer compared as IPv4"
+        );
+        assert_eq!(
+            origin("2001:db8::5", &["[2001:db8::9]:443", "2001:db8::7"], None),
+            at("2001:db8::9", "http"),
+            "every hop trusted: the leftmost"
+        );
+        assert_eq!(
+            origin("10.0.0.1", &["203.0.113.7, garbage, 10.0.0.3"], None),
+            at("10.0.0.3", "http"),
+            "a malformed entry ends the walk at the last hop read"
+        );
+        assert_eq!(
+            origin("10.0.0.1", &[], Some("gopher")),
+            at("10.0.0.1", "http")
+        );
+        // An untrusted peer's forwarding headers are its own claims.
+        assert_eq!(
+            origin("203.0.113.50", &["10.0.0.9, 198.51.100.1"], Some("https")),
+            at("203.0.113.50", "http")
+        );
+        assert_eq!(
+            TrustedProxies::default().origin(
+                "10.0.0.1".parse().unwrap(),
+                "https",
+                &HeaderMap::new()
+            ),
+            at("10.0.0.1", "https")
+        );
+        assert_eq!(
+            TrustedProxies::parse(&["10.0.0.0/8", "lb"]).unwrap_err(),
+            "\"lb\" is not an IP address or CIDR network"
+        );
     }
 
     #[test]

@@ -301,7 +301,7 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
                         () = stopping(&mut stopped) => return,
                     };
                     let service = make_service(ConnectionInfo {
-                        client,
+                        peer: client,
                         scheme,
                         certificate: None,
                     });
@@ -346,7 +346,7 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
                         .and_then(ClientCertificate::from_chain)
                         .map(Arc::new);
                     let service = make_service(ConnectionInfo {
-                        client,
+                        peer: client,
                         scheme,
                         certificate,
                     });

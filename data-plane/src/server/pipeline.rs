@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::error::GatewayError;
-use super::forwarding::{self, X_REQUEST_ID};
+use super::forwarding::{self, Origin, TrustedProxies, X_REQUEST_ID};
 use crate::auth::cors::Cors;
 use crate::auth::mtls::ClientCertificate;
 use crate::auth::{AccessGuard, Caller, Denial, Identity, RouteAccess, rate_limit_headers};
@@ -72,7 +72,9 @@ pub struct Limits {
 /// What the pipeline knows about the connection a request came on.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
-    pub client: SocketAddr,
+    /// The TCP peer: the client, or a proxy in front of the node (see
+    /// [`forwarding::TrustedProxies`]).
+    pub peer: SocketAddr,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub scheme: &'static str,
     /// The certificate the client presented in its TLS handshake, if any.
@@ -88,6 +90,8 @@ pub struct Gateway {
     guard: Arc<AccessGuard>,
     /// Publish routes' idempotency keys (in Redis when the guard has it, else here).
     idempotency: Arc<Idempotency>,
+    /// Whose `X-Forwarded-For` names the client.
+    trusted_proxies: TrustedProxies,
     /// Work that outlives the request it was for (a publish whose client left, a WebSocket
     /// session); the node's drain waits for it.
     tasks: TaskTracker,
@@ -119,6 +123,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         limits: Limits,
         guard: Arc<AccessGuard>,
+        trusted_proxies: TrustedProxies,
     ) -> Self {
         let idempotency = Idempotency::new(limits.idempotency_ttl, guard.redis.clone());
         Gateway {
@@ -127,6 +132,7 @@ impl Gateway {
             limits,
             guard,
             idempotency: Arc::new(idempotency),
+            trusted_proxies,
             tasks: TaskTracker::new(),
             streams_stopping: CancellationToken::new(),
         }
@@ -165,12 +171,16 @@ impl Gateway {
         let request_id = forwarding::request_id(request.headers());
         let method = request.method().clone();
         let raw_path = request.uri().path().to_owned();
-        let client = connection.client;
+        let peer = connection.peer.ip();
+        let origin = self
+            .trusted_proxies
+            .origin(peer, connection.scheme, request.headers());
         self.metrics.in_flight.inc();
         let mut outcome = Outcome::default();
         let mut response = match self
             .serve(
                 connection,
+                origin,
                 request,
                 ambiguous_framing,
                 &request_id,
@@ -200,7 +210,9 @@ impl Gateway {
         if let Some((cors, origin)) = &outcome.cors {
             cors.decorate(Some(origin), headers);
         }
-        if outcome.rate.is_some() && !headers.contains_key("ratelimit-limit") {
+        // The gateway's budget replaces any an upstream reported: the tightest one is the
+        // gateway's to tell (an upstream's own limits are looser, or it would refuse).
+        if outcome.rate.is_some() {
             rate_limit_headers(headers, outcome.rate.as_ref(), None);
         }
         self.metrics.in_flight.dec();
@@ -214,7 +226,9 @@ impl Gateway {
         tracing::info!(
             target: "sluice::access",
             request_id = request_id.to_str().unwrap_or_default(),
-            client = %client.ip(),
+            client = %origin.client,
+            // The proxy that vouched for the client, when one did.
+            peer = (peer != origin.client).then_some(tracing::field::display(peer)),
             method = %method,
             path = %raw_path,
             status,
@@ -232,6 +246,7 @@ impl Gateway {
     async fn serve(
         &self,
         connection: ConnectionInfo,
+        origin: Origin,
         mut request: Request<Incoming>,
         ambiguous_framing: bool,
         request_id: &HeaderValue,
@@ -323,7 +338,7 @@ impl Gateway {
             (None, Vec::new())
         } else {
             let caller = Caller {
-                ip: connection.client.ip(),
+                ip: origin.client,
                 headers: request.headers(),
                 query: request.uri().query(),
                 certificate: connection.certificate.as_deref(),
@@ -334,9 +349,18 @@ impl Gateway {
                 .and_then(|admission| match &route.action {
                     // A subscriber lacking a value its stream is filtered by is refused here,
                     // so that the refusal is counted and logged as access control's.
-                    Action::Subscribe(subscribe) => subscribe
-                        .bind_identity(admission.identity.as_ref())
-                        .map(|filters| (admission, filters)),
+                    Action::Subscribe(subscribe) => {
+                        // It was counted: its answer carries the budget, as any counted one
+                        // does.
+                        let rate = admission.rate.map(|r| r.decision);
+                        subscribe
+                            .bind_identity(admission.identity.as_ref())
+                            .map(|filters| (admission, filters))
+                            .map_err(|mut denial| {
+                                denial.rate = rate;
+                                denial
+                            })
+                    }
                     _ => Ok((admission, Vec::new())),
                 });
             match checked {
@@ -423,6 +447,7 @@ impl Gateway {
                         max_body_bytes,
                     },
                     connection,
+                    origin,
                     request,
                     forwarded_path,
                     request_id,
@@ -439,6 +464,7 @@ impl Gateway {
         &self,
         forward: Forward<'_>,
         connection: ConnectionInfo,
+        origin: Origin,
         request: Request<Incoming>,
         forwarded_path: String,
         request_id: &HeaderValue,
@@ -520,8 +546,8 @@ impl Gateway {
         let traceparent = forwarding::traceparent(&parts.headers);
         forwarding::set_forwarding(
             &mut parts.headers,
-            connection.client.ip(),
-            connection.scheme,
+            connection.peer.ip(),
+            origin.scheme,
             original_host,
             request_id,
             traceparent,
