@@ -259,20 +259,32 @@ impl JwksSource {
     /// The keys held now; before a remote source's first fetch has ended, waits for it
     /// (at most the fetch timeout). Never starts a fetch.
     pub async fn loaded_keys(&self) -> Arc<KeySet> {
+        self.wait_until_loaded().await.keys
+    }
+
+    /// [`JwksSource::loaded_keys`], and whether this call waited for a fetch to get them.
+    pub async fn wait_until_loaded(&self) -> Loaded {
         let keys = self.keys();
-        if keys.is_loaded() {
-            return keys;
+        let held = Loaded {
+            keys,
+            waited: false,
+        };
+        if held.keys.is_loaded() {
+            return held;
         }
         let Some(remote) = &self.state.remote else {
-            return keys;
+            return held;
         };
         let in_flight = lock(&remote.gate).in_flight.clone();
         match in_flight {
             Some(done) => {
                 remote.wait_for_fetch(done).await;
-                self.keys()
+                Loaded {
+                    keys: self.keys(),
+                    waited: true,
+                }
             }
-            None => keys,
+            None => held,
         }
     }
 
@@ -303,6 +315,14 @@ impl JwksSource {
     pub fn origin(&self) -> &str {
         &self.state.origin
     }
+}
+
+/// What [`JwksSource::wait_until_loaded`] found.
+#[derive(Debug)]
+pub struct Loaded {
+    pub keys: Arc<KeySet>,
+    /// The call waited for a fetch in flight (which may have failed).
+    pub waited: bool,
 }
 
 impl fmt::Debug for JwksSource {

@@ -163,9 +163,9 @@ impl JwtAuthenticator {
     /// Verifies a compact JWS token (without the `Bearer ` prefix).
     ///
     /// CPU work only, except when the issuer's keys must be fetched: before a remote JWKS's
-    /// first fetch has ended, or for a `kid` the keys do not have. Either wait is bounded by
-    /// the JWKS fetch timeout, and tokens naming unknown `kid`s refetch at most once per
-    /// cooldown per JWKS.
+    /// first fetch has ended, or for a `kid` the keys do not have. A request waits for one
+    /// of these at most, bounded by the JWKS fetch timeout, and tokens naming unknown `kid`s
+    /// refetch at most once per cooldown per JWKS.
     pub async fn verify(&self, token: &str) -> Result<VerifiedToken, JwtRejection> {
         let parts = TokenParts::split(token)?;
         let header_json = decode_base64url(parts.header)
@@ -185,11 +185,14 @@ impl JwtAuthenticator {
         let issuer = self.issuer_of(&claims)?;
         let alg = issuer.allowed_algorithm(&header.alg)?;
         let kid = header.kid.as_deref();
-        let held = issuer.keys.loaded_keys().await;
+        let loaded = issuer.keys.wait_until_loaded().await;
+        let held = loaded.keys;
         let refetched;
         let key = match choose_key(&held, kid, alg) {
             Ok(key) => key,
-            Err(KeyMiss::Absent) => {
+            // A first fetch this request has just waited out in vain is not tried again at
+            // once: the JWKS server is down, and one request waits for at most one fetch.
+            Err(KeyMiss::Absent) if held.is_loaded() || !loaded.waited => {
                 refetched = issuer.keys.refetch_for_unknown_kid().await;
                 choose_key(&refetched, kid, alg)
                     .map_err(|miss| issuer.key_rejection(miss, kid, &refetched))?
@@ -1150,12 +1153,44 @@ mod tests {
             reason::KEYS_UNAVAILABLE
         );
         assert!(started.elapsed() < Duration::from_millis(800));
-        // The first fetch, then one refetch for the token; the second token is cooled down.
+        // The first fetch, then one unknown-kid refetch (by the first token if the first
+        // fetch had already failed when it came, else by the second); then the cooldown.
+        assert_eq!(
+            reason(&authenticator, &token).await,
+            reason::KEYS_UNAVAILABLE
+        );
         assert_eq!(
             reason(&authenticator, &token).await,
             reason::KEYS_UNAVAILABLE
         );
         assert_eq!(server.requests(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_one_jwks_fetch_at_most() {
+        let server = JwksServer::start(jwks(&[TestKey::rsa("k1").jwk()])).await;
+        // Each fetch fails after 300 ms, well within the fetch timeout.
+        server.delay(Duration::from_millis(300));
+        server.answer_status(503);
+        let cache = test_cache(Duration::from_secs(2), LONG);
+        let policy = pb::JwtPolicy {
+            issuers: vec![issuer(&["RS256"], Keys::JwksUrl(server.url.clone()))],
+        };
+        let authenticator = JwtAuthenticator::compile(&policy, &cache).unwrap();
+        let token = TestKey::rsa("k1").sign(&claims(json!({})));
+        let started = Instant::now();
+        assert_eq!(
+            bounded(reason(&authenticator, &token)).await,
+            reason::KEYS_UNAVAILABLE
+        );
+        let waited = started.elapsed();
+        // The first fetch, not that and an unknown-kid refetch after it.
+        assert!(waited < Duration::from_millis(550), "waited {waited:?}");
+        assert_eq!(
+            server.requests(),
+            1,
+            "no refetch right after the failed fetch"
+        );
     }
 
     #[tokio::test]

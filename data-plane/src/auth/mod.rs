@@ -419,7 +419,10 @@ impl RouteAccess {
                         .into();
                     let mut scope_id = [0; 16];
                     scope_id.copy_from_slice(&scope[..16]);
-                    access.limits.push((limit.clone(), scope_id));
+                    // A policy listed twice is one budget, counted once.
+                    if !access.limits.iter().any(|(_, id)| *id == scope_id) {
+                        access.limits.push((limit.clone(), scope_id));
+                    }
                 }
                 Compiled::Cors(c) => access.cors = Some(c.clone()),
                 Compiled::Ip(rules) => access.ip_rules.push(rules.clone()),
@@ -516,7 +519,7 @@ impl RouteAccess {
         if consumer.disabled {
             return Err(self.forbidden("consumer_disabled", "the consumer is disabled".to_owned()));
         }
-        let mut consumer_limits = Vec::new();
+        let mut consumer_limits: Vec<&LimitPolicy> = Vec::new();
         for policy_id in consumer.policy_ids() {
             match policies.policies.get(&**policy_id) {
                 Some(Compiled::Ip(rules)) if !rules.admits(caller.ip) => {
@@ -525,7 +528,13 @@ impl RouteAccess {
                         format!("the address {} may not be used by this consumer", caller.ip),
                     ));
                 }
-                Some(Compiled::RateLimit(limit)) => consumer_limits.push(&**limit),
+                Some(Compiled::RateLimit(limit))
+                    if !consumer_limits
+                        .iter()
+                        .any(|held| std::ptr::eq(*held, &**limit)) =>
+                {
+                    consumer_limits.push(&**limit);
+                }
                 _ => {}
             }
         }
@@ -859,7 +868,8 @@ impl RouteAccess {
                     let opens = counted.iter().all(|(_, _, redis, open)| !redis || *open)
                         && quota.as_ref().is_none_or(|(_, _, open)| *open);
                     if !opens {
-                        tracing::warn!(error = %why, "rate limits counted in Redis cannot be checked: refusing");
+                        // Debug: the breaker logs an outage once, not per request refused.
+                        tracing::debug!(error = %why, "rate limits counted in Redis cannot be checked: refusing");
                         return refused(Box::new(Denial {
                             status: StatusCode::SERVICE_UNAVAILABLE,
                             reason: "limits_unavailable",
@@ -1117,7 +1127,22 @@ pub fn rate_limit_headers(
     }
 }
 
-/// Seconds, rounded up: a client told to wait 0.2 s waits 1, never 0.
+/// Seconds, rounded up to the nanosecond: a client told to wait 0.2 s waits 1, never 0, and
+/// one told 2.0004 s waits 3, never too early.
 fn whole_seconds(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis().div_ceil(1000)).unwrap_or(u64::MAX)
+    u64::try_from(duration.as_nanos().div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_are_rounded_up_never_down() {
+        assert_eq!(whole_seconds(Duration::ZERO), 0);
+        assert_eq!(whole_seconds(Duration::from_micros(500)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(2)), 2);
+        assert_eq!(whole_seconds(Duration::from_micros(2_000_400)), 3);
+        assert_eq!(whole_seconds(Duration::from_nanos(2_000_000_001)), 3);
+    }
 }

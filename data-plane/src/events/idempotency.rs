@@ -78,7 +78,13 @@ pub struct Idempotency {
     /// Where keys are shared between nodes, when the node has Redis.
     redis: Option<Arc<RedisLimiter>>,
     memory: Mutex<HashMap<String, (String, Instant)>>,
+    /// When the full memory table was last swept of expired keys: at most once per
+    /// [`SWEEP_EVERY`], not per request, once it is full of live ones.
+    swept_at: Mutex<Option<Instant>>,
 }
+
+/// Least time between two sweeps of a full memory table (each a pass over every key).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Idempotency {
     pub fn new(ttl: Duration, redis: Option<Arc<RedisLimiter>>) -> Self {
@@ -86,6 +92,7 @@ impl Idempotency {
             ttl,
             redis,
             memory: Mutex::new(HashMap::new()),
+            swept_at: Mutex::new(None),
         }
     }
 
@@ -177,7 +184,7 @@ impl Idempotency {
                     match memory.get(scope) {
                         Some((value, expires)) if *expires > now => Some(value.clone()),
                         _ => {
-                            if memory.len() >= MEMORY_KEYS {
+                            if memory.len() >= MEMORY_KEYS && self.sweep_due(now) {
                                 memory.retain(|_, (_, expires)| *expires > now);
                             }
                             if memory.len() >= MEMORY_KEYS {
@@ -262,6 +269,16 @@ impl Idempotency {
                 self.lock().remove(scope);
             }
         }
+    }
+
+    /// Whether a full table may be swept now (and if so, notes that it is).
+    fn sweep_due(&self, now: Instant) -> bool {
+        let mut swept_at = self.swept_at.lock().unwrap_or_else(|e| e.into_inner());
+        let due = swept_at.is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY);
+        if due {
+            *swept_at = Some(now);
+        }
+        due
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
