@@ -2,7 +2,9 @@
 #   make run       a standalone data plane on deploy/examples/quickstart.yaml (port 8080)
 #   make test      everything the project checks (services are started first)
 #   make services  Postgres, Redis and a Kafka-protocol broker on loopback, for the tests
+#   make build     every binary (debug), as the tests start them
 #   make lint      formatting and clippy only
+#   make fmt       formats the code
 #   make bench     the benchmarks (release build; results in target/bench/)
 #   make k8s-manifests  deploy/k8s/ rendered again from the Helm chart (after a chart change)
 

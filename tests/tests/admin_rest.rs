@@ -572,6 +572,35 @@ async fn bodies_and_queries_the_registry_cannot_take_are_refused_with_their_reas
     // An export format it does not write.
     let refused = admin(&cp, Method::GET, "/v1/export?format=xml", None).await?;
     assert_problem(&refused, StatusCode::BAD_REQUEST);
+    // Token endpoints take no parameters either: `?dry_run` must not delete for real.
+    let refused = admin(&cp, Method::GET, "/v1/tokens?limit=5", None).await?;
+    assert_problem(&refused, StatusCode::BAD_REQUEST);
+    // A filter the collection does not have, whether or not the name exists.
+    let refused = admin(&cp, Method::GET, "/v1/apis?consumer=ghost", None).await?;
+    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        refused.body["errors"][0]["path"], "consumer",
+        "{}",
+        refused.body
+    );
+    // A bare `?dry_run` is a dry run.
+    let document = "format_version: 1\nupstreams:\n  - name: dry\n    targets: [{ url: \"http://127.0.0.1:9\" }]\n";
+    let dry = send_text(&cp, "/v1/apply?dry_run", "application/yaml", document).await?;
+    assert_eq!(dry.status, StatusCode::OK, "{}", dry.body);
+    assert_eq!(dry.body["dry_run"], true, "{}", dry.body);
+    assert_problem(
+        &admin(&cp, Method::GET, "/v1/upstreams/dry", None).await?,
+        StatusCode::NOT_FOUND,
+    );
+    // The bootstrap token's name cannot be taken by a stored token.
+    let refused = admin(
+        &cp,
+        Method::POST,
+        "/v1/tokens",
+        Some(json!({ "name": "bootstrap-admin", "role": "admin" })),
+    )
+    .await?;
+    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY);
     Ok(())
 }
 
@@ -629,6 +658,35 @@ async fn consumer_credentials_and_api_keys() -> anyhow::Result<()> {
         StatusCode::UNPROCESSABLE_ENTITY,
     );
 
+    // A grace period or expiry of the wrong type is refused, not read as none (which would
+    // revoke the key at once, or issue one that never expires).
+    for (path, body, field) in [
+        (
+            "/v1/consumers/acme/keys/ci/rotate",
+            json!({ "grace_period": 3600 }),
+            "grace_period",
+        ),
+        (
+            "/v1/consumers/acme/keys",
+            json!({ "expires_at": 1_924_992_000 }),
+            "expires_at",
+        ),
+        ("/v1/consumers/acme/keys", json!({ "name": 5 }), "name"),
+    ] {
+        let refused = admin(&cp, Method::POST, path, Some(body)).await?;
+        assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(refused.body["errors"][0]["path"], field, "{}", refused.body);
+    }
+    assert_problem(
+        &admin(
+            &cp,
+            Method::POST,
+            "/v1/consumers/acme/keys/ci/rotate",
+            Some(json!(["1h"])),
+        )
+        .await?,
+        StatusCode::BAD_REQUEST,
+    );
     let rotated = admin(
         &cp,
         Method::POST,
@@ -936,6 +994,30 @@ async fn openapi_import_of_the_petstore() -> anyhow::Result<()> {
         upstream.body["targets"][0]["url"],
         "http://petstore.swagger.io"
     );
+
+    // What an operator attached since survives a new import of the spec: only what the spec
+    // describes is replaced.
+    let policy = json!({ "name": "keys", "key_auth": {} });
+    let made = admin(&cp, Method::POST, "/v1/policies", Some(policy)).await?;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    let mut edited = api.body.clone();
+    edited["policies"] = json!(["keys"]);
+    edited["hosts"] = json!(["pets.example.com"]);
+    edited["routes"][0]["scopes"] = json!(["pets:read"]);
+    let put = admin(&cp, Method::PUT, "/v1/apis/swagger-petstore", Some(edited)).await?;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    let again = send_text(&cp, "/v1/import/openapi", "application/yaml", PETSTORE).await?;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    let kept = admin(&cp, Method::GET, "/v1/apis/swagger-petstore", None).await?;
+    assert_eq!(
+        kept.body["policies"],
+        json!([made.body["id"]]),
+        "{}",
+        kept.body
+    );
+    assert_eq!(kept.body["hosts"], json!(["pets.example.com"]));
+    assert_eq!(kept.body["routes"][0]["scopes"], json!(["pets:read"]));
+    assert_eq!(kept.body["routes"].as_array().unwrap().len(), 3);
 
     // An upstream of the same name made through the API, under an id of its own, is updated by
     // a new import rather than clashing with it.

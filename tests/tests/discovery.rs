@@ -672,3 +672,79 @@ async fn a_node_speaking_another_protocol_is_refused_and_the_reason_recorded() -
     assert_eq!(status["build_version"], "9.0.0");
     Ok(())
 }
+
+#[tokio::test]
+async fn data_plane_status_is_paged_and_silent_nodes_are_forgotten() -> anyhow::Result<()> {
+    use sluice_proto::pb;
+    let cp = ControlPlane::start(&["--dataplane-retention", "3s"]).await?;
+    // Nodes that said Hello and were refused (another protocol): recorded, never connected.
+    for id in ["node-a", "node-b", "node-c"] {
+        let mut client = pb::discovery_client::DiscoveryClient::connect(cp.discovery_url()).await?;
+        let hello = pb::DiscoveryRequest {
+            kind: Some(pb::discovery_request::Kind::Hello(pb::Hello {
+                node: Some(pb::Node {
+                    id: id.into(),
+                    group: "default".into(),
+                    protocol_version: 99,
+                    ..Default::default()
+                }),
+                current_version: 0,
+                current_hash: String::new(),
+            })),
+        };
+        let _ = client.stream_config(tokio_stream::iter([hello])).await;
+    }
+    let page = |query: &'static str| {
+        let cp = &cp;
+        async move {
+            let body: Value = reqwest::Client::new()
+                .get(cp.url(&format!("/v1/dataplanes?{query}")))
+                .bearer_auth(ADMIN_TOKEN)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let ids: Vec<String> = body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["id"].as_str().unwrap().to_owned())
+                .collect();
+            anyhow::Ok((ids, body["next"].clone()))
+        }
+    };
+    let (ids, next) = page("limit=2").await?;
+    assert_eq!(
+        (ids, next),
+        (
+            vec!["node-a".into(), "node-b".into()],
+            Value::from("node-b")
+        )
+    );
+    let (ids, next) = page("limit=2&after=node-b").await?;
+    assert_eq!((ids, next), (vec!["node-c".to_owned()], Value::Null));
+
+    // A connected node stays however short the retention; the silent ones go.
+    let backend = EchoBackend::start("b").await?;
+    cp.apply(&document(&backend, "", "")).await?;
+    let node_id = "edge-kept".to_owned();
+    let _node = DataPlane::start_from_control_plane(
+        &cp.discovery_url(),
+        "default",
+        &["--node-id", &node_id],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (ids, _) = page("").await?;
+        if ids == [node_id.clone()] {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "still listed: {ids:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Past several retentions, the connected node is still there.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(page("").await?.0, [node_id]);
+    Ok(())
+}

@@ -112,7 +112,7 @@ impl Authenticator {
         // Comparing digests, not tokens, keeps the comparison's timing independent of the secret.
         if self.bootstrap == Some(hash) {
             return Ok(Caller {
-                name: "bootstrap-admin".into(),
+                name: BOOTSTRAP_NAME.into(),
                 role: Role::Admin,
             });
         }
@@ -120,7 +120,7 @@ impl Authenticator {
             .bind(hex::encode(hash))
             .fetch_optional(&self.pool)
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(database_error)?;
         match row {
             Some(row) => Ok(Caller {
                 name: row.get("name"),
@@ -132,6 +132,15 @@ impl Authenticator {
         }
     }
 }
+
+/// A failed query on the token table, as the registry's own failures are answered: 503 when
+/// the database is slow or out of connections, 500 (logged) otherwise.
+fn database_error(e: sqlx::Error) -> ApiError {
+    crate::registry::RegistryError::from_db(e).into()
+}
+
+/// The name the bootstrap token's calls are recorded under.
+const BOOTSTRAP_NAME: &str = "bootstrap-admin";
 
 /// An admin token as listed (never with the token itself).
 #[derive(Debug, Clone, Serialize)]
@@ -179,6 +188,13 @@ pub async fn create_token(
             "name", reason,
         )));
     }
+    // Versions record who made them by token name: no token may pass for the bootstrap one.
+    if name == BOOTSTRAP_NAME {
+        return Err(ApiError::Invalid(sluice_proto::ConfigErrors::single(
+            "name",
+            format!("{BOOTSTRAP_NAME:?} is the bootstrap token's and cannot be used"),
+        )));
+    }
     let token = format!("{TOKEN_PREFIX}{}", random_secret());
     let prefix: String = token.chars().take(TOKEN_PREFIX.len() + 6).collect();
     let row = sqlx::query(
@@ -198,7 +214,7 @@ pub async fn create_token(
             Some("admin_tokens_name_key") => {
                 ApiError::Conflict(format!("a token named {name:?} already exists"))
             }
-            _ => ApiError::Internal(e.to_string()),
+            _ => database_error(e),
         },
     )?;
     Ok((token, token_from_row(&row)?))
@@ -208,7 +224,7 @@ pub async fn list_tokens(pool: &PgPool) -> Result<Vec<TokenInfo>, ApiError> {
     let rows = sqlx::query("SELECT * FROM admin_tokens ORDER BY name")
         .fetch_all(pool)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(database_error)?;
     rows.iter().map(token_from_row).collect()
 }
 
@@ -220,7 +236,7 @@ pub async fn delete_token(pool: &PgPool, key: &str) -> Result<(), ApiError> {
             .bind(id)
             .execute(pool)
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(database_error)?
             .rows_affected(),
         Err(_) => 0,
     };
@@ -231,7 +247,7 @@ pub async fn delete_token(pool: &PgPool, key: &str) -> Result<(), ApiError> {
             .bind(key)
             .execute(pool)
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(database_error)?
             .rows_affected()
     };
     if deleted == 0 {

@@ -101,11 +101,17 @@ impl ApiError {
             Self::MethodNotAllowed => Code::Unimplemented,
             Self::Timeout => Code::DeadlineExceeded,
             Self::Unavailable(_) => Code::Unavailable,
-            Self::Internal(_) => Code::Internal,
+            Self::Internal(cause) => {
+                tracing::error!(error = %cause, "admin request failed");
+                return tonic::Status::internal(INTERNAL_DETAIL);
+            }
         };
         tonic::Status::new(code, self.to_string())
     }
 }
+
+/// What a caller is told of an internal failure; the cause goes to the log, not to callers.
+const INTERNAL_DETAIL: &str = "the control plane could not complete the request; see its logs";
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
@@ -122,10 +128,8 @@ impl From<RegistryError> for ApiError {
                 tracing::warn!(error = %message, "registry database unavailable");
                 Self::Unavailable(message)
             }
-            RegistryError::Database(_) | RegistryError::Corrupt(_) => {
-                tracing::error!(error = %e, "registry failure");
-                Self::Internal(e.to_string())
-            }
+            // Logged where it is answered (REST and gRPC alike).
+            RegistryError::Database(_) | RegistryError::Corrupt(_) => Self::Internal(e.to_string()),
         }
     }
 }
@@ -140,8 +144,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind) = self.parts();
         let detail = match &self {
-            Self::Internal(_) => {
-                "the control plane could not complete the request; see its logs".to_owned()
+            Self::Internal(cause) => {
+                tracing::error!(error = %cause, "admin request failed");
+                INTERNAL_DETAIL.to_owned()
             }
             other => other.to_string(),
         };

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{Authenticator, Caller, Role};
 use super::error::ApiError;
 use super::keys;
-use crate::registry::{ListFilter, Plan, Registry, VersionInfo, Write};
+use crate::registry::{ListFilter, Plan, Registry, RegistryError, VersionInfo, Write};
 use crate::versions::{Op, ResourceDiff, diff_changes};
 
 /// Serves the registry service, reflection and health on `listener` until `shutdown`.
@@ -134,8 +134,9 @@ fn diff_pb(diffs: Vec<ResourceDiff>) -> pb::VersionDiff {
     }
 }
 
-/// Gives a new resource its derived id when it has none, as REST and documents do.
-fn with_id(mut resource: Resource) -> Result<Resource, Status> {
+/// Gives a new resource its derived id when it has none, as REST and documents do (or an id
+/// of its own when a resource renamed since holds that one).
+async fn with_id(registry: &Registry, mut resource: Resource) -> Result<Resource, Status> {
     let kind = resource.kind();
     let meta = resource
         .meta_mut()
@@ -145,6 +146,11 @@ fn with_id(mut resource: Resource) -> Result<Resource, Status> {
     }
     if meta.id.is_empty() {
         meta.id = declarative::normalize::derived_id(kind, &meta.group, &meta.name);
+        if super::derived_id_held_by_another(registry, &resource).await?
+            && let Some(meta) = resource.meta_mut()
+        {
+            meta.id = uuid::Uuid::new_v4().to_string();
+        }
     }
     Ok(resource)
 }
@@ -245,9 +251,11 @@ impl registry_server::Registry for RegistryService {
         let caller = self.caller(&request, Role::Editor).await?;
         let r = request.into_inner();
         let resource = with_id(
+            &self.registry,
             r.resource
                 .ok_or_else(|| Status::invalid_argument("resource is required"))?,
-        )?;
+        )
+        .await?;
         let message = if r.message.is_empty() {
             format!("create {}", describe(&resource))
         } else {
@@ -265,7 +273,7 @@ impl registry_server::Registry for RegistryService {
             )
             .await
             .map_err(|e| match e {
-                crate::registry::RegistryError::PreconditionFailed { kind, id, .. } => {
+                RegistryError::PreconditionFailed { kind, id, .. } => {
                     ApiError::Conflict(format!("{kind} {id} already exists; use UpdateResource"))
                 }
                 other => other.into(),
@@ -282,7 +290,7 @@ impl registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::WriteResult>, Status> {
         let caller = self.caller(&request, Role::Editor).await?;
         let r = request.into_inner();
-        let resource = r
+        let mut resource = r
             .resource
             .ok_or_else(|| Status::invalid_argument("resource is required"))?;
         if resource.id().is_empty() {
@@ -291,10 +299,17 @@ impl registry_server::Registry for RegistryService {
             ));
         }
         // Updating never creates: the resource must exist.
-        self.registry
+        let stored = self
+            .registry
             .get(resource.kind(), resource.id())
             .await
             .map_err(ApiError::from)?;
+        // An unset group is the stored one, as a REST PUT without one (groups never change).
+        if let Some(meta) = resource.meta_mut()
+            && meta.group.is_empty()
+        {
+            meta.group = stored.meta().map(|m| m.group.clone()).unwrap_or_default();
+        }
         let message = if r.message.is_empty() {
             format!("update {}", describe(&resource))
         } else {
@@ -473,7 +488,7 @@ impl registry_server::Registry for RegistryService {
         // As on REST: a state kept after its version row was pruned is shown without it.
         let info = match self.registry.version(r.number).await {
             Ok(info) => Some(version_pb(&info)),
-            Err(crate::registry::RegistryError::VersionNotFound(_)) => None,
+            Err(RegistryError::VersionNotFound(_)) => None,
             Err(e) => return Err(ApiError::from(e).into()),
         };
         let group = (!r.group.is_empty()).then_some(r.group.as_str());
@@ -568,13 +583,13 @@ impl registry_server::Registry for RegistryService {
         let version = if number == 0 {
             None
         } else {
-            Some(version_pb(
-                &self
-                    .registry
-                    .version(number)
-                    .await
-                    .map_err(ApiError::from)?,
-            ))
+            // Its record may have been pruned since the state was read (a commit in between,
+            // with short retention): the document stands without it.
+            match self.registry.version(number).await {
+                Ok(info) => Some(version_pb(&info)),
+                Err(RegistryError::VersionNotFound(_)) => None,
+                Err(e) => return Err(ApiError::from(e).into()),
+            }
         };
         Ok(Response::new(pb::ExportResponse {
             document: declarative::to_yaml(&declarative::export(&state)),
@@ -587,17 +602,20 @@ impl registry_server::Registry for RegistryService {
         request: Request<pb::ListDataPlanesRequest>,
     ) -> Result<Response<pb::ListDataPlanesResponse>, Status> {
         self.caller(&request, Role::Viewer).await?;
-        let group = request.into_inner().group;
-        let nodes = crate::discovery::status::list(
+        let r = request.into_inner();
+        let size = if r.page_size == 0 { 100 } else { r.page_size };
+        let (nodes, next) = crate::discovery::status::list(
             self.registry.pool(),
-            (!group.is_empty()).then_some(group.as_str()),
+            (!r.group.is_empty()).then_some(r.group.as_str()),
+            (!r.page_token.is_empty()).then_some(r.page_token.as_str()),
+            size,
         )
         .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot read data-plane status");
-            Status::internal("cannot read data-plane status")
-        })?;
-        Ok(Response::new(pb::ListDataPlanesResponse { nodes }))
+        .map_err(|e| ApiError::from(RegistryError::from_db(e)))?;
+        Ok(Response::new(pb::ListDataPlanesResponse {
+            nodes,
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn list_tokens(

@@ -85,7 +85,12 @@ pub async fn create(
             "name", reason,
         )));
     }
-    let (plaintext, credential) = new_key(owner, name, expires_at);
+    let (plaintext, mut credential) = new_key(owner, name, expires_at);
+    if super::derived_id_held_by_another(registry, &credential).await?
+        && let Some(meta) = credential.meta_mut()
+    {
+        meta.id = uuid::Uuid::new_v4().to_string();
+    }
     let committed = registry
         .commit(
             &caller.name,

@@ -17,7 +17,9 @@ use sluice_proto::pb;
 ///
 /// With no subcommand it applies the registry migrations, then serves.
 #[derive(Debug, Parser)]
-#[command(name = "sluice-cp", version)]
+// A flag given twice takes its last value, so a deployment's extra arguments can override
+// what a chart sets.
+#[command(name = "sluice-cp", version, args_override_self = true)]
 struct Cli {
     /// Postgres URL of the registry.
     #[arg(long, env = "DATABASE_URL", global = true, value_name = "URL")]
@@ -54,6 +56,10 @@ struct Cli {
     /// Versions kept for diffs and rollback; older ones are pruned at each commit.
     #[arg(long, env = "SLUICE_VERSION_RETENTION", value_name = "N", default_value_t = DEFAULT_RETENTION)]
     version_retention: u64,
+    /// Data planes not heard from for this long are dropped from `/v1/dataplanes` (nodes
+    /// scaled away, or restarted under new ids); `0s` keeps them for ever.
+    #[arg(long, env = "SLUICE_DATAPLANE_RETENTION", value_name = "DURATION", default_value = "14d", value_parser = humantime::parse_duration)]
+    dataplane_retention: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -106,6 +112,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             "no --admin-token / SLUICE_ADMIN_TOKEN: only tokens already stored can call the admin API"
         );
     }
+    if !cli.dataplane_retention.is_zero() {
+        tokio::spawn(forget_silent_data_planes(
+            pool.clone(),
+            cli.dataplane_retention,
+        ));
+    }
     let registry = Registry::new(pool.clone(), cli.version_retention);
     let metrics = std::sync::Arc::new(sluice_control_plane::metrics::Metrics::default());
     let auth = Authenticator::new(pool, cli.admin_token.as_deref());
@@ -157,6 +169,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         async { discovery_server.await.context("discovery listener failed") },
     )?;
     Ok(())
+}
+
+/// Drops the status of data planes silent for `retention`, checking as often as a tenth of it
+/// (at least every second, at most every minute). Every replica does it; deleting is
+/// idempotent.
+async fn forget_silent_data_planes(pool: sqlx::PgPool, retention: Duration) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match discovery::status::forget_silent(&pool, retention).await {
+            Ok(0) => {}
+            Ok(forgotten) => {
+                tracing::info!(forgotten, retention = ?retention, "data planes silent past the retention forgotten");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot forget silent data planes"),
+        }
+    }
 }
 
 /// A shutdown signal (SIGTERM or Ctrl-C) that several servers can wait on.

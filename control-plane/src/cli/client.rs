@@ -176,7 +176,11 @@ fn explain(status: StatusCode, body: &Value) -> String {
                 .get("reason")
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            out.push_str(&format!("\n  {path}: {reason}"));
+            if path.is_empty() {
+                out.push_str(&format!("\n  {reason}"));
+            } else {
+                out.push_str(&format!("\n  {path}: {reason}"));
+            }
         }
     }
     let hint = match status {

@@ -128,6 +128,11 @@ enum Online {
         /// Only this group's nodes.
         #[arg(long)]
         group: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Continue after this node id (printed under a page that has more).
+        #[arg(long)]
+        after: Option<String>,
     },
     /// The history: list, show, diff and roll back versions.
     Versions {
@@ -493,9 +498,18 @@ async fn run(cli: Cli) -> Result<String, CliError> {
             Ok(ctx.show(&reply.body, Shape::Changes))
         }
         Online::Versions { action } => ctx.versions(action).await,
-        Online::Status { group } => {
+        Online::Status {
+            group,
+            limit,
+            after,
+        } => {
+            let pairs = [
+                ("group", group),
+                ("limit", Some(limit.to_string())),
+                ("after", after),
+            ];
             ctx.get(
-                &format!("/v1/dataplanes{}", query(&[("group", group)])),
+                &format!("/v1/dataplanes{}", query(&pairs)),
                 Shape::DataPlanes,
             )
             .await

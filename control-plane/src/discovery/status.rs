@@ -120,25 +120,44 @@ pub async fn disconnected(
     .map(drop)
 }
 
-/// Every node (of `group`, when given), by id, with how many versions that changed its group
-/// it has not applied, and whether it is stale.
-pub async fn list(pool: &PgPool, group: Option<&str>) -> sqlx::Result<Vec<pb::DataPlaneStatus>> {
-    let rows = sqlx::query(
+/// Most nodes listed at once.
+pub const MAX_PAGE: u32 = 1000;
+
+/// Nodes (of `group`, when given) by id, `limit` (at most [`MAX_PAGE`]) after the id `after`,
+/// each with how many versions that changed its group it has not applied and whether it is
+/// stale; and the id to list after for the next page, when there is one.
+pub async fn list(
+    pool: &PgPool,
+    group: Option<&str>,
+    after: Option<&str>,
+    limit: u32,
+) -> sqlx::Result<(Vec<pb::DataPlaneStatus>, Option<String>)> {
+    let limit = limit.clamp(1, MAX_PAGE);
+    let mut rows = sqlx::query(
         "SELECT d.*, \
              (SELECT count(DISTINCT c.version) FROM changes c \
                WHERE c.grp = d.grp AND c.version > d.applied_version) AS behind, \
              d.last_seen < now() - make_interval(secs => $2) AS stale \
-         FROM dataplanes d WHERE $1::text IS NULL OR d.grp = $1 ORDER BY d.id",
+         FROM dataplanes d \
+         WHERE ($1::text IS NULL OR d.grp = $1) AND ($3::text IS NULL OR d.id > $3) \
+         ORDER BY d.id LIMIT $4",
     )
     .bind(group)
     .bind(STALE_AFTER_SECONDS as f64)
+    .bind(after)
+    .bind(i64::from(limit) + 1)
     .fetch_all(pool)
     .await?;
+    let next = (rows.len() > limit as usize).then(|| {
+        rows.truncate(limit as usize);
+        rows.last().map(|row| row.get::<String, _>("id"))
+    });
+    let next = next.flatten();
     let time = |row: &sqlx::postgres::PgRow, column: &str| {
         row.get::<Option<DateTime<Utc>>, _>(column)
             .map(|t| timestamp(&t))
     };
-    Ok(rows
+    let nodes = rows
         .iter()
         .map(|row| pb::DataPlaneStatus {
             node: pb::Node::decode(row.get::<Vec<u8>, _>("node").as_slice()).ok(),
@@ -156,7 +175,25 @@ pub async fn list(pool: &PgPool, group: Option<&str>) -> sqlx::Result<Vec<pb::Da
             stale: row.get("stale"),
             refused_reason: row.get("refused_reason"),
         })
-        .collect())
+        .collect();
+    Ok((nodes, next))
+}
+
+/// Forgets nodes not heard from for `retention`: a node that was scaled away, or restarted
+/// under a new id, would otherwise be listed (stale) for ever. A node recorded as connected
+/// (which a replica that crashed may leave behind) is kept for an hour of silence at least,
+/// so that a short retention never drops a node between two of its heartbeats. Returns how
+/// many went.
+pub async fn forget_silent(pool: &PgPool, retention: std::time::Duration) -> sqlx::Result<u64> {
+    sqlx::query(
+        "DELETE FROM dataplanes WHERE last_seen < now() - make_interval(secs => $1) \
+         AND (connected_replica = '' \
+              OR last_seen < now() - make_interval(secs => greatest($1, 3600)))",
+    )
+    .bind(retention.as_secs_f64())
+    .execute(pool)
+    .await
+    .map(|done| done.rows_affected())
 }
 
 /// A status as the REST API shows it.

@@ -6,12 +6,18 @@
 //! says that Sluice cannot express is refused here, naming the place in the spec, rather than
 //! turned into a document that the validator would then refuse in Sluice's vocabulary.
 //!
+//! A path item may be a `$ref` to a path item in the same document (`#/components/pathItems/…`);
+//! YAML merge keys (`<<: *common`) are applied; a key given twice is refused.
+//!
 //! Deliberately ignored (they do not change which requests reach which backend):
-//! - path-level `$ref` items (a path item made only of a `$ref` yields no route), path- and
-//!   operation-level `parameters`, request bodies, responses, security, tags;
-//! - `servers` overrides on path items and operations: every route goes to the one upstream;
+//! - path- and operation-level `parameters`, request bodies, responses, security, tags;
 //! - `webhooks` (3.1): those are calls the API makes, not requests it serves;
-//! - `x-` extension keys and any other non-method key of a path item.
+//! - `x-` extension keys of the paths object and of path items, and any other non-method key
+//!   of a path item.
+//!
+//! Refused, naming the place: `$ref`s to other documents (bundle the spec first), and
+//! `servers` on a path item or operation that differ from the spec's own (every route goes to
+//! the one upstream).
 
 use std::collections::{HashMap, HashSet};
 
@@ -20,6 +26,7 @@ use sluice_proto::declarative::FORMAT_VERSION;
 use sluice_proto::declarative::model::{
     Api, Document, PathMatchKind, ProxyAction, Route, Target, Upstream,
 };
+use sluice_proto::declarative::strict_value::StrictValue;
 use sluice_proto::pb::path_match::Kind;
 use sluice_proto::validate::{check_name, check_path};
 
@@ -133,6 +140,22 @@ pub enum ImportError {
     },
 }
 
+impl ImportError {
+    /// `(where, what)`: the place in the spec (`paths./pets.get`, `servers[0].url`; "" for a
+    /// syntax error, whose message has its line) and what is wrong there.
+    pub fn located(&self) -> (String, String) {
+        let message = self.to_string();
+        match self {
+            ImportError::Syntax { .. } => (String::new(), message),
+            // Every other message starts with its place (which has no spaces) and ": ".
+            _ => match message.split_once(": ") {
+                Some((at, reason)) if !at.contains(' ') => (at.to_owned(), reason.to_owned()),
+                _ => (String::new(), message),
+            },
+        }
+    }
+}
+
 /// The path item keys that are operations, in the order routes are emitted for one path.
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
@@ -183,7 +206,7 @@ pub fn import_openapi(spec: &str, options: &ImportOptions) -> Result<Document, I
     }
 
     let server = server(root, options.server_index)?;
-    let routes = routes(root, &upstream_name)?;
+    let routes = routes(root, &upstream_name, options.server_index)?;
 
     let description = info_text("description")
         .filter(|d| !d.trim().is_empty())
@@ -211,23 +234,65 @@ pub fn import_openapi(spec: &str, options: &ImportOptions) -> Result<Document, I
     })
 }
 
-/// Parses YAML or JSON (JSON is YAML) into a JSON value.
+/// Parses YAML or JSON (JSON is YAML) into a JSON value, refusing a key given twice (which
+/// would silently drop the first) and applying YAML merge keys.
 fn parse(spec: &str) -> Result<Value, ImportError> {
-    serde_yaml_ng::from_str::<Value>(spec).map_err(|e| {
-        let location = e.location();
-        let mut detail = e.to_string();
-        // Most parser messages already end with "at line L column C"; add it where not.
-        if let Some(l) = &location
-            && !detail.contains(" at line ")
-        {
-            detail.push_str(&format!(" at line {} column {}", l.line(), l.column()));
+    let mut value = serde_yaml_ng::from_str::<StrictValue>(spec)
+        .map(|StrictValue(value)| value)
+        .map_err(|e| {
+            let location = e.location();
+            let mut detail = e.to_string();
+            // Most parser messages already end with "at line L column C"; add it where not.
+            if let Some(l) = &location
+                && !detail.contains(" at line ")
+            {
+                detail.push_str(&format!(" at line {} column {}", l.line(), l.column()));
+            }
+            ImportError::Syntax {
+                line: location.as_ref().map(|l| l.line()),
+                column: location.as_ref().map(|l| l.column()),
+                detail,
+            }
+        })?;
+    apply_merge_keys(&mut value, "")?;
+    Ok(value)
+}
+
+/// YAML 1.1 merge keys, which the parser leaves as `<<` entries: `<<: *a` (or `<<: [*a, *b]`)
+/// adds the entries of `a` (then `b`) that the mapping does not have itself.
+fn apply_merge_keys(value: &mut Value, at: &str) -> Result<(), ImportError> {
+    match value {
+        Value::Object(map) => {
+            if let Some(merged) = map.remove("<<") {
+                let sources = match merged {
+                    Value::Array(sources) => sources,
+                    single => vec![single],
+                };
+                for source in sources {
+                    let Value::Object(source) = source else {
+                        return Err(ImportError::Invalid {
+                            at: format!("{at}.<<").trim_start_matches('.').to_owned(),
+                            reason: "a merge key takes a mapping or a list of mappings".into(),
+                        });
+                    };
+                    for (key, entry) in source {
+                        map.entry(key).or_insert(entry);
+                    }
+                }
+            }
+            for (key, entry) in map.iter_mut() {
+                apply_merge_keys(entry, &format!("{at}.{key}"))?;
+            }
+            Ok(())
         }
-        ImportError::Syntax {
-            line: location.as_ref().map(|l| l.line()),
-            column: location.as_ref().map(|l| l.column()),
-            detail,
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                apply_merge_keys(item, &format!("{at}[{i}]"))?;
+            }
+            Ok(())
         }
-    })
+        _ => Ok(()),
+    }
 }
 
 /// Accepts `openapi: 3.0.x` and `3.1.x`; refuses Swagger 2.0 and everything else.
@@ -433,7 +498,14 @@ struct Operation<'a> {
 }
 
 /// A route per path and method, in path order then [`METHODS`] order.
-fn routes(root: &Map<String, Value>, upstream: &str) -> Result<Vec<Route>, ImportError> {
+fn routes(
+    root: &Map<String, Value>,
+    upstream: &str,
+    server_index: usize,
+) -> Result<Vec<Route>, ImportError> {
+    let chosen_server = root
+        .get("servers")
+        .and_then(|servers| servers.get(server_index));
     let paths = match root.get("paths") {
         // 3.1 makes `paths` optional (a webhooks-only spec); nothing to route either way.
         None | Some(Value::Null) => return Err(ImportError::NoOperations),
@@ -449,10 +521,18 @@ fn routes(root: &Map<String, Value>, upstream: &str) -> Result<Vec<Route>, Impor
     // serde_json is built without `preserve_order`, so the map iterates its keys sorted, not
     // in document order. Sorted is as good for routing (Sluice ranks routes by specificity
     // and priority, not by position) and makes the output independent of key order.
-    let mut operations = Vec::new();
+    let mut items = Vec::new();
     for (path, item) in paths {
-        let item = match item {
-            Value::Object(item) => item,
+        // Extensions are allowed on the paths object (3.0 and 3.1).
+        if path.starts_with("x-") {
+            continue;
+        }
+        items.push(match item {
+            Value::Object(item) if item.contains_key("$ref") => (
+                path,
+                std::borrow::Cow::Owned(referenced_path_item(root, path, item)?),
+            ),
+            Value::Object(item) => (path, std::borrow::Cow::Borrowed(item)),
             // `/x:` with nothing under it: no operations, not worth refusing the spec for.
             Value::Null => continue,
             other => {
@@ -461,7 +541,12 @@ fn routes(root: &Map<String, Value>, upstream: &str) -> Result<Vec<Route>, Impor
                     reason: format!("is {}, not a path item mapping", kind_of(other)),
                 });
             }
-        };
+        });
+    }
+    let mut operations = Vec::new();
+    for (path, item) in &items {
+        let path = path.as_str();
+        check_servers(item, &format!("paths.{path}"), chosen_server)?;
         let mut found = false;
         for method in METHODS {
             let Some(operation) = item.get(method) else {
@@ -472,6 +557,7 @@ fn routes(root: &Map<String, Value>, upstream: &str) -> Result<Vec<Route>, Impor
                 at: at(),
                 reason: format!("is {}, not an operation mapping", kind_of(operation)),
             })?;
+            check_servers(operation, &at(), chosen_server)?;
             let operation_id = match operation.get("operationId") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(id)) if id.trim().is_empty() => None,
@@ -530,6 +616,81 @@ fn routes(root: &Map<String, Value>, upstream: &str) -> Result<Vec<Route>, Impor
             }
         })
         .collect())
+}
+
+/// A path item given as a `$ref` (with any fields beside it, which win): the item it names in
+/// this document. References to other documents, and chains of them, are refused.
+fn referenced_path_item(
+    root: &Map<String, Value>,
+    path: &str,
+    item: &Map<String, Value>,
+) -> Result<Map<String, Value>, ImportError> {
+    let at = format!("paths.{path}.$ref");
+    let Some(Value::String(reference)) = item.get("$ref") else {
+        return Err(ImportError::Invalid {
+            at,
+            reason: "is not a string".into(),
+        });
+    };
+    let Some(pointer) = reference.strip_prefix('#') else {
+        return Err(ImportError::Invalid {
+            at,
+            reason: format!(
+                "{reference:?} is in another document; references are followed only within \
+                 the spec: bundle it into one document first (for example with `redocly \
+                 bundle`)"
+            ),
+        });
+    };
+    let root = Value::Object(root.clone());
+    let Some(Value::Object(target)) = root.pointer(pointer) else {
+        return Err(ImportError::Invalid {
+            at,
+            reason: format!("{reference:?} names no mapping in the spec"),
+        });
+    };
+    if target.contains_key("$ref") {
+        return Err(ImportError::Invalid {
+            at,
+            reason: format!("{reference:?} is itself a reference; refer to the path item directly"),
+        });
+    }
+    let mut resolved = target.clone();
+    for (key, value) in item.iter().filter(|(key, _)| *key != "$ref") {
+        resolved.insert(key.clone(), value.clone());
+    }
+    Ok(resolved)
+}
+
+/// Refuses `servers` on a path item or operation (at `at`) other than the spec's chosen one:
+/// every route goes to the one upstream, and those requests would reach another backend.
+fn check_servers(
+    item: &Map<String, Value>,
+    at: &str,
+    chosen: Option<&Value>,
+) -> Result<(), ImportError> {
+    let servers = match item.get("servers") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Array(servers)) if servers.is_empty() => return Ok(()),
+        Some(Value::Array(servers)) => servers,
+        Some(other) => {
+            return Err(ImportError::Invalid {
+                at: format!("{at}.servers"),
+                reason: format!("is {}, not a list", kind_of(other)),
+            });
+        }
+    };
+    let url = |server: &Value| server.get("url").cloned();
+    if servers.len() == 1 && chosen.is_some_and(|chosen| url(chosen) == url(&servers[0])) {
+        return Ok(());
+    }
+    Err(ImportError::Invalid {
+        at: format!("{at}.servers"),
+        reason: "servers of their own are not supported: every route goes to the one \
+                 upstream made from the spec's `servers`; import these paths as a spec of \
+                 their own"
+            .into(),
+    })
 }
 
 /// Refuses an OpenAPI path that Sluice cannot route on as it is.
@@ -729,10 +890,12 @@ mod tests {
             },
             "/orders/{orderId}": {
               "get": {"operationId": "list"},
-              "delete": {"operationId": "remove", "servers": [{"url": "https://elsewhere.example"}]}
+              "delete": {"operationId": "remove", "servers": [{"url": "https://{env}.example.com:8443/api/"}]}
             },
-            "/shared": {"$ref": "#/components/pathItems/Shared"}
+            "/shared": {"$ref": "#/components/pathItems/Shared"},
+            "x-generated-by": "hand"
           },
+          "components": {"pathItems": {"Shared": {"get": {"operationId": "shared"}}}},
           "webhooks": {"newOrder": {"post": {"operationId": "onNewOrder"}}}
         }"##;
         let document = import(spec).unwrap();
@@ -772,9 +935,61 @@ mod tests {
                     "/orders/{orderId}".into(),
                     None
                 ),
+                (
+                    "shared".into(),
+                    "GET".into(),
+                    "/shared".into(),
+                    Some(PathMatchKind::Exact)
+                ),
             ]
         );
         load_document(&document).unwrap();
+    }
+
+    #[test]
+    fn merge_keys_are_applied_and_what_cannot_be_followed_is_refused() {
+        let paths = "x-common: &common\n  get: {operationId: read}\npaths:\n  /a:\n    <<: *common\n    post: {operationId: write}";
+        let names: Vec<String> = route_summary(&import(&spec(ONE_SERVER, paths)).unwrap())
+            .into_iter()
+            .map(|(name, ..)| name)
+            .collect();
+        assert_eq!(names, ["read", "write"]);
+
+        for (paths, at, says) in [
+            (
+                "paths:\n  /a:\n    $ref: './paths/a.yaml'",
+                "paths./a.$ref: ",
+                "bundle",
+            ),
+            (
+                "paths:\n  /a:\n    $ref: '#/components/pathItems/Missing'",
+                "paths./a.$ref: ",
+                "names no mapping",
+            ),
+            (
+                "paths:\n  /a:\n    servers: [{url: 'https://elsewhere.example'}]\n    get: {}",
+                "paths./a.servers: ",
+                "one upstream",
+            ),
+            (
+                "paths:\n  /a:\n    get: {servers: [{url: 'https://elsewhere.example'}]}",
+                "paths./a.get.servers: ",
+                "one upstream",
+            ),
+        ] {
+            let error = import(&spec(ONE_SERVER, paths)).unwrap_err().to_string();
+            assert!(
+                error.starts_with(at) && error.contains(says),
+                "{paths}: {error}"
+            );
+        }
+        let twice = "paths:\n  /a:\n    get: {}\n  /a:\n    post: {}";
+        let error = import(&spec(ONE_SERVER, twice)).unwrap_err();
+        assert!(
+            matches!(&error, ImportError::Syntax { .. })
+                && error.to_string().contains("duplicate key"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -965,12 +1180,26 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_their_place_apart_from_the_reason() {
+        let error = import(&spec(ONE_SERVER, "paths:\n  /a:\n    get: [1]")).unwrap_err();
+        assert_eq!(
+            error.located(),
+            (
+                "paths./a.get".into(),
+                "is a list, not an operation mapping".into()
+            )
+        );
+        let error = import("openapi: 3.0.3\ninfo: {title: [unclosed\n").unwrap_err();
+        assert_eq!(error.located().0, "");
+    }
+
+    #[test]
     fn no_operations_is_refused() {
         let cases = [
             "paths: {}",
             "",
-            // Only extensions, parameters and a $ref: nothing Sluice can route.
-            "paths:\n  /a:\n    x-owner: team\n    parameters: []\n  /b:\n    $ref: '#/x'",
+            // Only extensions and parameters: nothing Sluice can route.
+            "paths:\n  /a:\n    x-owner: team\n    parameters: []\n  x-tag: 1",
         ];
         for paths in cases {
             let error = import(&spec(ONE_SERVER, paths)).unwrap_err();

@@ -264,6 +264,16 @@ pub struct Page {
 /// Largest page a listing returns.
 pub const MAX_PAGE: u32 = 1000;
 
+/// Whether resources of `kind` can be listed by `column` (`consumer_id`, `api_id`,
+/// `plan_id`): credentials by consumer, subscriptions by any of the three.
+pub fn can_filter(kind: ResourceKind, column: &str) -> bool {
+    match kind {
+        ResourceKind::Credential => column == "consumer_id",
+        ResourceKind::Subscription => matches!(column, "consumer_id" | "api_id" | "plan_id"),
+        _ => false,
+    }
+}
+
 impl Registry {
     pub fn new(pool: PgPool, retention: u64) -> Self {
         Self {
@@ -407,7 +417,8 @@ impl Registry {
         rows::decode(kind, row.get::<&[u8], _>("body")).map_err(RegistryError::from)
     }
 
-    /// Resources of one kind, in id order, `limit` at a time after `after`.
+    /// Resources of one kind, in id order, `limit` at a time after `after`. A filter the kind
+    /// does not have ([`can_filter`]) is refused.
     pub async fn list(
         &self,
         kind: ResourceKind,
@@ -415,11 +426,7 @@ impl Registry {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Page, RegistryError> {
-        let has = |column: &str| match kind {
-            ResourceKind::Credential => column == "consumer_id",
-            ResourceKind::Subscription => matches!(column, "consumer_id" | "api_id" | "plan_id"),
-            _ => false,
-        };
+        let has = |column: &str| can_filter(kind, column);
         // Every query binds the same six parameters; a filter a kind does not have is
         // refused above, so its condition only checks that it is unset.
         let mut conditions = vec![

@@ -12,7 +12,7 @@
 pub mod export;
 pub mod model;
 pub mod normalize;
-mod strict_value;
+pub mod strict_value;
 
 use std::path::Path;
 use std::sync::OnceLock;

@@ -10,6 +10,7 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 /// A JSON value whose objects had no duplicate keys.
+#[derive(Debug)]
 pub struct StrictValue(pub Value);
 
 impl<'de> Deserialize<'de> for StrictValue {

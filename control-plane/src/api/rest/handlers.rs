@@ -16,7 +16,7 @@ use super::AppState;
 use crate::api::auth::{self, Caller, Role};
 use crate::api::convert::{from_json, to_json};
 use crate::api::error::ApiError;
-use crate::api::keys;
+use crate::api::{derived_id_held_by_another, keys};
 use crate::registry::{ListFilter, Plan, Registry, RegistryError, VersionInfo, Write};
 use crate::versions::diff_changes;
 
@@ -68,9 +68,10 @@ impl QueryArgs {
     }
 
     fn flag(&self, name: &str) -> Result<bool, ApiError> {
-        match self.text(name) {
+        match self.0.get(name).map(String::as_str) {
             None | Some("false") | Some("0") => Ok(false),
-            Some("true") | Some("1") => Ok(true),
+            // A bare `?dry_run` asks for one: read as absent, it would commit.
+            Some("" | "true" | "1") => Ok(true),
             Some(other) => Err(ApiError::BadRequest(format!(
                 "query parameter {name}={other:?} must be true or false"
             ))),
@@ -246,6 +247,18 @@ pub(super) async fn list_resources(
         &["group", "limit", "after", "consumer", "api", "plan"],
     )?;
     let group = args.text("group");
+    // Before any name is resolved: a filter the collection does not have is a 422 whether or
+    // not the name exists.
+    for filter in ["consumer", "api", "plan"] {
+        if args.text(filter).is_some()
+            && !crate::registry::can_filter(kind, &format!("{filter}_id"))
+        {
+            return Err(ApiError::Invalid(sluice_proto::ConfigErrors::single(
+                filter,
+                format!("{name} cannot be filtered by {filter}"),
+            )));
+        }
+    }
     let filter = ListFilter {
         group: group.map(str::to_owned),
         consumer_id: resolve_id(
@@ -296,18 +309,11 @@ pub(super) async fn create_resource(
     let args = QueryArgs::new(params, &["group", "message"])?;
     let body = json_body(&body)?;
     let mut resource = from_json(&s.registry, kind, body.clone(), args.text("group"), None).await?;
-    if body.get("id").is_none() {
-        // The id derived from the name may still be held by a resource renamed since: that
-        // one keeps it, and this one gets an id of its own (its routes' ids follow it).
-        match s.registry.get(kind, resource.id()).await {
-            Ok(holder) if holder.meta().map(|m| &m.name) != resource.meta().map(|m| &m.name) => {
-                let mut body = body;
-                body["id"] = uuid::Uuid::new_v4().to_string().into();
-                resource = from_json(&s.registry, kind, body, args.text("group"), None).await?;
-            }
-            Ok(_) | Err(RegistryError::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
+    // Converted again with an id of its own, so that its routes' ids follow it.
+    if body.get("id").is_none() && derived_id_held_by_another(&s.registry, &resource).await? {
+        let mut body = body;
+        body["id"] = uuid::Uuid::new_v4().to_string().into();
+        resource = from_json(&s.registry, kind, body, args.text("group"), None).await?;
     }
     let message = message(&args, format!("create {}", describe(&resource)));
     let stored = write_one(
@@ -470,14 +476,26 @@ pub(super) async fn create_credential(
     caller.require(Role::Editor)?;
     let args = QueryArgs::new(params, &["group", "message"])?;
     let owner = owner(&s.registry, &consumer, &args).await?;
-    let resource = from_json(
+    let mut body = json_body(&body)?;
+    let mut resource = from_json(
         &s.registry,
         ResourceKind::Credential,
-        json_body(&body)?,
+        body.clone(),
         None,
         Some(&owner),
     )
     .await?;
+    if body.get("id").is_none() && derived_id_held_by_another(&s.registry, &resource).await? {
+        body["id"] = uuid::Uuid::new_v4().to_string().into();
+        resource = from_json(
+            &s.registry,
+            ResourceKind::Credential,
+            body,
+            None,
+            Some(&owner),
+        )
+        .await?;
+    }
     let message = message(
         &args,
         format!("create {} of {}", describe(&resource), describe(&owner)),
@@ -578,7 +596,7 @@ pub(super) async fn list_keys(
 }
 
 fn timestamp_arg(body: &Value, field: &str) -> Result<Option<prost_types::Timestamp>, ApiError> {
-    let Some(text) = body.get(field).and_then(Value::as_str) else {
+    let Some(text) = string_field(body, field)? else {
         return Ok(None);
     };
     sluice_proto::time::parse_rfc3339(text)
@@ -586,10 +604,27 @@ fn timestamp_arg(body: &Value, field: &str) -> Result<Option<prost_types::Timest
         .map_err(|reason| ApiError::Invalid(sluice_proto::ConfigErrors::single(field, reason)))
 }
 
+/// A body's string field; absent or `null` is `None`, any other type a 422 naming it (a
+/// number for `grace_period` must not read as no grace at all).
+fn string_field<'a>(body: &'a Value, field: &str) -> Result<Option<&'a str>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(ApiError::Invalid(sluice_proto::ConfigErrors::single(
+            field,
+            "must be a string",
+        ))),
+    }
+}
+
+/// Refuses a body that is not a JSON object, or that has a field not in `allowed`.
 fn only_fields(body: &Value, allowed: &[&str]) -> Result<(), ApiError> {
-    if let Some(map) = body.as_object()
-        && let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str()))
-    {
+    let Some(map) = body.as_object() else {
+        return Err(ApiError::BadRequest(
+            "the body is not a JSON object".to_owned(),
+        ));
+    };
+    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(ApiError::Invalid(sluice_proto::ConfigErrors::single(
             unknown.clone(),
             "unknown field",
@@ -611,7 +646,7 @@ pub(super) async fn create_key(
     let body = json_body(&body)?;
     only_fields(&body, &["name", "expires_at"])?;
     let message = message(&args, format!("create API key for {}", describe(&owner)));
-    let name = body.get("name").and_then(Value::as_str);
+    let name = string_field(&body, "name")?;
     let issued = keys::create(
         &s.registry,
         &caller,
@@ -651,7 +686,7 @@ pub(super) async fn rotate_key(
     let old = owned_credential(&s.registry, &owner, &key).await?;
     let body = json_body(&body)?;
     only_fields(&body, &["grace_period"])?;
-    let grace = match body.get("grace_period").and_then(Value::as_str) {
+    let grace = match string_field(&body, "grace_period")? {
         None => std::time::Duration::ZERO,
         Some(text) => humantime::parse_duration(text).map_err(|e| {
             ApiError::Invalid(sluice_proto::ConfigErrors::single(
@@ -725,15 +760,21 @@ pub(super) async fn list_dataplanes(
     params: Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Viewer)?;
-    let args = QueryArgs::new(params, &["group"])?;
-    let nodes = crate::discovery::status::list(s.registry.pool(), args.text("group"))
-        .await
-        .map_err(|e| ApiError::Internal(format!("cannot read data-plane status: {e}")))?;
+    let args = QueryArgs::new(params, &["group", "limit", "after"])?;
+    let limit = u32::try_from(args.number("limit")?.unwrap_or(100)).unwrap_or(u32::MAX);
+    let (nodes, next) = crate::discovery::status::list(
+        s.registry.pool(),
+        args.text("group"),
+        args.text("after"),
+        limit,
+    )
+    .await
+    .map_err(RegistryError::from_db)?;
     let items: Vec<Value> = nodes
         .iter()
         .map(crate::discovery::status::to_json)
         .collect();
-    Ok(axum::Json(json!({ "items": items })).into_response())
+    Ok(axum::Json(json!({ "items": items, "next": next })).into_response())
 }
 
 fn version_number(text: &str) -> Result<u64, ApiError> {
@@ -903,11 +944,53 @@ pub(super) async fn import_openapi(
         group: args.text("group").map(str::to_owned),
         server_index: usize::try_from(args.number("server")?.unwrap_or(0)).unwrap_or(usize::MAX),
     };
-    let document = import_openapi(text_body(&body)?, &options)
-        .map_err(|e| ApiError::Invalid(sluice_proto::ConfigErrors::single("", e.to_string())))?;
-    let config = declarative::load_document(&document).map_err(ApiError::Invalid)?;
-    // An import adds or replaces its API and upstream (matched by name, as apply does); it
-    // leaves the rest of the registry be.
+    let document = import_openapi(text_body(&body)?, &options).map_err(|e| {
+        let (at, reason) = e.located();
+        ApiError::Invalid(sluice_proto::ConfigErrors::single(at, reason))
+    })?;
+    let mut config = declarative::load_document(&document).map_err(ApiError::Invalid)?;
+    // An import adds its API and upstream, or updates those of their names (as apply matches
+    // them) in what the spec describes only; it leaves the rest of the registry be.
+    let group = options
+        .group
+        .as_deref()
+        .unwrap_or(declarative::DEFAULT_GROUP);
+    let registered = |kind, name: Option<String>| {
+        let registry = &s.registry;
+        async move {
+            let Some(name) = name else { return Ok(None) };
+            match registry.find(kind, group, &name).await {
+                Ok(resource) => Ok(resource.kind),
+                Err(RegistryError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(ApiError::from(e)),
+            }
+        }
+    };
+    let api = match registered(
+        ResourceKind::Api,
+        config
+            .apis
+            .first()
+            .and_then(|a| Some(a.meta.as_ref()?.name.clone())),
+    )
+    .await?
+    {
+        Some(pb::resource::Kind::Api(api)) => Some(api),
+        _ => None,
+    };
+    let upstream = match registered(
+        ResourceKind::Upstream,
+        config
+            .upstreams
+            .first()
+            .and_then(|u| Some(u.meta.as_ref()?.name.clone())),
+    )
+    .await?
+    {
+        Some(pb::resource::Kind::Upstream(upstream)) => Some(upstream),
+        _ => None,
+    };
+    crate::import::onto_registered(&mut config, api, upstream);
     let message = message(&args, "import openapi".into());
     let committed = s
         .registry
@@ -927,20 +1010,24 @@ pub(super) async fn import_openapi(
 pub(super) async fn list_tokens(
     State(s): State<AppState>,
     caller: Caller,
+    params: Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
+    QueryArgs::new(params, &[])?;
     Ok(axum::Json(json!({ "items": auth::list_tokens(s.registry.pool()).await? })).into_response())
 }
 
 pub(super) async fn create_token(
     State(s): State<AppState>,
     caller: Caller,
+    params: Params,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
+    QueryArgs::new(params, &[])?;
     let body = json_body(&body)?;
     only_fields(&body, &["name", "role"])?;
-    let name = body.get("name").and_then(Value::as_str).ok_or_else(|| {
+    let name = string_field(&body, "name")?.ok_or_else(|| {
         ApiError::Invalid(sluice_proto::ConfigErrors::single("name", "is required"))
     })?;
     let role: Role = body
@@ -968,8 +1055,10 @@ pub(super) async fn delete_token(
     State(s): State<AppState>,
     caller: Caller,
     Path(key): Path<String>,
+    params: Params,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
+    QueryArgs::new(params, &[])?;
     auth::delete_token(s.registry.pool(), &key).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -102,12 +102,13 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .merge(documents)
         .fallback(not_found)
-        .layer(axum::middleware::map_response(
-            super::error::problem_for_bare_errors,
-        ))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
+        ))
+        // Outside the timeout, so that its bare 503 gets a problem document too.
+        .layer(axum::middleware::map_response(
+            super::error::problem_for_bare_errors,
         ))
         .with_state(state)
 }
