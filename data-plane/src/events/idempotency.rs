@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::auth::ip::budget_address;
 use crate::ratelimit::{RedisLimiter, RedisUnavailable};
 
 /// How long a repeat waits for the first copy's answer before it is told 409.
@@ -71,6 +72,16 @@ pub enum IdempotencyError {
     Unavailable(String),
 }
 
+/// Whose keys a request's `Idempotency-Key` is among.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyOwner {
+    /// The authenticated consumer's.
+    Consumer(uuid::Uuid),
+    /// On a route that authenticates nobody, the client address's (an IPv6 client's /64, as
+    /// its rate-limit budgets): strangers never get each other's answers.
+    Address(std::net::IpAddr),
+}
+
 /// The node's idempotency keys: in Redis when given one, else in memory.
 #[derive(Debug)]
 pub struct Idempotency {
@@ -96,19 +107,18 @@ impl Idempotency {
         }
     }
 
-    /// The key a request is stored under: its route, its consumer (or `-`), and the client's
-    /// key. Checked first: see [`IdempotencyError::BadKey`].
-    pub fn scope(
-        route: &str,
-        consumer: Option<uuid::Uuid>,
-        key: &[u8],
-    ) -> Result<String, IdempotencyError> {
+    /// The key a request is stored under: its route, who sent it, and the client's key.
+    /// Checked first: see [`IdempotencyError::BadKey`].
+    pub fn scope(route: &str, owner: KeyOwner, key: &[u8]) -> Result<String, IdempotencyError> {
         if key.is_empty() || key.len() > MAX_KEY_LEN || !key.iter().all(u8::is_ascii_graphic) {
             return Err(IdempotencyError::BadKey);
         }
-        let consumer = consumer.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        let owner = match owner {
+            KeyOwner::Consumer(consumer) => consumer.to_string(),
+            KeyOwner::Address(address) => format!("ip-{}", budget_address(address)),
+        };
         Ok(format!(
-            "idem:{route}:{consumer}:{}",
+            "idem:{route}:{owner}:{}",
             String::from_utf8_lossy(key)
         ))
     }
@@ -332,10 +342,14 @@ fn parse(value: &str) -> Stored {
 mod tests {
     use super::*;
 
+    fn anonymous() -> KeyOwner {
+        KeyOwner::Address(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
     #[tokio::test]
     async fn the_first_copy_wins_and_the_others_get_its_answer() {
         let store = Idempotency::new(Duration::from_secs(60), None);
-        let scope = Idempotency::scope("r1", None, b"key-1").unwrap();
+        let scope = Idempotency::scope("r1", anonymous(), b"key-1").unwrap();
         let fp = Idempotency::fingerprint("/orders", &[], b"{}");
         assert_eq!(
             store.claim(&scope, &[&fp], CLAIM_TTL).await.unwrap(),
@@ -365,7 +379,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_stored_by_an_earlier_build_is_still_replayed() {
         let store = Idempotency::new(Duration::from_secs(60), None);
-        let scope = Idempotency::scope("r1", None, b"key-1").unwrap();
+        let scope = Idempotency::scope("r1", anonymous(), b"key-1").unwrap();
         let earlier = Idempotency::earlier_fingerprint("/orders", b"{}");
         let answer = StoredAnswer {
             status: 202,
@@ -388,7 +402,7 @@ mod tests {
     #[tokio::test]
     async fn a_released_claim_lets_the_retry_publish() {
         let store = Idempotency::new(Duration::from_secs(60), None);
-        let scope = Idempotency::scope("r1", Some(uuid::Uuid::nil()), b"k").unwrap();
+        let scope = Idempotency::scope("r1", KeyOwner::Consumer(uuid::Uuid::nil()), b"k").unwrap();
         assert_eq!(
             store.claim(&scope, &["fp"], CLAIM_TTL).await.unwrap(),
             Claim::Won
@@ -402,13 +416,27 @@ mod tests {
 
     #[test]
     fn keys_are_checked_and_scoped() {
-        assert!(Idempotency::scope("r", None, b"").is_err());
-        assert!(Idempotency::scope("r", None, b"has space").is_err());
-        assert!(Idempotency::scope("r", None, &[b'a'; 256]).is_err());
+        assert!(Idempotency::scope("r", anonymous(), b"").is_err());
+        assert!(Idempotency::scope("r", anonymous(), b"has space").is_err());
+        assert!(Idempotency::scope("r", anonymous(), &[b'a'; 256]).is_err());
         assert_ne!(
-            Idempotency::scope("r", None, b"k").unwrap(),
-            Idempotency::scope("r", Some(uuid::Uuid::nil()), b"k").unwrap(),
+            Idempotency::scope("r", anonymous(), b"k").unwrap(),
+            Idempotency::scope("r", KeyOwner::Consumer(uuid::Uuid::nil()), b"k").unwrap(),
             "each consumer has its own keys"
+        );
+        let from = |address: &str| {
+            Idempotency::scope("r", KeyOwner::Address(address.parse().unwrap()), b"k").unwrap()
+        };
+        assert_ne!(
+            from("203.0.113.7"),
+            from("203.0.113.8"),
+            "so does each anonymous client"
+        );
+        assert_eq!(from("::ffff:203.0.113.7"), from("203.0.113.7"));
+        assert_eq!(
+            from("2001:db8::1"),
+            from("2001:db8::2"),
+            "an IPv6 client by its /64"
         );
     }
 

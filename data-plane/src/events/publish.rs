@@ -20,7 +20,7 @@ use sluice_proto::pb;
 use tokio_util::task::TaskTracker;
 
 use super::cloudevents::{self, EventError, Mode};
-use super::idempotency::{Claim, Idempotency, IdempotencyError, StoredAnswer, claim_ttl};
+use super::idempotency::{Claim, Idempotency, IdempotencyError, KeyOwner, StoredAnswer, claim_ttl};
 use super::{Acks, Broker, Delivered, Delivery, Record, caller_headers, now_ms};
 use crate::auth::Identity;
 use crate::server::error::{GatewayError, SchemaError};
@@ -63,6 +63,8 @@ pub struct PublishContext<'a> {
     pub route_id: &'a str,
     pub params: &'a [(&'a str, String)],
     pub identity: Option<&'a Identity>,
+    /// The client's address, whose idempotency keys an anonymous publish uses.
+    pub client: std::net::IpAddr,
     pub request_id: &'a HeaderValue,
     pub max_body_bytes: u64,
     pub metrics: &'a Arc<Metrics>,
@@ -180,8 +182,12 @@ impl PublishRoute {
             let answer = answer(&event.id, &event.topic, delivered);
             return Ok(accepted(answer.to_string(), false));
         };
-        let consumer = context.identity.map(|i| i.consumer_id);
-        let scope = Idempotency::scope(context.route_id, consumer, key.as_bytes())
+        let owner = context
+            .identity
+            .map_or(KeyOwner::Address(context.client), |i| {
+                KeyOwner::Consumer(i.consumer_id)
+            });
+        let scope = Idempotency::scope(context.route_id, owner, key.as_bytes())
             .map_err(GatewayError::Idempotency)?;
         let fingerprint =
             Idempotency::fingerprint(parts.uri.path(), &self.event_headers(&parts.headers), &body);

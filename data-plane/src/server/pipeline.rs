@@ -391,6 +391,7 @@ impl Gateway {
                     route_id: &route.id,
                     params: &matched.params,
                     identity: identity.as_ref(),
+                    client: origin.client,
                     request_id,
                     max_body_bytes,
                     metrics: &self.metrics,

@@ -81,6 +81,7 @@ async fn publish_on(
         route_id: "r1",
         params,
         identity: None,
+        client: std::net::Ipv4Addr::LOCALHOST.into(),
         request_id: &request_id,
         max_body_bytes: 1024,
         metrics,
