@@ -1019,6 +1019,38 @@ async fn openapi_import_of_the_petstore() -> anyhow::Result<()> {
     assert_eq!(kept.body["routes"][0]["scopes"], json!(["pets:read"]));
     assert_eq!(kept.body["routes"].as_array().unwrap().len(), 3);
 
+    // An upstream renamed since keeps its id, and the routes that go to it still do; the
+    // import makes a new upstream of its own under the spec's name.
+    let mut backend = upstream.body.clone();
+    let held_id = backend["id"].clone();
+    backend["name"] = json!("petstore-backend");
+    let put = admin(
+        &cp,
+        Method::PUT,
+        "/v1/upstreams/swagger-petstore-upstream",
+        Some(backend),
+    )
+    .await?;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+    let again = send_text(&cp, "/v1/import/openapi", "application/yaml", PETSTORE).await?;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    let renamed = admin(&cp, Method::GET, "/v1/upstreams/petstore-backend", None).await?;
+    assert_eq!(renamed.body["id"], held_id, "{}", renamed.body);
+    let made = admin(
+        &cp,
+        Method::GET,
+        "/v1/upstreams/swagger-petstore-upstream",
+        None,
+    )
+    .await?;
+    assert_eq!(made.status, StatusCode::OK, "{}", made.body);
+    assert_ne!(made.body["id"], held_id);
+    let kept = admin(&cp, Method::GET, "/v1/apis/swagger-petstore", None).await?;
+    assert_eq!(
+        kept.body["routes"][0]["proxy"]["upstream"], held_id,
+        "a kept route still goes where the operator sent it"
+    );
+
     // An upstream of the same name made through the API, under an id of its own, is updated by
     // a new import rather than clashing with it.
     let custom = admin(&cp, Method::POST, "/v1/upstreams", Some(json!({ "id": "0b5c1a3e-8d52-4c5e-9c1e-1f2a3b4c5d6e", "name": "other-upstream", "targets": [{ "url": "http://127.0.0.1:1" }] }))).await?;

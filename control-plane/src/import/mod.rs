@@ -2,6 +2,7 @@
 
 pub mod openapi;
 
+use sluice_proto::declarative::normalize::derived_route_id;
 use sluice_proto::pb;
 
 /// What an import writes over an API and upstream registered under its names: only what the
@@ -16,16 +17,29 @@ pub fn onto_registered(
     upstream: Option<pb::Upstream>,
 ) {
     if let (Some(registered), Some(new)) = (api, imported.apis.first_mut()) {
+        let imported_id = new.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+        let registered_id = registered
+            .meta
+            .as_ref()
+            .map(|m| m.id.clone())
+            .unwrap_or_default();
         let routes = std::mem::take(&mut new.routes)
             .into_iter()
-            .map(|route| {
+            .map(|mut route| {
                 match registered.routes.iter().find(|r| r.name == route.name) {
                     // Kept with its id, so that what refers to the route still does.
                     Some(kept) => pb::Route {
                         r#match: route.r#match,
                         ..kept.clone()
                     },
-                    None => route,
+                    None => {
+                        // A new route's id follows the API it joins, as the API's own
+                        // routes' do (the registered API's id need not be its name's).
+                        if route.id == derived_route_id(&imported_id, &route.name) {
+                            route.id = derived_route_id(&registered_id, &route.name);
+                        }
+                        route
+                    }
                 }
             })
             .collect();
@@ -48,16 +62,29 @@ pub fn onto_registered(
         // The registered upstream keeps its id (it may not be the one its name derives):
         // the spec's routes go to it under that id.
         let registered_id = new.meta.as_ref().map(|m| m.id.clone()).unwrap_or_default();
-        for route in imported
-            .apis
-            .iter_mut()
-            .flat_map(|api| api.routes.iter_mut())
+        give_upstream_id(imported, &imported_id, &registered_id);
+    }
+}
+
+/// Gives the import's upstream, now `from`, the id `to`, and points the import's routes to
+/// it there.
+pub fn give_upstream_id(imported: &mut pb::ConfigSet, from: &str, to: &str) {
+    for upstream in &mut imported.upstreams {
+        if let Some(meta) = upstream.meta.as_mut()
+            && meta.id == from
         {
-            if let Some(pb::route::Action::Proxy(proxy)) = &mut route.action
-                && proxy.upstream_id == imported_id
-            {
-                proxy.upstream_id.clone_from(&registered_id);
-            }
+            meta.id = to.to_owned();
+        }
+    }
+    for route in imported
+        .apis
+        .iter_mut()
+        .flat_map(|api| api.routes.iter_mut())
+    {
+        if let Some(pb::route::Action::Proxy(proxy)) = &mut route.action
+            && proxy.upstream_id == from
+        {
+            proxy.upstream_id = to.to_owned();
         }
     }
 }
@@ -68,7 +95,7 @@ mod tests {
 
     fn route(name: &str, path: &str, policies: &[&str]) -> pb::Route {
         pb::Route {
-            id: format!("id-{name}"),
+            id: derived_route_id("derived", name),
             action: Some(pb::route::Action::Proxy(pb::ProxyAction {
                 upstream_id: "derived-upstream".into(),
                 ..Default::default()
@@ -162,6 +189,16 @@ mod tests {
         assert_eq!(
             proxy.upstream_id, "registered-upstream",
             "a new route goes to the upstream as registered"
+        );
+        assert_eq!(
+            api.routes[1].id,
+            derived_route_id("registered", "add"),
+            "a new route's id follows the API it joins"
+        );
+        assert_eq!(
+            list.id,
+            derived_route_id("derived", "list"),
+            "a kept route's id stays"
         );
         assert_eq!(list.r#match, route("x", "/animals", &[]).r#match);
         let upstream = &imported.upstreams[0];

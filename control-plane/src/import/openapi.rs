@@ -268,7 +268,9 @@ fn apply_merge_keys(value: &mut Value, at: &str) -> Result<(), ImportError> {
                     Value::Array(sources) => sources,
                     single => vec![single],
                 };
-                for source in sources {
+                for mut source in sources {
+                    // A source may merge others itself: resolved before it is merged in.
+                    apply_merge_keys(&mut source, &format!("{at}.<<"))?;
                     let Value::Object(source) = source else {
                         return Err(ImportError::Invalid {
                             at: format!("{at}.<<").trim_start_matches('.').to_owned(),
@@ -642,8 +644,20 @@ fn referenced_path_item(
             ),
         });
     };
-    let root = Value::Object(root.clone());
-    let Some(Value::Object(target)) = root.pointer(pointer) else {
+    // Resolved against the borrowed spec: a pointer's first token names a top-level field.
+    let target = pointer
+        .strip_prefix('/')
+        .map(|path| path.split_once('/').unwrap_or((path, "")))
+        .and_then(|(first, rest)| {
+            let first = first.replace("~1", "/").replace("~0", "~");
+            let value = root.get(&first)?;
+            if rest.is_empty() {
+                Some(value)
+            } else {
+                value.pointer(&format!("/{rest}"))
+            }
+        });
+    let Some(Value::Object(target)) = target else {
         return Err(ImportError::Invalid {
             at,
             reason: format!("{reference:?} names no mapping in the spec"),
@@ -948,12 +962,16 @@ mod tests {
 
     #[test]
     fn merge_keys_are_applied_and_what_cannot_be_followed_is_refused() {
-        let paths = "x-common: &common\n  get: {operationId: read}\npaths:\n  /a:\n    <<: *common\n    post: {operationId: write}";
+        let paths = "x-base: &base\n  get: {operationId: read}\nx-common: &common\n  <<: *base\n  put: {operationId: replace}\npaths:\n  /a:\n    <<: *common\n    post: {operationId: write}";
         let names: Vec<String> = route_summary(&import(&spec(ONE_SERVER, paths)).unwrap())
             .into_iter()
             .map(|(name, ..)| name)
             .collect();
-        assert_eq!(names, ["read", "write"]);
+        assert_eq!(
+            names,
+            ["read", "replace", "write"],
+            "merges within merges too"
+        );
 
         for (paths, at, says) in [
             (

@@ -190,9 +190,9 @@ impl JwtAuthenticator {
         let refetched;
         let key = match choose_key(&held, kid, alg) {
             Ok(key) => key,
-            // A first fetch this request has just waited out in vain is not tried again at
-            // once: the JWKS server is down, and one request waits for at most one fetch.
-            Err(KeyMiss::Absent) if held.is_loaded() || !loaded.waited => {
+            // A request that has just waited for a fetch (the first, which may have failed)
+            // does not wait for another: one request waits for at most one fetch.
+            Err(KeyMiss::Absent) if !loaded.waited => {
                 refetched = issuer.keys.refetch_for_unknown_kid().await;
                 choose_key(&refetched, kid, alg)
                     .map_err(|miss| issuer.key_rejection(miss, kid, &refetched))?

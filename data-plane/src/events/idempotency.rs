@@ -89,13 +89,11 @@ pub struct Idempotency {
     /// Where keys are shared between nodes, when the node has Redis.
     redis: Option<Arc<RedisLimiter>>,
     memory: Mutex<HashMap<String, (String, Instant)>>,
-    /// When the full memory table was last swept of expired keys: at most once per
-    /// [`SWEEP_EVERY`], not per request, once it is full of live ones.
-    swept_at: Mutex<Option<Instant>>,
+    /// The earliest a key of the memory table expires (as far as the last sweep and the
+    /// inserts since know): a full table is swept of expired keys only once one has
+    /// expired, not at every request while all are live.
+    earliest_expiry: Mutex<Option<Instant>>,
 }
-
-/// Least time between two sweeps of a full memory table (each a pass over every key).
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Idempotency {
     pub fn new(ttl: Duration, redis: Option<Arc<RedisLimiter>>) -> Self {
@@ -103,7 +101,7 @@ impl Idempotency {
             ttl,
             redis,
             memory: Mutex::new(HashMap::new()),
-            swept_at: Mutex::new(None),
+            earliest_expiry: Mutex::new(None),
         }
     }
 
@@ -194,14 +192,18 @@ impl Idempotency {
                     match memory.get(scope) {
                         Some((value, expires)) if *expires > now => Some(value.clone()),
                         _ => {
-                            if memory.len() >= MEMORY_KEYS && self.sweep_due(now) {
+                            // An expired copy of this key is replaced in place.
+                            let grows = !memory.contains_key(scope);
+                            if grows && memory.len() >= MEMORY_KEYS && self.sweep_due(now) {
                                 memory.retain(|_, (_, expires)| *expires > now);
+                                *self.earliest() = memory.values().map(|(_, e)| *e).min();
                             }
-                            if memory.len() >= MEMORY_KEYS {
+                            if grows && memory.len() >= MEMORY_KEYS {
                                 return Err(IdempotencyError::Unavailable(format!(
                                     "this node holds {MEMORY_KEYS} keys already"
                                 )));
                             }
+                            self.note_expiry(now + ttl);
                             memory.insert(scope.to_owned(), (pending.clone(), now + ttl));
                             return Ok(Claim::Won);
                         }
@@ -258,8 +260,9 @@ impl Idempotency {
                 }
             }
             None => {
-                self.lock()
-                    .insert(scope.to_owned(), (value, Instant::now() + self.ttl));
+                let expires = Instant::now() + self.ttl;
+                self.note_expiry(expires);
+                self.lock().insert(scope.to_owned(), (value, expires));
             }
         }
     }
@@ -281,14 +284,22 @@ impl Idempotency {
         }
     }
 
-    /// Whether a full table may be swept now (and if so, notes that it is).
+    /// Whether a sweep of the full table would free anything: some key has expired.
     fn sweep_due(&self, now: Instant) -> bool {
-        let mut swept_at = self.swept_at.lock().unwrap_or_else(|e| e.into_inner());
-        let due = swept_at.is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY);
-        if due {
-            *swept_at = Some(now);
+        self.earliest().is_none_or(|at| now >= at)
+    }
+
+    fn note_expiry(&self, expires: Instant) {
+        let mut earliest = self.earliest();
+        if earliest.is_none_or(|at| expires < at) {
+            *earliest = Some(expires);
         }
-        due
+    }
+
+    fn earliest(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.earliest_expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
@@ -410,6 +421,46 @@ mod tests {
         store.release(&scope).await;
         assert_eq!(
             store.claim(&scope, &["fp"], CLAIM_TTL).await.unwrap(),
+            Claim::Won
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_table_takes_new_keys_once_some_have_expired() {
+        let store = Idempotency::new(Duration::from_secs(3600), None);
+        let later = Instant::now() + Duration::from_secs(3600);
+        for i in 1..MEMORY_KEYS {
+            store.note_expiry(later);
+            store
+                .lock()
+                .insert(format!("k{i}"), ("p|fp".to_owned(), later));
+        }
+        // The last one in expires soon.
+        let soon = Instant::now() + Duration::from_millis(300);
+        store.note_expiry(soon);
+        store
+            .lock()
+            .insert("k0".to_owned(), ("p|fp".to_owned(), soon));
+        assert!(matches!(
+            store.claim("new", &["fp"], CLAIM_TTL).await,
+            Err(IdempotencyError::Unavailable(_))
+        ));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(
+            store.claim("new", &["fp"], CLAIM_TTL).await.unwrap(),
+            Claim::Won
+        );
+        assert!(matches!(
+            store.claim("newer", &["fp"], CLAIM_TTL).await,
+            Err(IdempotencyError::Unavailable(_))
+        ));
+        // A key whose own entry expired is replaced in place, full table or not.
+        store.lock().insert(
+            "k1".to_owned(),
+            ("p|fp".to_owned(), Instant::now() - Duration::from_secs(1)),
+        );
+        assert_eq!(
+            store.claim("k1", &["fp"], CLAIM_TTL).await.unwrap(),
             Claim::Won
         );
     }

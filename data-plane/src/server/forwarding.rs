@@ -67,15 +67,18 @@ impl TrustedProxies {
         // Every X-Forwarded-For line, in order, is one list; each hop appended its peer on
         // the right. The nearest hop not trusted is the client. A malformed entry ends the
         // walk at the last hop read: what lies left of it was written by nobody trusted.
+        // Entries are read one by one from the raw bytes: a byte a client put in its own
+        // entry (not ASCII, say) must not spoil the entries the proxies appended after it.
         let mut client = peer;
-        let lines: Vec<&str> = headers
+        let lines: Vec<&[u8]> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
-            .map(|line| line.to_str().unwrap_or(""))
+            .map(HeaderValue::as_bytes)
             .collect();
         'walk: for line in lines.iter().rev() {
-            for entry in line.rsplit(',') {
-                let Some(address) = forwarded_address(entry) else {
+            for entry in line.rsplit(|&b| b == b',') {
+                let Some(address) = std::str::from_utf8(entry).ok().and_then(forwarded_address)
+                else {
                     break 'walk;
                 };
                 client = address;
@@ -266,13 +269,21 @@ pub fn set_forwarding(
     request_id: &HeaderValue,
     traceparent: HeaderValue,
 ) {
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {peer}"),
-        _ => peer.to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+    // Every line the request came with, in order (a proxy may have added a line of its own
+    // rather than appended to the client's), then the peer.
+    let peer = peer.to_string();
+    let mut forwarded_for = Vec::new();
+    for line in headers.get_all(&X_FORWARDED_FOR) {
+        let line = line.as_bytes().trim_ascii();
+        if !line.is_empty() {
+            forwarded_for.extend_from_slice(line);
+            forwarded_for.extend_from_slice(b", ");
+        }
     }
+    forwarded_for.extend_from_slice(peer.as_bytes());
+    let value = HeaderValue::from_bytes(&forwarded_for)
+        .unwrap_or_else(|_| HeaderValue::from_str(&peer).expect("an address is a header value"));
+    headers.insert(X_FORWARDED_FOR.clone(), value);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     match original_host {
         Some(host) => {
@@ -396,6 +407,16 @@ mod tests {
             at("10.0.0.3", "http"),
             "a malformed entry ends the walk at the last hop read"
         );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"\xff, 203.0.113.7").unwrap(),
+        );
+        assert_eq!(
+            trusted.origin("10.0.0.1".parse().unwrap(), "http", &headers),
+            at("203.0.113.7", "http"),
+            "a byte that is not ASCII spoils only its own entry"
+        );
         assert_eq!(
             origin("10.0.0.1", &[], Some("gopher")),
             at("10.0.0.1", "http")
@@ -432,6 +453,21 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         assert_eq!(headers[&X_FORWARDED_FOR], "203.0.113.9, 10.0.0.1");
+        // Every line, in order: a proxy may have added its own.
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        headers.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
+        set_forwarding(
+            &mut headers,
+            "10.0.0.1".parse().unwrap(),
+            "http",
+            Some(HeaderValue::from_static("api.example.com")),
+            &HeaderValue::from_static("rid"),
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        assert_eq!(
+            headers.get_all(&X_FORWARDED_FOR).iter().collect::<Vec<_>>(),
+            ["6.6.6.6, 203.0.113.9, 10.0.0.1"]
+        );
         assert_eq!(headers[&X_FORWARDED_PROTO], "http");
         assert_eq!(headers[&X_FORWARDED_HOST], "api.example.com");
         assert_eq!(headers[&X_REQUEST_ID], "rid");

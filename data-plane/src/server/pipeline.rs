@@ -205,15 +205,23 @@ impl Gateway {
                 error.to_response(&request_id)
             }
         };
+        let upstream_refused = response.status() == StatusCode::TOO_MANY_REQUESTS;
         let headers = response.headers_mut();
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
         if let Some((cors, origin)) = &outcome.cors {
             cors.decorate(Some(origin), headers);
         }
-        // The gateway's budget replaces any an upstream reported: the tightest one is the
-        // gateway's to tell (an upstream's own limits are looser, or it would refuse).
-        if outcome.rate.is_some() {
-            rate_limit_headers(headers, outcome.rate.as_ref(), None);
+        // The tightest budget is told: the gateway's replaces an upstream's, unless the
+        // upstream refused the request itself or reports fewer requests left.
+        if let Some(rate) = &outcome.rate {
+            let upstreams_is_tighter = upstream_refused
+                || headers
+                    .get("ratelimit-remaining")
+                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                    .is_some_and(|theirs| theirs < rate.remaining);
+            if !upstreams_is_tighter {
+                rate_limit_headers(headers, Some(rate), None);
+            }
         }
         self.metrics.in_flight.dec();
 

@@ -990,6 +990,17 @@ pub(super) async fn import_openapi(
         Some(pb::resource::Kind::Upstream(upstream)) => Some(upstream),
         _ => None,
     };
+    // No upstream of that name, but its name's id held by one renamed since: the import's is
+    // a new upstream with an id of its own (left to the renamed one, the id would be remapped
+    // on apply, and every route that still goes to the renamed upstream would follow).
+    if upstream.is_none()
+        && let Some(imported) = config.upstreams.first().cloned()
+        && derived_id_held_by_another(&s.registry, &Resource::from(imported.clone())).await?
+    {
+        let held = imported.meta.map(|m| m.id).unwrap_or_default();
+        let fresh = uuid::Uuid::new_v4().to_string();
+        crate::import::give_upstream_id(&mut config, &held, &fresh);
+    }
     crate::import::onto_registered(&mut config, api, upstream);
     let message = message(&args, "import openapi".into());
     let committed = s
