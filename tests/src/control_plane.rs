@@ -155,14 +155,19 @@ impl ControlPlane {
 
     /// `GET /v1/dataplanes`: every node's status.
     pub async fn dataplanes(&self) -> anyhow::Result<Vec<serde_json::Value>> {
-        let body: serde_json::Value = reqwest::Client::new()
-            .get(self.url("/v1/dataplanes"))
+        let body = self.dataplanes_page("").await?;
+        Ok(body["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// `GET /v1/dataplanes?{query}`: one page, `{"items", "next"}`.
+    pub async fn dataplanes_page(&self, query: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(reqwest::Client::new()
+            .get(self.url(&format!("/v1/dataplanes?{query}")))
             .bearer_auth(ADMIN_TOKEN)
             .timeout(Duration::from_secs(10))
             .send()
             .await?
             .json()
-            .await?;
-        Ok(body["items"].as_array().cloned().unwrap_or_default())
+            .await?)
     }
 }

@@ -697,14 +697,7 @@ async fn data_plane_status_is_paged_and_silent_nodes_are_forgotten() -> anyhow::
     let page = |query: &'static str| {
         let cp = &cp;
         async move {
-            let body: Value = reqwest::Client::new()
-                .get(cp.url(&format!("/v1/dataplanes?{query}")))
-                .bearer_auth(ADMIN_TOKEN)
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await?
-                .json()
-                .await?;
+            let body = cp.dataplanes_page(query).await?;
             let ids: Vec<String> = body["items"]
                 .as_array()
                 .unwrap()

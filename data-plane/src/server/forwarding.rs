@@ -442,28 +442,24 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends_the_client() {
+        let forward = |headers: &mut HeaderMap| {
+            set_forwarding(
+                headers,
+                "10.0.0.1".parse().unwrap(),
+                "http",
+                Some(HeaderValue::from_static("api.example.com")),
+                &HeaderValue::from_static("rid"),
+                HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            );
+        };
         let mut headers = HeaderMap::new();
         headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
-        set_forwarding(
-            &mut headers,
-            "10.0.0.1".parse().unwrap(),
-            "http",
-            Some(HeaderValue::from_static("api.example.com")),
-            &HeaderValue::from_static("rid"),
-            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        );
+        forward(&mut headers);
         assert_eq!(headers[&X_FORWARDED_FOR], "203.0.113.9, 10.0.0.1");
         // Every line, in order: a proxy may have added its own.
         headers.insert(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         headers.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
-        set_forwarding(
-            &mut headers,
-            "10.0.0.1".parse().unwrap(),
-            "http",
-            Some(HeaderValue::from_static("api.example.com")),
-            &HeaderValue::from_static("rid"),
-            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        );
+        forward(&mut headers);
         assert_eq!(
             headers.get_all(&X_FORWARDED_FOR).iter().collect::<Vec<_>>(),
             ["6.6.6.6, 203.0.113.9, 10.0.0.1"]

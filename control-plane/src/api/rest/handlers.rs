@@ -966,28 +966,16 @@ pub(super) async fn import_openapi(
             }
         }
     };
-    let api = match registered(
-        ResourceKind::Api,
-        config
-            .apis
-            .first()
-            .and_then(|a| Some(a.meta.as_ref()?.name.clone())),
-    )
-    .await?
-    {
-        Some(pb::resource::Kind::Api(api)) => Some(api),
+    let name = |meta: Option<&pb::Meta>| meta.map(|m| m.name.clone());
+    let api_name = config.apis.first().and_then(|a| name(a.meta.as_ref()));
+    let upstream_name = config.upstreams.first().and_then(|u| name(u.meta.as_ref()));
+    use pb::resource::Kind;
+    let api = match registered(ResourceKind::Api, api_name).await? {
+        Some(Kind::Api(api)) => Some(api),
         _ => None,
     };
-    let upstream = match registered(
-        ResourceKind::Upstream,
-        config
-            .upstreams
-            .first()
-            .and_then(|u| Some(u.meta.as_ref()?.name.clone())),
-    )
-    .await?
-    {
-        Some(pb::resource::Kind::Upstream(upstream)) => Some(upstream),
+    let upstream = match registered(ResourceKind::Upstream, upstream_name).await? {
+        Some(Kind::Upstream(upstream)) => Some(upstream),
         _ => None,
     };
     // No upstream of that name, but its name's id held by one renamed since: the import's is
