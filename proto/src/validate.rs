@@ -1390,14 +1390,7 @@ impl<'a> Checker<'a> {
             }
             let at = || format!("{path}.claim_headers.{claim}");
             self.check(at, check_header_name(header));
-            if IDENTITY_HEADERS.contains(&header.to_ascii_lowercase().as_str()) {
-                self.error(
-                    at(),
-                    format!(
-                        "{header:?} is set by the gateway from the consumer; pick another header"
-                    ),
-                );
-            }
+            self.check(at, check_claim_header(header));
         }
         match &issuer.keys {
             None => self.error(path.to_owned(), "needs exactly one of jwks_url, jwks"),
@@ -1558,7 +1551,13 @@ pub fn broker_sends_no_acks(broker: &pb::Broker) -> bool {
     match &broker.kind {
         Some(pb::broker::Kind::Kafka(kafka)) => ["acks", "request.required.acks"]
             .iter()
-            .any(|key| kafka.properties.get(*key).is_some_and(|v| v.trim() == "0")),
+            // As librdkafka reads it: a number, so `00` and `+0` are 0 too.
+            .any(|key| {
+                kafka
+                    .properties
+                    .get(*key)
+                    .is_some_and(|v| v.trim().parse::<i64>() == Ok(0))
+            }),
         _ => false,
     }
 }
@@ -1657,10 +1656,76 @@ fn check_json_schema(text: &str) -> Result<(), String> {
         .map_err(|e| format!("is not a valid JSON Schema: {e}"))
 }
 
+/// Headers a token's claim may not be passed upstream as: the identity headers the gateway
+/// sets from the consumer, under any spelling an upstream may read as theirs (`_` for `-`:
+/// CGI-style servers read both as one), and headers that carry the request's framing,
+/// routing or credentials.
+fn check_claim_header(header: &str) -> Result<(), String> {
+    const RESERVED: &[&str] = &[
+        "host",
+        "authorization",
+        "proxy-authorization",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
+    let name = header.to_ascii_lowercase().replace('_', "-");
+    if IDENTITY_HEADERS.contains(&name.as_str()) {
+        return Err(format!(
+            "{header:?} is set by the gateway from the consumer; pick another header"
+        ));
+    }
+    if RESERVED.contains(&name.as_str()) {
+        return Err(format!(
+            "{header:?} carries the request's framing, routing or credentials; pick another header"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use pb::path_match::Kind;
+
+    #[test]
+    fn acks_zero_is_known_however_it_is_spelled() {
+        let broker = |key: &str, value: &str| pb::Broker {
+            meta: None,
+            kind: Some(pb::broker::Kind::Kafka(pb::KafkaBroker {
+                properties: [(key.to_owned(), value.to_owned())].into(),
+                ..Default::default()
+            })),
+        };
+        for zero in ["0", "00", "+0", " 0 "] {
+            assert!(broker_sends_no_acks(&broker("acks", zero)), "{zero:?}");
+        }
+        assert!(broker_sends_no_acks(&broker("request.required.acks", "0")));
+        for other in ["1", "-1", "all", "10"] {
+            assert!(!broker_sends_no_acks(&broker("acks", other)), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn claims_pass_upstream_in_headers_of_their_own() {
+        assert!(check_claim_header("x-tenant").is_ok());
+        for bad in [
+            "x-consumer-id",
+            "X-Consumer_Id",
+            "x_subscription_id",
+            "content-length",
+            "Transfer-Encoding",
+            "host",
+            "authorization",
+        ] {
+            assert!(check_claim_header(bad).is_err(), "{bad} should be refused");
+        }
+    }
 
     #[test]
     fn paths() {

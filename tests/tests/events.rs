@@ -539,6 +539,61 @@ async fn resumes_the_shared_feed_still_holds_join_it_past_the_private_readers_li
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caught_up_resumes_move_to_the_shared_feed_and_give_their_readers_back()
+-> anyhow::Result<()> {
+    let topic = TestTopic::create(1).await?;
+    let node = DataPlane::start(&kafka_config(&kafka_bootstrap(), &topic.name, ""), &[])?;
+    for n in 0..3 {
+        let (status, body) = post_event(&node, &format!("k{n}"), &format!("{{\"n\":{n}}}")).await?;
+        assert_eq!(status, 202, "{body}");
+    }
+    // Clients resuming from the topic's start on a node where nobody reads it (a wave after
+    // another node stopped): each needs a reader of its own to catch up. As many as a node
+    // runs (64), then more once those have caught up.
+    let resume = |count: usize| {
+        let mut resuming = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let url = node.url("/stream");
+            resuming.spawn(async move {
+                let mut stream = client()
+                    .get(url)
+                    .header("last-event-id", "0:0")
+                    .send()
+                    .await?;
+                let status = stream.status().as_u16();
+                anyhow::ensure!(status == 200, "{status}: {}", stream.text().await?);
+                let mut buffer = String::new();
+                let got = read_events(&mut stream, &mut buffer, 3, Duration::from_secs(30)).await?;
+                let data: Vec<String> = got.into_iter().map(|e| e.data).collect();
+                anyhow::ensure!(
+                    data == [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#],
+                    "{data:?}"
+                );
+                Ok((stream, buffer))
+            });
+        }
+        resuming.join_all()
+    };
+    let mut streams = Vec::new();
+    for stream in resume(64).await {
+        streams.push(stream?);
+    }
+    // Caught up, they are handed over to the shared feed and their readers are free: had the
+    // first ones kept theirs, these would get 503 subscribers-busy after waiting for one.
+    for stream in resume(6).await {
+        streams.push(stream?);
+    }
+    // Every stream, handed over, goes on with the live events: no gap, no repeat.
+    let (status, body) = post_event(&node, "k3", r#"{"n":3}"#).await?;
+    assert_eq!(status, 202, "{body}");
+    for (mut stream, mut buffer) in streams {
+        let got = read_events(&mut stream, &mut buffer, 1, Duration::from_secs(20)).await?;
+        assert_eq!(got[0].data, r#"{"n":3}"#);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_broker_publishes_and_streams_in_one_node() -> anyhow::Result<()> {
     let config = memory_config("retained_events: 100", ", start: earliest");
     let node = DataPlane::start(&config, &[])?;

@@ -253,6 +253,13 @@ async fn tokens_are_checked_against_the_issuers_jwks_and_mapped_to_consumers() {
     ] {
         let (status, headers, body) = call(&node, &token).await;
         assert_eq!((status, problem(&body)), (401, reason), "{what}: {body}");
+        // What is configured (issuers, key ids, algorithms) is the node's, not the caller's.
+        let detail = body["detail"].as_str().unwrap_or_default();
+        // (A verified token's own issuer may be quoted back: its holder knows it.)
+        let issuer = if what == "no credential" { "-" } else { ISSUER };
+        for secret in [issuer, "k1", "RS256", &jwks.addr.to_string()] {
+            assert!(!detail.contains(secret), "{what}: {detail}");
+        }
         let challenge = headers["www-authenticate"].to_str().unwrap();
         assert!(
             challenge.contains("Bearer") && challenge.contains("invalid_token"),
@@ -270,6 +277,7 @@ async fn tokens_are_checked_against_the_issuers_jwks_and_mapped_to_consumers() {
     let before = jwks.fetches();
     let (status, _, body) = call(&node, &sign(&claims("acme-service"), "k2")).await;
     assert_eq!((status, problem(&body)), (401, "unknown-key"), "{body}");
+    assert!(!body["detail"].as_str().unwrap().contains("k2"), "{body}");
     assert_eq!(
         jwks.fetches(),
         before + 1,

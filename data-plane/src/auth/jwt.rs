@@ -70,6 +70,25 @@ pub mod reason {
     /// The issuer's remote JWKS has never been fetched successfully.
     pub const KEYS_UNAVAILABLE: &str = "keys_unavailable";
 
+    /// What a client is told for `reason`: the reason in words, nothing of the node's
+    /// configuration (issuers, key ids, algorithms, the JWKS's address), which a
+    /// [`JwtRejection`](super::JwtRejection)'s detail names for the log.
+    pub fn told(reason: &str) -> &'static str {
+        match reason {
+            MALFORMED_TOKEN => "the bearer token is not a well-formed JWT",
+            UNKNOWN_ISSUER => "the token's issuer is not trusted here",
+            ALGORITHM_NOT_ALLOWED => "the token's signing algorithm is not accepted",
+            UNKNOWN_KEY => "the token's signing key is not known",
+            BAD_SIGNATURE => "the token's signature does not verify",
+            TOKEN_EXPIRED => "the token has expired",
+            TOKEN_NOT_YET_VALID => "the token is not valid yet",
+            BAD_AUDIENCE => "the token is not meant for this API",
+            MISSING_CLAIM => "the token lacks a required claim",
+            KEYS_UNAVAILABLE => "the issuer's signing keys cannot be fetched; try again later",
+            _ => "the bearer token is refused",
+        }
+    }
+
     /// Every reason, for pre-registering metric series.
     pub const ALL: [&str; 10] = [
         MALFORMED_TOKEN,

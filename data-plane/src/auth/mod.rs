@@ -497,7 +497,10 @@ impl RouteAccess {
         let authenticated = match self.authenticate(caller, held).await {
             Ok(authenticated) => authenticated,
             Err(denial) => {
-                if denial.reason != "missing_credential" {
+                // A node that cannot fetch its issuer's keys is no guess of the caller's.
+                if denial.reason != "missing_credential"
+                    && denial.reason != jwt::reason::KEYS_UNAVAILABLE
+                {
                     guard
                         .throttle
                         .failed(budget_address(caller.ip), &guard.local);
@@ -647,11 +650,11 @@ impl RouteAccess {
             );
             self.unauthorized(reason, detail, HeaderValue::from_str(&challenge).ok())
         };
-        let token = auth
-            .verifier
-            .verify(token)
-            .await
-            .map_err(|r| bearer_error(r.reason, r.detail))?;
+        let token = auth.verifier.verify(token).await.map_err(|r| {
+            // The detail names issuers, key ids and the JWKS's address: for the log only.
+            tracing::debug!(reason = r.reason, detail = %r.detail, "token refused");
+            bearer_error(r.reason, jwt::reason::told(r.reason).to_owned())
+        })?;
         let credential = held
             .credential(&CredentialIdentity::Jwt {
                 issuer: &token.issuer,

@@ -80,6 +80,8 @@ fn subject_string(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
                 | Tag::VideotexString
                 | Tag::Utf8String
                 | Tag::Ia5String => std::str::from_utf8(value.data).ok()?.to_owned(),
+                // UTF-16 code units: an odd byte out is no string at all.
+                Tag::BmpString if value.data.len() % 2 != 0 => return None,
                 Tag::BmpString => {
                     let units = value
                         .data
@@ -89,9 +91,13 @@ fn subject_string(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
                         .collect::<Result<String, _>>()
                         .ok()?
                 }
-                // Not a string: its bytes in hex, as x509-parser prints them (nothing to escape).
+                // Not a string: `#` and its DER encoding in hex (RFC 4514 section 2.4). The `#`
+                // keeps it apart from a string of the same characters, whose leading `#` would
+                // be escaped.
                 _ => {
-                    out.push_str(&hex::encode_upper(value.as_bytes()));
+                    use x509_parser::der_parser::asn1_rs::ToDer;
+                    out.push('#');
+                    out.push_str(&hex::encode_upper(value.to_der_vec().ok()?));
                     continue;
                 }
             };
@@ -304,5 +310,26 @@ mod tests {
         assert_eq!(forged.as_deref(), Some(r"CN=acme-client\, O=Acme"));
         let odd = subject_of(&[(CommonName, " #a+b;c<d>e\"quoted\"\\ ")]);
         assert_eq!(odd.as_deref(), Some(r#"CN=\ #a\+b\;c\<d\>e\"quoted\"\\\ "#));
+    }
+
+    #[test]
+    fn a_value_that_is_not_a_string_reads_as_hex_after_a_hash() {
+        // UniversalString is not among the strings read as text: its DER in hex, after `#`,
+        // so that it never reads as the PrintableString of the same hex digits.
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let value = rcgen::string::UniversalString::try_from("ab").unwrap();
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            rcgen::DnValue::UniversalString(value),
+        );
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = params.self_signed(&key).unwrap();
+        let subject = ClientCertificate::from_chain(&[certificate.der().clone()])
+            .unwrap()
+            .subject;
+        assert_eq!(subject.as_deref(), Some("CN=#1C080000006100000062"));
+        let printable = subject_of(&[(rcgen::DnType::CommonName, "1C080000006100000062")]);
+        assert_ne!(printable, subject);
     }
 }

@@ -46,6 +46,8 @@ pub struct Event {
     /// The parsed JSON the route's schema applies to, when the body had to be parsed
     /// anyway (structured mode: the event's `data`).
     pub data: Option<Value>,
+    /// A structured event whose data is binary (`data_base64`): no JSON Schema applies to it.
+    pub binary_data: bool,
 }
 
 /// Reads an event from a request's headers and body in `mode`.
@@ -63,6 +65,7 @@ pub fn read(mode: Mode, headers: &HeaderMap, body: &Bytes) -> Result<Event, Even
                     .to_string(),
                 headers: record_headers,
                 data: None,
+                binary_data: false,
             })
         }
         Mode::Structured => structured(headers, body),
@@ -118,6 +121,7 @@ fn structured(headers: &HeaderMap, body: &Bytes) -> Result<Event, EventError> {
             "content-type".to_owned(),
             Bytes::from_static(STRUCTURED_CONTENT_TYPE.as_bytes()),
         )],
+        binary_data: event.contains_key("data_base64"),
         data: Some(event.remove("data").unwrap_or(Value::Null)),
     })
 }
@@ -208,6 +212,7 @@ fn binary(headers: &HeaderMap) -> Result<Event, EventError> {
         id,
         headers: record_headers,
         data: None,
+        binary_data: false,
     })
 }
 
@@ -248,6 +253,13 @@ mod tests {
         assert_eq!(event.id, "e-1");
         assert_eq!(event.data, Some(serde_json::json!({"total": 3})));
         assert_eq!(event.headers[0].0, "content-type");
+        assert!(!event.binary_data);
+        let binary = Bytes::from_static(
+            br#"{"specversion":"1.0","id":"e-2","source":"/shop","type":"blob","data_base64":"AAE="}"#,
+        );
+        let ce = headers(&[("content-type", "application/cloudevents+json")]);
+        let event = read(Mode::Structured, &ce, &binary).unwrap();
+        assert!(event.binary_data, "no schema can check it");
     }
 
     #[test]

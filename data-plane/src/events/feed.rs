@@ -14,8 +14,16 @@
 //! pace: a client catching up on a long backlog gets all of it on one connection, however fast
 //! the broker sends, with at most [`OWN_BUFFER`] events and [`OWN_BUFFER_BYTES`] between them,
 //! and librdkafka's prefetch ([`OWN_PREFETCH_KB`], refetched [`OWN_FETCH_BACKOFF_MS`] after it
-//! was full) behind that. Private readers are limited per broker ([`PRIVATE_READERS`]), beyond
-//! which the client gets a 503 and retries.
+//! was full) behind that. Once it has caught up with what the shared feed holds, it hands its
+//! subscriber over to the shared feed and stops, so a private reader is held only while its
+//! client catches up (the shared feed is opened for that if nobody else reads the topic).
+//! Private readers are limited per broker ([`PRIVATE_READERS`]); a client that finds them all
+//! busy waits up to [`PRIVATE_WAIT`] for one, then gets a 503 and retries.
+//!
+//! A topic's shared feed opens once, whoever asks for it meanwhile waiting for that one open
+//! (and its failure), under a lock of its own: a topic whose broker is slow to answer holds up
+//! no other topic's subscribers. Consumers are closed off the async workers: closing one blocks
+//! while librdkafka winds it down.
 //!
 //! Consumers are assigned partitions explicitly (no consumer-group rebalancing, nothing
 //! committed): a subscriber's position lives in its client's `Last-Event-ID`, not in Kafka.
@@ -61,8 +69,19 @@ const OWN_PREFETCH_KB: &str = "2048";
 /// hold a client catching up to about one prefetch (2 MB) a second.
 const OWN_FETCH_BACKOFF_MS: &str = "10";
 
-/// Limit on each blocking metadata / watermark request while a feed opens.
+/// Limit on each blocking metadata / watermark request while a feed opens...
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// ...and on the whole open (one request per partition), for the subscriber waiting on it.
+const OPEN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long a subscriber that needs a private reader waits for one when all are busy: a
+/// reader is given back once its subscriber has caught up, so a wave of resumes (a node's
+/// clients reconnecting to this one) mostly finds one within this.
+const PRIVATE_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a private reader looks whether the shared feed holds every event since it.
+const HANDOVER_CHECK: Duration = Duration::from_millis(100);
 
 /// How often an idle feed checks whether anyone still listens.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
@@ -119,6 +138,10 @@ impl FeedState {
 }
 
 impl Feed {
+    fn is_open(&self) -> bool {
+        !self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
+    }
+
     /// A subscriber's start on this feed, unless it has stopped.
     fn join(&self) -> Option<Source> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -127,6 +150,13 @@ impl Feed {
             backlog: Vec::new(),
             live: Live::Shared(state.live.subscribe()),
         })
+    }
+
+    /// A receiver that keeps the feed running (it stops once it has none), unless it has
+    /// stopped.
+    fn keep_running(&self) -> Option<broadcast::Receiver<Weak<StoredEvent>>> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (!state.closed).then(|| state.live.subscribe())
     }
 
     /// A resumed subscriber's start on this feed, when the feed still holds every event since
@@ -176,16 +206,100 @@ impl FeedState {
 /// A Kafka broker's feeds on this node.
 #[derive(Debug)]
 pub struct Feeds {
-    shared: tokio::sync::Mutex<HashMap<Arc<str>, Weak<Feed>>>,
+    shared: Arc<SharedFeeds>,
     private: Arc<Semaphore>,
 }
 
 impl Default for Feeds {
     fn default() -> Self {
         Feeds {
-            shared: tokio::sync::Mutex::new(HashMap::new()),
+            shared: Arc::default(),
             private: Arc::new(Semaphore::new(PRIVATE_READERS)),
         }
+    }
+}
+
+/// Each topic's shared feed, by weak reference (a feed stops when its last subscriber goes).
+#[derive(Debug, Default)]
+struct SharedFeeds {
+    topics: Mutex<HashMap<Arc<str>, Arc<TopicSlot>>>,
+}
+
+#[derive(Debug, Default)]
+struct TopicSlot {
+    feed: Mutex<Weak<Feed>>,
+    /// Held while the topic's feed opens, so that concurrent first subscribers share one
+    /// consumer; it keeps the last open's failure and when it happened, which everyone who
+    /// waited for that open is given rather than trying again one after another.
+    opening: tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>,
+}
+
+impl TopicSlot {
+    /// The feed, unless it has stopped.
+    fn running(&self) -> Option<Arc<Feed>> {
+        let feed = self
+            .feed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .upgrade()?;
+        let open = !feed.state.lock().unwrap_or_else(|e| e.into_inner()).closed;
+        open.then_some(feed)
+    }
+}
+
+impl SharedFeeds {
+    fn slot(&self, topic: &Arc<str>) -> Arc<TopicSlot> {
+        self.topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(topic.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// `topic`'s running feed, opened (at the topic's end) if it has none.
+    async fn feed(
+        &self,
+        settings: &BTreeMap<String, String>,
+        topic: &Arc<str>,
+    ) -> Result<Arc<Feed>, OpenError> {
+        let slot = self.slot(topic);
+        if let Some(feed) = slot.running() {
+            return Ok(feed);
+        }
+        let asked = tokio::time::Instant::now();
+        let mut failed = slot.opening.lock().await;
+        if let Some(feed) = slot.running() {
+            return Ok(feed);
+        }
+        if let Some((at, reason)) = &*failed
+            && *at >= asked
+        {
+            return Err(OpenError::Unavailable(reason.clone()));
+        }
+        let opened =
+            match tokio::time::timeout(OPEN_DEADLINE, open(settings, topic, Start::Latest)).await {
+                Ok(opened) => opened,
+                Err(_) => Err(OpenError::Unavailable(format!(
+                    "the broker did not describe the topic within {OPEN_DEADLINE:?}"
+                ))),
+            };
+        let (position, consumer) = opened.inspect_err(|error| {
+            if let OpenError::Unavailable(reason) = error {
+                *failed = Some((tokio::time::Instant::now(), reason.clone()));
+            }
+        })?;
+        let feed = Arc::new(Feed {
+            state: Mutex::new(FeedState::new(position)),
+        });
+        *slot.feed.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&feed);
+        // The feed's first subscriber has until its first idle check to join.
+        let running = feed.clone();
+        tokio::spawn(async move {
+            run(&running, &consumer).await;
+            close_off_the_workers(consumer);
+        });
+        Ok(feed)
     }
 }
 
@@ -208,58 +322,80 @@ impl Feeds {
                 reason,
             },
         };
-        if let Start::After(after) = &start
-            && let Some(source) = self
-                .shared
-                .lock()
-                .await
-                .get(topic)
-                .and_then(Weak::upgrade)
-                .and_then(|feed| feed.resume(after))
-        {
-            return Ok(source);
-        }
-        if start != Start::Latest {
-            let permit =
-                self.private
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| SubscribeError::Busy {
-                        broker: broker.clone(),
-                    })?;
-            let (position, consumer) = open(settings, topic, start).await.map_err(not_opened)?;
-            let (events, live) = mpsc::channel(OWN_BUFFER);
-            let bytes = Arc::new(Semaphore::new(OWN_BUFFER_BYTES));
-            tokio::spawn(async move {
-                read_for_one(consumer, events, bytes).await;
-                drop(permit);
-            });
-            return Ok(Source {
-                position,
-                backlog: Vec::new(),
-                live: Live::Own(OwnFeed { events: live }),
-            });
-        }
-        // Held while a feed opens, so concurrent first subscribers share one consumer.
-        let mut shared = self.shared.lock().await;
-        if let Some(source) = shared
-            .get(topic)
-            .and_then(Weak::upgrade)
-            .and_then(|feed| feed.join())
-        {
-            return Ok(source);
-        }
-        let (position, consumer) = open(settings, topic, Start::Latest)
+        // Every subscriber ends on the shared feed: at once, or once a private reader has
+        // caught up with it. Joined under the feed's lock; a feed that stopped since it was
+        // looked up is opened again.
+        let mut feed = self
+            .shared
+            .feed(settings, topic)
             .await
             .map_err(not_opened)?;
-        let feed = Arc::new(Feed {
-            state: Mutex::new(FeedState::new(position)),
+        let joined = loop {
+            let joined = match &start {
+                Start::Latest => feed.join().map(Some),
+                Start::After(after) => match feed.resume(after) {
+                    Some(source) => return Ok(source),
+                    None => feed.is_open().then_some(None),
+                },
+                Start::Earliest | Start::Time(_) => feed.is_open().then_some(None),
+            };
+            match joined {
+                Some(joined) => break joined,
+                None => {
+                    feed = self
+                        .shared
+                        .feed(settings, topic)
+                        .await
+                        .map_err(not_opened)?
+                }
+            }
+        };
+        if let Some(source) = joined {
+            return Ok(source);
+        }
+        // Taken now: the shared feed may have been opened for this subscriber alone, and would
+        // stop at its first idle check while the private reader opens.
+        let keep_running = feed.keep_running();
+        let permit = tokio::time::timeout(PRIVATE_WAIT, self.private.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| SubscribeError::Busy {
+                broker: broker.clone(),
+            })?;
+        let opened = tokio::time::timeout(OPEN_DEADLINE, open(settings, topic, start))
+            .await
+            .unwrap_or_else(|_| {
+                Err(OpenError::Unavailable(format!(
+                    "the broker did not describe the topic within {OPEN_DEADLINE:?}"
+                )))
+            });
+        let (position, consumer) = opened.map_err(not_opened)?;
+        let (events, live) = mpsc::channel(OWN_BUFFER);
+        let reader = PrivateReader {
+            events,
+            bytes: Arc::new(Semaphore::new(OWN_BUFFER_BYTES)),
+            position: position.clone(),
+            feed,
+            keep_running,
+        };
+        tokio::spawn(async move {
+            reader.read(&consumer).await;
+            close_off_the_workers(consumer);
+            drop(permit);
         });
-        shared.insert(topic.clone(), Arc::downgrade(&feed));
-        let source = feed.join().expect("a new feed is open");
-        tokio::spawn(async move { run(&feed, consumer).await });
-        Ok(source)
+        Ok(Source {
+            position,
+            backlog: Vec::new(),
+            live: Live::Own(OwnFeed { events: live }),
+        })
     }
+}
+
+/// Drops `consumer` where blocking is allowed: rdkafka's drop waits for its queue to close
+/// and librdkafka to wind the client down, which would stall every stream on the worker.
+fn close_off_the_workers(consumer: StreamConsumer) {
+    tokio::task::spawn_blocking(move || drop(consumer));
 }
 
 /// Why a reader could not open.
@@ -414,8 +550,9 @@ fn consumer_config(settings: &BTreeMap<String, String>, start: &Start) -> Client
 }
 
 /// Reads the topic and broadcasts each event until no subscriber is left.
-async fn run(feed: &Feed, consumer: StreamConsumer) {
-    let mut idle = tokio::time::interval(IDLE_CHECK);
+async fn run(feed: &Feed, consumer: &StreamConsumer) {
+    // Not at once: the subscriber that opened the feed joins it after this starts.
+    let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + IDLE_CHECK, IDLE_CHECK);
     loop {
         tokio::select! {
             received = consumer.recv() => match received {
@@ -444,52 +581,109 @@ async fn run(feed: &Feed, consumer: StreamConsumer) {
     }
 }
 
+/// What a private reader hands its subscriber.
+#[derive(Debug)]
+enum OwnItem {
+    /// The next event, with its share of [`OWN_BUFFER_BYTES`].
+    Event(Arc<StoredEvent>, OwnedSemaphorePermit),
+    /// The reader has caught up with the shared feed and stopped: the subscriber goes on
+    /// there, from the reader's position (the feed's held events after it, then its live
+    /// ones).
+    Join(Source),
+}
+
 /// The subscriber's end of a private reader: events handed over, each with its share of
 /// [`OWN_BUFFER_BYTES`], given back as the subscriber takes it.
 #[derive(Debug)]
 pub struct OwnFeed {
-    events: mpsc::Receiver<(Arc<StoredEvent>, OwnedSemaphorePermit)>,
+    events: mpsc::Receiver<OwnItem>,
+}
+
+/// What an [`OwnFeed`] gives next.
+#[derive(Debug)]
+pub enum OwnNext {
+    Event(Arc<StoredEvent>),
+    /// Go on with this source (the shared feed's).
+    Join(Source),
+    /// The reader has stopped.
+    Ended,
 }
 
 impl OwnFeed {
-    /// The next event; `None` once the reader has stopped.
-    pub async fn recv(&mut self) -> Option<Arc<StoredEvent>> {
-        // Its bytes go back to the reader here: the subscriber holds the event, not the buffer.
-        self.events.recv().await.map(|(event, _share)| event)
+    pub async fn recv(&mut self) -> OwnNext {
+        // An event's bytes go back to the reader here: the subscriber holds the event, not
+        // the buffer.
+        match self.events.recv().await {
+            Some(OwnItem::Event(event, _share)) => OwnNext::Event(event),
+            Some(OwnItem::Join(source)) => OwnNext::Join(source),
+            None => OwnNext::Ended,
+        }
     }
 }
 
-/// Reads the topic for one subscriber, at its pace: the reader waits while the subscriber has
-/// [`OWN_BUFFER`] events or [`OWN_BUFFER_BYTES`] not yet taken, and stops when it has gone.
-async fn read_for_one(
-    consumer: StreamConsumer,
-    events: mpsc::Sender<(Arc<StoredEvent>, OwnedSemaphorePermit)>,
+/// Reads the topic for one subscriber, at its pace, until it can hand the subscriber over to
+/// the topic's shared feed.
+struct PrivateReader {
+    events: mpsc::Sender<OwnItem>,
+    /// [`OWN_BUFFER_BYTES`], shared out to the events not yet taken.
     bytes: Arc<Semaphore>,
-) {
-    loop {
-        let event = tokio::select! {
-            received = consumer.recv() => match received {
-                Ok(message) => Arc::new(stored(&message)),
-                Err(error) => {
-                    tracing::warn!(%error, "subscribe reader: cannot read the topic");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+    /// After the last event read.
+    position: Position,
+    /// The topic's shared feed...
+    feed: Arc<Feed>,
+    /// ...kept from stopping for want of subscribers while this one catches up, by a receiver
+    /// never read (a receiver that lags holds nothing back).
+    keep_running: Option<broadcast::Receiver<Weak<StoredEvent>>>,
+}
+
+impl PrivateReader {
+    /// Waits while the subscriber has [`OWN_BUFFER`] events or [`OWN_BUFFER_BYTES`] not yet
+    /// taken; stops when it has gone, or once it is handed over to the shared feed.
+    async fn read(self, consumer: &StreamConsumer) {
+        let PrivateReader {
+            events,
+            bytes,
+            mut position,
+            feed,
+            keep_running: _keep_running,
+        } = self;
+        let mut handover = tokio::time::interval(HANDOVER_CHECK);
+        handover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let event = tokio::select! {
+                received = consumer.recv() => match received {
+                    Ok(message) => Arc::new(stored(&message)),
+                    Err(error) => {
+                        tracing::warn!(%error, "subscribe reader: cannot read the topic");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                },
+                _ = handover.tick() => {
+                    if let Some(source) = feed.resume(&position) {
+                        // Sent behind every event read: the subscriber is at `position` when
+                        // it takes this.
+                        let _ = events.send(OwnItem::Join(source)).await;
+                        return;
+                    }
                     continue;
                 }
-            },
-            () = events.closed() => return,
-        };
-        // An event larger than the whole allowance waits for all of it.
-        let share = u32::try_from(event.size().clamp(1, OWN_BUFFER_BYTES))
-            .expect("OWN_BUFFER_BYTES fits in u32");
-        let permit = tokio::select! {
-            permit = bytes.clone().acquire_many_owned(share) => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            () = events.closed() => return,
-        };
-        if events.send((event, permit)).await.is_err() {
-            return;
+                () = events.closed() => return,
+            };
+            position.advance(&event);
+            // An event larger than the whole allowance waits for all of it.
+            let share = u32::try_from(event.size().clamp(1, OWN_BUFFER_BYTES))
+                .expect("OWN_BUFFER_BYTES fits in u32");
+            let permit = tokio::select! {
+                permit = bytes.clone().acquire_many_owned(share) => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                () = events.closed() => return,
+            };
+            if events.send(OwnItem::Event(event, permit)).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -226,6 +226,11 @@ impl KafkaBroker {
         let outcome = tokio::time::timeout(timeout, report).await;
         self.record_queue_depth();
         match outcome {
+            // No offset: the producer did not wait for the broker (acks 0). Not a 202.
+            Ok(Ok(Ok(stored))) if stored.offset < 0 => Err(PublishError::Unavailable {
+                broker: broker.clone(),
+                reason: "the broker did not acknowledge the event (is acks 0 set?)".into(),
+            }),
             Ok(Ok(Ok(stored))) => {
                 slot.failures.store(0, Ordering::Relaxed);
                 Ok(Some(Delivered {
@@ -383,8 +388,9 @@ impl Producer {
                     failures,
                     "Kafka producer replaced: it could not deliver"
                 );
-                self.current.store(Arc::new(fresh));
+                let old = self.current.swap(Arc::new(fresh));
                 self.failures.store(0, Ordering::Relaxed);
+                close_off_the_workers(old);
                 *rebuilt_at = Some(Instant::now());
             }
             Err(error) => {
@@ -392,6 +398,19 @@ impl Producer {
             }
         }
     }
+}
+
+/// Drops a replaced producer where blocking is allowed, once the publishes still using it
+/// (each within its own time limit) are done: rdkafka's drop joins its polling thread and
+/// flushes for up to half a second, which would stall every request on the worker.
+fn close_off_the_workers(producer: Arc<FutureProducer>) {
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Arc::strong_count(&producer) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(producer);
+    });
 }
 
 /// Sorts a producer error into what the client is told: try again later (queue full, timed

@@ -163,7 +163,11 @@ impl Broker {
     ) -> Result<Option<Delivered>, PublishError> {
         match &self.kind {
             Kind::Kafka(kafka) => kafka.publish(&self.name, record, delivery, acks).await,
-            Kind::Memory(memory) => Ok(Some(memory.publish(record))),
+            Kind::Memory(memory) => {
+                let delivered = memory.publish(record);
+                // The same answer as on Kafka: fire-and-forget says nothing of where it went.
+                Ok((delivery == Delivery::Durable).then_some(delivered))
+            }
         }
     }
 
@@ -297,5 +301,30 @@ mod tests {
             }
         }
         assert!(broker.subscribe(&topic, after("0:0")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_memory_topic_answers_fire_and_forget_as_kafka_does() {
+        let config = pb::Broker {
+            meta: None,
+            kind: Some(pb::broker::Kind::Memory(pb::MemoryBroker::default())),
+        };
+        let broker = Broker::reuse(&config, None, &Metrics::default()).unwrap();
+        let record = || Record {
+            topic: "t".into(),
+            key: None,
+            value: Bytes::from_static(b"x"),
+            headers: Vec::new(),
+            timestamp_ms: 0,
+        };
+        let durable = broker.publish(record(), Delivery::Durable, Acks::All).await;
+        assert_eq!(durable.unwrap().map(|d| d.offset), Some(0));
+        let queued = broker
+            .publish(record(), Delivery::FireAndForget, Acks::All)
+            .await;
+        assert!(queued.unwrap().is_none());
+        let topic: Arc<str> = "t".into();
+        let stored = broker.subscribe(&topic, Start::Earliest).await.unwrap();
+        assert_eq!(stored.backlog.len(), 2, "both were published");
     }
 }

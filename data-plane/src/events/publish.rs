@@ -323,6 +323,14 @@ impl PublishRoute {
                     GatewayError::InvalidEvent(format!("the body is not JSON: {e}"))
                 })?);
         }
+        if self.schema.is_some() && event.binary_data {
+            return Err(GatewayError::SchemaViolation(vec![SchemaError {
+                pointer: "/data_base64".into(),
+                detail: "this route checks each event's data against a JSON Schema: send the \
+                         data as JSON in data, not data_base64"
+                    .into(),
+            }]));
+        }
         if let Some(schema) = &self.schema {
             // In structured mode the schema is for the event's data, not its envelope.
             let data = event

@@ -33,6 +33,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::Broker;
+use super::feed::OwnNext;
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
 use crate::auth::{AccessGuard, Denial, Identity};
@@ -130,20 +131,51 @@ pub enum Live {
     /// (by count, and on Kafka by bytes), and an event it has let go is a lag too.
     Shared(broadcast::Receiver<Weak<StoredEvent>>),
     /// A reader of the subscriber's own (a resume, or `earliest`), which reads the topic at the
-    /// subscriber's pace: it never lags.
+    /// subscriber's pace: it never lags. Once it has caught up with the topic's shared feed it
+    /// hands the subscriber over: the shared feed's events it has not read, then `Shared`.
     Own(super::feed::OwnFeed),
+    /// Handed over from `Own`: these events (the shared feed's held ones the reader had not
+    /// read), then the shared feed's live ones.
+    Joining(
+        std::vec::IntoIter<Weak<StoredEvent>>,
+        broadcast::Receiver<Weak<StoredEvent>>,
+    ),
 }
 
 impl Live {
     /// The next event; `Closed` once the feed has stopped.
+    /// Cancel safe: a handover is taken in as it is received.
     pub async fn recv(&mut self) -> Result<Arc<StoredEvent>, broadcast::error::RecvError> {
-        match self {
-            Live::Shared(shared) => shared
-                .recv()
-                .await?
-                .upgrade()
-                .ok_or(broadcast::error::RecvError::Lagged(1)),
-            Live::Own(own) => own.recv().await.ok_or(broadcast::error::RecvError::Closed),
+        loop {
+            match self {
+                Live::Shared(shared) => {
+                    return shared
+                        .recv()
+                        .await?
+                        .upgrade()
+                        .ok_or(broadcast::error::RecvError::Lagged(1));
+                }
+                Live::Own(own) => match own.recv().await {
+                    OwnNext::Event(event) => return Ok(event),
+                    OwnNext::Join(source) => {
+                        let Live::Shared(shared) = source.live else {
+                            return Err(broadcast::error::RecvError::Closed);
+                        };
+                        *self = Live::Joining(source.backlog.into_iter(), shared);
+                    }
+                    OwnNext::Ended => return Err(broadcast::error::RecvError::Closed),
+                },
+                Live::Joining(backlog, shared) => {
+                    // An event the feed let go before it was read: behind, as on the feed.
+                    let event = match backlog.next() {
+                        Some(held) => held,
+                        None => shared.recv().await?,
+                    };
+                    return event
+                        .upgrade()
+                        .ok_or(broadcast::error::RecvError::Lagged(1));
+                }
+            }
         }
     }
 }
@@ -444,7 +476,7 @@ impl SubscribeRoute {
                 });
             } else if name == "last_event_id" {
                 last_event_id.get_or_insert_with(|| value.into_owned());
-            } else if let Some(filter) = Filter::from_query(&name, &value) {
+            } else if let Some(filter) = Filter::from_query(&name, &value).map_err(invalid)? {
                 filters.push(filter);
             }
         }
@@ -480,18 +512,28 @@ pub enum Filter {
 }
 
 impl Filter {
-    fn from_query(name: &str, value: &str) -> Option<Self> {
+    /// The filter a query parameter sets; `None` for a parameter that is no filter (an API
+    /// key in the query, a client's cache buster, `jsonp`), an error for one that means to be
+    /// a filter but names nothing (`header.`, `json`): it would match nothing.
+    fn from_query(name: &str, value: &str) -> Result<Option<Self>, String> {
         if name == "key" {
-            Some(Filter::Key(value.to_owned()))
+            Ok(Some(Filter::Key(value.to_owned())))
         } else if let Some(header) = name.strip_prefix("header.") {
-            Some(Filter::Header(
+            if header.is_empty() {
+                return Err("?header.NAME=V names a record header: the name is empty".into());
+            }
+            Ok(Some(Filter::Header(
                 header.to_ascii_lowercase(),
                 value.to_owned(),
-            ))
+            )))
+        } else if name == "json" {
+            Err("?json=: a JSON filter is ?json/POINTER=V (?json/customer/id=42)".into())
+        } else if let Some(pointer) = name.strip_prefix("json")
+            && pointer.starts_with('/')
+        {
+            Ok(Some(Filter::Json(pointer.to_owned(), value.to_owned())))
         } else {
-            name.strip_prefix("json")
-                .filter(|pointer| pointer.starts_with('/'))
-                .map(|pointer| Filter::Json(pointer.to_owned(), value.to_owned()))
+            Ok(None)
         }
     }
 
@@ -560,7 +602,8 @@ struct Subscriber {
     stage: Stage,
     counts: SubscriberCounts,
     /// Resolves when the node stops. Made once and kept: the token's waiter is registered
-    /// once, not again for every event.
+    /// once, not again for every event. On a token of the subscriber's own (a child of the
+    /// node's).
     stopping: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The same stop, looked at between backlog events.
     stopping_token: CancellationToken,
@@ -613,6 +656,12 @@ impl Subscriber {
         counts: SubscriberCounts,
         stopping: CancellationToken,
     ) -> Self {
+        // A token of its own, cancelled with the node's: polled with every frame, it locks
+        // only this subscriber's waiter list, not one that all of the node's streams share.
+        let stopping = stopping.child_token();
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        // After a stall (a client slow to read), one heartbeat, not one per interval missed.
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Subscriber {
             position: source.position,
             filters,
@@ -620,7 +669,7 @@ impl Subscriber {
             backlog: source.backlog.into_iter(),
             live: source.live,
             paced: None,
-            beat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
+            beat,
             stage: Stage::Opening,
             counts,
             stopping: Box::pin(stopping.clone().cancelled_owned()),
@@ -835,7 +884,7 @@ mod tests {
                 timestamp_ms: 0,
             },
         );
-        let filter = |name, value| Filter::from_query(name, value).unwrap();
+        let filter = |name, value| Filter::from_query(name, value).unwrap().unwrap();
         assert!(wanted(&[], &event));
         assert!(wanted(&[filter("key", "o-1")], &event));
         assert!(!wanted(&[filter("key", "o-2")], &event));
@@ -852,8 +901,14 @@ mod tests {
             &event
         ));
         assert!(!wanted(&[filter("json/missing", "x")], &event));
-        assert_eq!(Filter::from_query("start", "latest"), None);
-        assert_eq!(Filter::from_query("jsonx", "1"), None);
+        assert_eq!(Filter::from_query("start", "latest"), Ok(None));
+        assert_eq!(Filter::from_query("jsonp", "1"), Ok(None));
+        for named_nothing in ["json", "header."] {
+            assert!(
+                Filter::from_query(named_nothing, "1").is_err(),
+                "{named_nothing}"
+            );
+        }
     }
 
     #[test]

@@ -203,7 +203,8 @@ impl Session {
         }
         // The client's messages being published, answered in the order they came.
         let mut publishing = FuturesOrdered::new();
-        let stopping = self.context.stopping.clone().cancelled_owned();
+        // A token of its own (see the SSE subscriber's): polling it locks only this session's.
+        let stopping = self.context.stopping.child_token().cancelled_owned();
         tokio::pin!(stopping);
         // Returns from this block end the session; its publishes are then finished.
         let ending = async {
