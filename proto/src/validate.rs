@@ -1658,8 +1658,8 @@ fn check_json_schema(text: &str) -> Result<(), String> {
 
 /// Headers a token's claim may not be passed upstream as: the identity headers the gateway
 /// sets from the consumer, under any spelling an upstream may read as theirs (`_` for `-`:
-/// CGI-style servers read both as one), and headers that carry the request's framing,
-/// routing or credentials.
+/// CGI-style servers read both as one), headers that carry the request's framing, routing
+/// or credentials, and the forwarding headers the gateway sets.
 fn check_claim_header(header: &str) -> Result<(), String> {
     const RESERVED: &[&str] = &[
         "host",
@@ -1673,6 +1673,14 @@ fn check_claim_header(header: &str) -> Result<(), String> {
         "te",
         "trailer",
         "upgrade",
+        "cookie",
+        // Set by the gateway from the connection: a claim must not pass for the client's
+        // address or scheme.
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
     ];
     let name = header.to_ascii_lowercase().replace('_', "-");
     if IDENTITY_HEADERS.contains(&name.as_str()) {

@@ -80,8 +80,11 @@ const OPEN_DEADLINE: Duration = Duration::from_secs(10);
 /// clients reconnecting to this one) mostly finds one within this.
 const PRIVATE_WAIT: Duration = Duration::from_secs(5);
 
-/// How often a private reader looks whether the shared feed holds every event since it.
+/// How often a private reader looks whether the shared feed holds every event since it...
 const HANDOVER_CHECK: Duration = Duration::from_millis(100);
+
+/// ...and no more than this many: see [`Feed::hand_over`].
+const HANDOVER_BEHIND: usize = 64;
 
 /// How often an idle feed checks whether anyone still listens.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
@@ -138,10 +141,6 @@ impl FeedState {
 }
 
 impl Feed {
-    fn is_open(&self) -> bool {
-        !self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
-    }
-
     /// A subscriber's start on this feed, unless it has stopped.
     fn join(&self) -> Option<Source> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -164,18 +163,32 @@ impl Feed {
     /// held events after it, then the live ones, taken under the feed's lock so that nothing
     /// falls between. `None` when the feed has stopped, or `after` is elsewhere in the topic.
     fn resume(&self, after: &Position) -> Option<Source> {
+        self.resume_within(after, usize::MAX)
+    }
+
+    /// [`Feed::resume`], for a private reader's subscriber: only when the feed holds at most
+    /// [`HANDOVER_BEHIND`] events since `after`, and a quarter of [`FEED_BYTES`]. A
+    /// subscriber handed over at the tail of the feed's window would lose the held events it
+    /// was given to the newer ones before it read them, and be closed as slow.
+    fn hand_over(&self, after: &Position) -> Option<Source> {
+        self.resume_within(after, HANDOVER_BEHIND)
+    }
+
+    fn resume_within(&self, after: &Position, most: usize) -> Option<Source> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.closed || !state.holds_since(after) {
             return None;
         }
+        let missed = state.held.iter().filter(|event| after.is_new(event));
+        if most != usize::MAX
+            && (missed.clone().count() > most
+                || missed.clone().map(|e| e.size()).sum::<usize>() > FEED_BYTES / 4)
+        {
+            return None;
+        }
         Some(Source {
             position: after.clone(),
-            backlog: state
-                .held
-                .iter()
-                .filter(|event| after.is_new(event))
-                .map(Arc::downgrade)
-                .collect(),
+            backlog: missed.map(Arc::downgrade).collect(),
             live: Live::Shared(state.live.subscribe()),
         })
     }
@@ -277,13 +290,7 @@ impl SharedFeeds {
         {
             return Err(OpenError::Unavailable(reason.clone()));
         }
-        let opened =
-            match tokio::time::timeout(OPEN_DEADLINE, open(settings, topic, Start::Latest)).await {
-                Ok(opened) => opened,
-                Err(_) => Err(OpenError::Unavailable(format!(
-                    "the broker did not describe the topic within {OPEN_DEADLINE:?}"
-                ))),
-            };
+        let opened = open(settings, topic, Start::Latest).await;
         let (position, consumer) = opened.inspect_err(|error| {
             if let OpenError::Unavailable(reason) = error {
                 *failed = Some((tokio::time::Instant::now(), reason.clone()));
@@ -330,14 +337,17 @@ impl Feeds {
             .feed(settings, topic)
             .await
             .map_err(not_opened)?;
+        // `Ok`: joined; `Err`: a private reader, and a receiver that keeps the shared feed
+        // running while it catches up (taken now: the feed may have been opened for this
+        // subscriber alone, and would stop at its first idle check while the reader opens).
         let joined = loop {
             let joined = match &start {
-                Start::Latest => feed.join().map(Some),
+                Start::Latest => feed.join().map(Ok),
                 Start::After(after) => match feed.resume(after) {
                     Some(source) => return Ok(source),
-                    None => feed.is_open().then_some(None),
+                    None => feed.keep_running().map(Err),
                 },
-                Start::Earliest | Start::Time(_) => feed.is_open().then_some(None),
+                Start::Earliest | Start::Time(_) => feed.keep_running().map(Err),
             };
             match joined {
                 Some(joined) => break joined,
@@ -350,12 +360,10 @@ impl Feeds {
                 }
             }
         };
-        if let Some(source) = joined {
-            return Ok(source);
-        }
-        // Taken now: the shared feed may have been opened for this subscriber alone, and would
-        // stop at its first idle check while the private reader opens.
-        let keep_running = feed.keep_running();
+        let keep_running = match joined {
+            Ok(source) => return Ok(source),
+            Err(keep_running) => keep_running,
+        };
         let permit = tokio::time::timeout(PRIVATE_WAIT, self.private.clone().acquire_owned())
             .await
             .ok()
@@ -363,14 +371,7 @@ impl Feeds {
             .ok_or_else(|| SubscribeError::Busy {
                 broker: broker.clone(),
             })?;
-        let opened = tokio::time::timeout(OPEN_DEADLINE, open(settings, topic, start))
-            .await
-            .unwrap_or_else(|_| {
-                Err(OpenError::Unavailable(format!(
-                    "the broker did not describe the topic within {OPEN_DEADLINE:?}"
-                )))
-            });
-        let (position, consumer) = opened.map_err(not_opened)?;
+        let (position, consumer) = open(settings, topic, start).await.map_err(not_opened)?;
         let (events, live) = mpsc::channel(OWN_BUFFER);
         let reader = PrivateReader {
             events,
@@ -420,7 +421,9 @@ impl From<&str> for OpenError {
 }
 
 /// Creates a consumer assigned every partition of `topic` at `start`, and the position it
-/// starts from.
+/// starts from, within [`OPEN_DEADLINE`] in all (each request within [`OPEN_TIMEOUT`] and
+/// what is left of it: a broker slow to answer a topic of many partitions does not hold a
+/// blocking thread past the deadline).
 async fn open(
     settings: &BTreeMap<String, String>,
     topic: &Arc<str>,
@@ -428,13 +431,23 @@ async fn open(
 ) -> Result<(Position, StreamConsumer), OpenError> {
     let config = consumer_config(settings, &start);
     let topic = topic.clone();
+    let deadline = std::time::Instant::now() + OPEN_DEADLINE;
+    let left = move || -> Result<Duration, OpenError> {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(OpenError::Unavailable(format!(
+                "the broker did not describe the topic within {OPEN_DEADLINE:?}"
+            )));
+        }
+        Ok(left.min(OPEN_TIMEOUT))
+    };
     // Metadata and watermark requests block: off the async workers.
     tokio::task::spawn_blocking(move || -> Result<_, OpenError> {
         let consumer: StreamConsumer = config
             .create()
             .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
         let metadata = consumer
-            .fetch_metadata(Some(&topic), OPEN_TIMEOUT)
+            .fetch_metadata(Some(&topic), left()?)
             .map_err(|e| format!("cannot read the topic's metadata: {e}"))?;
         let described = metadata
             .topics()
@@ -457,7 +470,7 @@ async fn open(
                         .map_err(|e| e.to_string())?;
                 }
                 let found = consumer
-                    .offsets_for_times(query, OPEN_TIMEOUT)
+                    .offsets_for_times(query, left()?)
                     .map_err(|e| format!("cannot find the offsets at that time: {e}"))?;
                 found
                     .elements()
@@ -476,7 +489,7 @@ async fn open(
         for partition in described.partitions() {
             let id = partition.id();
             let (low, high) = consumer
-                .fetch_watermarks(&topic, id, OPEN_TIMEOUT)
+                .fetch_watermarks(&topic, id, left()?)
                 .map_err(|e| format!("cannot read partition {id}'s offsets: {e}"))?;
             ends.insert(id, high);
             starts.insert(id, low);
@@ -633,7 +646,7 @@ struct PrivateReader {
     feed: Arc<Feed>,
     /// ...kept from stopping for want of subscribers while this one catches up, by a receiver
     /// never read (a receiver that lags holds nothing back).
-    keep_running: Option<broadcast::Receiver<Weak<StoredEvent>>>,
+    keep_running: broadcast::Receiver<Weak<StoredEvent>>,
 }
 
 impl PrivateReader {
@@ -660,10 +673,12 @@ impl PrivateReader {
                     }
                 },
                 _ = handover.tick() => {
-                    if let Some(source) = feed.resume(&position) {
-                        // Sent behind every event read: the subscriber is at `position` when
-                        // it takes this.
-                        let _ = events.send(OwnItem::Join(source)).await;
+                    // Once the subscriber has taken every event read (it is at `position`, and
+                    // reads the feed's events at once) and this is near the feed's newest.
+                    if events.capacity() == events.max_capacity()
+                        && let Some(source) = feed.hand_over(&position)
+                    {
+                        let _ = events.try_send(OwnItem::Join(source));
                         return;
                     }
                     continue;
@@ -810,6 +825,26 @@ mod tests {
         assert_eq!(backlog, [(0, 12), (1, 6)]);
         assert_eq!(source.position, at(&[(0, 12), (1, 6)]));
         assert!(feed.resume(&at(&[(0, 9), (1, 5)])).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_private_reader_is_handed_over_only_near_the_feeds_newest() {
+        let feed = Feed {
+            state: Mutex::new(FeedState::new(at(&[(0, 0)]))),
+        };
+        let _keep_open = feed.keep_running().unwrap();
+        for offset in 0..200 {
+            feed.state.lock().unwrap().send(event(offset, 1));
+        }
+        // Held, but at the tail of the window: what it was given would be let go first.
+        assert!(feed.resume(&at(&[(0, 10)])).is_some());
+        assert!(feed.hand_over(&at(&[(0, 10)])).is_none());
+        let behind = 200 - HANDOVER_BEHIND as i64;
+        assert!(feed.hand_over(&at(&[(0, behind - 1)])).is_none());
+        let source = feed.hand_over(&at(&[(0, behind)])).unwrap();
+        assert_eq!(source.backlog.len(), HANDOVER_BEHIND);
+        assert_eq!(source.position, at(&[(0, behind)]));
+        assert!(feed.hand_over(&at(&[(0, 200)])).unwrap().backlog.is_empty());
     }
 
     #[tokio::test]

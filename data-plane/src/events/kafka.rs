@@ -318,7 +318,7 @@ impl KafkaBroker {
             PublishError::QueueFull { .. } | PublishError::TooLarge { .. }
         ) {
             let failures = slot.failures.fetch_add(1, Ordering::Relaxed) + 1;
-            slot.recover(broker, producer, failures);
+            slot.recover(broker, producer, failures, self.publish_limit());
         }
         error
     }
@@ -369,7 +369,14 @@ impl Producer {
     /// state (some Kafka-compatible brokers refuse an idempotent producer's new epoch after
     /// an outage) only accepts a new producer id. At most once per [`REBUILD_INTERVAL`]; the
     /// old producer's events in flight fail, and their clients get 503s.
-    fn recover(&self, broker: &Arc<str>, producer: &Arc<FutureProducer>, failures: u32) {
+    /// `publish_limit`: how long the old producer's publishes may still hold it.
+    fn recover(
+        &self,
+        broker: &Arc<str>,
+        producer: &Arc<FutureProducer>,
+        failures: u32,
+        publish_limit: Duration,
+    ) {
         let fatal = producer.client().fatal_error();
         if fatal.is_none() && failures < FAILURES_BEFORE_REBUILD {
             return;
@@ -390,7 +397,7 @@ impl Producer {
                 );
                 let old = self.current.swap(Arc::new(fresh));
                 self.failures.store(0, Ordering::Relaxed);
-                close_off_the_workers(old);
+                close_off_the_workers(old, publish_limit);
                 *rebuilt_at = Some(Instant::now());
             }
             Err(error) => {
@@ -401,11 +408,11 @@ impl Producer {
 }
 
 /// Drops a replaced producer where blocking is allowed, once the publishes still using it
-/// (each within its own time limit) are done: rdkafka's drop joins its polling thread and
+/// (each within `publish_limit`) are done: rdkafka's drop joins its polling thread and
 /// flushes for up to half a second, which would stall every request on the worker.
-fn close_off_the_workers(producer: Arc<FutureProducer>) {
+fn close_off_the_workers(producer: Arc<FutureProducer>, publish_limit: Duration) {
     tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + publish_limit + Duration::from_secs(1);
         while Arc::strong_count(&producer) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
