@@ -221,20 +221,26 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
     ));
 
     if let Some(path) = &args.config {
-        match CompiledConfig::from_file(path, None, &metrics, &store.jwks) {
-            Ok(config) => {
+        let loaded = CompiledConfig::read_file(path).and_then(|text| {
+            let compiled = CompiledConfig::from_text(path, &text, None, &metrics, &store.jwks)?;
+            Ok((compiled, watch::digest(text.as_bytes())))
+        });
+        let applied = match loaded {
+            Ok((config, applied)) => {
                 tracing::info!(path = %path.display(), content_hash = %config.content_hash, routes = config.router.len(), "configuration applied");
                 store.apply(config);
                 metrics.config_swaps.inc();
+                applied
             }
             Err(e) => {
                 eprintln!("sluice-dp: {e}");
                 return ExitCode::FAILURE;
             }
-        }
+        };
         tokio::spawn(watch::watch_file(
             path.clone(),
             args.watch_interval,
+            applied,
             store.clone(),
             metrics.clone(),
         ));
@@ -308,10 +314,11 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
     tracing::info!(addr = %args.listen, tls = ?args.tls_listen, admin = %args.admin_listen, "listening");
 
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let admin = tokio::spawn(
         axum::serve(
             admin_listener,
-            admin::router(store.clone(), metrics.clone()),
+            admin::router(store.clone(), metrics.clone(), draining.clone()),
         )
         .with_graceful_shutdown(async {
             let _ = admin_stopped.await;
@@ -338,7 +345,12 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
         drain_timeout: args.drain_timeout,
         max_connections: args.max_connections,
     };
-    server::serve(listeners, gateway, settings, shutdown_signal()).await;
+    let stopping = async move {
+        shutdown_signal().await;
+        // /readyz says so from here on, while connections drain.
+        draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    server::serve(listeners, gateway, settings, stopping).await;
     let _ = stop_admin.send(());
     match admin.await {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -337,6 +337,32 @@ async fn crud_on_every_collection_with_etags_and_errors() -> anyhow::Result<()> 
         .await?,
         StatusCode::PRECONDITION_FAILED,
     );
+    // "0" is no version of anything, and a PUT never asks to create: it is refused before it
+    // waits for the registry's commit lock (held here, as by a DELETE about to commit, which
+    // the PUT would have followed by bringing the resource back).
+    {
+        use sqlx::Connection;
+        let mut holder = sqlx::PgConnection::connect(&cp.database_url).await?;
+        sqlx::query("BEGIN").execute(&mut holder).await?;
+        sqlx::query("SELECT version FROM registry_head FOR UPDATE")
+            .execute(&mut holder)
+            .await?;
+        let zero = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            call(
+                &cp,
+                Some(ADMIN_TOKEN),
+                Method::PUT,
+                &path,
+                Some(body.clone()),
+                &[("if-match", "\"0\"")],
+            ),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("a PUT with If-Match \"0\" waited for the commit lock"))??;
+        assert_problem(&zero, StatusCode::PRECONDITION_FAILED);
+        sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    }
 
     // Validation names every field.
     let invalid = admin(

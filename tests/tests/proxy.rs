@@ -603,7 +603,14 @@ async fn sigterm_drains_requests_in_flight() -> anyhow::Result<()> {
     )?;
     let slow = tokio::spawn(client().get(node.url("/sleep/1000")).send());
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let readyz = format!("http://{}/readyz", node.admin);
+    assert_eq!(client().get(&readyz).send().await?.status(), 200);
     node.process.terminate()?;
+    // Draining: no longer ready, so that load balancers send new connections elsewhere.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = client().get(&readyz).send().await?;
+    assert_eq!(during.status(), 503);
+    assert!(during.text().await?.contains("draining"));
     let response = slow.await??;
     assert_eq!(response.status(), 200, "the request in flight finished");
     let status = node.process.wait_exit(Duration::from_secs(10))?;

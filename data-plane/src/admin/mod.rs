@@ -3,6 +3,7 @@
 //! private address.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::Router;
@@ -19,16 +20,22 @@ use crate::telemetry::Metrics;
 struct AdminState {
     store: Arc<ConfigStore>,
     metrics: Arc<Metrics>,
+    draining: Arc<AtomicBool>,
 }
 
-/// The admin endpoints over a node's config store and metrics.
-pub fn router(store: Arc<ConfigStore>, metrics: Arc<Metrics>) -> Router {
+/// The admin endpoints over a node's config store and metrics. `draining` is set once the
+/// node stops taking connections.
+pub fn router(store: Arc<ConfigStore>, metrics: Arc<Metrics>, draining: Arc<AtomicBool>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/config", get(config))
         .route("/metrics", get(prometheus))
-        .with_state(AdminState { store, metrics })
+        .with_state(AdminState {
+            store,
+            metrics,
+            draining,
+        })
 }
 
 /// Prometheus text exposition.
@@ -48,8 +55,17 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready once a configuration is applied: only then can the node serve traffic.
+/// Ready once a configuration is applied (only then can the node serve traffic), and no
+/// longer once it is draining (it takes no new connections: a load balancer should send them
+/// elsewhere).
 async fn readyz(State(state): State<AdminState>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the node is shutting down and takes no new connections",
+        );
+    }
     match state.store.current() {
         Some(_) => (StatusCode::OK, "ready\n").into_response(),
         None => problem(
@@ -139,7 +155,8 @@ mod tests {
             tokio::runtime::Handle::current(),
         )));
         let metrics = Arc::new(Metrics::new());
-        let admin = |store: &Arc<ConfigStore>| router(store.clone(), metrics.clone());
+        let admin =
+            |store: &Arc<ConfigStore>| router(store.clone(), metrics.clone(), Arc::default());
         assert_eq!(get(admin(&store), "/healthz").await.0, StatusCode::OK);
         let (status, body) = get(admin(&store), "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);

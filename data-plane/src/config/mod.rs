@@ -138,6 +138,14 @@ pub enum LoadError {
 }
 
 impl CompiledConfig {
+    /// Reads a declarative file, whole.
+    pub fn read_file(path: &Path) -> Result<String, LoadError> {
+        std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
     /// Reads, validates and compiles a declarative file.
     pub fn from_file(
         path: &Path,
@@ -145,16 +153,23 @@ impl CompiledConfig {
         metrics: &Metrics,
         jwks: &JwksCache,
     ) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        Self::from_text(path, &Self::read_file(path)?, previous, metrics, jwks)
+    }
+
+    /// Validates and compiles `text`, a declarative file read from `path`.
+    pub fn from_text(
+        path: &Path,
+        text: &str,
+        previous: Option<&CompiledConfig>,
+        metrics: &Metrics,
+        jwks: &JwksCache,
+    ) -> Result<Self, LoadError> {
         let invalid = |errors| LoadError::Invalid {
             path: path.to_owned(),
             errors,
         };
         let started = std::time::Instant::now();
-        let resources = declarative::load(&text, Format::from_path(path)).map_err(invalid)?;
+        let resources = declarative::load(text, Format::from_path(path)).map_err(invalid)?;
         let compiled = Self::compile(
             resources,
             Source::File(path.to_owned()),

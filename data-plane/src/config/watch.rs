@@ -16,28 +16,47 @@ use super::{CompiledConfig, ConfigStore};
 use crate::telemetry::Metrics;
 
 /// Reloads `path` into `store` whenever its bytes change, every `interval`, until the task is
-/// dropped.
+/// dropped. `applied`: the SHA-256 of the bytes the running configuration was compiled from.
+///
+/// A change is applied once the file has held still for one `interval` (the same bytes read
+/// twice in a row), and from the very bytes that were compared: a file written in place (by
+/// a shell redirection, or a bind-mounted file) is not applied while half written, which is often still a valid
+/// configuration that lacks the rest of its routes.
 pub async fn watch_file(
     path: PathBuf,
     interval: Duration,
+    applied: [u8; 32],
     store: Arc<ConfigStore>,
     metrics: Arc<Metrics>,
 ) {
-    let mut last = digest(&path);
+    let mut settling = Settling::new(applied);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let now = digest(&path);
-        if now == last {
+        // Reading and hashing a large file is blocking work: off the request threads.
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || std::fs::read_to_string(&path).ok())
+        };
+        // Unreadable for now (mid-rename, say): looked at again next time.
+        let Ok(Some(text)) = read.await else {
+            continue;
+        };
+        if !settling.is_due(digest(text.as_bytes())) {
             continue;
         }
-        last = now;
         let (path, store, metrics) = (path.clone(), store.clone(), metrics.clone());
         // Compiling a large file is CPU work: keep it off the runtime's request threads.
         let outcome = super::worker::run(move || {
             let previous = store.current();
-            let result = CompiledConfig::from_file(&path, previous.as_deref(), &metrics, &store.jwks);
+            let result = CompiledConfig::from_text(
+                &path,
+                &text,
+                previous.as_deref(),
+                &metrics,
+                &store.jwks,
+            );
             match result {
                 Ok(config) => {
                     tracing::info!(path = %path.display(), content_hash = %config.content_hash, "configuration reloaded");
@@ -57,9 +76,60 @@ pub async fn watch_file(
     }
 }
 
-/// The file's SHA-256, or `None` while it cannot be read (mid-rename, say).
-fn digest(path: &PathBuf) -> Option<[u8; 32]> {
-    std::fs::read(path)
-        .ok()
-        .map(|bytes| Sha256::digest(bytes).into())
+/// Which of the file's contents, read one poll after another, is to be applied.
+#[derive(Debug)]
+struct Settling {
+    /// The content running (or refused: it is not compiled again until it changes).
+    applied: [u8; 32],
+    /// The content read at the poll before.
+    seen: [u8; 32],
+}
+
+impl Settling {
+    fn new(applied: [u8; 32]) -> Self {
+        Settling {
+            applied,
+            seen: applied,
+        }
+    }
+
+    /// Whether `now`, the content just read, is to be applied: it is not the running one,
+    /// and it was already there at the poll before.
+    fn is_due(&mut self, now: [u8; 32]) -> bool {
+        let still = std::mem::replace(&mut self.seen, now) == now;
+        if !still || now == self.applied {
+            return false;
+        }
+        self.applied = now;
+        true
+    }
+}
+
+/// The SHA-256 of a declarative file's bytes.
+pub fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_is_applied_once_it_has_held_still_for_a_poll() {
+        let [a, b, c, d] = [b"a", b"b", b"c", b"d"].map(|bytes| digest(bytes));
+        let mut settling = Settling::new(a);
+        assert!(!settling.is_due(a), "the running content");
+        // Being written: a new content at every poll is never applied.
+        assert!(!settling.is_due(b));
+        assert!(!settling.is_due(c));
+        assert!(settling.is_due(c), "the same two polls in a row");
+        assert!(!settling.is_due(c), "once");
+        // Back to an earlier content: a change like any other.
+        assert!(!settling.is_due(a));
+        assert!(settling.is_due(a));
+        // Changed between the start's read and the first poll: still applied.
+        let mut started = Settling::new(a);
+        assert!(!started.is_due(d));
+        assert!(started.is_due(d));
+    }
 }

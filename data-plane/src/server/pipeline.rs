@@ -640,13 +640,14 @@ impl Gateway {
             if Instant::now() + pause >= deadline {
                 break outcome;
             }
-            drop(outcome);
+            // The failed try's answer is kept, unread, through the pause: with no target to
+            // retry on by then, it stands (the upstream's 5xx with its body, or 502 for a
+            // connect error), not a 503 of the gateway's.
             tokio::time::sleep(pause).await;
-            // The failed try's slot is given back before the next is taken, so a retry never
-            // needs more of the upstream's concurrency than the request had.
-            let failed = lease.index();
-            drop(lease);
-            lease = upstream.lease(headers, Some(failed))?;
+            if lease.retarget(headers).is_err() {
+                break outcome;
+            }
+            drop(outcome);
             request = Request::new(empty_body());
             *request.method_mut() = method.clone();
             *request.headers_mut() = headers.clone();

@@ -141,8 +141,8 @@ impl RouteMetrics {
             let class = |status_class| {
                 self.requests
                     .get_or_create(&RouteStatusLabels {
-                        api: self.api.to_string(),
-                        route: self.route.to_string(),
+                        api: label_value(&self.api),
+                        route: label_value(&self.route),
                         status_class,
                     })
                     .clone()
@@ -158,8 +158,8 @@ impl RouteMetrics {
                 duration: self
                     .request_duration
                     .get_or_create(&RouteLabels {
-                        api: self.api.to_string(),
-                        route: self.route.to_string(),
+                        api: label_value(&self.api),
+                        route: label_value(&self.route),
                     })
                     .clone(),
             }
@@ -485,3 +485,41 @@ impl Metrics {
 
 /// Shared handle.
 pub type SharedMetrics = Arc<Metrics>;
+
+/// `text` escaped as a label value of the text exposition (`\\`, `\"`, `\n`), which
+/// prometheus-client writes as it is given: a route's name may be any text (an OpenAPI
+/// `operationId`), and one quote in it would make every scrape of the node fail.
+fn label_value(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_route_name_keeps_the_exposition_parseable() {
+        let metrics = Metrics::new();
+        let api: Arc<str> = "shop".into();
+        let route: Arc<str> = "get \"legacy\" order\\x\nnext".into();
+        metrics.route(&api, &route).record(200, 0.01);
+        let text = metrics.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("sluice_requests_total{"))
+            .unwrap_or_else(|| panic!("no request series in {text}"));
+        assert!(
+            line.contains(r#"route="get \"legacy\" order\\x\nnext""#),
+            "{line}"
+        );
+    }
+}

@@ -145,6 +145,30 @@ impl Lease {
     pub fn index(&self) -> usize {
         self.target
     }
+
+    /// Moves the claim to another usable target for a retry (back to the one that failed
+    /// only when it is the only usable one), keeping the request's concurrency slot: a retry
+    /// never waits for, nor loses to another request, a slot it already had. Unchanged when
+    /// no target is usable.
+    pub fn retarget(&mut self, headers: &HeaderMap) -> Result<(), UpstreamError> {
+        let upstream = &self.upstream;
+        let failed = self.target;
+        let in_flight = |i: usize| upstream.targets[i].in_flight.load(Ordering::Relaxed);
+        let usable = |i: usize| upstream.targets[i].is_usable();
+        let target = upstream
+            .balancer
+            .pick(headers, &|i| i != failed && usable(i), &in_flight)
+            .or_else(|| upstream.balancer.pick(headers, &usable, &in_flight))
+            .ok_or_else(|| UpstreamError::NoTarget(upstream.name.clone()))?;
+        upstream.targets[target]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        upstream.targets[failed]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+        self.target = target;
+        Ok(())
+    }
 }
 
 impl Drop for Lease {
@@ -376,4 +400,75 @@ fn fingerprint(config: &pb::Upstream) -> Vec<u8> {
 
 fn non_zero_ms(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(targets: &[&str]) -> Arc<Upstream> {
+        let config = pb::Upstream {
+            meta: Some(pb::Meta {
+                id: "id-u".into(),
+                name: "u".into(),
+                ..Default::default()
+            }),
+            targets: targets
+                .iter()
+                .map(|url| pb::Target {
+                    url: (*url).into(),
+                    weight: 0,
+                })
+                .collect(),
+            max_concurrent_requests: 1,
+            ..Default::default()
+        };
+        Upstream::reuse(&config, None, &Metrics::new()).unwrap()
+    }
+
+    fn eject(upstream: &Upstream, target: usize) {
+        let settings = OutlierSettings::new(Some(&pb::OutlierDetection {
+            consecutive_failures: 1,
+            ..Default::default()
+        }))
+        .unwrap();
+        upstream.targets[target].ejection.eject(&settings);
+    }
+
+    fn in_flight(upstream: &Upstream) -> Vec<usize> {
+        upstream
+            .targets
+            .iter()
+            .map(|t| t.in_flight.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    #[test]
+    fn a_retry_moves_its_claim_and_keeps_its_slot_or_stays_put() {
+        let two = upstream(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+        let headers = HeaderMap::new();
+        let mut lease = two.lease(&headers, None).unwrap();
+        let first = lease.index();
+        lease.retarget(&headers).unwrap();
+        assert_ne!(lease.index(), first, "another target is preferred");
+        assert_eq!(in_flight(&two).iter().sum::<usize>(), 1);
+        assert_eq!(in_flight(&two)[lease.index()], 1);
+        assert!(
+            matches!(two.lease(&headers, None), Err(UpstreamError::Overloaded(_))),
+            "the request's one slot went with it"
+        );
+
+        // Nowhere left to go: the claim stays where it was, for the answer it got there.
+        let one = upstream(&["http://127.0.0.1:1"]);
+        let mut lease = one.lease(&headers, None).unwrap();
+        eject(&one, 0);
+        assert!(matches!(
+            lease.retarget(&headers),
+            Err(UpstreamError::NoTarget(_))
+        ));
+        assert_eq!(lease.index(), 0);
+        assert_eq!(in_flight(&one), [1]);
+        drop(lease);
+        assert_eq!(in_flight(&one), [0]);
+    }
 }

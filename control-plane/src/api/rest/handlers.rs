@@ -362,6 +362,21 @@ pub(super) async fn update_resource(
     let kind = collection(&name)?;
     let args = QueryArgs::new(params, &["group", "message"])?;
     let current = resolve(&s.registry, kind, &key, args.text("group")).await?;
+    let expected = match if_match(&headers)? {
+        // Updating never creates, even when a delete commits first.
+        None => Write::EXISTING,
+        // No ETag this API gives is "0" (a resource's version is the registry version that
+        // wrote it), and to the registry 0 means "only if absent": a PUT racing a delete would
+        // bring the resource back with it.
+        Some(0) => {
+            return Err(ApiError::PreconditionFailed(format!(
+                "If-Match \"0\" matches no resource: {} {key} is at version {}",
+                kind_name(kind),
+                current.meta().map_or(0, |m| m.resource_version)
+            )));
+        }
+        Some(version) => version,
+    };
     let mut body = json_body(&body)?;
     if !body.is_object() {
         return Err(ApiError::BadRequest(
@@ -395,8 +410,7 @@ pub(super) async fn update_resource(
         message,
         Write::Put {
             resource,
-            // Updating never creates, even when a delete commits first.
-            if_match: Some(if_match(&headers)?.unwrap_or(Write::EXISTING)),
+            if_match: Some(expected),
         },
         false,
     )
