@@ -200,10 +200,11 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store = Arc::new(ConfigStore::new(JwksCache::new(
-        tokio::runtime::Handle::current(),
-    )));
     let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(ConfigStore::new(
+        JwksCache::new(tokio::runtime::Handle::current()),
+        metrics.clone(),
+    ));
     let redis = match &args.redis_url {
         Some(url) => match RedisLimiter::new(url, args.redis_prefix.clone(), args.redis_timeout) {
             Ok(redis) => Some(Arc::new(redis)),

@@ -1021,6 +1021,76 @@ async fn the_retry_budget_caps_retries_when_an_upstream_keeps_failing() -> anyho
 }
 
 #[tokio::test]
+async fn state_gauges_show_the_running_upstreams_and_no_others() -> anyhow::Result<()> {
+    let backend = EchoBackend::start("flaky").await?;
+    let routes = "      - name: all\n        path: /\n        proxy: { upstream: flaky }\n";
+    let breaker = "    circuit_breaker: { failure_threshold: 1, open_for: 60s }\n";
+    let node = DataPlane::start(
+        &config(&upstream("flaky", &[backend.url()], breaker), routes),
+        &["--watch-interval", "20ms"],
+    )?;
+    let gauge = "sluice_upstream_circuit_state";
+    assert_eq!(
+        client().get(node.url("/status/500")).send().await?.status(),
+        500
+    );
+    assert_eq!(node.metric(gauge, "flaky").await?, 1.0, "open");
+    let settled = |name: &'static str, at_least: f64| {
+        let node = &node;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while node.metric(name, "").await? < at_least {
+                anyhow::ensure!(Instant::now() < deadline, "{name} stayed below {at_least}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            anyhow::Ok(())
+        }
+    };
+    // A change to the upstream in a configuration that is then refused (a broker librdkafka
+    // cannot make): the running breaker is still open, and still shown so.
+    let refused = format!(
+        "{}brokers:\n  - name: bad\n    kafka:\n      bootstrap_servers: [\"127.0.0.1:1\"]\n      properties: {{ no.such.property: x }}\n",
+        config(
+            &upstream(
+                "flaky",
+                &[backend.url()],
+                &format!("{breaker}    timeouts: {{ connect: 2s }}\n")
+            ),
+            routes
+        )
+    );
+    node.write_config(&refused)?;
+    settled("sluice_config_rejections_total", 1.0).await?;
+    assert_eq!(node.metric(gauge, "flaky").await?, 1.0, "still open");
+    // The upstream gone: its breaker's and target's series go with it.
+    let swaps = node.metric("sluice_config_swaps_total", "").await?;
+    let other = EchoBackend::start("steady").await?;
+    node.write_config(&config(
+        &upstream("steady", &[other.url()], breaker),
+        "      - name: all\n        path: /\n        proxy: { upstream: steady }\n",
+    ))?;
+    settled("sluice_config_swaps_total", swaps + 1.0).await?;
+    let text = client()
+        .get(format!("http://{}/metrics", node.admin))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let shown = |line: &str| {
+        (line.starts_with("sluice_upstream_circuit_state")
+            || line.starts_with("sluice_upstream_target_healthy"))
+            && line.contains("upstream=\"flaky\"")
+    };
+    assert!(!text.lines().any(shown), "{text}");
+    assert_eq!(
+        node.metric(gauge, "steady").await?,
+        0.0,
+        "the new one, closed"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_circuit_opens_on_failures_and_closes_after_a_good_probe() -> anyhow::Result<()> {
     let backend = EchoBackend::start("flaky").await?;
     let node = DataPlane::start(

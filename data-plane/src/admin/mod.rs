@@ -151,10 +151,11 @@ mod tests {
 
     #[tokio::test]
     async fn not_ready_until_a_config_is_applied() {
-        let store = Arc::new(ConfigStore::new(crate::auth::jwks::JwksCache::new(
-            tokio::runtime::Handle::current(),
-        )));
         let metrics = Arc::new(Metrics::new());
+        let store = Arc::new(ConfigStore::new(
+            crate::auth::jwks::JwksCache::new(tokio::runtime::Handle::current()),
+            metrics.clone(),
+        ));
         let admin =
             |store: &Arc<ConfigStore>| router(store.clone(), metrics.clone(), Arc::default());
         assert_eq!(get(admin(&store), "/healthz").await.0, StatusCode::OK);

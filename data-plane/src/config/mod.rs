@@ -353,13 +353,38 @@ impl CompiledConfig {
 pub struct ConfigStore {
     current: ArcSwapOption<CompiledConfig>,
     pub jwks: JwksCache,
+    /// Where the running upstreams' state is shown.
+    metrics: Arc<Metrics>,
 }
 
 impl ConfigStore {
-    pub fn new(jwks: JwksCache) -> Self {
+    pub fn new(jwks: JwksCache, metrics: Arc<Metrics>) -> Self {
         ConfigStore {
             current: ArcSwapOption::empty(),
             jwks,
+            metrics,
+        }
+    }
+
+    /// After a swap from `before` to `now`: the running upstreams' state on their gauges,
+    /// and the gauges of upstreams and targets no longer configured gone.
+    fn show(&self, before: Option<&CompiledConfig>, now: &CompiledConfig) {
+        for upstream in now.upstreams.values() {
+            upstream.publish_state();
+        }
+        let Some(before) = before else {
+            return;
+        };
+        for old in before.upstreams.values() {
+            let kept = now.upstreams.values().find(|u| u.name == old.name);
+            if kept.is_none() {
+                self.metrics.forget_upstream(&old.name);
+            }
+            for target in &old.targets {
+                if !kept.is_some_and(|u| u.targets.iter().any(|t| t.url == target.url)) {
+                    self.metrics.forget_target(&old.name, &target.url);
+                }
+            }
         }
     }
 
@@ -370,11 +395,12 @@ impl ConfigStore {
 
     /// Publishes a fully built configuration.
     pub fn apply(&self, config: CompiledConfig) {
-        self.current.store(Some(Arc::new(config)));
+        self.restore(Arc::new(config));
     }
 
     /// Puts back a configuration that was replaced (a delta that proved wrong).
     pub fn restore(&self, config: Arc<CompiledConfig>) {
-        self.current.store(Some(config));
+        let before = self.current.swap(Some(config.clone()));
+        self.show(before.as_deref(), &config);
     }
 }

@@ -397,6 +397,23 @@ impl Metrics {
             .inc();
     }
 
+    /// Drops the state series of an upstream no longer configured: a breaker left open, or
+    /// a target left down, would otherwise be exported (and alerted on) until the node
+    /// restarts.
+    pub fn forget_upstream(&self, upstream: &str) {
+        self.circuit_state.remove(&UpstreamLabels {
+            upstream: upstream.to_owned(),
+        });
+    }
+
+    /// [`Metrics::forget_upstream`] for one target.
+    pub fn forget_target(&self, upstream: &str, target: &str) {
+        self.target_healthy.remove(&TargetLabels {
+            upstream: upstream.to_owned(),
+            target: target.to_owned(),
+        });
+    }
+
     pub fn target_healthy(&self, upstream: &str, target: &str) -> Gauge {
         self.target_healthy
             .get_or_create(&TargetLabels {

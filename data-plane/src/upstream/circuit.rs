@@ -69,8 +69,9 @@ impl Drop for Pass<'_> {
 impl CircuitBreaker {
     /// `None` when the upstream has no breaker (`failure_threshold` 0).
     pub fn new(config: Option<&pb::CircuitBreaker>, state_gauge: Gauge) -> Option<Self> {
+        // The gauge is written once the configuration holding this is applied
+        // ([`CircuitBreaker::publish`]): the same series may still show a running breaker.
         let config = config.filter(|c| c.failure_threshold > 0)?;
-        state_gauge.set(CLOSED);
         Some(CircuitBreaker {
             threshold: config.failure_threshold,
             open_for: match config.open_ms {
@@ -81,6 +82,16 @@ impl CircuitBreaker {
             phase: Mutex::new(Phase::Closed { failures: 0 }),
             state_gauge,
         })
+    }
+
+    /// Writes the state to the gauge.
+    pub fn publish(&self) {
+        let state = match *self.lock() {
+            Phase::Closed { .. } => CLOSED,
+            Phase::Open { .. } => OPEN,
+            Phase::HalfOpen { .. } => HALF_OPEN,
+        };
+        self.state_gauge.set(state);
     }
 
     /// Lets a request through, or says how long until the breaker will try again.

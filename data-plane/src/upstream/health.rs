@@ -32,8 +32,9 @@ pub struct TargetHealth {
 }
 
 impl TargetHealth {
+    /// The gauge is written once the configuration holding this is applied
+    /// ([`TargetHealth::publish`]): the same series may still show a running target's state.
     pub fn new(gauge: Gauge) -> Self {
-        gauge.set(1);
         TargetHealth {
             healthy: AtomicBool::new(true),
             streak: AtomicU32::new(0),
@@ -43,6 +44,11 @@ impl TargetHealth {
 
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Writes the state to the gauge.
+    pub fn publish(&self) {
+        self.gauge.set(i64::from(self.is_healthy()));
     }
 
     /// Counts one probe result; flips the state after `threshold` in a row against it.

@@ -85,6 +85,8 @@ pub struct Upstream {
 pub struct Target {
     pub scheme: Scheme,
     pub authority: Authority,
+    /// As configured: its metric series' label.
+    pub url: Arc<str>,
     in_flight: AtomicUsize,
     /// Active health checks' verdict.
     pub health: TargetHealth,
@@ -227,6 +229,7 @@ impl Upstream {
             targets.push(Target {
                 scheme,
                 authority,
+                url: target.url.as_str().into(),
                 in_flight: AtomicUsize::new(0),
                 health: TargetHealth::new(metrics.target_healthy(&meta.name, &target.url)),
                 ejection: Ejection::default(),
@@ -291,6 +294,18 @@ impl Upstream {
             ejections: metrics.ejections(&meta.name),
             ejecting: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Writes the targets' health and the breaker's state to their gauges: called when the
+    /// configuration holding this upstream is applied, so that one built and then refused
+    /// (or rolled back) never shows its fresh state in place of the running one's.
+    pub fn publish_state(&self) {
+        for target in &self.targets {
+            target.health.publish();
+        }
+        if let Some(breaker) = &self.circuit {
+            breaker.publish();
+        }
     }
 
     /// Picks a target for a request with these headers and claims it. `avoid` is a target
