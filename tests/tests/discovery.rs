@@ -498,10 +498,29 @@ async fn without_a_control_plane_nodes_keep_serving_and_restart_from_their_cache
         (sent, failed)
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        node.metric("sluice_control_plane_connected", "").await?,
+        1.0
+    );
+    let loaded = node
+        .metric("sluice_config_loaded_timestamp_seconds", "")
+        .await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    assert!(
+        loaded > now - 120.0 && loaded <= now + 1.0,
+        "loaded at {loaded}, now {now}"
+    );
     drop(cp);
     let (sent, failed) = traffic.await?;
     assert!(sent > 50, "only {sent} requests");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    // Alone: said so, so that a fleet cut off from its control plane can be alerted on.
+    assert_eq!(
+        node.metric("sluice_control_plane_connected", "").await?,
+        0.0
+    );
 
     // A node started now, with no control plane to answer, serves from the cache.
     let started = Instant::now();

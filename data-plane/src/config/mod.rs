@@ -369,6 +369,11 @@ impl ConfigStore {
     /// After a swap from `before` to `now`: the running upstreams' state on their gauges,
     /// and the gauges of upstreams and targets no longer configured gone.
     fn show(&self, before: Option<&CompiledConfig>, now: &CompiledConfig) {
+        let loaded_at = now
+            .loaded_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.metrics.config_loaded_at.set(loaded_at);
         for upstream in now.upstreams.values() {
             upstream.publish_state();
         }

@@ -100,7 +100,7 @@ pub async fn run(settings: ClientSettings, store: Arc<ConfigStore>, metrics: Arc
     loop {
         for endpoint in &settings.endpoints {
             let mut answered = false;
-            match session(
+            let outcome = session(
                 endpoint,
                 &settings,
                 &store,
@@ -108,8 +108,9 @@ pub async fn run(settings: ClientSettings, store: Arc<ConfigStore>, metrics: Arc
                 cache.as_ref(),
                 &mut answered,
             )
-            .await
-            {
+            .await;
+            metrics.control_plane_connected.set(0);
+            match outcome {
                 Ok(()) => tracing::info!(control_plane = %endpoint, "discovery stream ended"),
                 Err(e) => {
                     tracing::warn!(control_plane = %endpoint, error = %e, "discovery stream failed")
@@ -173,6 +174,7 @@ async fn session(
         .await
         .map_err(|_| anyhow::anyhow!("the stream did not open within {OPEN_TIMEOUT:?}"))??;
     tracing::info!(control_plane = %endpoint, "discovery stream open");
+    metrics.control_plane_connected.set(1);
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     // Reset by every message: one timer for the whole silence, which the heartbeats sent
     // meanwhile do not restart.
@@ -464,7 +466,14 @@ async fn apply_delta(
         Err(e) => ConfigErrors::single("", format!("checking failed: {e}")),
     };
     // Served since the swap but not what the control plane has: back to the version the node
-    // reports, whatever kept the check from passing.
+    // reports, whatever kept the check from passing. (The swap above was logged and counted
+    // as applied; this says it did not stay, and the refusal is counted with the NACK.)
+    tracing::warn!(
+        version,
+        back_to = running_version,
+        error = %checked,
+        "configuration delta rolled back: it did not hold what the control plane sent"
+    );
     store.restore(previous);
     metrics
         .config_version

@@ -104,6 +104,10 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub client_connections: Gauge,
     pub config_version: Gauge,
+    /// Unix seconds when the running configuration was applied: its age is `time() - this`.
+    pub config_loaded_at: Gauge,
+    /// 1 while a discovery stream to a control plane is open.
+    pub control_plane_connected: Gauge,
     pub config_swaps: Counter,
     pub config_rejections: Counter,
     config_apply: Family<ApplyLabels, Histogram>,
@@ -260,6 +264,18 @@ impl Metrics {
             "Config version applied (0 for a file)",
             config_version.clone(),
         );
+        let config_loaded_at = Gauge::default();
+        registry.register(
+            "config_loaded_timestamp_seconds",
+            "When the running configuration was applied, Unix seconds (0 before any)",
+            config_loaded_at.clone(),
+        );
+        let control_plane_connected = Gauge::default();
+        registry.register(
+            "control_plane_connected",
+            "1 while a discovery stream to a control plane is open, else 0",
+            control_plane_connected.clone(),
+        );
         let config_swaps = Counter::default();
         registry.register(
             "config_swaps",
@@ -345,6 +361,8 @@ impl Metrics {
             in_flight,
             client_connections,
             config_version,
+            config_loaded_at,
+            control_plane_connected,
             config_swaps,
             config_rejections,
             config_apply,
