@@ -282,13 +282,17 @@ mod tests {
     use super::subscribe::{Position, Start, SubscribeError};
     use super::*;
 
-    #[tokio::test]
-    async fn a_memory_topic_refuses_a_resume_position_it_never_gave() {
+    fn memory_broker() -> Arc<Broker> {
         let config = pb::Broker {
             meta: None,
             kind: Some(pb::broker::Kind::Memory(pb::MemoryBroker::default())),
         };
-        let broker = Broker::reuse(&config, None, &Metrics::default()).unwrap();
+        Broker::reuse(&config, None, &Metrics::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_memory_topic_refuses_a_resume_position_it_never_gave() {
+        let broker = memory_broker();
         let topic: Arc<str> = "t".into();
         let after = |text: &str| Start::After(Position::parse(text).unwrap());
         for (text, reason) in [
@@ -305,11 +309,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_memory_topic_answers_fire_and_forget_as_kafka_does() {
-        let config = pb::Broker {
-            meta: None,
-            kind: Some(pb::broker::Kind::Memory(pb::MemoryBroker::default())),
-        };
-        let broker = Broker::reuse(&config, None, &Metrics::default()).unwrap();
+        let broker = memory_broker();
         let record = || Record {
             topic: "t".into(),
             key: None,
