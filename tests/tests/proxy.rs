@@ -1048,13 +1048,18 @@ async fn state_gauges_show_the_running_upstreams_and_no_others() -> anyhow::Resu
     };
     // A change to the upstream in a configuration that is then refused (a broker librdkafka
     // cannot make): the running breaker is still open, and still shown so.
+    // An upstream new in that configuration never shows.
     let refused = format!(
         "{}brokers:\n  - name: bad\n    kafka:\n      bootstrap_servers: [\"127.0.0.1:1\"]\n      properties: {{ no.such.property: x }}\n",
         config(
-            &upstream(
-                "flaky",
-                &[backend.url()],
-                &format!("{breaker}    timeouts: {{ connect: 2s }}\n")
+            &format!(
+                "{}{}",
+                upstream(
+                    "flaky",
+                    &[backend.url()],
+                    &format!("{breaker}    timeouts: {{ connect: 2s }}\n")
+                ),
+                upstream("newcomer", &[backend.url()], breaker)
             ),
             routes
         )
@@ -1062,6 +1067,21 @@ async fn state_gauges_show_the_running_upstreams_and_no_others() -> anyhow::Resu
     node.write_config(&refused)?;
     settled("sluice_config_rejections_total", 1.0).await?;
     assert_eq!(node.metric(gauge, "flaky").await?, 1.0, "still open");
+    let metrics = || async {
+        let url = format!("http://{}/metrics", node.admin);
+        anyhow::Ok(client().get(url).send().await?.text().await?)
+    };
+    // A state series of `upstream`, which alerts read (counters at 0 alert nobody).
+    let shown = |text: &str, upstream: &str| {
+        let upstream = format!("upstream=\"{upstream}\"");
+        text.lines().any(|line| {
+            (line.starts_with("sluice_upstream_circuit_state")
+                || line.starts_with("sluice_upstream_target_healthy"))
+                && line.contains(&upstream)
+        })
+    };
+    let text = metrics().await?;
+    assert!(!shown(&text, "newcomer"), "{text}");
     // The upstream gone: its breaker's and target's series go with it.
     let swaps = node.metric("sluice_config_swaps_total", "").await?;
     let other = EchoBackend::start("steady").await?;
@@ -1070,18 +1090,8 @@ async fn state_gauges_show_the_running_upstreams_and_no_others() -> anyhow::Resu
         "      - name: all\n        path: /\n        proxy: { upstream: steady }\n",
     ))?;
     settled("sluice_config_swaps_total", swaps + 1.0).await?;
-    let text = client()
-        .get(format!("http://{}/metrics", node.admin))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let shown = |line: &str| {
-        (line.starts_with("sluice_upstream_circuit_state")
-            || line.starts_with("sluice_upstream_target_healthy"))
-            && line.contains("upstream=\"flaky\"")
-    };
-    assert!(!text.lines().any(shown), "{text}");
+    let text = metrics().await?;
+    assert!(!shown(&text, "flaky"), "{text}");
     assert_eq!(
         node.metric(gauge, "steady").await?,
         0.0,

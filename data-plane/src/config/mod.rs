@@ -374,15 +374,21 @@ impl ConfigStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         self.metrics.config_loaded_at.set(loaded_at);
+        // The same runtimes (a delta of consumers, say): already shown.
+        if before.is_some_and(|b| Arc::ptr_eq(&b.upstreams, &now.upstreams)) {
+            return;
+        }
         for upstream in now.upstreams.values() {
-            upstream.publish_state();
+            upstream.publish_state(&self.metrics);
         }
         let Some(before) = before else {
             return;
         };
+        let by_name: HashMap<&str, &Upstream> =
+            now.upstreams.values().map(|u| (&*u.name, &**u)).collect();
         for old in before.upstreams.values() {
-            let kept = now.upstreams.values().find(|u| u.name == old.name);
-            if kept.is_none() {
+            let kept = by_name.get(&*old.name);
+            if kept.is_none_or(|u| u.circuit.is_none()) {
                 self.metrics.forget_upstream(&old.name);
             }
             for target in &old.targets {

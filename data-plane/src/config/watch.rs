@@ -6,13 +6,13 @@
 //! in deployments: editors that write a new file and rename it, and Kubernetes ConfigMaps that
 //! swap a symlink.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{CompiledConfig, ConfigStore};
+use super::{CompiledConfig, ConfigStore, LoadError};
 use crate::telemetry::Metrics;
 
 /// Reloads `path` into `store` whenever its bytes change, every `interval`, until the task is
@@ -37,15 +37,24 @@ pub async fn watch_file(
         // Reading and hashing a large file is blocking work: off the request threads.
         let read = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || std::fs::read_to_string(&path).ok())
+            tokio::task::spawn_blocking(move || read(&path))
         };
-        // Unreadable for now (mid-rename, say): looked at again next time.
-        let Ok(Some(text)) = read.await else {
+        let Ok((content, read)) = read.await else {
             continue;
         };
-        if !settling.is_due(digest(text.as_bytes())) {
+        if !settling.is_due(content) {
             continue;
         }
+        // A file that cannot be read (gone, not UTF-8) is refused as a bad one is: once,
+        // until it changes.
+        let text = match read {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded; the previous one keeps serving");
+                metrics.config_rejections.inc();
+                continue;
+            }
+        };
         let (path, store, metrics) = (path.clone(), store.clone(), metrics.clone());
         // Compiling a large file is CPU work: keep it off the runtime's request threads.
         let outcome = super::worker::run(move || {
@@ -108,6 +117,28 @@ impl Settling {
 /// The SHA-256 of a declarative file's bytes.
 pub fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
+}
+
+/// The file's text, and what identifies its content: the SHA-256 of its bytes, or of why it
+/// cannot be read (so that the same failure is reported once, as a content is applied once).
+fn read(path: &Path) -> ([u8; 32], Result<String, LoadError>) {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let content = digest(&bytes);
+            let text = String::from_utf8(bytes).map_err(|e| LoadError::Read {
+                path: path.to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            });
+            (content, text)
+        }
+        Err(source) => (
+            digest(format!("unreadable: {:?}", source.kind()).as_bytes()),
+            Err(LoadError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        ),
+    }
 }
 
 #[cfg(test)]

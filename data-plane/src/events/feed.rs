@@ -163,7 +163,7 @@ impl Feed {
     /// held events after it, then the live ones, taken under the feed's lock so that nothing
     /// falls between. `None` when the feed has stopped, or `after` is elsewhere in the topic.
     fn resume(&self, after: &Position) -> Option<Source> {
-        self.resume_within(after, usize::MAX)
+        self.resume_within(after, None)
     }
 
     /// [`Feed::resume`], for a private reader's subscriber: only when the feed holds at most
@@ -171,24 +171,29 @@ impl Feed {
     /// subscriber handed over at the tail of the feed's window would lose the held events it
     /// was given to the newer ones before it read them, and be closed as slow.
     fn hand_over(&self, after: &Position) -> Option<Source> {
-        self.resume_within(after, HANDOVER_BEHIND)
+        self.resume_within(after, Some((HANDOVER_BEHIND, FEED_BYTES / 4)))
     }
 
-    fn resume_within(&self, after: &Position, most: usize) -> Option<Source> {
+    /// `most`: how many events, and record bytes, the feed may hold since `after`.
+    fn resume_within(&self, after: &Position, most: Option<(usize, usize)>) -> Option<Source> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.closed || !state.holds_since(after) {
             return None;
         }
-        let missed = state.held.iter().filter(|event| after.is_new(event));
-        if most != usize::MAX
-            && (missed.clone().count() > most
-                || missed.clone().map(|e| e.size()).sum::<usize>() > FEED_BYTES / 4)
-        {
-            return None;
+        let mut backlog = Vec::new();
+        let mut bytes = 0;
+        for event in state.held.iter().filter(|event| after.is_new(event)) {
+            bytes += event.size();
+            if most
+                .is_some_and(|(events, most_bytes)| backlog.len() == events || bytes > most_bytes)
+            {
+                return None;
+            }
+            backlog.push(Arc::downgrade(event));
         }
         Some(Source {
             position: after.clone(),
-            backlog: missed.map(Arc::downgrade).collect(),
+            backlog,
             live: Live::Shared(state.live.subscribe()),
         })
     }

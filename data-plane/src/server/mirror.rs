@@ -73,7 +73,7 @@ async fn send(
     path_and_query: &PathAndQuery,
     body: MirrorBody,
 ) -> Result<&'static str, &'static str> {
-    let lease = upstream.lease(&headers, None).map_err(|_| "skipped")?;
+    let lease = upstream.lease(&headers).map_err(|_| "skipped")?;
     let mut request = Request::new(body.boxed());
     *request.method_mut() = method;
     *request.headers_mut() = headers;

@@ -498,7 +498,7 @@ impl Gateway {
             }
             None => None,
         };
-        let lease = upstream.lease(request.headers(), None)?;
+        let lease = upstream.lease(request.headers())?;
         // WebSocket only: a tunnel skips everything per request that follows (routing, access,
         // identity headers, body limits), and other protocols (h2c above all) would carry
         // requests the gateway never sees. Any other `Upgrade` is dropped with the hop-by-hop
@@ -640,14 +640,13 @@ impl Gateway {
             if Instant::now() + pause >= deadline {
                 break outcome;
             }
-            // The failed try's answer is kept, unread, through the pause: with no target to
-            // retry on by then, it stands (the upstream's 5xx with its body, or 502 for a
-            // connect error), not a 503 of the gateway's.
-            tokio::time::sleep(pause).await;
+            // With no target to retry on, the failed try's answer stands (the upstream's 5xx
+            // with its body, or 502 for a connect error), not a 503 of the gateway's.
             if lease.retarget(headers).is_err() {
                 break outcome;
             }
             drop(outcome);
+            tokio::time::sleep(pause).await;
             request = Request::new(empty_body());
             *request.method_mut() = method.clone();
             *request.headers_mut() = headers.clone();

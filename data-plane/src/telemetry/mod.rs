@@ -521,6 +521,35 @@ impl Metrics {
 /// Shared handle.
 pub type SharedMetrics = Arc<Metrics>;
 
+/// A gauge a runtime (a target's health, a circuit breaker) writes its state to, shown only
+/// once attached to its series, when the configuration holding the runtime is applied: a
+/// runtime built for a configuration that is then refused shows nothing, and one put back by
+/// a rollback is attached again (its series may have been removed meanwhile).
+#[derive(Debug, Default)]
+pub struct StateGauge(std::sync::Mutex<Gauge>);
+
+impl StateGauge {
+    pub fn set(&self, value: i64) {
+        self.lock().set(value);
+    }
+
+    /// Shows `value` on `series` from now on.
+    pub fn attach(&self, series: Gauge, value: i64) {
+        series.set(value);
+        *self.lock() = series;
+    }
+
+    pub fn get(&self) -> i64 {
+        self.lock().get()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Gauge> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// `text` escaped as a label value of the text exposition (`\\`, `\"`, `\n`), which
 /// prometheus-client writes as it is given: a route's name may be any text (an OpenAPI
 /// `operationId`), and one quote in it would make every scrape of the node fail.

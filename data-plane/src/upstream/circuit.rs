@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::gauge::Gauge;
 use sluice_proto::pb;
 
+use crate::telemetry::StateGauge;
+
 const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(10);
 
 /// Values of the `sluice_upstream_circuit_state` gauge.
@@ -27,7 +29,7 @@ pub struct CircuitBreaker {
     open_for: Duration,
     probes: u32,
     phase: Mutex<Phase>,
-    state_gauge: Gauge,
+    state_gauge: StateGauge,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -68,9 +70,9 @@ impl Drop for Pass<'_> {
 
 impl CircuitBreaker {
     /// `None` when the upstream has no breaker (`failure_threshold` 0).
-    pub fn new(config: Option<&pb::CircuitBreaker>, state_gauge: Gauge) -> Option<Self> {
-        // The gauge is written once the configuration holding this is applied
-        // ([`CircuitBreaker::publish`]): the same series may still show a running breaker.
+    /// Shown on its gauge once the configuration holding this is applied
+    /// ([`CircuitBreaker::publish`]): until then the series may show a running breaker.
+    pub fn new(config: Option<&pb::CircuitBreaker>) -> Option<Self> {
         let config = config.filter(|c| c.failure_threshold > 0)?;
         Some(CircuitBreaker {
             threshold: config.failure_threshold,
@@ -80,18 +82,18 @@ impl CircuitBreaker {
             },
             probes: config.half_open_requests.max(1),
             phase: Mutex::new(Phase::Closed { failures: 0 }),
-            state_gauge,
+            state_gauge: StateGauge::default(),
         })
     }
 
-    /// Writes the state to the gauge.
-    pub fn publish(&self) {
+    /// Shows the state on `series` from now on.
+    pub fn publish(&self, series: Gauge) {
         let state = match *self.lock() {
             Phase::Closed { .. } => CLOSED,
             Phase::Open { .. } => OPEN,
             Phase::HalfOpen { .. } => HALF_OPEN,
         };
-        self.state_gauge.set(state);
+        self.state_gauge.attach(series, state);
     }
 
     /// Lets a request through, or says how long until the breaker will try again.
@@ -177,14 +179,11 @@ mod tests {
     use super::*;
 
     fn breaker(threshold: u32, open_ms: u64, probes: u32) -> CircuitBreaker {
-        CircuitBreaker::new(
-            Some(&pb::CircuitBreaker {
-                failure_threshold: threshold,
-                open_ms,
-                half_open_requests: probes,
-            }),
-            Gauge::default(),
-        )
+        CircuitBreaker::new(Some(&pb::CircuitBreaker {
+            failure_threshold: threshold,
+            open_ms,
+            half_open_requests: probes,
+        }))
         .unwrap()
     }
 
@@ -234,9 +233,7 @@ mod tests {
 
     #[test]
     fn no_threshold_means_no_breaker() {
-        assert!(
-            CircuitBreaker::new(Some(&pb::CircuitBreaker::default()), Gauge::default()).is_none()
-        );
-        assert!(CircuitBreaker::new(None, Gauge::default()).is_none());
+        assert!(CircuitBreaker::new(Some(&pb::CircuitBreaker::default())).is_none());
+        assert!(CircuitBreaker::new(None).is_none());
     }
 }

@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use sluice_proto::pb;
 
 use super::{Upstream, empty_body};
+use crate::telemetry::StateGauge;
 
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -28,17 +29,23 @@ pub struct TargetHealth {
     healthy: AtomicBool,
     /// Consecutive results against the current state.
     streak: AtomicU32,
-    gauge: Gauge,
+    gauge: StateGauge,
+}
+
+impl Default for TargetHealth {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl TargetHealth {
-    /// The gauge is written once the configuration holding this is applied
-    /// ([`TargetHealth::publish`]): the same series may still show a running target's state.
-    pub fn new(gauge: Gauge) -> Self {
+    /// Shown on its gauge once the configuration holding this is applied
+    /// ([`TargetHealth::publish`]): until then the series may show a running target's state.
+    pub fn new() -> Self {
         TargetHealth {
             healthy: AtomicBool::new(true),
             streak: AtomicU32::new(0),
-            gauge,
+            gauge: StateGauge::default(),
         }
     }
 
@@ -46,9 +53,9 @@ impl TargetHealth {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Writes the state to the gauge.
-    pub fn publish(&self) {
-        self.gauge.set(i64::from(self.is_healthy()));
+    /// Shows the state on `series` from now on.
+    pub fn publish(&self, series: Gauge) {
+        self.gauge.attach(series, i64::from(self.is_healthy()));
     }
 
     /// Counts one probe result; flips the state after `threshold` in a row against it.
@@ -191,7 +198,7 @@ mod tests {
 
     #[test]
     fn thresholds_flip_the_state_and_a_contrary_result_resets_the_streak() {
-        let health = TargetHealth::new(Gauge::default());
+        let health = TargetHealth::new();
         assert_eq!(health.observe(false, 2, 3), None);
         assert_eq!(health.observe(false, 2, 3), None);
         assert_eq!(health.observe(true, 2, 3), None, "the streak resets");

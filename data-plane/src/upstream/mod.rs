@@ -155,13 +155,7 @@ impl Lease {
     pub fn retarget(&mut self, headers: &HeaderMap) -> Result<(), UpstreamError> {
         let upstream = &self.upstream;
         let failed = self.target;
-        let in_flight = |i: usize| upstream.targets[i].in_flight.load(Ordering::Relaxed);
-        let usable = |i: usize| upstream.targets[i].is_usable();
-        let target = upstream
-            .balancer
-            .pick(headers, &|i| i != failed && usable(i), &in_flight)
-            .or_else(|| upstream.balancer.pick(headers, &usable, &in_flight))
-            .ok_or_else(|| UpstreamError::NoTarget(upstream.name.clone()))?;
+        let target = upstream.pick(headers, Some(failed))?;
         upstream.targets[target]
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
@@ -231,7 +225,7 @@ impl Upstream {
                 authority,
                 url: target.url.as_str().into(),
                 in_flight: AtomicUsize::new(0),
-                health: TargetHealth::new(metrics.target_healthy(&meta.name, &target.url)),
+                health: TargetHealth::new(),
                 ejection: Ejection::default(),
             });
             weights.push(if target.weight == 0 {
@@ -286,10 +280,7 @@ impl Upstream {
                 .then(|| Arc::new(Semaphore::new(config.max_concurrent_requests as usize))),
             duration: metrics.upstream(&meta.name),
             retry: RetryPolicy::new(config.retry.as_ref()),
-            circuit: CircuitBreaker::new(
-                config.circuit_breaker.as_ref(),
-                metrics.circuit_state(&meta.name),
-            ),
+            circuit: CircuitBreaker::new(config.circuit_breaker.as_ref()),
             outlier: OutlierSettings::new(config.outlier_detection.as_ref()),
             ejections: metrics.ejections(&meta.name),
             ejecting: std::sync::Mutex::new(()),
@@ -299,22 +290,19 @@ impl Upstream {
     /// Writes the targets' health and the breaker's state to their gauges: called when the
     /// configuration holding this upstream is applied, so that one built and then refused
     /// (or rolled back) never shows its fresh state in place of the running one's.
-    pub fn publish_state(&self) {
+    pub fn publish_state(&self, metrics: &Metrics) {
         for target in &self.targets {
-            target.health.publish();
+            target
+                .health
+                .publish(metrics.target_healthy(&self.name, &target.url));
         }
         if let Some(breaker) = &self.circuit {
-            breaker.publish();
+            breaker.publish(metrics.circuit_state(&self.name));
         }
     }
 
-    /// Picks a target for a request with these headers and claims it. `avoid` is a target
-    /// that just failed this request: another is preferred when there is one.
-    pub fn lease(
-        self: &Arc<Self>,
-        headers: &HeaderMap,
-        avoid: Option<usize>,
-    ) -> Result<Lease, UpstreamError> {
+    /// Picks a target for a request with these headers and claims it.
+    pub fn lease(self: &Arc<Self>, headers: &HeaderMap) -> Result<Lease, UpstreamError> {
         let permit = match &self.concurrency {
             Some(semaphore) => Some(
                 semaphore
@@ -324,13 +312,7 @@ impl Upstream {
             ),
             None => None,
         };
-        let in_flight = |i: usize| self.targets[i].in_flight.load(Ordering::Relaxed);
-        let healthy = |i: usize| self.targets[i].is_usable();
-        let target = self
-            .balancer
-            .pick(headers, &|i| Some(i) != avoid && healthy(i), &in_flight)
-            .or_else(|| self.balancer.pick(headers, &healthy, &in_flight))
-            .ok_or_else(|| UpstreamError::NoTarget(self.name.clone()))?;
+        let target = self.pick(headers, None)?;
         self.targets[target]
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
@@ -339,6 +321,17 @@ impl Upstream {
             target,
             _permit: permit,
         })
+    }
+
+    /// A usable target for a request with these headers. `avoid` is a target that just
+    /// failed this request: another is preferred when there is one.
+    fn pick(&self, headers: &HeaderMap, avoid: Option<usize>) -> Result<usize, UpstreamError> {
+        let in_flight = |i: usize| self.targets[i].in_flight.load(Ordering::Relaxed);
+        let usable = |i: usize| self.targets[i].is_usable();
+        self.balancer
+            .pick(headers, &|i| Some(i) != avoid && usable(i), &in_flight)
+            .or_else(|| self.balancer.pick(headers, &usable, &in_flight))
+            .ok_or_else(|| UpstreamError::NoTarget(self.name.clone()))
     }
 
     /// Feeds one try's result to passive ejection. A failure is a connect error, a timeout,
@@ -462,20 +455,20 @@ mod tests {
     fn a_retry_moves_its_claim_and_keeps_its_slot_or_stays_put() {
         let two = upstream(&["http://127.0.0.1:1", "http://127.0.0.1:2"]);
         let headers = HeaderMap::new();
-        let mut lease = two.lease(&headers, None).unwrap();
+        let mut lease = two.lease(&headers).unwrap();
         let first = lease.index();
         lease.retarget(&headers).unwrap();
         assert_ne!(lease.index(), first, "another target is preferred");
         assert_eq!(in_flight(&two).iter().sum::<usize>(), 1);
         assert_eq!(in_flight(&two)[lease.index()], 1);
         assert!(
-            matches!(two.lease(&headers, None), Err(UpstreamError::Overloaded(_))),
+            matches!(two.lease(&headers), Err(UpstreamError::Overloaded(_))),
             "the request's one slot went with it"
         );
 
         // Nowhere left to go: the claim stays where it was, for the answer it got there.
         let one = upstream(&["http://127.0.0.1:1"]);
-        let mut lease = one.lease(&headers, None).unwrap();
+        let mut lease = one.lease(&headers).unwrap();
         eject(&one, 0);
         assert!(matches!(
             lease.retarget(&headers),

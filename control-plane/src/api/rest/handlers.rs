@@ -367,10 +367,10 @@ pub(super) async fn update_resource(
         None => Write::EXISTING,
         // No ETag this API gives is "0" (a resource's version is the registry version that
         // wrote it), and to the registry 0 means "only if absent": a PUT racing a delete would
-        // bring the resource back with it.
-        Some(0) => {
+        // bring the resource back with it. Nor u64::MAX, the registry's "any version".
+        Some(version @ (0 | Write::EXISTING)) => {
             return Err(ApiError::PreconditionFailed(format!(
-                "If-Match \"0\" matches no resource: {} {key} is at version {}",
+                "If-Match \"{version}\" matches no resource: {} {key} is at version {}",
                 kind_name(kind),
                 current.meta().map_or(0, |m| m.resource_version)
             )));
