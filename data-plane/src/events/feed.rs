@@ -601,7 +601,7 @@ async fn run(feed: &Feed, consumer: &StreamConsumer) {
 
 /// What a private reader hands its subscriber.
 #[derive(Debug)]
-enum OwnItem {
+pub enum OwnItem {
     /// The next event, with its share of [`OWN_BUFFER_BYTES`].
     Event(Arc<StoredEvent>, OwnedSemaphorePermit),
     /// The reader has caught up with the shared feed and stopped: the subscriber goes on
@@ -617,25 +617,12 @@ pub struct OwnFeed {
     events: mpsc::Receiver<OwnItem>,
 }
 
-/// What an [`OwnFeed`] gives next.
-#[derive(Debug)]
-pub enum OwnNext {
-    Event(Arc<StoredEvent>),
-    /// Go on with this source (the shared feed's).
-    Join(Source),
-    /// The reader has stopped.
-    Ended,
-}
-
 impl OwnFeed {
-    pub async fn recv(&mut self) -> OwnNext {
-        // An event's bytes go back to the reader here: the subscriber holds the event, not
-        // the buffer.
-        match self.events.recv().await {
-            Some(OwnItem::Event(event, _share)) => OwnNext::Event(event),
-            Some(OwnItem::Join(source)) => OwnNext::Join(source),
-            None => OwnNext::Ended,
-        }
+    /// The next item; `None` once the reader has stopped. An event's share of the buffer goes
+    /// back to the reader when the item is dropped: the subscriber holds the event, not the
+    /// buffer.
+    pub async fn recv(&mut self) -> Option<OwnItem> {
+        self.events.recv().await
     }
 }
 

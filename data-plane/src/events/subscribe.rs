@@ -33,7 +33,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::Broker;
-use super::feed::OwnNext;
+use super::feed::OwnItem;
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
 use crate::auth::{AccessGuard, Denial, Identity};
@@ -156,14 +156,14 @@ impl Live {
                         .ok_or(broadcast::error::RecvError::Lagged(1));
                 }
                 Live::Own(own) => match own.recv().await {
-                    OwnNext::Event(event) => return Ok(event),
-                    OwnNext::Join(source) => {
+                    Some(OwnItem::Event(event, _share)) => return Ok(event),
+                    Some(OwnItem::Join(source)) => {
                         let Live::Shared(shared) = source.live else {
                             return Err(broadcast::error::RecvError::Closed);
                         };
                         *self = Live::Joining(source.backlog.into_iter(), shared);
                     }
-                    OwnNext::Ended => return Err(broadcast::error::RecvError::Closed),
+                    None => return Err(broadcast::error::RecvError::Closed),
                 },
                 Live::Joining(backlog, shared) => {
                     // An event the feed let go before it was read: behind, as on the feed.
