@@ -165,6 +165,13 @@ struct Args {
         env = "SLUICE_DP_TRUSTED_PROXIES"
     )]
     trusted_proxies: Vec<String>,
+    /// Every client connection (plain and TLS) starts with a PROXY protocol header, version
+    /// 1 or 2, as an L4 load balancer writes it: a connection without one is closed. The
+    /// address it names is the client when the connection comes from one of
+    /// `--trusted-proxies` (which must be set), whose `X-Forwarded-For` is then read as
+    /// well. The admin listener does not take the header.
+    #[arg(long, env = "SLUICE_DP_PROXY_PROTOCOL")]
+    proxy_protocol: bool,
 }
 
 fn main() -> ExitCode {
@@ -200,6 +207,13 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.proxy_protocol && args.trusted_proxies.is_empty() {
+        eprintln!(
+            "sluice-dp: --proxy-protocol: set --trusted-proxies to the load balancers that send the header \
+             (the address it names is believed only from them)"
+        );
+        return ExitCode::FAILURE;
+    }
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(ConfigStore::new(
         JwksCache::new(tokio::runtime::Handle::current()),
@@ -345,6 +359,7 @@ async fn run(args: Args, log_errors: ErrorCounter) -> ExitCode {
         max_headers: args.max_headers,
         drain_timeout: args.drain_timeout,
         max_connections: args.max_connections,
+        proxy_protocol: args.proxy_protocol,
     };
     let stopping = async move {
         shutdown_signal().await;

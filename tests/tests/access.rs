@@ -439,3 +439,99 @@ apis:
         "a bad network stops the node"
     );
 }
+
+/// Sends `GET path` on a new connection that starts with `preamble` (a PROXY protocol
+/// header) and answers the status and JSON body, or `None` when the node closed the
+/// connection without answering.
+async fn get_after(node: &DataPlane, preamble: &[u8], path: &str) -> Option<(u16, Value)> {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    stream.write_all(preamble).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header("host", "gateway")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.ok()?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    Some((status, serde_json::from_slice(&body).unwrap()))
+}
+
+#[tokio::test]
+async fn an_l4_load_balancers_proxy_protocol_header_names_the_client() {
+    let backend = EchoBackend::start("app").await.unwrap();
+    let config = format!(
+        r#"format_version: 1
+upstreams:
+  - name: app
+    targets: [{{ url: "{}" }}]
+policies:
+  - name: no-documentation-net
+    ip_restriction: {{ deny: ["203.0.113.0/24"] }}
+apis:
+  - name: walled
+    policies: [no-documentation-net]
+    routes:
+      - {{ name: all, path: /, proxy: {{ upstream: app }} }}
+"#,
+        backend.url()
+    );
+    // The test is the load balancer, on loopback.
+    let node = DataPlane::start(
+        &config,
+        &["--proxy-protocol", "--trusted-proxies", "127.0.0.0/8"],
+    )
+    .unwrap();
+    let (status, body) = get_after(&node, b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 80\r\n", "/")
+        .await
+        .unwrap();
+    assert_eq!((status, problem(&body)), (403, "ip-denied"), "{body}");
+    let (status, echo) = get_after(&node, b"PROXY TCP4 198.51.100.4 10.0.0.1 51000 80\r\n", "/")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(echo["headers"]["x-forwarded-for"], "198.51.100.4");
+    // The load balancer's own health check names nobody: it is the client.
+    let (status, echo) = get_after(&node, b"PROXY UNKNOWN\r\n", "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+    // A connection without the header is closed unanswered, and counted.
+    assert!(get_after(&node, b"", "/").await.is_none());
+    assert!(
+        get_after(&node, b"PROXY TCP4 nonsense\r\n", "/")
+            .await
+            .is_none()
+    );
+    assert_eq!(
+        node.metric("sluice_proxy_protocol_refused_total", "")
+            .await
+            .unwrap(),
+        2.0
+    );
+
+    // A header from a peer that is not a trusted proxy is read, and not believed.
+    let untrusting = DataPlane::start(
+        &config,
+        &["--proxy-protocol", "--trusted-proxies", "10.0.0.0/8"],
+    )
+    .unwrap();
+    let (status, echo) = get_after(
+        &untrusting,
+        b"PROXY TCP4 198.51.100.4 10.0.0.1 51000 80\r\n",
+        "/",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert!(
+        DataPlane::start(&config, &["--proxy-protocol"]).is_err(),
+        "the header is only believed from trusted proxies, so they must be named"
+    );
+}

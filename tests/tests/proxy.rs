@@ -1082,16 +1082,26 @@ async fn state_gauges_show_the_running_upstreams_and_no_others() -> anyhow::Resu
     };
     let text = metrics().await?;
     assert!(!shown(&text, "newcomer"), "{text}");
-    // The upstream gone: its breaker's and target's series go with it.
+    // Any series at all naming `label`.
+    let named = |text: &str, label: &str| {
+        text.lines()
+            .any(|line| !line.starts_with('#') && line.contains(label))
+    };
+    assert!(named(&text, "upstream=\"flaky\""), "{text}");
+    assert!(named(&text, "route=\"all\""), "{text}");
+    // The upstream gone: its breaker's and target's series go with it, and so do its
+    // latency's; the route renamed takes its counters.
     let swaps = node.metric("sluice_config_swaps_total", "").await?;
     let other = EchoBackend::start("steady").await?;
     node.write_config(&config(
         &upstream("steady", &[other.url()], breaker),
-        "      - name: all\n        path: /\n        proxy: { upstream: steady }\n",
+        "      - name: steadily\n        path: /\n        proxy: { upstream: steady }\n",
     ))?;
     settled("sluice_config_swaps_total", swaps + 1.0).await?;
     let text = metrics().await?;
     assert!(!shown(&text, "flaky"), "{text}");
+    assert!(!named(&text, "upstream=\"flaky\""), "{text}");
+    assert!(!named(&text, "route=\"all\""), "{text}");
     assert_eq!(
         node.metric(gauge, "steady").await?,
         0.0,

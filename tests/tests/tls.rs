@@ -278,3 +278,74 @@ async fn websockets_reach_tls_upstreams_that_also_speak_h2() -> anyhow::Result<(
     assert_eq!(echoed, b"over TLS, untouched");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_h2_client_that_never_sends_its_preface_is_let_go() -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let ca = TestCa::new("Sluice test CA")?;
+    let a = ca.leaf(&["a.example.test"])?;
+    let backend = EchoBackend::start("app").await?;
+    let tls_addr = free_addr();
+    let node = DataPlane::start(
+        &config(&backend, &certificate("a", &a, &["a.example.test"])),
+        &[
+            "--tls-listen",
+            &tls_addr.to_string(),
+            "--header-read-timeout",
+            "500ms",
+            "--max-connections",
+            "1",
+        ],
+    )?;
+    // h2 by ALPN, and then nothing: the connection is closed after the header read timeout,
+    // and its slot (the only one) goes to the next client.
+    let mut silent = connect(&ca, tls_addr, "a.example.test", &[b"h2"]).await?;
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let started = Instant::now();
+    // The node's own preface (its SETTINGS), then the end of the connection.
+    let mut sent = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut sent)).await;
+    assert!(read.is_ok(), "still open after 5 s");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let next = connect(&ca, tls_addr, "a.example.test", &[b"h2"]);
+    let stream = tokio::time::timeout(Duration::from_secs(5), next).await??;
+    assert_eq!(get(stream, "a.example.test").await?.1, 200);
+    drop(node);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_proxy_protocol_header_comes_before_the_tls_handshake() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let ca = TestCa::new("Sluice test CA")?;
+    let a = ca.leaf(&["a.example.test"])?;
+    let backend = EchoBackend::start("app").await?;
+    let tls_addr = free_addr();
+    let _node = DataPlane::start(
+        &config(&backend, &certificate("a", &a, &["a.example.test"])),
+        &[
+            "--tls-listen",
+            &tls_addr.to_string(),
+            "--proxy-protocol",
+            "--trusted-proxies",
+            "127.0.0.1",
+        ],
+    )?;
+    let mut tcp = TcpStream::connect(tls_addr).await?;
+    tcp.write_all(b"PROXY TCP4 198.51.100.4 10.0.0.1 51000 443\r\n")
+        .await?;
+    let connector = TlsConnector::from(ca.client_config(&[b"h2"])?);
+    let stream = connector
+        .connect(ServerName::try_from("a.example.test")?, tcp)
+        .await?;
+    let (_, status, echo) = get(stream, "a.example.test").await?;
+    assert_eq!(status, 200);
+    assert_eq!(echo["headers"]["x-forwarded-for"], "198.51.100.4", "{echo}");
+    // Without the header, the handshake does not get going.
+    assert!(
+        connect(&ca, tls_addr, "a.example.test", &[b"h2"])
+            .await
+            .is_err()
+    );
+    Ok(())
+}

@@ -13,7 +13,7 @@ pub mod keys;
 pub mod watch;
 pub mod worker;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -374,6 +374,11 @@ impl ConfigStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         self.metrics.config_loaded_at.set(loaded_at);
+        if let Some(before) = before
+            && !Arc::ptr_eq(&before.router, &now.router)
+        {
+            self.forget_routes(&before.router, &now.router);
+        }
         // The same runtimes (a delta of consumers, say): already shown.
         if before.is_some_and(|b| Arc::ptr_eq(&b.upstreams, &now.upstreams)) {
             return;
@@ -388,13 +393,29 @@ impl ConfigStore {
             now.upstreams.values().map(|u| (&*u.name, &**u)).collect();
         for old in before.upstreams.values() {
             let kept = by_name.get(&*old.name);
-            if kept.is_none_or(|u| u.circuit.is_none()) {
-                self.metrics.forget_upstream(&old.name);
+            match kept {
+                None => self.metrics.forget_upstream_series(&old.name),
+                Some(u) if u.circuit.is_none() => self.metrics.forget_upstream(&old.name),
+                Some(_) => {}
             }
             for target in &old.targets {
                 if !kept.is_some_and(|u| u.targets.iter().any(|t| t.url == target.url)) {
                     self.metrics.forget_target(&old.name, &target.url);
                 }
+            }
+        }
+    }
+
+    /// Drops the series of the routes `before` had and `now` has not: routes renamed or
+    /// removed would otherwise stay in every scrape until the node restarts.
+    fn forget_routes(&self, before: &Router, now: &Router) {
+        let kept: HashSet<(&str, &str)> = now
+            .routes()
+            .map(|route| (&*route.api_name, &*route.name))
+            .collect();
+        for route in before.routes() {
+            if !kept.contains(&(&*route.api_name, &*route.name)) {
+                self.metrics.forget_route(&route.api_name, &route.name);
             }
         }
     }

@@ -291,6 +291,11 @@ impl Router {
         Ok(router)
     }
 
+    /// Every route, by rank.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter().map(|route| &**route)
+    }
+
     /// Number of routes.
     pub fn len(&self) -> usize {
         self.routes.len()

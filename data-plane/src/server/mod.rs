@@ -16,11 +16,14 @@ pub mod framing;
 pub mod h2_stall;
 pub mod mirror;
 pub mod pipeline;
+pub mod preface;
+pub mod proxy_protocol;
 pub mod send_timeout;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +38,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::mtls::ClientCertificate;
+use forwarding::TrustedProxies;
 use framing::{FramingGuard, Verdicts};
 use h2_stall::{ResponseBody, StreamExecutor};
 use pipeline::{ConnectionInfo, Gateway};
+use preface::{PrefaceDeadline, PrefaceWatch};
 use send_timeout::SendTimeout;
 
 /// Listener settings.
@@ -63,6 +68,9 @@ pub struct ListenerSettings {
     /// Open client connections, all listeners together. At the limit the node stops
     /// accepting until one closes; new connections wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Every client connection starts with a PROXY protocol header ([`proxy_protocol`]),
+    /// read within the header read timeout; the trusted proxies' name the client.
+    pub proxy_protocol: bool,
 }
 
 /// A client connection's claim on one of [`ListenerSettings::max_connections`], counted in
@@ -156,7 +164,7 @@ pub async fn serve(
     let (stop, stopped) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     let shared = Arc::new(Shared {
-        gateway,
+        gateway: gateway.clone(),
         protocols: Arc::new(Protocols { http1, http2 }),
         slots,
         max_head: settings.max_header_bytes,
@@ -164,17 +172,21 @@ pub async fn serve(
         header_read_timeout: settings.header_read_timeout,
         send_timeout: settings.send_timeout,
         idle_timeout: settings.idle_timeout,
+        proxy_protocol: settings
+            .proxy_protocol
+            .then(|| gateway.trusted_proxies().clone()),
     });
-    let mut acceptors = tokio::task::JoinSet::new();
-    for listener in listeners {
-        acceptors.spawn(accept(listener, shared.clone(), stopped.clone()));
-    }
+    let acceptor = tokio::spawn(accept(listeners, shared.clone(), stopped.clone()));
     drop(stopped);
     shutdown.await;
     let _ = stop.send(true);
     shared.gateway.stop_event_streams();
-    // Each acceptor drops its listener as it returns: no new connections from here on.
-    acceptors.join_all().await;
+    // The acceptor drops the listeners as it returns: no new connections from here on.
+    if let Err(e) = acceptor.await
+        && e.is_panic()
+    {
+        std::panic::resume_unwind(e.into_panic());
+    }
     tracing::info!(deadline = ?settings.drain_timeout, "draining connections");
     let draining = tokio::time::Instant::now();
     match tokio::time::timeout(settings.drain_timeout, stop.closed()).await {
@@ -200,10 +212,15 @@ struct Shared {
     header_read_timeout: Duration,
     send_timeout: Duration,
     idle_timeout: Duration,
+    /// With [`ListenerSettings::proxy_protocol`]: whose PROXY headers name the client.
+    proxy_protocol: Option<TrustedProxies>,
 }
 
-/// Accepts connections on one listener until told to stop, serving each on its own task.
-async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
+/// Accepts connections on every listener until told to stop, serving each on its own task.
+/// One loop for all listeners: a connection slot is taken before accepting, and one acceptor
+/// per listener would each hold a slot while waiting (with `--max-connections 1`, the plain
+/// listener's acceptor would hold the only one, and TLS clients would never be served).
+async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
     let Shared {
         gateway,
         protocols,
@@ -213,6 +230,7 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
         header_read_timeout,
         send_timeout,
         idle_timeout,
+        proxy_protocol,
     } = &*shared;
     let (max_head, max_headers, header_read_timeout, send_timeout, idle_timeout) = (
         *max_head,
@@ -221,25 +239,16 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
         *send_timeout,
         *idle_timeout,
     );
-    let scheme = if listener.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
     let gauge = gateway.metrics().client_connections.clone();
-    loop {
+    let refused = gateway.metrics().proxy_protocol_refused.clone();
+    for turn in 0.. {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             () = stopping(&mut stopped) => return,
         };
-        gauge.inc();
-        let slot = ConnectionSlot {
-            _permit: permit,
-            gauge: gauge.clone(),
-        };
-        let (stream, client) = tokio::select! {
-            accepted = listener.tcp.accept() => match accepted {
-                Ok(accepted) => accepted,
+        let ((mut stream, client), tls) = tokio::select! {
+            (accepted, listener) = accept_any(&listeners, turn) => match accepted {
+                Ok(accepted) => (accepted, listener.tls.clone()),
                 Err(e) => {
                     // Out of file descriptors, say: back off rather than spin.
                     tracing::warn!(error = %e, "accept failed");
@@ -249,6 +258,12 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
             },
             () = stopping(&mut stopped) => return,
         };
+        gauge.inc();
+        let slot = ConnectionSlot {
+            _permit: permit,
+            gauge: gauge.clone(),
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         let verdicts = Arc::new(Verdicts::default());
@@ -258,6 +273,7 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
         let idle = Idle {
             timeout: idle_timeout,
             started: started.clone(),
+            preface: None,
         };
         // The connection's service; over TLS, made once the handshake has told whether the
         // client presented a certificate.
@@ -279,10 +295,26 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
         // Held by the connection's task from here on, so a drain also waits for connections
         // still in their TLS handshake or yet to send their first bytes.
         let (protocols, mut stopped) = (protocols.clone(), stopped.clone());
-        match listener.tls.clone() {
+        let proxied = proxy_protocol
+            .clone()
+            .map(|trusted| (trusted, refused.clone()));
+        match tls {
             None => {
                 tokio::spawn(async move {
                     let _slot = slot;
+                    let client = match proxied {
+                        None => client,
+                        Some((trusted, refused)) => tokio::select! {
+                            read = client_behind(&mut stream, client, &trusted, header_read_timeout) => match read {
+                                Some(client) => client,
+                                None => {
+                                    refused.inc();
+                                    return;
+                                }
+                            },
+                            () = stopping(&mut stopped) => return,
+                        },
+                    };
                     let version = tokio::select! {
                         sniffed = tokio::time::timeout(header_read_timeout, sniff(&stream)) => {
                             match sniffed {
@@ -317,6 +349,19 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
             Some(acceptor) => {
                 tokio::spawn(async move {
                     let _slot = slot;
+                    let client = match proxied {
+                        None => client,
+                        Some((trusted, refused)) => tokio::select! {
+                            read = client_behind(&mut stream, client, &trusted, header_read_timeout) => match read {
+                                Some(client) => client,
+                                None => {
+                                    refused.inc();
+                                    return;
+                                }
+                            },
+                            () = stopping(&mut stopped) => return,
+                        },
+                    };
                     let stream = match tokio::time::timeout(
                         TLS_HANDSHAKE_TIMEOUT,
                         acceptor.accept(SendTimeout::new(stream, send_timeout)),
@@ -350,6 +395,11 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
                         scheme,
                         certificate,
                     });
+                    let (stream, preface) = PrefaceWatch::new(stream, header_read_timeout);
+                    let idle = Idle {
+                        preface: Some(preface),
+                        ..idle
+                    };
                     let io =
                         TokioIo::new(FramingGuard::new(stream, max_head, max_headers, verdicts));
                     if let Err(e) = serve_in(version, io, service, &protocols, stopped, idle).await
@@ -358,6 +408,46 @@ async fn accept(listener: Listener, shared: Arc<Shared>, mut stopped: watch::Rec
                     }
                 });
             }
+        }
+    }
+}
+
+/// The next connection on any of `listeners`, and the listener it came to. Each call looks at
+/// them from the next one on (`turn`), so that a flood on one does not starve the others.
+async fn accept_any(
+    listeners: &[Listener],
+    turn: usize,
+) -> (io::Result<(TcpStream, SocketAddr)>, &Listener) {
+    std::future::poll_fn(|cx| {
+        let (first, then) = listeners.split_at(turn % listeners.len().max(1));
+        for listener in then.iter().chain(first) {
+            if let std::task::Poll::Ready(accepted) = listener.tcp.poll_accept(cx) {
+                return std::task::Poll::Ready((accepted, listener));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// The client of a connection that starts with a PROXY protocol header (read within
+/// `timeout`): the address the header names if `peer` is trusted, else `peer`. `None`: the
+/// header is missing or malformed, and the connection is to be closed.
+async fn client_behind(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    trusted: &TrustedProxies,
+    timeout: Duration,
+) -> Option<SocketAddr> {
+    match tokio::time::timeout(timeout, proxy_protocol::read_client(stream, peer, trusted)).await {
+        Ok(Ok(client)) => Some(client),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, peer = %peer, "connection refused");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer, "no PROXY protocol header within the header read timeout");
+            None
         }
     }
 }
@@ -434,6 +524,8 @@ where
 struct Idle {
     timeout: Duration,
     started: Arc<AtomicU64>,
+    /// Over TLS, where the connection is HTTP/2 before its preface is read.
+    preface: Option<PrefaceDeadline>,
 }
 
 impl Idle {
@@ -457,8 +549,9 @@ impl Idle {
 }
 
 /// Drives `connection` to its end; once the node stops, or an HTTP/2 connection (`idle`) has
-/// started no request for its idle timeout, asks it to wind down first.
-async fn until_drained<C: Future>(
+/// started no request for its idle timeout, asks it to wind down first. An HTTP/2 connection
+/// whose preface is late is dropped: until it comes, hyper can neither serve nor wind it down.
+async fn until_drained<C: Future<Output = Result<(), hyper::Error>>>(
     connection: C,
     graceful_shutdown: fn(Pin<&mut C>),
     mut stopped: watch::Receiver<bool>,
@@ -471,13 +564,28 @@ async fn until_drained<C: Future>(
             None => std::future::pending().await,
         }
     };
+    let missed_preface = async {
+        match idle.as_ref().and_then(|idle| idle.preface.as_ref()) {
+            Some(preface) => preface.missed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut missed_preface = pin!(missed_preface);
+    let dropped = || {
+        tracing::debug!("no HTTP/2 preface within the header read timeout; closing");
+        Ok(())
+    };
     tokio::select! {
         ended = connection.as_mut() => return ended,
         () = stopping(&mut stopped) => {}
         () = idle_passed => tracing::debug!("HTTP/2 connection idle; sending GOAWAY"),
+        () = missed_preface.as_mut() => return dropped(),
     }
     graceful_shutdown(connection.as_mut());
-    connection.await
+    tokio::select! {
+        ended = connection => ended,
+        () = missed_preface => dropped(),
+    }
 }
 
 #[cfg(test)]

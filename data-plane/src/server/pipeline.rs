@@ -148,6 +148,11 @@ impl Gateway {
         &self.metrics
     }
 
+    /// Whose forwarding headers (and PROXY protocol headers) name the client.
+    pub fn trusted_proxies(&self) -> &TrustedProxies {
+        &self.trusted_proxies
+    }
+
     /// Waits, up to `deadline`, for the work requests left behind ([`Gateway::tasks`]), once
     /// the connections have drained (no request is left to start more).
     pub async fn finish_tasks(&self, deadline: std::time::Duration) -> bool {

@@ -20,6 +20,12 @@ const LATENCY_BUCKETS: [f64; 16] = [
     30.0,
 ];
 
+/// A route's request counters, one per class of status.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// What a shadow request can come to (`server::mirror`).
+pub const MIRROR_RESULTS: [&str; 4] = ["answered", "failed", "skipped", "abandoned"];
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     api: String,
@@ -103,6 +109,8 @@ pub struct Metrics {
     access: Family<AccessLabels, Counter>,
     pub in_flight: Gauge,
     pub client_connections: Gauge,
+    /// Connections closed for a missing or malformed PROXY protocol header.
+    pub proxy_protocol_refused: Counter,
     pub config_version: Gauge,
     /// Unix seconds when the running configuration was applied: its age is `time() - this`.
     pub config_loaded_at: Gauge,
@@ -152,13 +160,7 @@ impl RouteMetrics {
                     .clone()
             };
             RouteSeries {
-                by_class: [
-                    class("1xx"),
-                    class("2xx"),
-                    class("3xx"),
-                    class("4xx"),
-                    class("5xx"),
-                ],
+                by_class: STATUS_CLASSES.map(class),
                 duration: self
                     .request_duration
                     .get_or_create(&RouteLabels {
@@ -257,6 +259,12 @@ impl Metrics {
             "client_connections",
             "Open client connections (all listeners), against --max-connections",
             client_connections.clone(),
+        );
+        let proxy_protocol_refused = Counter::default();
+        registry.register(
+            "proxy_protocol_refused",
+            "Client connections closed for a missing or malformed PROXY protocol header (--proxy-protocol)",
+            proxy_protocol_refused.clone(),
         );
         let config_version = Gauge::default();
         registry.register(
@@ -360,6 +368,7 @@ impl Metrics {
             access,
             in_flight,
             client_connections,
+            proxy_protocol_refused,
             config_version,
             config_loaded_at,
             control_plane_connected,
@@ -407,6 +416,10 @@ impl Metrics {
     /// Counts one shadow request's result. Called off the request path (the mirror's own
     /// task), so resolving the series here costs the client nothing.
     pub fn mirrored(&self, upstream: &str, result: &'static str) {
+        debug_assert!(
+            MIRROR_RESULTS.contains(&result),
+            "{result} is missing from MIRROR_RESULTS, so forgetting an upstream would keep it"
+        );
         self.mirrored
             .get_or_create(&MirrorLabels {
                 upstream: upstream.to_owned(),
@@ -422,6 +435,39 @@ impl Metrics {
         self.circuit_state.remove(&UpstreamLabels {
             upstream: upstream.to_owned(),
         });
+    }
+
+    /// Drops every series of an upstream no longer configured at all (its latency, ejections
+    /// and shadow requests as well as its state), so that renaming and replacing upstreams
+    /// does not grow the node's exposition without end.
+    pub fn forget_upstream_series(&self, upstream: &str) {
+        self.forget_upstream(upstream);
+        let labels = UpstreamLabels {
+            upstream: upstream.to_owned(),
+        };
+        self.upstream_duration.remove(&labels);
+        self.ejections.remove(&labels);
+        for result in MIRROR_RESULTS {
+            self.mirrored.remove(&MirrorLabels {
+                upstream: upstream.to_owned(),
+                result,
+            });
+        }
+    }
+
+    /// Drops the series of a route no longer configured. A request still in flight on the
+    /// configuration that had it counts into series no longer exported (or, if it is the
+    /// route's very first, makes them again: rare enough to leave).
+    pub fn forget_route(&self, api: &str, route: &str) {
+        let (api, route) = (label_value(api), label_value(route));
+        for status_class in STATUS_CLASSES {
+            self.requests.remove(&RouteStatusLabels {
+                api: api.clone(),
+                route: route.clone(),
+                status_class,
+            });
+        }
+        self.request_duration.remove(&RouteLabels { api, route });
     }
 
     /// [`Metrics::forget_upstream`] for one target.
