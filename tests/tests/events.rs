@@ -1052,6 +1052,119 @@ apis:
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_publishers_are_held_to_their_identity_filters_and_silent_clients_let_go()
+-> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let config = r#"format_version: 1
+brokers:
+  - name: local
+    memory: {}
+policies:
+  - name: keys
+    key_auth: { query_params: [api_key] }
+plans:
+  - name: basic
+consumers:
+  - name: acme
+    custom_id: ACME
+    credentials: [{ api_key: { key: acme-key-0123456789 } }]
+subscriptions:
+  - { consumer: acme, api: orders, plan: basic }
+apis:
+  - name: orders
+    policies: [keys]
+    routes:
+      - name: mine
+        methods: [GET]
+        path: /orders/mine
+        path_match: exact
+        subscribe:
+          broker: local
+          topic: orders
+          start: earliest
+          heartbeat: 300ms
+          websocket_publish: true
+          identity_filters:
+            - { json_pointer: /customer, consumer: custom_id }
+      - name: watch
+        methods: [GET]
+        path: /orders/watch
+        path_match: exact
+        subscribe: { broker: local, topic: orders, heartbeat: 300ms }
+"#;
+    let node = DataPlane::start(config, &[])?;
+    let mut mine = websocket(&node, "/orders/mine?api_key=acme-key-0123456789").await?;
+    // Its own customer's event is published; another customer's is refused, not written
+    // into that customer's stream.
+    mine.send(Message::text(r#"{"customer":"ACME","n":1}"#))
+        .await?;
+    mine.send(Message::text(r#"{"customer":"GLOBEX","n":2}"#))
+        .await?;
+    // The two answers, in order, and the first event streamed back, in any order with them.
+    let mut answers = Vec::new();
+    let mut streamed = Vec::new();
+    while answers.len() < 2 || streamed.is_empty() {
+        let message = next_json(&mut mine).await?;
+        if message.get("data").is_some() {
+            streamed.push(message["data"]["n"].clone());
+        } else {
+            answers.push(message);
+        }
+    }
+    assert_eq!(answers[0]["ack"], 1, "{answers:?}");
+    assert_eq!(answers[1]["nack"], 2, "{answers:?}");
+    assert!(
+        answers[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("identity filters")),
+        "{answers:?}"
+    );
+    assert_eq!(streamed, [1]);
+    let mut watching = websocket(
+        &node,
+        "/orders/watch?start=earliest&api_key=acme-key-0123456789",
+    )
+    .await?;
+    assert_eq!(next_json(&mut watching).await?["data"]["n"], 1);
+    assert_eq!(
+        node.metric("sluice_event_publishes_total", r#"outcome="rejected""#)
+            .await?,
+        1.0
+    );
+
+    // A read-only route refuses a large message as it arrives.
+    watching.send(Message::text("x".repeat(4096))).await?;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), watching.next()).await? {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1009));
+
+    // A client that reads nothing answers no ping: two heartbeats on, it is closed.
+    let mut silent = websocket(&node, "/orders/watch?api_key=acme-key-0123456789").await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(message)) = silent.next().await {
+            if let Message::Close(frame) = message {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await;
+    assert_eq!(
+        closed.ok(),
+        Some(Some(1008)),
+        "closed within 5 s, with 1008"
+    );
+    Ok(())
+}
+
 /// Publishes `count` events numbered from `first` through `node`'s publish route.
 async fn publish_numbered(node: &DataPlane, first: i64, count: i64) -> anyhow::Result<()> {
     for n in first..first + count {

@@ -171,9 +171,12 @@ impl PublishRoute {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let (parts, body) = request.into_parts();
+        // The record's time is the request's arrival: a slow upload (up to the body's
+        // timeout) does not make its event look later than events sent after it.
+        let arrived_ms = now_ms();
         let body = read_body(body, context.max_body_bytes).await?;
         let Some(key) = parts.headers.get(&IDEMPOTENCY_KEY) else {
-            let event = self.event(&parts, body, context, counted)?;
+            let event = self.event(&parts, body, arrived_ms, context, counted)?;
             let delivered = self
                 .broker
                 .publish(event.record, self.delivery, self.acks)
@@ -220,7 +223,7 @@ impl PublishRoute {
             }
             Claim::Won => {}
         }
-        let event = self.event(&parts, body, context, counted);
+        let event = self.event(&parts, body, arrived_ms, context, counted);
         // The client may leave while the broker works, and its request's future is then
         // dropped. What follows the claim runs on a task of its own, so that the answer is
         // stored (or the claim released) and the publish counted whatever the client does: its
@@ -301,6 +304,7 @@ impl PublishRoute {
         &self,
         parts: &http::request::Parts,
         body: Bytes,
+        arrived_ms: i64,
         context: &PublishContext<'_>,
         counted: &mut Counted,
     ) -> Result<Event, GatewayError> {
@@ -366,7 +370,7 @@ impl PublishRoute {
             key,
             value: body,
             headers,
-            timestamp_ms: now_ms(),
+            timestamp_ms: arrived_ms,
         };
         Ok(Event {
             id: event.id,

@@ -32,10 +32,10 @@ use sluice_proto::pb;
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::Broker;
 use super::feed::OwnItem;
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
+use super::{Broker, Record};
 use crate::auth::{AccessGuard, Denial, Identity};
 use crate::ratelimit::Rate;
 use crate::server::error::GatewayError;
@@ -537,8 +537,7 @@ impl Filter {
         }
     }
 
-    fn matches(&self, event: &StoredEvent, json: &mut Option<Option<serde_json::Value>>) -> bool {
-        let record = &event.record;
+    fn matches(&self, record: &Record, json: &mut Option<Option<serde_json::Value>>) -> bool {
         match self {
             Filter::Key(key) => record.key.as_deref() == Some(key.as_bytes()),
             Filter::Header(name, value) => record
@@ -560,11 +559,12 @@ impl Filter {
     }
 }
 
-pub(super) fn wanted(filters: &[Filter], event: &StoredEvent) -> bool {
+/// Whether `record` passes every filter.
+pub(super) fn wanted(filters: &[Filter], record: &Record) -> bool {
     let mut json = None;
     filters
         .iter()
-        .all(|filter| filter.matches(event, &mut json))
+        .all(|filter| filter.matches(record, &mut json))
 }
 
 /// Takes `event` in for a subscriber at `position` (after the last event taken in, sent or
@@ -576,7 +576,7 @@ pub(super) fn take_in(position: &mut Position, filters: &[Filter], event: &Store
         return false;
     }
     position.advance(event);
-    wanted(filters, event)
+    wanted(filters, &event.record)
 }
 
 /// One SSE subscriber: its place in the topic, and the frames it is sent, made one at a time
@@ -855,7 +855,7 @@ mod tests {
         let event = StoredEvent::new(
             0,
             7,
-            super::super::Record {
+            Record {
                 topic: "t".into(),
                 key: None,
                 value: Bytes::from_static(b"a\r\nb\nc\rid: 0:999\revent: admin\r\rdata: forged"),
@@ -876,7 +876,7 @@ mod tests {
         let event = StoredEvent::new(
             0,
             0,
-            super::super::Record {
+            Record {
                 topic: "t".into(),
                 key: Some(Bytes::from_static(b"o-1")),
                 value: Bytes::from_static(br#"{"customer":{"id":42},"kind":"paid"}"#),
@@ -885,22 +885,25 @@ mod tests {
             },
         );
         let filter = |name, value| Filter::from_query(name, value).unwrap().unwrap();
-        assert!(wanted(&[], &event));
-        assert!(wanted(&[filter("key", "o-1")], &event));
-        assert!(!wanted(&[filter("key", "o-2")], &event));
-        assert!(wanted(&[filter("header.CE_TYPE", "order.paid")], &event));
+        assert!(wanted(&[], &event.record));
+        assert!(wanted(&[filter("key", "o-1")], &event.record));
+        assert!(!wanted(&[filter("key", "o-2")], &event.record));
+        assert!(wanted(
+            &[filter("header.CE_TYPE", "order.paid")],
+            &event.record
+        ));
         assert!(wanted(
             &[
                 filter("json/customer/id", "42"),
                 filter("json/kind", "paid")
             ],
-            &event
+            &event.record
         ));
         assert!(!wanted(
             &[filter("json/kind", "paid"), filter("key", "o-2")],
-            &event
+            &event.record
         ));
-        assert!(!wanted(&[filter("json/missing", "x")], &event));
+        assert!(!wanted(&[filter("json/missing", "x")], &event.record));
         assert_eq!(Filter::from_query("start", "latest"), Ok(None));
         assert_eq!(Filter::from_query("jsonp", "1"), Ok(None));
         for named_nothing in ["json", "header."] {
@@ -943,8 +946,8 @@ mod tests {
         }
     }
 
-    fn record(value: &'static str) -> super::super::Record {
-        super::super::Record {
+    fn record(value: &'static str) -> Record {
+        Record {
             topic: "t".into(),
             key: None,
             value: Bytes::from_static(value.as_bytes()),
@@ -1204,7 +1207,7 @@ mod tests {
         let event = StoredEvent::new(
             1,
             2,
-            super::super::Record {
+            Record {
                 topic: "t".into(),
                 key: None,
                 value: Bytes::new(),
@@ -1222,7 +1225,7 @@ mod tests {
             StoredEvent::new(
                 partition,
                 offset,
-                super::super::Record {
+                Record {
                     topic: "t".into(),
                     key: None,
                     value: Bytes::from_static(b"a\nb"),

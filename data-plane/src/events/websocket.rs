@@ -37,7 +37,7 @@ use super::memory::StoredEvent;
 use super::pacing::Pacer;
 use super::subscribe::{
     Closing, Filter, Position, SLOW, STOPPING, Source, SubscribeRoute, SubscriberCounts,
-    resume_before, take_in,
+    resume_before, take_in, wanted,
 };
 use super::{Acks, Broker, Delivery, Record, now_ms};
 use crate::server::error::GatewayError;
@@ -94,6 +94,7 @@ impl SubscribeRoute {
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let accept = accept_key(&request)?;
         let identity_filters = std::mem::take(&mut context.identity_filters);
+        let bound = identity_filters.len();
         let (start, filters) = self.options(&request, identity_filters)?;
         let source = self
             .broker
@@ -107,6 +108,7 @@ impl SubscribeRoute {
             heartbeat: self.heartbeat,
             publish: self.websocket_publish,
             filters,
+            bound,
             context,
         };
         let tasks = session.context.tasks.clone();
@@ -118,9 +120,16 @@ impl SubscribeRoute {
                     return;
                 }
             };
+            // A route that takes no messages takes no large ones either: the 1008 for a message
+            // comes only once it is whole, and the library holds a frame's announced length.
+            let limit = if session.publish {
+                session.context.max_message_bytes
+            } else {
+                READ_ONLY_MESSAGE_BYTES
+            };
             let config = WebSocketConfig::default()
-                .max_message_size(Some(session.context.max_message_bytes))
-                .max_frame_size(Some(session.context.max_message_bytes));
+                .max_message_size(Some(limit))
+                .max_frame_size(Some(limit));
             let socket = WebSocketStream::from_raw_socket(
                 TokioIo::new(upgraded),
                 Role::Server,
@@ -164,6 +173,10 @@ fn accept_key<B>(request: &Request<B>) -> Result<String, GatewayError> {
     Ok(derive_accept_key(key.as_bytes()))
 }
 
+/// The largest message a client may send on a route without `websocket_publish` (which
+/// closes the socket on any message): a control frame is at most 125 bytes.
+const READ_ONLY_MESSAGE_BYTES: usize = 1024;
+
 #[derive(Debug, PartialEq, Eq)]
 enum Ending {
     Gone,
@@ -177,7 +190,10 @@ struct Session {
     topic: Arc<str>,
     heartbeat: Duration,
     publish: bool,
+    /// The caller's identity filters first, then the client's own.
     filters: Vec<Filter>,
+    /// How many of `filters` are the caller's identity filters.
+    bound: usize,
     context: WebSocketContext,
 }
 
@@ -217,6 +233,10 @@ impl Session {
             let mut beat =
                 tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
             let mut sent_by_client = 0u64;
+            // When the client last sent a whole frame (a pong, say). A client that answers no
+            // ping for two heartbeats is gone, or is trickling a frame it never finishes: its
+            // connection and the part of the frame held for it are let go.
+            let mut heard = tokio::time::Instant::now();
             loop {
                 if next.is_none() {
                     for event in backlog.by_ref() {
@@ -240,7 +260,7 @@ impl Session {
                         publishing_bytes -= bytes;
                         send!(Message::text(Value::to_string(&answer)));
                     }
-                    message = incoming.next(), if reading => match message {
+                    message = incoming.next(), if reading => match message.inspect(|_| heard = tokio::time::Instant::now()) {
                         None => return Ending::Gone,
                         // The library has queued its answer to the client's close: send it.
                         Some(Ok(Message::Close(_))) => {
@@ -269,7 +289,17 @@ impl Session {
                         // Pings are answered by the library; pongs need nothing.
                         Some(Ok(_)) => {}
                     },
-                    _ = beat.tick() => send!(Message::Ping(Bytes::new())),
+                    _ = beat.tick() => {
+                        if !reading {
+                            // Not listening while the broker has our reads' worth: no verdict.
+                            heard = tokio::time::Instant::now();
+                        } else if heard.elapsed() > self.heartbeat * 2 {
+                            let frame = close(CloseCode::Policy, "no answer to two pings");
+                            let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(frame)).await;
+                            return Ending::Gone;
+                        }
+                        send!(Message::Ping(Bytes::new()));
+                    }
                     () = budget(pacer), if next.is_some() => {
                         let event = next.take().expect("the branch runs only with an event");
                         send!(event_message(&event, &position));
@@ -312,6 +342,9 @@ impl Session {
     /// Publishes one client message, durably; the acknowledgement (or refusal) to send back.
     async fn publish(&self, number: u64, value: Bytes, text: bool) -> Value {
         if let Some(Err(retry_after)) = self.context.pacer.as_ref().map(Pacer::take_publish) {
+            self.context
+                .metrics
+                .event_published(&self.topic, "rate_limited", 0.0);
             return json!({
                 "nack": number,
                 "error": "rate limited: the route's message_rate_limits",
@@ -340,6 +373,18 @@ impl Session {
             headers,
             timestamp_ms: now_ms(),
         };
+        // On a stream filtered by identity, a client publishes only what it could read
+        // itself: another tenant's stream is not written to through this one.
+        if !wanted(&self.filters[..self.bound], &record) {
+            self.context
+                .metrics
+                .event_published(&self.topic, "rejected", 0.0);
+            return json!({
+                "nack": number,
+                "error": "the event does not match this stream's identity filters: a client \
+                          publishes only events it could receive",
+            });
+        }
         let result = self
             .broker
             .publish(record, Delivery::Durable, Acks::Broker)

@@ -405,3 +405,45 @@ async fn a_reused_idempotency_key_is_noticed_in_the_headers_that_make_the_event(
     assert_eq!(other, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(topic_events(&route).len(), 1);
 }
+
+#[tokio::test]
+async fn an_events_time_is_its_requests_arrival_not_the_end_of_its_upload() {
+    use futures_util::StreamExt;
+    let route = memory_route(pb::PublishAction::default());
+    let (metrics, idempotency) = node();
+    // Half the body now, the rest 600 ms later. The record's time is read from the wall
+    // clock, so the wait is real.
+    let parts = futures_util::stream::iter([&b"{\"total\""[..], &b":3}"[..]])
+        .enumerate()
+        .then(|(index, part)| async move {
+            if index == 1 {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            }
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(part)))
+        });
+    let request = Request::post("/orders")
+        .body(http_body_util::StreamBody::new(parts))
+        .unwrap();
+    let request_id = HeaderValue::from_static("req-1");
+    let context = PublishContext {
+        route_id: "r1",
+        params: &[],
+        identity: None,
+        client: std::net::Ipv4Addr::LOCALHOST.into(),
+        request_id: &request_id,
+        max_body_bytes: 1024,
+        metrics: &metrics,
+        idempotency: &idempotency,
+        tasks: &TaskTracker::new(),
+    };
+    let arrived = now_ms();
+    let response = route.serve(request, context).await.unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert!(now_ms() - arrived >= 600);
+    let record = &topic_events(&route)[0].record;
+    let late = record.timestamp_ms - arrived;
+    assert!(
+        (0..300).contains(&late),
+        "the record is stamped {late} ms after the request arrived"
+    );
+}
