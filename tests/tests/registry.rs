@@ -319,6 +319,46 @@ async fn retention_bounds_rollback_with_a_clear_error() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_lowered_retention_is_reached_a_few_versions_a_commit() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let add = |registry: &Registry, i: usize| {
+        let registry = registry.clone();
+        async move {
+            registry
+                .commit(
+                    "t",
+                    "add",
+                    vec![Write::Put {
+                        resource: consumer(&format!("c{i}")),
+                        if_match: None,
+                    }],
+                )
+                .await
+        }
+    };
+    let generous = registry(&database, 100).await?;
+    for i in 0..30 {
+        add(&generous, i).await?;
+    }
+    // The same database with a retention of 3: 16 of the 27 versions now past it go with the
+    // next commit, the rest with the one after.
+    let strict = registry(&database, 3).await?;
+    add(&strict, 30).await?;
+    let numbers = |versions: Vec<sluice_control_plane::registry::VersionInfo>| {
+        versions.iter().map(|v| v.number).collect::<Vec<_>>()
+    };
+    let (versions, _) = strict.list_versions(None, 100).await?;
+    assert_eq!(numbers(versions), (17..=31).rev().collect::<Vec<_>>());
+    strict
+        .commit_plan("t", "still there", Plan::RollbackTo(16), true)
+        .await?;
+    add(&strict, 31).await?;
+    let (versions, _) = strict.list_versions(None, 100).await?;
+    assert_eq!(numbers(versions), [32, 31, 30]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_write_stuck_behind_a_lock_ends_with_the_statement_timeout() -> anyhow::Result<()> {
     use sqlx::Connection;
     use std::time::{Duration, Instant};
@@ -1176,6 +1216,26 @@ async fn a_rollback_keeps_credentials_revoked_and_expiring() -> anyhow::Result<(
         "a rollback must not bring a revoked key back"
     );
     assert_eq!(after.expires_at, Some(ends));
+
+    // Revoked, then deleted (its grace over, its consumer offboarded), then a rollback past
+    // both: it comes back as it was deleted, revoked and expiring, not live as at `first`.
+    registry
+        .commit(
+            "t",
+            "remove",
+            vec![Write::Delete {
+                kind: ResourceKind::Credential,
+                id: key_id.clone(),
+                if_match: None,
+            }],
+        )
+        .await?;
+    registry
+        .commit_plan("t", "back once more", Plan::RollbackTo(first), false)
+        .await?;
+    let restored = current_key().await?;
+    assert!(restored.revoked, "a deleted key comes back revoked");
+    assert_eq!(restored.expires_at, Some(ends));
     Ok(())
 }
 

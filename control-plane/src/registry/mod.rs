@@ -936,6 +936,9 @@ async fn check_still_referenced(
     )))
 }
 
+/// The most versions one commit prunes.
+const PRUNED_PER_COMMIT: i64 = 16;
+
 /// Appends the version, its change log and the new head; prunes versions past retention;
 /// notifies listeners.
 async fn record_version(
@@ -998,12 +1001,19 @@ async fn record_version(
         .execute(&mut *conn)
         .await
         .map_err(RegistryError::from_db)?;
+    // A few of the oldest at a time: one a commit once retention is reached, and a backlog
+    // (retention lowered, say) drains over the next commits instead of holding the head
+    // lock through the whole of it in one. What is not pruned yet stays restorable.
     let oldest_kept = number - i64::try_from(retention).unwrap_or(i64::MAX) + 1;
-    sqlx::query("DELETE FROM versions WHERE number < $1")
-        .bind(oldest_kept)
-        .execute(&mut *conn)
-        .await
-        .map_err(RegistryError::from_db)?;
+    sqlx::query(
+        "DELETE FROM versions WHERE number IN \
+         (SELECT number FROM versions WHERE number < $1 ORDER BY number LIMIT $2)",
+    )
+    .bind(oldest_kept)
+    .bind(PRUNED_PER_COMMIT)
+    .execute(&mut *conn)
+    .await
+    .map_err(RegistryError::from_db)?;
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(NOTIFY_CHANNEL)
         .bind(info.number.to_string())

@@ -334,8 +334,9 @@ pub(crate) async fn rollback_writes(
 /// A rollback never gives a credential back a life it lost: one revoked now stays revoked,
 /// and one that expires now keeps its expiry (or an earlier one) when the restored version
 /// had none or a later one. A revocation or a rotation answers a leak; restoring routes or
-/// plans must not undo it. (A credential deleted since is restored: deleting is not
-/// revoking.)
+/// plans must not undo it. A credential deleted since is restored as it was when it was
+/// deleted: a key rotated out and then removed (or revoked with its consumer gone) comes back
+/// expired or revoked, not as the live key it was at the restored version.
 async fn keep_credentials_ended(
     conn: &mut PgConnection,
     writes: &mut [Write],
@@ -353,15 +354,38 @@ async fn keep_credentials_ended(
     if ids.is_empty() {
         return Ok(());
     }
-    let current: HashMap<String, sluice_proto::pb::Credential> =
+    let credential = |resource: Resource| match resource.kind {
+        Some(Kind::Credential(c)) => Some((c.meta.as_ref()?.id.clone(), c)),
+        _ => None,
+    };
+    let mut current: HashMap<String, sluice_proto::pb::Credential> =
         rows::fetch_by_ids(conn, ResourceKind::Credential, &ids, false)
             .await?
             .into_iter()
-            .filter_map(|resource| match resource.kind {
-                Some(Kind::Credential(c)) => Some((c.meta.as_ref()?.id.clone(), c)),
-                _ => None,
-            })
+            .filter_map(credential)
             .collect();
+    // Those deleted since: their last state, the one their deletion recorded.
+    let deleted: Vec<Uuid> = ids
+        .into_iter()
+        .filter(|id| !current.contains_key(&id.to_string()))
+        .collect();
+    if !deleted.is_empty() {
+        let rows = sqlx::query(
+            "SELECT DISTINCT ON (resource_id) kind, resource_id, before FROM changes \
+             WHERE kind = $1 AND resource_id = ANY($2) AND after IS NULL \
+             ORDER BY resource_id, version DESC, seq DESC",
+        )
+        .bind(kind_name(ResourceKind::Credential))
+        .bind(&deleted)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        current.extend(
+            decode_change_rows(&rows, "before")?
+                .into_iter()
+                .filter_map(|(_, _, before)| credential(before?)),
+        );
+    }
     for write in writes {
         let Write::Put { resource, .. } = write else {
             continue;
