@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sluice_proto::declarative::{self, Format};
 
-use client::{Body, CliError, Client, DEFAULT_SERVER, read_config};
+use client::{Body, CliError, Client, DEFAULT_SERVER, Origin, read_config};
 use output::{Output, Shape, render};
 
 /// Sluice's command line: manage the registry of a control plane, and check declarative
@@ -36,8 +37,10 @@ pub struct Cli {
     )]
     token: Option<String>,
     /// A config file other than ~/.config/sluice/sluicectl.yaml.
+    // A String, not a PathBuf: clap refuses an empty path, and `SLUICECTL_CONFIG=` must count
+    // as unset (as it does for the server and token) rather than break every command.
     #[arg(long, global = true, env = "SLUICECTL_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
+    config: Option<String>,
     /// How to show replies.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -226,6 +229,9 @@ enum CredentialAction {
     },
     Delete {
         key: String,
+        /// Fail unless it is still at this resource version.
+        #[arg(long)]
+        if_match: Option<u64>,
     },
 }
 
@@ -310,8 +316,21 @@ enum TokenAction {
 
 /// Runs `sluicectl`.
 pub async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli).await {
+    let matches = Cli::command().get_matches();
+    // Whether the flag or the environment gave the server and the token, for errors naming it.
+    let given = |id: &str, flag: &'static str, env: &'static str| {
+        if matches.value_source(id) == Some(ValueSource::EnvVariable) {
+            Origin::Env(env)
+        } else {
+            Origin::Flag(flag)
+        }
+    };
+    let origins = (
+        given("server", "--server", "SLUICE_SERVER"),
+        given("token", "--token", "SLUICE_TOKEN"),
+    );
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(cli, origins).await {
         Ok(text) => {
             if !text.is_empty() {
                 println!("{}", text.trim_end());
@@ -342,9 +361,34 @@ fn read_file(path: &Path) -> Result<String, CliError> {
 
 /// A resource file (YAML or JSON) as JSON.
 fn resource_file(path: &Path) -> Result<Value, CliError> {
-    let text = read_file(path)?;
-    serde_yaml_ng::from_str(&text)
-        .map_err(|e| CliError::Usage(format!("{} is not YAML or JSON: {e}", path.display())))
+    mapping(path, &read_file(path)?, Format::Yaml)
+}
+
+/// A file's content as a JSON object, read as the server reads it (JSON is YAML too). Anything
+/// else is a usage error here rather than a 422 after the upload; almost any text parses as
+/// YAML (a README is one long string), hence the check for a mapping.
+fn mapping(path: &Path, text: &str, format: Format) -> Result<Value, CliError> {
+    let (parsed, expected) = match format {
+        Format::Json => (
+            serde_json::from_str::<Value>(text).map_err(|e| e.to_string()),
+            "JSON",
+        ),
+        Format::Yaml => (
+            serde_yaml_ng::from_str::<Value>(text).map_err(|e| e.to_string()),
+            "YAML or JSON",
+        ),
+    };
+    match parsed {
+        Ok(value) if value.is_object() => Ok(value),
+        Ok(_) => Err(CliError::Usage(format!(
+            "{} is not a {expected} mapping (an object of fields)",
+            path.display()
+        ))),
+        Err(e) => Err(CliError::Usage(format!(
+            "{} is not {expected}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 fn query(pairs: &[(&str, Option<String>)]) -> String {
@@ -380,7 +424,7 @@ async fn with_progress<T>(label: String, work: impl Future<Output = T>) -> T {
     result
 }
 
-async fn run(cli: Cli) -> Result<String, CliError> {
+async fn run(cli: Cli, (server_from, token_from): (Origin, Origin)) -> Result<String, CliError> {
     let output = cli.output;
     let command = match cli.command {
         Command::Validate { file } => return validate(&file),
@@ -394,16 +438,23 @@ async fn run(cli: Cli) -> Result<String, CliError> {
     // An empty flag or variable counts as unset, so the config file can still supply it; the
     // file is not read at all when flags and environment give both.
     let non_empty = |v: Option<String>| v.filter(|v| !v.is_empty());
-    let (server, token) = (non_empty(cli.server), non_empty(cli.token));
-    let config = if server.is_some() && token.is_some() {
-        client::ConfigFile::default()
+    let server = non_empty(cli.server).map(|s| (s, server_from));
+    let token = non_empty(cli.token).map(|t| (t, token_from));
+    let (file_server, file_token) = if server.is_some() && token.is_some() {
+        (None, None)
     } else {
-        read_config(cli.config.as_ref())?
+        match read_config(non_empty(cli.config).map(PathBuf::from).as_ref())? {
+            Some((path, file)) => (
+                non_empty(file.server).map(|s| (s, Origin::File(path.clone(), "server"))),
+                non_empty(file.token).map(|t| (t, Origin::File(path, "token"))),
+            ),
+            None => (None, None),
+        }
     };
-    let server = server
-        .or(config.server)
-        .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
-    let client = Client::new(server, token.or(non_empty(config.token)))?;
+    let (server, server_origin) = server
+        .or(file_server)
+        .unwrap_or_else(|| (DEFAULT_SERVER.to_owned(), Origin::Flag("--server")));
+    let client = Client::new(server, server_origin, token.or(file_token))?;
     let ctx = Ctx {
         client,
         output,
@@ -430,7 +481,9 @@ async fn run(cli: Cli) -> Result<String, CliError> {
         } => ctx.keys(&consumer, group, action).await,
         Online::Apply { file, dry_run } => {
             let text = read_file(&file)?;
-            let content_type = if Format::from_path(&file) == Format::Json {
+            let format = Format::from_path(&file);
+            mapping(&file, &text, format)?;
+            let content_type = if format == Format::Json {
                 "application/json"
             } else {
                 "application/yaml"
@@ -446,7 +499,7 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                     .call(Method::POST, &path, Body::Text(text, content_type), &[]),
             )
             .await?;
-            Ok(ctx.show(&reply.body, Shape::Changes))
+            Ok(ctx.show(&reply, Shape::Changes))
         }
         Online::Export { group, version } => {
             let format = (output == Output::Json).then(|| "json".to_owned());
@@ -458,11 +511,12 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                     ("format", format)
                 ])
             );
-            let reply = ctx.client.call(Method::GET, &path, Body::None, &[]).await?;
-            Ok(match reply.body {
-                Value::String(yaml) => yaml,
-                other => serde_json::to_string_pretty(&other).unwrap_or_default(),
-            })
+            let (document, version) = ctx.client.document(&path).await?;
+            // On standard error, so that standard output stays a document to apply.
+            if let Some(version) = version {
+                eprintln!("exported version {version}");
+            }
+            Ok(document)
         }
         Online::Import {
             what:
@@ -475,6 +529,7 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                 },
         } => {
             let text = read_file(&file)?;
+            mapping(&file, &text, Format::Yaml)?;
             let path = format!(
                 "/v1/import/openapi{}",
                 ctx.write_query(&[
@@ -495,7 +550,7 @@ async fn run(cli: Cli) -> Result<String, CliError> {
                 ),
             )
             .await?;
-            Ok(ctx.show(&reply.body, Shape::Changes))
+            Ok(ctx.show(&reply, Shape::Changes))
         }
         Online::Versions { action } => ctx.versions(action).await,
         Online::Status {
@@ -539,11 +594,7 @@ impl Ctx {
 
     async fn get(&self, path: &str, shape: Shape) -> Result<String, CliError> {
         Ok(self.show(
-            &self
-                .client
-                .call(Method::GET, path, Body::None, &[])
-                .await?
-                .body,
+            &self.client.call(Method::GET, path, Body::None, &[]).await?,
             shape,
         ))
     }
@@ -589,7 +640,7 @@ impl Ctx {
                     .client
                     .call(Method::POST, &path, Body::Json(resource_file(&file)?), &[])
                     .await?;
-                Ok(self.show(&reply.body, Shape::Resource))
+                Ok(self.show(&reply, Shape::Resource))
             }
             ResourceAction::Update {
                 key,
@@ -611,7 +662,7 @@ impl Ctx {
                         &if_match(version),
                     )
                     .await?;
-                Ok(self.show(&reply.body, Shape::Resource))
+                Ok(self.show(&reply, Shape::Resource))
             }
             ResourceAction::Delete {
                 key,
@@ -661,16 +712,19 @@ impl Ctx {
                     .client
                     .call(Method::POST, &path, Body::Json(resource_file(&file)?), &[])
                     .await?;
-                Ok(self.show(&reply.body, Shape::Resource))
+                Ok(self.show(&reply, Shape::Resource))
             }
-            CredentialAction::Delete { key } => {
+            CredentialAction::Delete {
+                key,
+                if_match: version,
+            } => {
                 let path = format!(
                     "{base}/{}{}",
                     encode(&key),
                     self.write_query(&[("group", group)])
                 );
                 self.client
-                    .call(Method::DELETE, &path, Body::None, &[])
+                    .call(Method::DELETE, &path, Body::None, &if_match(version))
                     .await?;
                 Ok(format!("deleted credential {key}"))
             }
@@ -700,7 +754,7 @@ impl Ctx {
             KeyAction::List => {
                 self.get(
                     &format!("{base}{}", query(&[("group", group)])),
-                    Shape::Resources,
+                    Shape::Keys,
                 )
                 .await
             }
@@ -717,8 +771,7 @@ impl Ctx {
                     &self
                         .client
                         .call(Method::POST, &path, Body::Json(body), &[])
-                        .await?
-                        .body,
+                        .await?,
                 ))
             }
             KeyAction::Rotate { key, grace_period } => {
@@ -732,8 +785,7 @@ impl Ctx {
                     &self
                         .client
                         .call(Method::POST, &path, Body::Json(body), &[])
-                        .await?
-                        .body,
+                        .await?,
                 ))
             }
             KeyAction::Revoke { key } => {
@@ -781,7 +833,7 @@ impl Ctx {
                     self.client.call(Method::POST, &path, Body::None, &[]),
                 )
                 .await?;
-                Ok(self.show(&reply.body, Shape::Changes))
+                Ok(self.show(&reply, Shape::Changes))
             }
         }
     }
@@ -802,10 +854,10 @@ impl Ctx {
                 Ok(if self.output == Output::Table {
                     format!(
                         "token {name} ({role}): {}\nstore it now: it is not shown again",
-                        reply.body["token"].as_str().unwrap_or_default()
+                        reply["token"].as_str().unwrap_or_default()
                     )
                 } else {
-                    render(&reply.body, self.output, Shape::Other)
+                    render(&reply, self.output, Shape::Other)
                 })
             }
             TokenAction::Delete { key } => {

@@ -18,6 +18,8 @@ pub enum Shape {
     Resources,
     /// One resource.
     Resource,
+    /// `{items: [api-key credential...]}`.
+    Keys,
     /// `{items: [version...]}`.
     Versions,
     /// `{changes: [...]}` (diffs, applies, rollbacks, imports).
@@ -62,6 +64,35 @@ fn items(value: &Value) -> &[Value] {
         .map_or(&[], Vec::as_slice)
 }
 
+/// A node's last NACK: its message and time, then how many errors and the first of them (all
+/// of them are in `-o json|yaml`).
+fn nack(node: &Value) -> String {
+    let nack = &node["last_nack"];
+    if nack.is_null() {
+        return String::new();
+    }
+    let message = text(&nack["message"]);
+    let mut out = if message.is_empty() {
+        format!("at {}", text(&node["last_nack_at"]))
+    } else {
+        format!("{message} at {}", text(&node["last_nack_at"]))
+    };
+    let errors = nack["errors"].as_array().map_or(&[][..], Vec::as_slice);
+    if let Some(first) = errors.first() {
+        let (path, reason) = (text(&first["path"]), text(&first["reason"]));
+        let first = if path.is_empty() {
+            reason
+        } else {
+            format!("{path}: {reason}")
+        };
+        out.push_str(&match errors.len() {
+            1 => format!("\n1 error: {first}"),
+            n => format!("\n{n} errors, the first: {first}"),
+        });
+    }
+    out
+}
+
 fn table(value: &Value, shape: Shape) -> String {
     let mut out = match shape {
         Shape::Resources => {
@@ -77,6 +108,27 @@ fn table(value: &Value, shape: Shape) -> String {
             table.to_string()
         }
         Shape::Resource => serde_yaml_ng::to_string(value).unwrap_or_default(),
+        Shape::Keys => {
+            let mut table = new_table(&["NAME", "PREFIX", "EXPIRES", "REVOKED", "ID", "VERSION"]);
+            for item in items(value) {
+                // Both are left out of a credential unless set.
+                let expires = if item["expires_at"].is_null() {
+                    "never".to_owned()
+                } else {
+                    text(&item["expires_at"])
+                };
+                let revoked = if item["revoked"] == true { "yes" } else { "no" };
+                table.add_row([
+                    text(&item["name"]),
+                    text(&item["api_key"]["prefix"]),
+                    expires,
+                    revoked.to_owned(),
+                    text(&item["id"]),
+                    text(&item["resource_version"]),
+                ]);
+            }
+            table.to_string()
+        }
         Shape::DataPlanes => {
             let mut table = new_table(&[
                 "NODE",
@@ -86,18 +138,10 @@ fn table(value: &Value, shape: Shape) -> String {
                 "BEHIND",
                 "LAST SEEN",
                 "STALE",
+                "REFUSED",
                 "LAST NACK",
             ]);
             for item in items(value) {
-                let nack = if item["last_nack"].is_null() {
-                    String::new()
-                } else {
-                    format!(
-                        "{} at {}",
-                        text(&item["last_nack"]["message"]),
-                        text(&item["last_nack_at"])
-                    )
-                };
                 table.add_row([
                     text(&item["id"]),
                     text(&item["group"]),
@@ -106,7 +150,8 @@ fn table(value: &Value, shape: Shape) -> String {
                     text(&item["versions_behind"]),
                     text(&item["last_seen"]),
                     text(&item["stale"]),
-                    nack,
+                    text(&item["refused_reason"]),
+                    nack(item),
                 ]);
             }
             table.to_string()
