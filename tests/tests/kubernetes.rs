@@ -38,6 +38,7 @@ const EVERYTHING_ON: &[&str] = &[
     "dataPlane.tls.enabled=true",
     "dataPlane.service.type=LoadBalancer",
     "dataPlane.service.externalTrafficPolicy=Local",
+    "networkPolicy.enabled=true",
 ];
 
 /// The pod name the test gives a node, where Kubernetes would give the pod's.
@@ -231,6 +232,7 @@ fn the_chart_renders_and_every_object_validates() -> anyhow::Result<()> {
     for expected in [
         "ServiceMonitor/sluice-control-plane",
         "ServiceMonitor/sluice-data-plane",
+        "NetworkPolicy/sluice-control-plane",
         "Secret/sluice-registry",
         "Secret/sluice-admin-token",
     ] {
@@ -251,6 +253,15 @@ fn the_chart_renders_and_every_object_validates() -> anyhow::Result<()> {
         both.as_ref()
             .is_err_and(|e| e.to_string().contains("url or existingSecret")),
         "{both:?}"
+    );
+
+    // A password in a plain value is refused: it would be readable in the Deployment.
+    let exposed = render(&["dataPlane.redis.url=redis://:secret@redis:6379/0"]);
+    ensure!(
+        exposed
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("existingSecret")),
+        "{exposed:?}"
     );
 
     // A value of the wrong type is caught by the validation, not deployed.

@@ -107,7 +107,10 @@ fn store(path: &Path, payload: impl FnOnce(&mut dyn FnMut(&[u8]))) -> std::io::R
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut temp = tempfile::Builder::new()
+        .prefix(&leftover_prefix(path))
+        .suffix(PARTIAL)
+        .tempfile_in(dir)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, temp.as_file_mut());
     // The checksum comes first but is known last: a placeholder, then the real one.
     out.write_all(&[0; 32])?;
@@ -131,6 +134,54 @@ fn store(path: &Path, payload: impl FnOnce(&mut dyn FnMut(&[u8]))) -> std::io::R
     temp.persist(path).map_err(|e| e.error)?;
     // The rename itself must survive a crash too.
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// A copy being written is `.<file name>.<random>.partial` beside the file.
+const PARTIAL: &str = ".partial";
+
+fn leftover_prefix(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    format!(".{}.", name.unwrap_or_default())
+}
+
+/// A copy unfinished for this long was left by a node that died writing it (writing takes
+/// seconds); a younger one may be another node's, on a shared volume, still being written.
+const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes copies of `path` that nodes killed mid-write left behind, which would otherwise
+/// fill the cache volume (a few of them, a snapshot's size each, and the pod is evicted).
+pub fn remove_leftovers(path: &Path) {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = leftover_prefix(path);
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(&prefix) && name.ends_with(PARTIAL)) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age >= LEFTOVER_AGE);
+        if stale {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed an unfinished cache copy")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove an unfinished cache copy")
+                }
+            }
+        }
+    }
 }
 
 /// Why a cached copy could not be used.
@@ -247,6 +298,30 @@ consumers:
         assert_eq!(last % 100, 24, "a node's last copy is the file: {last}");
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn copies_left_unfinished_long_ago_are_removed_and_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("default.pb");
+        let (_, held) = holdings();
+        store_snapshot(&path, 1, "hash", &held).unwrap();
+        let file = |name: &str, age: u64| {
+            let at = dir.path().join(name);
+            let file = std::fs::File::create(&at).unwrap();
+            let modified = std::time::SystemTime::now() - std::time::Duration::from_secs(age);
+            file.set_modified(modified).unwrap();
+            at
+        };
+        let dead = file(".default.pb.a1b2c3.partial", 3600);
+        let writing = file(".default.pb.d4e5f6.partial", 5);
+        let other_group = file(".staging.pb.a1b2c3.partial", 3600);
+        let unrelated = file("notes.txt", 3600);
+        remove_leftovers(&path);
+        assert!(!dead.exists());
+        for kept in [&writing, &other_group, &unrelated, &path] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
     }
 
     #[test]

@@ -62,7 +62,11 @@ pub async fn start_from_cache(
     let Some(path) = &settings.cache else { return };
     let cached = {
         let path = path.clone();
-        tokio::task::spawn_blocking(move || cache::load(&path)).await
+        tokio::task::spawn_blocking(move || {
+            cache::remove_leftovers(&path);
+            cache::load(&path)
+        })
+        .await
     };
     let cached = match cached {
         Ok(Ok(Some(cached))) => cached,
