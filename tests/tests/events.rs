@@ -670,6 +670,73 @@ async fn a_stopping_node_ends_its_streams_at_once_with_where_to_resume() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_when_the_callers_credential_expires() -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    // Whole seconds, as the configuration writes it.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let ends = std::time::UNIX_EPOCH + Duration::from_secs(now.as_secs() + 6);
+    let config = format!(
+        r#"format_version: 1
+brokers:
+  - name: local
+    memory: {{}}
+policies:
+  - name: keys
+    key_auth: {{ query_params: [api_key] }}
+plans:
+  - name: basic
+consumers:
+  - name: acme
+    credentials:
+      - api_key: {{ key: acme-key-0123456789 }}
+        expires_at: "{}"
+subscriptions:
+  - {{ consumer: acme, api: orders, plan: basic }}
+apis:
+  - name: orders
+    policies: [keys]
+    routes:
+      - name: watch
+        methods: [GET]
+        path: /orders
+        path_match: exact
+        subscribe: {{ broker: local, topic: orders, heartbeat: 30s }}
+"#,
+        humantime::format_rfc3339_seconds(ends)
+    );
+    let node = DataPlane::start(&config, &[])?;
+    let url = "/orders?api_key=acme-key-0123456789";
+    let mut sse = client().get(node.url(url)).send().await?;
+    assert_eq!(sse.status().as_u16(), 200);
+    let mut socket = websocket(&node, url).await?;
+    // Streams outlive nothing of their caller's: at the key's expiry each ends, saying why
+    // and where to resume.
+    let mut buffer = String::new();
+    let last = read_events(&mut sse, &mut buffer, 1, Duration::from_secs(10)).await?;
+    assert!(
+        std::time::SystemTime::now() >= ends,
+        "not before the expiry"
+    );
+    assert_eq!(last[0].event.as_deref(), Some("sluice-closed"), "{last:?}");
+    let data: Value = serde_json::from_str(&last[0].data)?;
+    assert_eq!(data["reason"], "access_expired", "{data}");
+    let message = next_json(&mut socket).await?;
+    assert_eq!(message["reason"], "access_expired", "{message}");
+    let close = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await?
+        .context("the socket ended without a close frame")??;
+    let Message::Close(Some(frame)) = close else {
+        anyhow::bail!("expected a close frame, got {close:?}");
+    };
+    assert_eq!(u16::from(frame.code), 4003);
+    // And the key no longer opens one.
+    let refused = client().get(node.url(url)).send().await?;
+    assert_eq!(refused.status().as_u16(), 401);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_idempotency_key_across_two_nodes_publishes_once() -> anyhow::Result<()> {
     let topic = TestTopic::create(1).await?;
     let redis = sluice_tests::redis::TestRedis::create().await?;

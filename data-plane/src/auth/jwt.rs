@@ -136,6 +136,8 @@ pub struct VerifiedToken {
     pub scopes: Vec<String>,
     /// Every claim of the token.
     pub claims: Map<String, Value>,
+    /// Unix seconds from which the token is refused (`exp` plus the issuer's leeway).
+    pub refused_from: u64,
 }
 
 /// Verifies bearer tokens against the issuers of one JWT policy.
@@ -220,7 +222,7 @@ impl JwtAuthenticator {
         };
         check_signature(&parts, key, alg)?;
 
-        issuer.check_times(&claims, unix_now())?;
+        let refused_from = issuer.check_times(&claims, unix_now())?;
         issuer.check_audience(&claims)?;
         let subject = issuer.subject(&claims)?;
         let scopes = scopes(&claims);
@@ -229,6 +231,7 @@ impl JwtAuthenticator {
             subject,
             scopes,
             claims,
+            refused_from,
         })
     }
 
@@ -354,7 +357,8 @@ impl Issuer {
         }
     }
 
-    fn check_times(&self, claims: &Map<String, Value>, now: u64) -> Result<(), JwtRejection> {
+    /// Checks `exp` and `nbf` against `now`; answers when the token stops being accepted.
+    fn check_times(&self, claims: &Map<String, Value>, now: u64) -> Result<u64, JwtRejection> {
         let exp = numeric_date(claims, "exp")?.ok_or_else(|| {
             JwtRejection::new(reason::MISSING_CLAIM, "the token has no exp claim")
         })?;
@@ -380,7 +384,7 @@ impl Issuer {
                 ),
             ));
         }
-        Ok(())
+        Ok(exp.saturating_add(self.leeway_s))
     }
 
     fn check_audience(&self, claims: &Map<String, Value>) -> Result<(), JwtRejection> {

@@ -568,6 +568,7 @@ impl RouteAccess {
                 custom_id: CompactString::from(consumer.custom_id()),
                 subscription_id: Uuid::from_bytes(subscription.id),
                 credential_id: Uuid::from_bytes(authenticated.credential_id),
+                ends: earliest(authenticated.ends, subscription.expires_at()),
                 claim_headers: authenticated.claim_headers,
                 hidden_key: authenticated.hidden_key,
             }),
@@ -634,7 +635,11 @@ impl RouteAccess {
         if has_passed(key.expires_at()) {
             return Err(self.unauthorized("key_expired", "the API key has expired".into(), None));
         }
-        Ok(Authenticated::new(key.consumer_id, key.id))
+        Ok(Authenticated::new(
+            key.consumer_id,
+            key.id,
+            key.expires_at(),
+        ))
     }
 
     async fn by_token(
@@ -670,6 +675,11 @@ impl RouteAccess {
                 )
             })?;
         let mut authenticated = self.by_credential(&credential)?;
+        let token_ends = Timestamp {
+            seconds: i64::try_from(token.refused_from).unwrap_or(i64::MAX),
+            nanos: 0,
+        };
+        authenticated.ends = earliest(authenticated.ends, Some(token_ends));
         authenticated.scopes = token.scopes;
         let claim_headers = auth.claim_headers.get(&*token.issuer);
         for (claim, header) in claim_headers.into_iter().flatten() {
@@ -736,6 +746,7 @@ impl RouteAccess {
         Ok(Authenticated::new(
             uuid_bytes(&credential.consumer_id),
             uuid_bytes(id),
+            credential.expires_at,
         ))
     }
 
@@ -946,6 +957,18 @@ static IDENTITY_HEADERS: [HeaderName; 5] = [
     HeaderName::from_static("x-credential-id"),
 ];
 
+/// The earlier of two expiries, either of which may be none.
+fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if (a.seconds, a.nanos) <= (b.seconds, b.nanos) {
+            a
+        } else {
+            b
+        }),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Whether a credential's or subscription's expiry has passed.
 fn has_passed(expires_at: Option<Timestamp>) -> bool {
     let Some(at) = expires_at else { return false };
@@ -978,16 +1001,19 @@ pub struct Caller<'r> {
 struct Authenticated {
     consumer_id: [u8; 16],
     credential_id: [u8; 16],
+    /// When the credential (or token) stops being accepted, if it does.
+    ends: Option<Timestamp>,
     scopes: Vec<String>,
     claim_headers: Vec<(HeaderName, HeaderValue)>,
     hidden_key: Option<KeyLocation>,
 }
 
 impl Authenticated {
-    fn new(consumer_id: [u8; 16], credential_id: [u8; 16]) -> Self {
+    fn new(consumer_id: [u8; 16], credential_id: [u8; 16], ends: Option<Timestamp>) -> Self {
         Authenticated {
             consumer_id,
             credential_id,
+            ends,
             scopes: Vec::new(),
             claim_headers: Vec::new(),
             hidden_key: None,
@@ -1032,6 +1058,9 @@ pub struct Identity {
     pub custom_id: CompactString,
     pub subscription_id: Uuid,
     pub credential_id: Uuid,
+    /// When the caller's access ends by itself: its credential's or token's expiry, or its
+    /// subscription's. Event streams end then (the caller reconnects with a fresh one).
+    pub ends: Option<Timestamp>,
     claim_headers: Vec<(HeaderName, HeaderValue)>,
     hidden_key: Option<KeyLocation>,
 }

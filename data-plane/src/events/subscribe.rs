@@ -385,7 +385,7 @@ impl SubscribeRoute {
             .subscribe(&self.topic, start)
             .await
             .map_err(GatewayError::Subscribe)?;
-        let subscriber = Subscriber::new(
+        let mut subscriber = Subscriber::new(
             source,
             filters,
             pacer,
@@ -393,6 +393,8 @@ impl SubscribeRoute {
             SubscriberCounts::new(metrics, &self.topic),
             stopping,
         );
+        subscriber.access_ends =
+            access_deadline(context.identity).map(|at| Box::pin(tokio::time::sleep_until(at)));
         let mut response = Response::new(subscriber.into_body());
         let headers = response.headers_mut();
         headers.insert(
@@ -607,6 +609,8 @@ struct Subscriber {
     stopping: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The same stop, looked at between backlog events.
     stopping_token: CancellationToken,
+    /// When the caller's access ends ([`Identity::ends`]), if it does.
+    access_ends: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Where a [`Subscriber`]'s stream is.
@@ -674,6 +678,7 @@ impl Subscriber {
             counts,
             stopping: Box::pin(stopping.clone().cancelled_owned()),
             stopping_token: stopping,
+            access_ends: None,
         }
     }
 
@@ -705,6 +710,13 @@ impl Subscriber {
             if self.stopping_token.is_cancelled() {
                 return Some(self.closed_for_stop(None));
             }
+            if self
+                .access_ends
+                .as_ref()
+                .is_some_and(|ends| ends.is_elapsed())
+            {
+                return Some(self.closed_as_expired(None));
+            }
             let Some(event) = event.upgrade() else {
                 return Some(self.closed_as_slow());
             };
@@ -730,6 +742,7 @@ impl Subscriber {
                 },
                 _ = self.beat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
                 () = self.stopping.as_mut() => return Some(self.closed_for_stop(None)),
+                () = until(&mut self.access_ends) => return Some(self.closed_as_expired(None)),
             }
         }
     }
@@ -751,6 +764,13 @@ impl Subscriber {
         closing_event(&resume_before(&self.position, unsent), STOPPING)
     }
 
+    /// The last frame of a stream whose caller's access has ended: where to resume, once it
+    /// has a valid credential again.
+    fn closed_as_expired(&mut self, unsent: Option<&StoredEvent>) -> Bytes {
+        self.stage = Stage::Ended;
+        closing_event(&resume_before(&self.position, unsent), EXPIRED)
+    }
+
     /// `event`'s frame once the message budget allows it, or a heartbeat while it waits (the
     /// event is kept for the next frame): a stream paced slower than its heartbeat still
     /// shows proxies it is alive.
@@ -763,6 +783,7 @@ impl Subscriber {
                     return Bytes::from_static(b": heartbeat\n\n");
                 }
                 () = self.stopping.as_mut() => return self.closed_for_stop(Some(&event)),
+                () = until(&mut self.access_ends) => return self.closed_as_expired(Some(&event)),
             }
         }
         self.counts.delivered.inc();
@@ -816,6 +837,36 @@ pub(super) const SLOW: Closing = Closing {
     close_code: super::websocket::CLOSE_SLOW,
     close_reason: "slow consumer; resume with last_event_id",
 };
+
+pub(super) const EXPIRED: Closing = Closing {
+    reason: "access_expired",
+    detail: "the caller's credential, token or subscription has expired; reconnect with a valid \
+             one and Last-Event-ID to resume",
+    close_code: super::websocket::CLOSE_EXPIRED,
+    close_reason: "access expired; resume with last_event_id",
+};
+
+/// When a stream for `identity` ends by itself: its access's end ([`Identity::ends`]) on the
+/// runtime's clock. `None`: it does not (or not within any time a clock can hold).
+pub fn access_deadline(identity: Option<&Identity>) -> Option<tokio::time::Instant> {
+    let ends = identity?.ends?;
+    let ends = std::time::UNIX_EPOCH.checked_add(Duration::new(
+        u64::try_from(ends.seconds).ok()?,
+        u32::try_from(ends.nanos).unwrap_or(0),
+    ))?;
+    let left = ends
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now().checked_add(left)
+}
+
+/// Resolves when `deadline` passes; never without one.
+pub(super) async fn until(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match deadline {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
 
 pub(super) const STOPPING: Closing = Closing {
     reason: "node_stopping",

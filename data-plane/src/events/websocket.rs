@@ -36,8 +36,8 @@ use tokio_util::task::TaskTracker;
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
 use super::subscribe::{
-    Closing, Filter, Position, SLOW, STOPPING, Source, SubscribeRoute, SubscriberCounts,
-    resume_before, take_in, wanted,
+    Closing, EXPIRED, Filter, Position, SLOW, STOPPING, Source, SubscribeRoute, SubscriberCounts,
+    resume_before, take_in, until, wanted,
 };
 use super::{Acks, Broker, Delivery, Record, now_ms};
 use crate::server::error::GatewayError;
@@ -49,6 +49,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Close code for a subscriber that fell behind (private-use range 4000-4999).
 pub const CLOSE_SLOW: u16 = 4001;
+/// The close code of a session whose caller's access has ended (its credential, token or
+/// subscription expired): resume with a valid one.
+pub const CLOSE_EXPIRED: u16 = 4003;
 
 /// A client's messages published at once, at most; the next are read as answers come back.
 const MAX_PUBLISHING: usize = 64;
@@ -71,6 +74,8 @@ pub struct WebSocketContext {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the node stops: the session then ends with its position.
     pub stopping: CancellationToken,
+    /// When the caller's access ends: the session then ends with its position.
+    pub access_ends: Option<tokio::time::Instant>,
     /// Where the session runs once upgraded: the node's drain waits for it.
     pub tasks: TaskTracker,
 }
@@ -222,6 +227,10 @@ impl Session {
         // A token of its own (see the SSE subscriber's): polling it locks only this session's.
         let stopping = self.context.stopping.child_token().cancelled_owned();
         tokio::pin!(stopping);
+        let mut access_ends = self
+            .context
+            .access_ends
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
         // Returns from this block end the session; its publishes are then finished.
         let ending = async {
             let mut backlog = std::mem::take(&mut source.backlog).into_iter();
@@ -325,6 +334,10 @@ impl Session {
                     () = &mut stopping => {
                         let resume = resume_before(&position, next.as_deref());
                         return close_with(&mut sink, &resume, STOPPING).await;
+                    }
+                    () = until(&mut access_ends) => {
+                        let resume = resume_before(&position, next.as_deref());
+                        return close_with(&mut sink, &resume, EXPIRED).await;
                     }
                 }
             }

@@ -427,6 +427,7 @@ impl Gateway {
                     max_message_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
                     metrics: self.metrics.clone(),
                     stopping: self.streams_stopping.clone(),
+                    access_ends: crate::events::subscribe::access_deadline(identity.as_ref()),
                     tasks: self.tasks.clone(),
                 };
                 subscribe.serve_websocket(request, context).await
