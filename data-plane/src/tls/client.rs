@@ -58,10 +58,18 @@ fn client_config(tls: Option<&pb::UpstreamTls>) -> Result<ClientConfig, String> 
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let config = match tls {
-        Some(t) if t.insecure_skip_verify => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
-            .with_no_client_auth(),
+        Some(t) if t.insecure_skip_verify => {
+            // Said every time such an upstream is built: it is for tests, and a production
+            // configuration that has it is one to hear about. It wins over `ca_pem`.
+            tracing::warn!(
+                ca_pem_ignored = !t.ca_pem.is_empty(),
+                "an upstream's tls.insecure_skip_verify is set: its certificates are not verified"
+            );
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+                .with_no_client_auth()
+        }
         Some(t) if !t.ca_pem.is_empty() => {
             let mut roots = RootCertStore::empty();
             for (i, certificate) in sluice_proto::tls::parse_chain(&t.ca_pem)

@@ -31,6 +31,30 @@ pub struct CertificateStore {
     default: Option<Arc<CertifiedKey>>,
 }
 
+/// Says so when a certificate is served outside its dates: clients refuse it, and the
+/// handshake failures they see name no cause the node could log. (Served all the same: a
+/// certificate is replaced through the configuration, and a node must not stop serving the
+/// other names of a configuration because one certificate lapsed.) Said at every apply while
+/// it lasts.
+fn warn_if_out_of_date(
+    certificate: &pb::Certificate,
+    leaf: &rustls::pki_types::CertificateDer<'_>,
+) {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(leaf) else {
+        return;
+    };
+    let validity = parsed.validity();
+    let name = certificate.meta.as_ref().map_or("", |m| m.name.as_str());
+    if !validity.is_valid() {
+        tracing::warn!(
+            certificate = name,
+            not_before = %validity.not_before,
+            not_after = %validity.not_after,
+            "a certificate is served outside its validity dates: clients will refuse it"
+        );
+    }
+}
+
 impl CertificateStore {
     /// Loads every certificate: each chain must parse and its key must be usable and match
     /// the leaf certificate. The error names the certificate and what is wrong with it.
@@ -42,6 +66,7 @@ impl CertificateStore {
                 .map_err(|e| (i, format!("cert_pem: {e}")))?;
             let key = sluice_proto::tls::parse_private_key(&certificate.key_pem)
                 .map_err(|e| (i, format!("key_pem: {e}")))?;
+            warn_if_out_of_date(certificate, &chain[0]);
             let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
                 (
                     i,
