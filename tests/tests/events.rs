@@ -1159,6 +1159,11 @@ apis:
         methods: [GET]
         path: /orders/watch
         path_match: exact
+        subscribe: { broker: local, topic: orders, heartbeat: 30s }
+      - name: quiet
+        methods: [GET]
+        path: /orders/quiet
+        path_match: exact
         subscribe: { broker: local, topic: orders, heartbeat: 300ms }
 "#;
     let node = DataPlane::start(config, &[])?;
@@ -1213,8 +1218,10 @@ apis:
     assert_eq!(code, Some(1009));
 
     // A client that reads nothing answers no ping: two heartbeats on, it is closed.
-    let mut silent = websocket(&node, "/orders/watch?api_key=acme-key-0123456789").await?;
+    let mut silent = websocket(&node, "/orders/quiet?api_key=acme-key-0123456789").await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Its close frame (1008), or, when the pongs it finally queues reach a socket the node
+    // has closed, a reset before the frame is read: either way, closed within 5 s.
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(Ok(message)) = silent.next().await {
             if let Message::Close(frame) = message {
@@ -1224,10 +1231,9 @@ apis:
         None
     })
     .await;
-    assert_eq!(
-        closed.ok(),
-        Some(Some(1008)),
-        "closed within 5 s, with 1008"
+    assert!(
+        matches!(closed, Ok(None | Some(1008))),
+        "closed within 5 s, with 1008: {closed:?}"
     );
     Ok(())
 }

@@ -367,14 +367,18 @@ impl ConfigStore {
     }
 
     /// After a swap from `before` to `now`: the running upstreams' state on their gauges,
-    /// and the gauges of upstreams and targets no longer configured gone.
-    fn show(&self, before: Option<&CompiledConfig>, now: &CompiledConfig) {
+    /// and the gauges of upstreams and targets no longer configured gone. With
+    /// `forget_series`, the series of routes and upstreams `now` lacks go too; not when `now`
+    /// is a configuration put back ([`ConfigStore::restore`]), whose runtimes still hold their
+    /// series and would count into ones no longer exported.
+    fn show(&self, before: Option<&CompiledConfig>, now: &CompiledConfig, forget_series: bool) {
         let loaded_at = now
             .loaded_at
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         self.metrics.config_loaded_at.set(loaded_at);
         if let Some(before) = before
+            && forget_series
             && !Arc::ptr_eq(&before.router, &now.router)
         {
             self.forget_routes(&before.router, &now.router);
@@ -394,7 +398,8 @@ impl ConfigStore {
         for old in before.upstreams.values() {
             let kept = by_name.get(&*old.name);
             match kept {
-                None => self.metrics.forget_upstream_series(&old.name),
+                None if forget_series => self.metrics.forget_upstream_series(&old.name),
+                None => self.metrics.forget_upstream(&old.name),
                 Some(u) if u.circuit.is_none() => self.metrics.forget_upstream(&old.name),
                 Some(_) => {}
             }
@@ -427,12 +432,14 @@ impl ConfigStore {
 
     /// Publishes a fully built configuration.
     pub fn apply(&self, config: CompiledConfig) {
-        self.restore(Arc::new(config));
+        let config = Arc::new(config);
+        let before = self.current.swap(Some(config.clone()));
+        self.show(before.as_deref(), &config, true);
     }
 
     /// Puts back a configuration that was replaced (a delta that proved wrong).
     pub fn restore(&self, config: Arc<CompiledConfig>) {
         let before = self.current.swap(Some(config.clone()));
-        self.show(before.as_deref(), &config);
+        self.show(before.as_deref(), &config, false);
     }
 }

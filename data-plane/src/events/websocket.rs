@@ -213,12 +213,20 @@ impl Session {
         let mut position = source.position.clone();
         let pacer = self.context.pacer.as_ref();
         let delivered = self.context.metrics.delivered(&self.topic);
+        // When the client must have answered the oldest ping not yet answered: two heartbeats
+        // after it went out, plus every while the session spent sending rather than reading
+        // (a pong waits unread behind a slow send; its client is not the one to blame).
+        let mut pong_due: Option<tokio::time::Instant> = None;
         macro_rules! send {
             ($message:expr) => {
+                let sending = tokio::time::Instant::now();
                 match tokio::time::timeout(SEND_TIMEOUT, sink.send($message)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return Ending::Gone,
                     Err(_) => return Ending::Slow,
+                }
+                if let Some(due) = &mut pong_due {
+                    *due += sending.elapsed();
                 }
             };
         }
@@ -241,11 +249,11 @@ impl Session {
             let mut publishing_bytes = 0;
             let mut beat =
                 tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut sent_by_client = 0u64;
-            // When the client last sent a whole frame (a pong, say). A client that answers no
-            // ping for two heartbeats is gone, or is trickling a frame it never finishes: its
-            // connection and the part of the frame held for it are let go.
-            let mut heard = tokio::time::Instant::now();
+            // A client that answers no ping within two heartbeats (sends no whole frame: a
+            // pong, a message) is gone, or is trickling a frame it never finishes: its
+            // connection and the part of the frame held for it are let go (`pong_due`).
             loop {
                 if next.is_none() {
                     for event in backlog.by_ref() {
@@ -269,7 +277,7 @@ impl Session {
                         publishing_bytes -= bytes;
                         send!(Message::text(Value::to_string(&answer)));
                     }
-                    message = incoming.next(), if reading => match message.inspect(|_| heard = tokio::time::Instant::now()) {
+                    message = incoming.next(), if reading => match message.inspect(|_| pong_due = None) {
                         None => return Ending::Gone,
                         // The library has queued its answer to the client's close: send it.
                         Some(Ok(Message::Close(_))) => {
@@ -301,13 +309,14 @@ impl Session {
                     _ = beat.tick() => {
                         if !reading {
                             // Not listening while the broker has our reads' worth: no verdict.
-                            heard = tokio::time::Instant::now();
-                        } else if heard.elapsed() > self.heartbeat * 2 {
-                            let frame = close(CloseCode::Policy, "no answer to two pings");
+                            pong_due = None;
+                        } else if pong_due.is_some_and(|due| tokio::time::Instant::now() >= due) {
+                            let frame = close(CloseCode::Policy, "no answer to a ping");
                             let _ = tokio::time::timeout(Duration::from_secs(5), sink.send(frame)).await;
                             return Ending::Gone;
                         }
                         send!(Message::Ping(Bytes::new()));
+                        pong_due.get_or_insert(tokio::time::Instant::now() + self.heartbeat * 2);
                     }
                     () = budget(pacer), if next.is_some() => {
                         let event = next.take().expect("the branch runs only with an event");

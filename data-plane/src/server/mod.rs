@@ -43,6 +43,7 @@ use framing::{FramingGuard, Verdicts};
 use h2_stall::{ResponseBody, StreamExecutor};
 use pipeline::{ConnectionInfo, Gateway};
 use preface::{PrefaceDeadline, PrefaceWatch};
+use proxy_protocol::Behind;
 use send_timeout::SendTimeout;
 
 /// Listener settings.
@@ -302,11 +303,13 @@ async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watc
             None => {
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let client = match proxied {
-                        None => client,
+                    // One deadline for the PROXY header and the first bytes after it.
+                    let deadline = tokio::time::Instant::now() + header_read_timeout;
+                    let (client, forwarding) = match proxied {
+                        None => (client, true),
                         Some((trusted, refused)) => tokio::select! {
-                            read = client_behind(&mut stream, client, &trusted, header_read_timeout) => match read {
-                                Some(client) => client,
+                            read = client_behind(&mut stream, client, &trusted, deadline) => match read {
+                                Some(behind) => (behind.client, behind.forwarding),
                                 None => {
                                     refused.inc();
                                     return;
@@ -316,7 +319,7 @@ async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watc
                         },
                     };
                     let version = tokio::select! {
-                        sniffed = tokio::time::timeout(header_read_timeout, sniff(&stream)) => {
+                        sniffed = tokio::time::timeout_at(deadline, sniff(&stream)) => {
                             match sniffed {
                                 Ok(Ok(Some(version))) => version,
                                 Ok(Ok(None)) => return,
@@ -334,6 +337,7 @@ async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watc
                     };
                     let service = make_service(ConnectionInfo {
                         peer: client,
+                        forwarding,
                         scheme,
                         certificate: None,
                     });
@@ -349,11 +353,13 @@ async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watc
             Some(acceptor) => {
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let client = match proxied {
-                        None => client,
+                    // One deadline for the PROXY header and the first bytes after it.
+                    let deadline = tokio::time::Instant::now() + header_read_timeout;
+                    let (client, forwarding) = match proxied {
+                        None => (client, true),
                         Some((trusted, refused)) => tokio::select! {
-                            read = client_behind(&mut stream, client, &trusted, header_read_timeout) => match read {
-                                Some(client) => client,
+                            read = client_behind(&mut stream, client, &trusted, deadline) => match read {
+                                Some(behind) => (behind.client, behind.forwarding),
                                 None => {
                                     refused.inc();
                                     return;
@@ -392,6 +398,7 @@ async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watc
                         .map(Arc::new);
                     let service = make_service(ConnectionInfo {
                         peer: client,
+                        forwarding,
                         scheme,
                         certificate,
                     });
@@ -430,16 +437,17 @@ async fn accept_any(
     .await
 }
 
-/// The client of a connection that starts with a PROXY protocol header (read within
-/// `timeout`): the address the header names if `peer` is trusted, else `peer`. `None`: the
-/// header is missing or malformed, and the connection is to be closed.
+/// Who a connection that starts with a PROXY protocol header (read by `deadline`) is from.
+/// `None`: the header is missing or malformed, and the connection is to be closed.
 async fn client_behind(
     stream: &mut TcpStream,
     peer: SocketAddr,
     trusted: &TrustedProxies,
-    timeout: Duration,
-) -> Option<SocketAddr> {
-    match tokio::time::timeout(timeout, proxy_protocol::read_client(stream, peer, trusted)).await {
+    deadline: tokio::time::Instant,
+) -> Option<Behind> {
+    match tokio::time::timeout_at(deadline, proxy_protocol::read_client(stream, peer, trusted))
+        .await
+    {
         Ok(Ok(client)) => Some(client),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, peer = %peer, "connection refused");

@@ -75,6 +75,9 @@ pub struct ConnectionInfo {
     /// The TCP peer: the client, or a proxy in front of the node (see
     /// [`forwarding::TrustedProxies`]).
     pub peer: SocketAddr,
+    /// Whether the request's forwarding headers may name the client (a PROXY protocol
+    /// header that named nobody says they may not: [`super::proxy_protocol::Behind`]).
+    pub forwarding: bool,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub scheme: &'static str,
     /// The certificate the client presented in its TLS handshake, if any.
@@ -177,9 +180,15 @@ impl Gateway {
         let method = request.method().clone();
         let raw_path = request.uri().path().to_owned();
         let peer = connection.peer.ip();
-        let origin = self
-            .trusted_proxies
-            .origin(peer, connection.scheme, request.headers());
+        let origin = if connection.forwarding {
+            self.trusted_proxies
+                .origin(peer, connection.scheme, request.headers())
+        } else {
+            Origin {
+                client: peer,
+                scheme: connection.scheme,
+            }
+        };
         self.metrics.in_flight.inc();
         let mut outcome = Outcome::default();
         let mut response = match self

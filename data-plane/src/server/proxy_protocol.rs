@@ -17,6 +17,9 @@ use super::forwarding::TrustedProxies;
 /// connection is refused rather than buffered.
 const MAX_HEADER: usize = 1024;
 
+/// The longest version 1 line, CRLF included.
+const V1_MAX: usize = 107;
+
 /// How soon a connection that has sent part of its header is looked at again, first and at
 /// most (doubling in between): as for the HTTP/2 preface, a peek cannot wait for more bytes.
 const RECHECK: Duration = Duration::from_millis(5);
@@ -35,16 +38,26 @@ pub enum HeaderError {
     Io(#[from] io::Error),
 }
 
+/// Who a connection that started with a PROXY header is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Behind {
+    /// The address the header names when the peer is a trusted proxy; otherwise, and for a
+    /// header that names no address (a load balancer's own health check: version 2's
+    /// `LOCAL`, version 1's `UNKNOWN`), the peer itself.
+    pub client: SocketAddr,
+    /// Whether the request's forwarding headers may name the client (when `client` is a
+    /// trusted proxy). Not when a trusted load balancer's header named nobody: an L4 load
+    /// balancer writes no `X-Forwarded-For`, so any there is the end client's own claim.
+    pub forwarding: bool,
+}
+
 /// Reads the PROXY header `stream` starts with, leaving what follows it (the TLS handshake
-/// or the first request) in the socket, and answers who the client is: the address the
-/// header names when `peer` is a trusted proxy; otherwise, and for a header that names no
-/// address (a load balancer's own health check: version 2's `LOCAL`, version 1's
-/// `UNKNOWN`), `peer` itself.
+/// or the first request) in the socket, and answers who the connection is from.
 pub async fn read_client(
     stream: &mut TcpStream,
     peer: SocketAddr,
     trusted: &TrustedProxies,
-) -> Result<SocketAddr, HeaderError> {
+) -> Result<Behind, HeaderError> {
     // Peeked, not read, until the whole header is there: what follows it must stay in the
     // socket for the TLS acceptor or the HTTP/2 sniff. A peer that stops halfway is waited
     // for until the caller's timeout (a peek keeps returning the bytes already there).
@@ -62,9 +75,18 @@ pub async fn read_client(
         } else {
             v1::Header::try_from(bytes).into()
         };
+        // A version 1 line that has ended (or could not be longer) is whole: the parser
+        // calls a line missing its ports "incomplete" however many bytes follow it.
+        let v1_whole = bytes[0] != b'\r' && (bytes.contains(&b'\n') || read >= V1_MAX);
         if header.is_incomplete() {
             if read == buffer.len() {
                 return Err(HeaderError::TooLong);
+            }
+            if v1_whole {
+                return Err(HeaderError::Invalid(
+                    "a version 1 PROXY line that is not whole: PROXY TCP4|TCP6 SOURCE DESTINATION SPORT DPORT"
+                        .into(),
+                ));
             }
             tokio::time::sleep(recheck).await;
             recheck = (recheck * 2).min(RECHECK_MAX);
@@ -78,9 +100,20 @@ pub async fn read_client(
         };
     };
     stream.read_exact(&mut buffer[..length]).await?;
+    let trusted = trusted.trusts(peer.ip());
     Ok(match source {
-        Some(source) if trusted.trusts(peer.ip()) => source,
-        _ => peer,
+        Some(source) if trusted => Behind {
+            client: source,
+            forwarding: true,
+        },
+        None if trusted => Behind {
+            client: peer,
+            forwarding: false,
+        },
+        _ => Behind {
+            client: peer,
+            forwarding: true,
+        },
     })
 }
 
@@ -112,7 +145,7 @@ mod tests {
 
     /// A connection whose client end wrote `parts` (the last after a pause), and what
     /// `read_client` made of it, with what was left in the socket after.
-    async fn read(parts: &[&[u8]], trusted: &[&str]) -> (Result<SocketAddr, HeaderError>, Vec<u8>) {
+    async fn read(parts: &[&[u8]], trusted: &[&str]) -> (Result<Behind, HeaderError>, Vec<u8>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -156,7 +189,13 @@ mod tests {
             &["127.0.0.1"],
         )
         .await;
-        assert_eq!(client.unwrap(), "203.0.113.7:51000".parse().unwrap());
+        assert_eq!(
+            client.unwrap(),
+            Behind {
+                client: "203.0.113.7:51000".parse().unwrap(),
+                forwarding: true
+            }
+        );
         assert_eq!(rest, b"GET / HTTP/1.1\r\n\r\n");
 
         // Version 2, in two parts, with a TLV after the addresses.
@@ -171,26 +210,33 @@ mod tests {
             &["127.0.0.1"],
         )
         .await;
-        assert_eq!(client.unwrap(), "198.51.100.9:40000".parse().unwrap());
+        assert_eq!(
+            client.unwrap().client,
+            "198.51.100.9:40000".parse().unwrap()
+        );
         assert_eq!(rest, b"\x16\x03\x01", "the TLS handshake is left to read");
     }
 
     #[tokio::test]
     async fn a_header_that_names_nobody_or_comes_from_an_untrusted_peer_leaves_the_peer() {
-        let peer_ip = |client: Result<SocketAddr, HeaderError>| client.unwrap().ip().to_string();
-        // A load balancer's health check.
+        let who = |client: Result<Behind, HeaderError>| {
+            let behind = client.unwrap();
+            (behind.client.ip().to_string(), behind.forwarding)
+        };
+        // A load balancer's health check: the peer, whose forwarding headers (an L4 load
+        // balancer writes none) are not believed.
         let (client, rest) = read(&[b"PROXY UNKNOWN\r\nGET /"], &["127.0.0.1"]).await;
-        assert_eq!(peer_ip(client), "127.0.0.1");
+        assert_eq!(who(client), ("127.0.0.1".into(), false));
         assert_eq!(rest, b"GET /");
         let (client, _) = read(&[&v2(0, &[])], &["127.0.0.1"]).await;
-        assert_eq!(peer_ip(client), "127.0.0.1");
+        assert_eq!(who(client), ("127.0.0.1".into(), false));
         // Anyone may send a header; only a trusted proxy is believed.
         let (client, rest) = read(
             &[b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\nGET /"],
             &["10.0.0.0/8"],
         )
         .await;
-        assert_eq!(peer_ip(client), "127.0.0.1");
+        assert_eq!(who(client), ("127.0.0.1".into(), true));
         assert_eq!(rest, b"GET /", "the header is read all the same");
     }
 
@@ -198,6 +244,9 @@ mod tests {
     async fn a_connection_without_a_header_is_refused() {
         let trusted = &["127.0.0.1"];
         let (client, _) = read(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"], trusted).await;
+        assert!(matches!(client, Err(HeaderError::Invalid(_))), "{client:?}");
+        // A line that has ended but names no ports is refused at once, not waited on.
+        let (client, _) = read(&[b"PROXY TCP4 nonsense\r\nGET / HTTP/1.1\r\n"], trusted).await;
         assert!(matches!(client, Err(HeaderError::Invalid(_))), "{client:?}");
         let (client, _) = read(&[b""], trusted).await;
         assert!(matches!(client, Err(HeaderError::Closed)), "{client:?}");
