@@ -299,25 +299,25 @@ async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watc
         let proxied = proxy_protocol
             .clone()
             .map(|trusted| (trusted, refused.clone()));
-        match tls {
-            None => {
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    // One deadline for the PROXY header and the first bytes after it.
-                    let deadline = tokio::time::Instant::now() + header_read_timeout;
-                    let (client, forwarding) = match proxied {
-                        None => (client, true),
-                        Some((trusted, refused)) => tokio::select! {
-                            read = client_behind(&mut stream, client, &trusted, deadline) => match read {
-                                Some(behind) => (behind.client, behind.forwarding),
-                                None => {
-                                    refused.inc();
-                                    return;
-                                }
-                            },
-                            () = stopping(&mut stopped) => return,
-                        },
-                    };
+        tokio::spawn(async move {
+            let _slot = slot;
+            // One deadline for the PROXY header and the first bytes after it.
+            let deadline = tokio::time::Instant::now() + header_read_timeout;
+            let (client, forwarding) = match proxied {
+                None => (client, true),
+                Some((trusted, refused)) => tokio::select! {
+                    read = client_behind(&mut stream, client, &trusted, deadline) => match read {
+                        Some(behind) => (behind.client, behind.forwarding),
+                        None => {
+                            refused.inc();
+                            return;
+                        }
+                    },
+                    () = stopping(&mut stopped) => return,
+                },
+            };
+            match tls {
+                None => {
                     let version = tokio::select! {
                         sniffed = tokio::time::timeout_at(deadline, sniff(&stream)) => {
                             match sniffed {
@@ -348,26 +348,10 @@ async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watc
                     {
                         tracing::debug!(error = %e, client = %client, "connection ended with an error");
                     }
-                });
-            }
-            Some(acceptor) => {
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    // One deadline for the PROXY header and the first bytes after it.
-                    let deadline = tokio::time::Instant::now() + header_read_timeout;
-                    let (client, forwarding) = match proxied {
-                        None => (client, true),
-                        Some((trusted, refused)) => tokio::select! {
-                            read = client_behind(&mut stream, client, &trusted, deadline) => match read {
-                                Some(behind) => (behind.client, behind.forwarding),
-                                None => {
-                                    refused.inc();
-                                    return;
-                                }
-                            },
-                            () = stopping(&mut stopped) => return,
-                        },
-                    };
+                }
+                // Boxed: a handshake in progress is large, and the task of every plain
+                // connection (an idle keep-alive, an event stream) would otherwise be as large.
+                Some(acceptor) => Box::pin(async move {
                     let stream = match tokio::time::timeout(
                         TLS_HANDSHAKE_TIMEOUT,
                         acceptor.accept(SendTimeout::new(stream, send_timeout)),
@@ -413,9 +397,10 @@ async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watc
                     {
                         tracing::debug!(error = %e, client = %client, "connection ended with an error");
                     }
-                });
+                })
+                .await,
             }
-        }
+        });
     }
 }
 
