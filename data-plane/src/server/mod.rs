@@ -303,37 +303,48 @@ async fn accept(listeners: Vec<Listener>, shared: Arc<Shared>, mut stopped: watc
             let _slot = slot;
             // One deadline for the PROXY header and the first bytes after it.
             let deadline = tokio::time::Instant::now() + header_read_timeout;
+            // The PROXY header's read and the sniff below are boxed: a task's future is as
+            // large as the largest thing it may hold, and these (buffers, timers, the stop's
+            // waiter) would otherwise stay in every connection's task, event streams
+            // included, for as long as it lives.
             let (client, forwarding) = match proxied {
                 None => (client, true),
-                Some((trusted, refused)) => tokio::select! {
-                    read = client_behind(&mut stream, client, &trusted, deadline) => match read {
-                        Some(behind) => (behind.client, behind.forwarding),
-                        None => {
+                Some((trusted, refused)) => {
+                    let read = Box::pin(async {
+                        tokio::select! {
+                            read = client_behind(&mut stream, client, &trusted, deadline) => Some(read),
+                            () = stopping(&mut stopped) => None,
+                        }
+                    });
+                    match read.await {
+                        Some(Some(behind)) => (behind.client, behind.forwarding),
+                        Some(None) => {
                             refused.inc();
                             return;
                         }
-                    },
-                    () = stopping(&mut stopped) => return,
-                },
+                        None => return,
+                    }
+                }
             };
             match tls {
                 None => {
-                    let version = tokio::select! {
-                        sniffed = tokio::time::timeout_at(deadline, sniff(&stream)) => {
-                            match sniffed {
-                                Ok(Ok(Some(version))) => version,
-                                Ok(Ok(None)) => return,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(error = %e, client = %client, "connection failed before its first request");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!(client = %client, "client sent nothing within the header read timeout");
-                                    return;
-                                }
-                            }
+                    let sniffed = Box::pin(async {
+                        tokio::select! {
+                            sniffed = tokio::time::timeout_at(deadline, sniff(&stream)) => Some(sniffed),
+                            () = stopping(&mut stopped) => None,
                         }
-                        () = stopping(&mut stopped) => return,
+                    });
+                    let version = match sniffed.await {
+                        Some(Ok(Ok(Some(version)))) => version,
+                        None | Some(Ok(Ok(None))) => return,
+                        Some(Ok(Err(e))) => {
+                            tracing::debug!(error = %e, client = %client, "connection failed before its first request");
+                            return;
+                        }
+                        Some(Err(_)) => {
+                            tracing::debug!(client = %client, "client sent nothing within the header read timeout");
+                            return;
+                        }
                     };
                     let service = make_service(ConnectionInfo {
                         peer: client,
@@ -551,19 +562,13 @@ async fn until_drained<C: Future<Output = Result<(), hyper::Error>>>(
     idle: Option<Idle>,
 ) -> C::Output {
     let mut connection = pin!(connection);
-    let idle_passed = async {
-        match &idle {
-            Some(idle) => idle.passed().await,
-            None => std::future::pending().await,
-        }
-    };
-    let missed_preface = async {
-        match idle.as_ref().and_then(|idle| idle.preface.as_ref()) {
-            Some(preface) => preface.missed().await,
-            None => std::future::pending().await,
-        }
-    };
-    let mut missed_preface = pin!(missed_preface);
+    // Boxed, and only for the connections that have them: held inline, their timers would
+    // sit in every connection's future (an HTTP/1 event stream's too) for its whole life.
+    let mut idle_passed = idle.as_ref().map(|idle| Box::pin(idle.passed()));
+    let mut missed_preface = idle
+        .as_ref()
+        .and_then(|idle| idle.preface.as_ref())
+        .map(|preface| Box::pin(preface.missed()));
     let dropped = || {
         tracing::debug!("no HTTP/2 preface within the header read timeout; closing");
         Ok(())
@@ -571,13 +576,21 @@ async fn until_drained<C: Future<Output = Result<(), hyper::Error>>>(
     tokio::select! {
         ended = connection.as_mut() => return ended,
         () = stopping(&mut stopped) => {}
-        () = idle_passed => tracing::debug!("HTTP/2 connection idle; sending GOAWAY"),
-        () = missed_preface.as_mut() => return dropped(),
+        () = if_any(&mut idle_passed) => tracing::debug!("HTTP/2 connection idle; sending GOAWAY"),
+        () = if_any(&mut missed_preface) => return dropped(),
     }
     graceful_shutdown(connection.as_mut());
     tokio::select! {
         ended = connection => ended,
-        () = missed_preface => dropped(),
+        () = if_any(&mut missed_preface) => dropped(),
+    }
+}
+
+/// Resolves when `watch` does; never without one.
+async fn if_any<F: Future<Output = ()> + Unpin>(watch: &mut Option<F>) {
+    match watch {
+        Some(watch) => watch.await,
+        None => std::future::pending().await,
     }
 }
 
