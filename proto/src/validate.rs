@@ -774,6 +774,20 @@ impl<'a> Checker<'a> {
                          0, which sends no acknowledgement to wait for",
                     );
                 }
+                if !subscribe.websocket_json_schema.is_empty() {
+                    if subscribe.websocket_publish {
+                        self.check(
+                            || format!("{path}.websocket_json_schema"),
+                            check_json_schema(&subscribe.websocket_json_schema),
+                        );
+                    } else {
+                        self.error(
+                            format!("{path}.websocket_json_schema"),
+                            "checks the messages WebSocket subscribers publish, and the route \
+                             takes none: set websocket_publish: true",
+                        );
+                    }
+                }
                 if pb::subscribe_action::Start::try_from(subscribe.default_start).is_err() {
                     self.error(format!("{path}.start"), "unknown start position");
                 }

@@ -737,6 +737,125 @@ apis:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_when_the_control_plane_revokes_their_caller() -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use sluice_tests::control_plane::ControlPlane;
+    use tokio_tungstenite::tungstenite::Message;
+    let document = |revoked: bool, suspended: bool| {
+        format!(
+            r#"format_version: 1
+brokers:
+  - name: local
+    memory: {{}}
+policies:
+  - name: keys
+    key_auth: {{ query_params: [api_key] }}
+plans:
+  - name: basic
+consumers:
+  - name: acme
+    credentials:
+      - api_key: {{ key: acme-key-0123456789 }}
+        revoked: {revoked}
+  - name: globex
+    credentials:
+      - api_key: {{ key: globex-key-0123456789 }}
+  - name: initech
+    credentials:
+      - api_key: {{ key: initech-key-0123456789 }}
+subscriptions:
+  - {{ consumer: acme, api: orders, plan: basic }}
+  - {{ consumer: globex, api: orders, plan: basic, status: {} }}
+  - {{ consumer: initech, api: orders, plan: basic }}
+apis:
+  - name: orders
+    policies: [keys]
+    routes:
+      - name: watch
+        methods: [GET]
+        path: /orders
+        path_match: exact
+        subscribe: {{ broker: local, topic: orders, heartbeat: 30s }}
+      - name: publish
+        methods: [POST]
+        path: /orders
+        path_match: exact
+        publish: {{ broker: local, topic: orders }}
+"#,
+            if suspended { "suspended" } else { "active" }
+        )
+    };
+    let cp = ControlPlane::start(&[]).await?;
+    cp.apply(&document(false, false)).await?;
+    let node = DataPlane::start_from_control_plane(&cp.discovery_url(), "default", &[])?;
+    let url = |consumer: &str| format!("/orders?api_key={consumer}-key-0123456789");
+    let mut acme = client().get(node.url(&url("acme"))).send().await?;
+    assert_eq!(acme.status().as_u16(), 200);
+    let mut globex = websocket(&node, &url("globex")).await?;
+    let mut initech = client().get(node.url(&url("initech"))).send().await?;
+    assert_eq!(initech.status().as_u16(), 200);
+    let (mut acme_read, mut initech_read) = (String::new(), String::new());
+
+    // A key revoked in the control plane ends its open stream, as it refuses its next
+    // request: at once, saying why and where to resume.
+    let committed = Instant::now();
+    cp.apply(&document(true, false)).await?;
+    let last = read_events(&mut acme, &mut acme_read, 1, Duration::from_secs(10)).await?;
+    let took = committed.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the stream ended {took:?} after the commit"
+    );
+    assert_eq!(last[0].event.as_deref(), Some("sluice-closed"), "{last:?}");
+    let data: Value = serde_json::from_str(&last[0].data)?;
+    assert_eq!(data["reason"], "access_revoked", "{data}");
+    assert_eq!(data["cause"], "key_revoked", "{data}");
+    assert!(data["last_event_id"].is_string(), "where to resume: {data}");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), acme.chunk())
+            .await??
+            .is_none(),
+        "the stream ends after its last event"
+    );
+
+    // A subscription suspended ends its caller's WebSocket.
+    let committed = Instant::now();
+    cp.apply(&document(true, true)).await?;
+    let message = next_json(&mut globex).await?;
+    let took = committed.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the socket closed {took:?} after the commit"
+    );
+    assert_eq!(message["reason"], "access_revoked", "{message}");
+    assert_eq!(message["cause"], "subscription_suspended", "{message}");
+    let close = tokio::time::timeout(Duration::from_secs(5), globex.next())
+        .await?
+        .context("the socket ended without a close frame")??;
+    let Message::Close(Some(frame)) = close else {
+        anyhow::bail!("expected a close frame, got {close:?}");
+    };
+    assert_eq!(u16::from(frame.code), 4004);
+
+    // A caller the changes did not touch streams on.
+    let published = client()
+        .post(node.url(&url("initech")))
+        .body(r#"{"n":1}"#)
+        .send()
+        .await?;
+    assert_eq!(published.status().as_u16(), 202);
+    let next = read_events(&mut initech, &mut initech_read, 1, Duration::from_secs(10)).await?;
+    assert_eq!(next[0].event, None, "{next:?}");
+    assert_eq!(next[0].data, r#"{"n":1}"#);
+    // And the refused callers cannot open another.
+    let refused = client().get(node.url(&url("acme"))).send().await?;
+    assert_eq!(refused.status().as_u16(), 401);
+    let refused = client().get(node.url(&url("globex"))).send().await?;
+    assert_eq!(refused.status().as_u16(), 403);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_idempotency_key_across_two_nodes_publishes_once() -> anyhow::Result<()> {
     let topic = TestTopic::create(1).await?;
     let redis = sluice_tests::redis::TestRedis::create().await?;
@@ -973,6 +1092,58 @@ apis:
     // A plain GET without the upgrade still gets SSE on the same route.
     let sse = client().get(node.url("/listen")).send().await?;
     assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_messages_that_break_the_routes_schema_reach_no_topic() -> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let config = r#"format_version: 1
+brokers:
+  - name: local
+    memory: {}
+apis:
+  - name: demo
+    routes:
+      - name: talk
+        methods: [GET]
+        path: /talk
+        path_match: exact
+        subscribe:
+          broker: local
+          topic: demo
+          start: earliest
+          websocket_publish: true
+          websocket_json_schema:
+            type: object
+            required: [amount]
+            properties: { amount: { type: integer, minimum: 1 } }
+"#;
+    let node = DataPlane::start(config, &[])?;
+    let mut talk = websocket(&node, "/talk").await?;
+    talk.send(Message::text(r#"{"amount":0}"#)).await?;
+    let nack = next_json(&mut talk).await?;
+    assert_eq!(nack["nack"], 1, "{nack}");
+    assert_eq!(nack["errors"][0]["pointer"], "/amount", "{nack}");
+    talk.send(Message::binary(b"not json".to_vec())).await?;
+    let nack = next_json(&mut talk).await?;
+    assert_eq!(nack["nack"], 2, "{nack}");
+    assert_eq!(nack["errors"][0]["pointer"], "", "{nack}");
+    talk.send(Message::text(r#"{"amount":5}"#)).await?;
+    let ack = next_json(&mut talk).await?;
+    assert_eq!(ack["ack"], 3, "{ack}");
+    // The first event on the topic is the one that passed: the refused ones reached none.
+    assert_eq!(ack["offset"], 0, "{ack}");
+    let event = next_json(&mut talk).await?;
+    assert_eq!(event["data"], serde_json::json!({"amount": 5}), "{event}");
+    let rejected = node
+        .metric(
+            "sluice_event_publishes_total",
+            r#"topic="demo",outcome="rejected""#,
+        )
+        .await?;
+    assert_eq!(rejected, 2.0);
     Ok(())
 }
 

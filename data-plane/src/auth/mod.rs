@@ -25,6 +25,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod key;
 pub mod mtls;
+pub mod standing;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -51,6 +52,7 @@ use jwks::JwksCache;
 use jwt::JwtAuthenticator;
 use key::{KeyAuth, KeyLocation};
 use mtls::{ClientCertificate, MtlsAuth};
+use standing::{Grant, Presented};
 
 /// Node-wide access-control state, shared by every configuration the node runs.
 #[derive(Debug)]
@@ -569,6 +571,12 @@ impl RouteAccess {
                 subscription_id: Uuid::from_bytes(subscription.id),
                 credential_id: Uuid::from_bytes(authenticated.credential_id),
                 ends: earliest(authenticated.ends, subscription.expires_at()),
+                grant: Grant {
+                    presented: authenticated.presented,
+                    consumer_id,
+                    api_id: self.api_id,
+                    subscription_id: subscription.id,
+                },
                 claim_headers: authenticated.claim_headers,
                 hidden_key: authenticated.hidden_key,
             }),
@@ -639,6 +647,7 @@ impl RouteAccess {
             key.consumer_id,
             key.id,
             key.expires_at(),
+            Presented::Key(*sha256),
         ))
     }
 
@@ -742,11 +751,12 @@ impl RouteAccess {
                 None,
             ));
         }
-        let id = credential.meta.as_ref().map_or("", |m| m.id.as_str());
+        let id = uuid_bytes(credential.meta.as_ref().map_or("", |m| m.id.as_str()));
         Ok(Authenticated::new(
             uuid_bytes(&credential.consumer_id),
-            uuid_bytes(id),
+            id,
             credential.expires_at,
+            Presented::Credential(id),
         ))
     }
 
@@ -1006,14 +1016,21 @@ struct Authenticated {
     scopes: Vec<String>,
     claim_headers: Vec<(HeaderName, HeaderValue)>,
     hidden_key: Option<KeyLocation>,
+    presented: Presented,
 }
 
 impl Authenticated {
-    fn new(consumer_id: [u8; 16], credential_id: [u8; 16], ends: Option<Timestamp>) -> Self {
+    fn new(
+        consumer_id: [u8; 16],
+        credential_id: [u8; 16],
+        ends: Option<Timestamp>,
+        presented: Presented,
+    ) -> Self {
         Authenticated {
             consumer_id,
             credential_id,
             ends,
+            presented,
             scopes: Vec::new(),
             claim_headers: Vec::new(),
             hidden_key: None,
@@ -1061,6 +1078,9 @@ pub struct Identity {
     /// When the caller's access ends by itself: its credential's or token's expiry, or its
     /// subscription's. Event streams end then (the caller reconnects with a fresh one).
     pub ends: Option<Timestamp>,
+    /// What the admission rested on: looked at again, while the caller's event streams are
+    /// open, in every configuration the node applies ([`standing`]).
+    pub grant: Grant,
     claim_headers: Vec<(HeaderName, HeaderValue)>,
     hidden_key: Option<KeyLocation>,
 }

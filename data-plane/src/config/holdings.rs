@@ -526,6 +526,12 @@ impl Holdings {
     /// The JWT or client-certificate credential `identity` names.
     pub fn credential(&self, identity: &CredentialIdentity<'_>) -> Option<pb::Credential> {
         let id = self.indexes.identities.get(&identity.digest())?;
+        self.credential_by_id(id)
+    }
+
+    /// The credential held under `id` (a JWT or client-certificate one: API keys are held by
+    /// their hash, [`Holdings::api_key`]).
+    pub fn credential_by_id(&self, id: &[u8; 16]) -> Option<pb::Credential> {
         match self
             .held(ResourceKind::Credential, Uuid::from_bytes(*id))
             .map(|bytes| decoded(bytes).kind)

@@ -24,8 +24,9 @@ use sluice_proto::{ConfigErrors, pb, snapshot};
 
 pub use holdings::{Holdings, SnapshotReader};
 
-use crate::auth::AccessPolicies;
 use crate::auth::jwks::JwksCache;
+use crate::auth::standing::{OpenStreams, StreamAccess};
+use crate::auth::{AccessPolicies, Identity};
 use crate::events::Broker;
 use crate::router::Router;
 use crate::telemetry::Metrics;
@@ -355,6 +356,9 @@ pub struct ConfigStore {
     pub jwks: JwksCache,
     /// Where the running upstreams' state is shown.
     metrics: Arc<Metrics>,
+    /// The open event streams of identified callers, whose standing each configuration
+    /// applied is looked at in.
+    streams: Arc<OpenStreams>,
 }
 
 impl ConfigStore {
@@ -363,6 +367,7 @@ impl ConfigStore {
             current: ArcSwapOption::empty(),
             jwks,
             metrics,
+            streams: Arc::default(),
         }
     }
 
@@ -435,11 +440,19 @@ impl ConfigStore {
         let config = Arc::new(config);
         let before = self.current.swap(Some(config.clone()));
         self.show(before.as_deref(), &config, true);
+        self.streams.recheck(&config.holdings);
     }
 
     /// Puts back a configuration that was replaced (a delta that proved wrong).
     pub fn restore(&self, config: Arc<CompiledConfig>) {
         let before = self.current.swap(Some(config.clone()));
         self.show(before.as_deref(), &config, false);
+        self.streams.recheck(&config.holdings);
+    }
+
+    /// Watches an event stream of `identity`'s caller: it ends when the caller's access
+    /// expires, or when a configuration applied no longer admits them.
+    pub fn watch_stream(&self, identity: &Identity) -> Box<StreamAccess> {
+        Box::new(self.streams.watch(identity, || self.current()))
     }
 }

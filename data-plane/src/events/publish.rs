@@ -33,6 +33,34 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// At most this many schema violations are listed in a 422.
 const MAX_SCHEMA_ERRORS: usize = 20;
 
+/// A route's JSON Schema (`field`, as JSON text) compiled; `None` when it has none.
+pub(super) fn compile_schema(
+    field: &str,
+    text: &str,
+) -> Result<Option<jsonschema::Validator>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let schema: Value =
+        serde_json::from_str(text).map_err(|e| format!("{field} is not JSON: {e}"))?;
+    jsonschema::validator_for(&schema)
+        .map(Some)
+        .map_err(|e| format!("{field} is not a valid JSON Schema: {e}"))
+}
+
+/// How `value` breaks `schema` (the first [`MAX_SCHEMA_ERRORS`] ways), each at its JSON
+/// pointer; empty when it satisfies it.
+pub(super) fn violations(schema: &jsonschema::Validator, value: &Value) -> Vec<SchemaError> {
+    schema
+        .iter_errors(value)
+        .take(MAX_SCHEMA_ERRORS)
+        .map(|error| SchemaError {
+            pointer: error.instance_path().to_string(),
+            detail: error.to_string(),
+        })
+        .collect()
+}
+
 /// A compiled publish action.
 #[derive(Debug)]
 pub struct PublishRoute {
@@ -104,16 +132,7 @@ impl PublishRoute {
             Ok(CloudEvents::Binary) => Mode::Binary,
             _ => Mode::None,
         };
-        let schema = if action.json_schema.is_empty() {
-            None
-        } else {
-            let schema: Value = serde_json::from_str(&action.json_schema)
-                .map_err(|e| format!("json_schema is not JSON: {e}"))?;
-            Some(
-                jsonschema::validator_for(&schema)
-                    .map_err(|e| format!("json_schema is not a valid JSON Schema: {e}"))?,
-            )
-        };
+        let schema = compile_schema("json_schema", &action.json_schema)?;
         Ok(PublishRoute {
             broker,
             topic: action.topic.as_str().into(),
@@ -342,14 +361,7 @@ impl PublishRoute {
                 .as_ref()
                 .or(json.as_ref())
                 .unwrap_or(&Value::Null);
-            let errors: Vec<SchemaError> = schema
-                .iter_errors(data)
-                .take(MAX_SCHEMA_ERRORS)
-                .map(|error| SchemaError {
-                    pointer: error.instance_path().to_string(),
-                    detail: error.to_string(),
-                })
-                .collect();
+            let errors = violations(schema, data);
             if !errors.is_empty() {
                 return Err(GatewayError::SchemaViolation(errors));
             }

@@ -36,6 +36,7 @@ use super::feed::OwnItem;
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
 use super::{Broker, Record};
+use crate::auth::standing::{AccessEnded, StreamAccess};
 use crate::auth::{AccessGuard, Denial, Identity};
 use crate::ratelimit::Rate;
 use crate::server::error::GatewayError;
@@ -227,6 +228,8 @@ pub struct SubscribeRoute {
     pub(super) heartbeat: Duration,
     /// WebSocket subscribers may publish to the topic.
     pub(super) websocket_publish: bool,
+    /// What the messages they publish must satisfy (`websocket_json_schema`).
+    pub(super) websocket_schema: Option<Arc<jsonschema::Validator>>,
     /// Filters every subscriber gets, bound to its identity.
     identity_filters: Vec<IdentityFilter>,
     /// The route's id: message budgets are scoped to it.
@@ -336,6 +339,11 @@ impl SubscribeRoute {
                 ms => Duration::from_millis(ms),
             },
             websocket_publish: action.websocket_publish,
+            websocket_schema: super::publish::compile_schema(
+                "websocket_json_schema",
+                &action.websocket_json_schema,
+            )?
+            .map(Arc::new),
             identity_filters: action
                 .identity_filters
                 .iter()
@@ -375,6 +383,7 @@ impl SubscribeRoute {
         request: &Request<B>,
         context: SubscribeContext<'_>,
         identity_filters: Vec<Filter>,
+        access: Option<Box<StreamAccess>>,
     ) -> Result<Response<ProxyBody>, GatewayError> {
         let metrics = context.metrics;
         let stopping = context.stopping.clone();
@@ -393,8 +402,7 @@ impl SubscribeRoute {
             SubscriberCounts::new(metrics, &self.topic),
             stopping,
         );
-        subscriber.access_ends =
-            access_deadline(context.identity).map(|at| Box::pin(tokio::time::sleep_until(at)));
+        subscriber.access = access;
         let mut response = Response::new(subscriber.into_body());
         let headers = response.headers_mut();
         headers.insert(
@@ -609,8 +617,9 @@ struct Subscriber {
     stopping: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The same stop, looked at between backlog events.
     stopping_token: CancellationToken,
-    /// When the caller's access ends ([`Identity::ends`]), if it does.
-    access_ends: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The caller's access to the stream, when it has a caller in particular: the stream
+    /// ends with it. Boxed: most streams of a busy topic may be anonymous.
+    access: Option<Box<StreamAccess>>,
 }
 
 /// Where a [`Subscriber`]'s stream is.
@@ -678,7 +687,7 @@ impl Subscriber {
             counts,
             stopping: Box::pin(stopping.clone().cancelled_owned()),
             stopping_token: stopping,
-            access_ends: None,
+            access: None,
         }
     }
 
@@ -710,12 +719,8 @@ impl Subscriber {
             if self.stopping_token.is_cancelled() {
                 return Some(self.closed_for_stop(None));
             }
-            if self
-                .access_ends
-                .as_ref()
-                .is_some_and(|ends| ends.is_elapsed())
-            {
-                return Some(self.closed_as_expired(None));
+            if let Some(ended) = self.access.as_ref().and_then(|access| access.has_ended()) {
+                return Some(self.closed_for_access(ended, None));
             }
             let Some(event) = event.upgrade() else {
                 return Some(self.closed_as_slow());
@@ -742,7 +747,7 @@ impl Subscriber {
                 },
                 _ = self.beat.tick() => return Some(Bytes::from_static(b": heartbeat\n\n")),
                 () = self.stopping.as_mut() => return Some(self.closed_for_stop(None)),
-                () = until(&mut self.access_ends) => return Some(self.closed_as_expired(None)),
+                ended = access_ended(&mut self.access) => return Some(self.closed_for_access(ended, None)),
             }
         }
     }
@@ -765,10 +770,13 @@ impl Subscriber {
     }
 
     /// The last frame of a stream whose caller's access has ended: where to resume, once it
-    /// has a valid credential again.
-    fn closed_as_expired(&mut self, unsent: Option<&StoredEvent>) -> Bytes {
+    /// is admitted again.
+    fn closed_for_access(&mut self, ended: AccessEnded, unsent: Option<&StoredEvent>) -> Bytes {
         self.stage = Stage::Ended;
-        closing_event(&resume_before(&self.position, unsent), EXPIRED)
+        closing_event(
+            &resume_before(&self.position, unsent),
+            access_closing(ended),
+        )
     }
 
     /// `event`'s frame once the message budget allows it, or a heartbeat while it waits (the
@@ -783,7 +791,7 @@ impl Subscriber {
                     return Bytes::from_static(b": heartbeat\n\n");
                 }
                 () = self.stopping.as_mut() => return self.closed_for_stop(Some(&event)),
-                () = until(&mut self.access_ends) => return self.closed_as_expired(Some(&event)),
+                ended = access_ended(&mut self.access) => return self.closed_for_access(ended, Some(&event)),
             }
         }
         self.counts.delivered.inc();
@@ -822,11 +830,15 @@ fn sse_event(event: &StoredEvent, position: &Position) -> Bytes {
     Bytes::from(out)
 }
 
-/// Why the gateway closed a stream: the `reason` and `detail` of its last event, and over
-/// WebSocket the close frame's code and reason.
+/// Why the gateway closed a stream: the `reason`, `detail` and `cause` of its last event, and
+/// over WebSocket the close frame's code and reason.
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Closing {
     pub(super) reason: &'static str,
     pub(super) detail: &'static str,
+    /// What access control would refuse the caller for now (`key_revoked`, ...), when that
+    /// is why.
+    pub(super) cause: Option<&'static str>,
     pub(super) close_code: u16,
     pub(super) close_reason: &'static str,
 }
@@ -834,36 +846,45 @@ pub(super) struct Closing {
 pub(super) const SLOW: Closing = Closing {
     reason: "slow_consumer",
     detail: "the client fell behind the stream; reconnect with Last-Event-ID to resume",
+    cause: None,
     close_code: super::websocket::CLOSE_SLOW,
     close_reason: "slow consumer; resume with last_event_id",
 };
 
-pub(super) const EXPIRED: Closing = Closing {
+const EXPIRED: Closing = Closing {
     reason: "access_expired",
     detail: "the caller's credential, token or subscription has expired; reconnect with a valid \
              one and Last-Event-ID to resume",
+    cause: None,
     close_code: super::websocket::CLOSE_EXPIRED,
     close_reason: "access expired; resume with last_event_id",
 };
 
-/// When a stream for `identity` ends by itself: its access's end ([`Identity::ends`]) on the
-/// runtime's clock. `None`: it does not (or not within any time a clock can hold).
-pub fn access_deadline(identity: Option<&Identity>) -> Option<tokio::time::Instant> {
-    let ends = identity?.ends?;
-    let ends = std::time::UNIX_EPOCH.checked_add(Duration::new(
-        u64::try_from(ends.seconds).ok()?,
-        u32::try_from(ends.nanos).unwrap_or(0),
-    ))?;
-    let left = ends
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
-    tokio::time::Instant::now().checked_add(left)
+const REVOKED: Closing = Closing {
+    reason: "access_revoked",
+    detail: "the caller is no longer admitted (its key or credential revoked or removed, its \
+             consumer disabled, or its subscription suspended or removed; `cause` says which); \
+             reconnect once admitted, with Last-Event-ID to resume",
+    cause: None,
+    close_code: super::websocket::CLOSE_REVOKED,
+    close_reason: "access revoked; resume with last_event_id",
+};
+
+/// How a stream whose caller's access `ended` is closed.
+pub(super) fn access_closing(ended: AccessEnded) -> Closing {
+    match ended {
+        AccessEnded::Expired => EXPIRED,
+        AccessEnded::Revoked(cause) => Closing {
+            cause: Some(cause),
+            ..REVOKED
+        },
+    }
 }
 
-/// Resolves when `deadline` passes; never without one.
-pub(super) async fn until(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
-    match deadline {
-        Some(sleep) => sleep.as_mut().await,
+/// Resolves when the caller's access ends; never for a stream of nobody in particular.
+pub(super) async fn access_ended(access: &mut Option<Box<StreamAccess>>) -> AccessEnded {
+    match access {
+        Some(access) => access.ended().await,
         None => std::future::pending().await,
     }
 }
@@ -872,6 +893,7 @@ pub(super) const STOPPING: Closing = Closing {
     reason: "node_stopping",
     detail: "this node is shutting down; reconnect (to any node) with Last-Event-ID to resume",
     // Going away (RFC 6455 section 7.4.1).
+    cause: None,
     close_code: 1001,
     close_reason: "node stopping; resume with last_event_id",
 };
@@ -889,11 +911,14 @@ pub(super) fn resume_before(position: &Position, unsent: Option<&StoredEvent>) -
 /// The last event a client gets when the gateway closes its stream: why, and where to resume.
 fn closing_event(position: &Position, closing: Closing) -> Bytes {
     let id = position.encode();
-    let data = serde_json::json!({
+    let mut data = serde_json::json!({
         "reason": closing.reason,
         "detail": closing.detail,
         "last_event_id": id,
     });
+    if let Some(cause) = closing.cause {
+        data["cause"] = cause.into();
+    }
     Bytes::from(format!("id: {id}\nevent: sluice-closed\ndata: {data}\n\n"))
 }
 

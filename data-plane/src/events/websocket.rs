@@ -36,11 +36,12 @@ use tokio_util::task::TaskTracker;
 use super::memory::StoredEvent;
 use super::pacing::Pacer;
 use super::subscribe::{
-    Closing, EXPIRED, Filter, Position, SLOW, STOPPING, Source, SubscribeRoute, SubscriberCounts,
-    resume_before, take_in, until, wanted,
+    Closing, Filter, Position, SLOW, STOPPING, Source, SubscribeRoute, SubscriberCounts,
+    access_closing, access_ended, resume_before, take_in, wanted,
 };
 use super::{Acks, Broker, Delivery, Record, now_ms};
-use crate::server::error::GatewayError;
+use crate::auth::standing::StreamAccess;
+use crate::server::error::{GatewayError, SchemaError};
 use crate::telemetry::Metrics;
 use crate::upstream::{ProxyBody, empty_body};
 
@@ -52,6 +53,10 @@ pub const CLOSE_SLOW: u16 = 4001;
 /// The close code of a session whose caller's access has ended (its credential, token or
 /// subscription expired): resume with a valid one.
 pub const CLOSE_EXPIRED: u16 = 4003;
+/// The close code of a session whose caller a configuration applied no longer admits (its key
+/// or credential revoked or removed, its consumer disabled, its subscription suspended or
+/// removed): resume once admitted again.
+pub const CLOSE_REVOKED: u16 = 4004;
 
 /// A client's messages published at once, at most; the next are read as answers come back.
 const MAX_PUBLISHING: usize = 64;
@@ -74,8 +79,9 @@ pub struct WebSocketContext {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the node stops: the session then ends with its position.
     pub stopping: CancellationToken,
-    /// When the caller's access ends: the session then ends with its position.
-    pub access_ends: Option<tokio::time::Instant>,
+    /// The caller's access, when the session has a caller in particular: the session ends
+    /// with it, with its position.
+    pub access: Option<Box<StreamAccess>>,
     /// Where the session runs once upgraded: the node's drain waits for it.
     pub tasks: TaskTracker,
 }
@@ -112,12 +118,14 @@ impl SubscribeRoute {
             topic: self.topic.clone(),
             heartbeat: self.heartbeat,
             publish: self.websocket_publish,
+            schema: self.websocket_schema.clone(),
             filters,
             bound,
             context,
         };
         let tasks = session.context.tasks.clone();
         tasks.spawn(async move {
+            let mut session = session;
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(error) => {
@@ -143,7 +151,8 @@ impl SubscribeRoute {
             .await;
             // Counted live until dropped, however the session ends.
             let counts = SubscriberCounts::new(&session.context.metrics, &session.topic);
-            session.run(socket, source, counts).await;
+            let access = session.context.access.take();
+            session.run(socket, source, counts, access).await;
         });
         let mut response = Response::new(empty_body());
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -195,6 +204,8 @@ struct Session {
     topic: Arc<str>,
     heartbeat: Duration,
     publish: bool,
+    /// What each message published must satisfy.
+    schema: Option<Arc<jsonschema::Validator>>,
     /// The caller's identity filters first, then the client's own.
     filters: Vec<Filter>,
     /// How many of `filters` are the caller's identity filters.
@@ -208,6 +219,7 @@ impl Session {
         socket: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
         mut source: Source,
         counts: SubscriberCounts,
+        mut access: Option<Box<StreamAccess>>,
     ) {
         let (mut sink, mut incoming) = socket.split();
         let mut position = source.position.clone();
@@ -235,10 +247,6 @@ impl Session {
         // A token of its own (see the SSE subscriber's): polling it locks only this session's.
         let stopping = self.context.stopping.child_token().cancelled_owned();
         tokio::pin!(stopping);
-        let mut access_ends = self
-            .context
-            .access_ends
-            .map(|at| Box::pin(tokio::time::sleep_until(at)));
         // Returns from this block end the session; its publishes are then finished.
         let ending = async {
             let mut backlog = std::mem::take(&mut source.backlog).into_iter();
@@ -344,9 +352,9 @@ impl Session {
                         let resume = resume_before(&position, next.as_deref());
                         return close_with(&mut sink, &resume, STOPPING).await;
                     }
-                    () = until(&mut access_ends) => {
+                    ended = access_ended(&mut access) => {
                         let resume = resume_before(&position, next.as_deref());
-                        return close_with(&mut sink, &resume, EXPIRED).await;
+                        return close_with(&mut sink, &resume, access_closing(ended)).await;
                     }
                 }
             }
@@ -372,6 +380,25 @@ impl Session {
                 "error": "rate limited: the route's message_rate_limits",
                 "retry_after_ms": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
             });
+        }
+        if let Some(schema) = &self.schema {
+            let errors = match serde_json::from_slice::<Value>(&value) {
+                Ok(json) => super::publish::violations(schema, &json),
+                Err(e) => vec![SchemaError {
+                    pointer: String::new(),
+                    detail: format!("the message is not JSON: {e}"),
+                }],
+            };
+            if !errors.is_empty() {
+                self.context
+                    .metrics
+                    .event_published(&self.topic, "rejected", 0.0);
+                return json!({
+                    "nack": number,
+                    "error": "the message does not satisfy the route's websocket_json_schema",
+                    "errors": errors,
+                });
+            }
         }
         let started = Instant::now();
         let id = uuid::Builder::from_random_bytes(rand::random())
@@ -453,12 +480,15 @@ async fn close_with<S>(sink: &mut S, position: &Position, closing: Closing) -> E
 where
     S: futures_util::Sink<Message> + Unpin,
 {
-    let last = json!({
+    let mut last = json!({
         "event": "sluice-closed",
         "reason": closing.reason,
         "detail": closing.detail,
         "last_event_id": position.encode(),
     });
+    if let Some(cause) = closing.cause {
+        last["cause"] = cause.into();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         sink.send(Message::text(last.to_string())).await?;
         sink.send(close(

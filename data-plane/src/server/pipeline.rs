@@ -436,7 +436,9 @@ impl Gateway {
                     max_message_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
                     metrics: self.metrics.clone(),
                     stopping: self.streams_stopping.clone(),
-                    access_ends: crate::events::subscribe::access_deadline(identity.as_ref()),
+                    access: identity
+                        .as_ref()
+                        .map(|identity| self.store.watch_stream(identity)),
                     tasks: self.tasks.clone(),
                 };
                 subscribe.serve_websocket(request, context).await
@@ -452,6 +454,9 @@ impl Gateway {
                             stopping: &self.streams_stopping,
                         },
                         identity_filters,
+                        identity
+                            .as_ref()
+                            .map(|identity| self.store.watch_stream(identity)),
                     )
                     .await
             }

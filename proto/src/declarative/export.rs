@@ -321,6 +321,8 @@ fn export_route(
                     .iter()
                     .map(export_rate_limit)
                     .collect(),
+                websocket_json_schema: (!s.websocket_json_schema.is_empty())
+                    .then(|| parse_json(&s.websocket_json_schema)),
             });
         }
         Some(Action::DirectResponse(d)) => {

@@ -324,6 +324,10 @@ pub struct SubscribeAction {
     /// sent and the WebSocket messages published.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub message_rate_limits: Vec<RateLimit>,
+    /// A JSON Schema every message a WebSocket subscriber publishes must satisfy (with
+    /// `websocket_publish`); one that does not is refused and reaches no topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket_json_schema: Option<serde_json::Value>,
 }
 
 /// Only events whose value (one of `json_pointer`, `record_header`, `key`) equals the

@@ -380,6 +380,11 @@ impl<'a> Normalizer<'a> {
                     self.identity_filter(&format!("{at}.subscribe.identity_filters[{j}]"), filter)
                 }),
                 message_rate_limits: self.rate_limits(&subscribe.message_rate_limits),
+                websocket_json_schema: subscribe
+                    .websocket_json_schema
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
             }))
         } else {
             route.direct_response.as_ref().map(|direct| {

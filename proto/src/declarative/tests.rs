@@ -381,6 +381,48 @@ apis:
 }
 
 #[test]
+fn a_websocket_schema_must_be_a_schema_on_a_route_that_takes_messages() {
+    let text = r#"
+format_version: 1
+brokers:
+  - { name: local, memory: {} }
+apis:
+  - name: shop
+    routes:
+      - name: listen
+        path: /listen
+        subscribe: { broker: local, topic: orders, websocket_json_schema: { type: object } }
+      - name: talk
+        path: /talk
+        subscribe:
+          broker: local
+          topic: orders
+          websocket_publish: true
+          websocket_json_schema: { type: 12 }
+      - name: checked
+        path: /checked
+        subscribe:
+          broker: local
+          topic: orders
+          websocket_publish: true
+          websocket_json_schema: { type: object, required: [amount] }
+"#;
+    let errors = load_err(text);
+    let all = errors.to_string();
+    assert!(
+        reason(&errors, "apis[0].routes[0].subscribe.websocket_json_schema")
+            .contains("set websocket_publish: true"),
+        "{all}"
+    );
+    assert!(
+        reason(&errors, "apis[0].routes[1].subscribe.websocket_json_schema")
+            .contains("not a valid JSON Schema"),
+        "{all}"
+    );
+    assert_eq!(all.lines().count(), 3, "a heading and two errors: {all}");
+}
+
+#[test]
 fn traffic_outlier_and_certificate_errors_name_their_fields() {
     let text = r#"
 format_version: 1
