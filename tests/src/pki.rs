@@ -44,10 +44,19 @@ impl TestCa {
         hex::encode(Sha256::digest(self.issuer.der()))
     }
 
-    /// A server certificate for `names` signed by this CA.
+    /// A server certificate for `names` signed by this CA (valid until rcgen's default, 4096).
     pub fn leaf(&self, names: &[&str]) -> anyhow::Result<Leaf> {
-        let params =
+        self.leaf_until(names, None)
+    }
+
+    /// A server certificate for `names`, valid until the start of the day `(year, month, day)`
+    /// (UTC) when given.
+    pub fn leaf_until(&self, names: &[&str], until: Option<(i32, u8, u8)>) -> anyhow::Result<Leaf> {
+        let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        if let Some((year, month, day)) = until {
+            params.not_after = rcgen::date_time_ymd(year, month, day);
+        }
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Leaf {

@@ -126,9 +126,24 @@ async fn terminates_tls_with_the_certificate_its_sni_names_and_swaps_certificate
     let stream = connect(&ca, tls_addr, "b.example.test", &[b"http/1.1"]).await?;
     assert_eq!(presented(&stream), fallback.der()?);
 
+    // Each certificate's expiry is shown.
+    let expiry = |name: &'static str| {
+        let node = &node;
+        async move {
+            node.metric(
+                "sluice_certificate_not_after_timestamp_seconds",
+                &format!("certificate=\"{name}\""),
+            )
+            .await
+        }
+    };
+    // rcgen's default notAfter, 4096-01-01.
+    assert_eq!(expiry("a").await?, 67_090_118_400.0);
+    assert_eq!(expiry("fallback").await?, 67_090_118_400.0);
+
     // A new certificate for a.example.test is presented once the file changes, on the same
     // listener.
-    let renewed = ca.leaf(&["a.example.test"])?;
+    let renewed = ca.leaf_until(&["a.example.test"], Some((2099, 6, 30)))?;
     let certificates = format!(
         "{}{}",
         certificate("a", &renewed, &["a.example.test"]),
@@ -172,6 +187,20 @@ async fn terminates_tls_with_the_certificate_its_sni_names_and_swaps_certificate
     assert_eq!(presented(&stream), renewed.der()?);
     let (_, status, _) = get(stream, "a.example.test").await?;
     assert_eq!(status, 200);
+    // 2099-06-30T00:00:00Z: the renewed certificate's.
+    assert_eq!(expiry("a").await?, 4_086_460_800.0);
+
+    // A certificate no longer served has no expiry shown.
+    node.write_config(&config(&backend, &certificate("a", &renewed, &["*"])))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while expiry("fallback").await? != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the removed certificate's expiry is still shown"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(expiry("a").await?, 4_086_460_800.0);
     Ok(())
 }
 

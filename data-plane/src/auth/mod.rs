@@ -576,6 +576,7 @@ impl RouteAccess {
                     consumer_id,
                     api_id: self.api_id,
                     subscription_id: subscription.id,
+                    token_ends: authenticated.token_ends,
                 },
                 claim_headers: authenticated.claim_headers,
                 hidden_key: authenticated.hidden_key,
@@ -688,6 +689,7 @@ impl RouteAccess {
             seconds: i64::try_from(token.refused_from).unwrap_or(i64::MAX),
             nanos: 0,
         };
+        authenticated.token_ends = Some((token_ends.seconds, token_ends.nanos));
         authenticated.ends = earliest(authenticated.ends, Some(token_ends));
         authenticated.scopes = token.scopes;
         let claim_headers = auth.claim_headers.get(&*token.issuer);
@@ -1017,6 +1019,8 @@ struct Authenticated {
     claim_headers: Vec<(HeaderName, HeaderValue)>,
     hidden_key: Option<KeyLocation>,
     presented: Presented,
+    /// A token's own end (`exp` plus leeway).
+    token_ends: Option<(i64, i32)>,
 }
 
 impl Authenticated {
@@ -1031,6 +1035,7 @@ impl Authenticated {
             credential_id,
             ends,
             presented,
+            token_ends: None,
             scopes: Vec::new(),
             claim_headers: Vec::new(),
             hidden_key: None,

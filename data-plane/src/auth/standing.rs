@@ -1,21 +1,24 @@
 //! Whether the callers of the node's open event streams may still read them. A stream (SSE,
-//! WebSocket) outlives the request that access control admitted, so what that admission
-//! rested on (the key or credential presented, its consumer, the subscription) is kept as the
-//! stream's [`Grant`] and looked at again in every configuration the node applies: a key
-//! revoked, a consumer disabled or a subscription suspended in the control plane ends the
-//! caller's open streams as soon as the node has the change, as it refuses the caller's next
-//! request. An expiry already known when the stream opened is a deadline of the stream's own
-//! ([`super::Identity::ends`]).
+//! WebSocket) outlives the request that access control admitted, so the caller's standing
+//! (the key or credential presented, its consumer, its subscription to the API) is kept as
+//! the stream's [`Grant`] and looked at again in every configuration the node applies that
+//! changes consumers, credentials or subscriptions: a key revoked, a consumer disabled or a
+//! subscription suspended in the control plane ends the caller's open streams as soon as the
+//! node has the change, as it refuses the caller's next request. Expiries move with the
+//! configuration too: a key given an `expires_at` (a rotation's grace period) ends its streams
+//! then, and a subscription renewed keeps them open past its old end.
 //!
-//! What is looked at again is the caller's standing, not the route: a route whose policies
-//! change keeps the streams it has (as a proxied request in flight is not stopped either).
+//! What is looked at again is the caller's standing, not the route, its plan's scopes or the
+//! consumer's own IP lists: those apply to the next request (as a proxied request in flight
+//! is not stopped either).
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use prost_types::Timestamp;
+use tokio::sync::Notify;
 
 use super::{Identity, has_passed};
 use crate::config::holdings::Holdings;
@@ -27,6 +30,8 @@ pub struct Grant {
     pub(super) consumer_id: [u8; 16],
     pub(super) api_id: [u8; 16],
     pub(super) subscription_id: [u8; 16],
+    /// A JWT's own end (`exp` plus leeway), which no configuration moves: (seconds, nanos).
+    pub(super) token_ends: Option<(i64, i32)>,
 }
 
 /// The credential the caller proved itself with.
@@ -38,58 +43,80 @@ pub enum Presented {
     Credential([u8; 16]),
 }
 
+/// A caller's access to a stream, in one configuration: when it ends (seconds and nanos
+/// since the epoch), or why it is refused.
+type Standing = Result<Option<(i64, i32)>, &'static str>;
+
+fn instant(at: Option<Timestamp>) -> Option<(i64, i32)> {
+    at.map(|at| (at.seconds, at.nanos))
+}
+
+/// The sooner of two ends; `None` is never.
+fn sooner(a: Option<(i64, i32)>, b: Option<(i64, i32)>) -> Option<(i64, i32)> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 impl Grant {
-    /// Why `held` would refuse the caller now (the reason access control would give); `None`
-    /// while it still admits them.
-    pub fn refused_by(&self, held: &Holdings) -> Option<&'static str> {
-        match self.presented {
+    /// The caller's standing in `held`: when its access ends (the earliest of its key's or
+    /// credential's `expires_at`, its subscription's and its token's), or the reason access
+    /// control would refuse it now.
+    pub fn standing_in(&self, held: &Holdings) -> Standing {
+        let credential_ends = match self.presented {
             Presented::Key(sha256) => {
-                let Some(key) = held.api_key(&sha256) else {
-                    return Some("invalid_key");
-                };
+                let key = held.api_key(&sha256).ok_or("invalid_key")?;
                 if key.consumer_id != self.consumer_id {
-                    return Some("invalid_key");
+                    return Err("invalid_key");
                 }
                 if key.revoked {
-                    return Some("key_revoked");
+                    return Err("key_revoked");
                 }
                 if has_passed(key.expires_at()) {
-                    return Some("key_expired");
+                    return Err("key_expired");
                 }
+                instant(key.expires_at())
             }
             Presented::Credential(id) => {
-                let Some(credential) = held.credential_by_id(&id) else {
-                    return Some("unknown_credential");
-                };
+                let credential = held.credential_by_id(&id).ok_or("unknown_credential")?;
                 if super::uuid_bytes(&credential.consumer_id) != self.consumer_id {
-                    return Some("unknown_credential");
+                    return Err("unknown_credential");
                 }
                 if credential.revoked {
-                    return Some("credential_revoked");
+                    return Err("credential_revoked");
                 }
                 if has_passed(credential.expires_at) {
-                    return Some("credential_expired");
+                    return Err("credential_expired");
                 }
+                instant(credential.expires_at)
             }
-        }
+        };
         match held.consumer(&self.consumer_id) {
-            None => return Some("unknown_consumer"),
-            Some(consumer) if consumer.disabled => return Some("consumer_disabled"),
+            None => return Err("unknown_consumer"),
+            Some(consumer) if consumer.disabled => return Err("consumer_disabled"),
             Some(_) => {}
         }
-        match held.subscription(&self.consumer_id, &self.api_id) {
-            Some(subscription) if subscription.id == self.subscription_id => {
-                if subscription.suspended {
-                    Some("subscription_suspended")
-                } else if has_passed(subscription.expires_at()) {
-                    Some("subscription_expired")
-                } else {
-                    None
-                }
-            }
+        let subscription = held
+            .subscription(&self.consumer_id, &self.api_id)
             // Removed, or replaced by another: the stream was admitted on the one gone.
-            _ => Some("no_subscription"),
+            .filter(|subscription| subscription.id == self.subscription_id)
+            .ok_or("no_subscription")?;
+        if subscription.suspended {
+            return Err("subscription_suspended");
         }
+        if has_passed(subscription.expires_at()) {
+            return Err("subscription_expired");
+        }
+        Ok(sooner(
+            sooner(credential_ends, instant(subscription.expires_at())),
+            self.token_ends,
+        ))
+    }
+
+    /// Why `held` would refuse the caller now; `None` while it admits them.
+    pub fn refused_by(&self, held: &Holdings) -> Option<&'static str> {
+        self.standing_in(held).err()
     }
 }
 
@@ -103,9 +130,34 @@ pub struct OpenStreams {
 #[derive(Debug)]
 struct Open {
     grant: Grant,
-    /// Cancelled when the grant no longer holds; `refused` then says why.
-    revoked: CancellationToken,
-    refused: Option<&'static str>,
+    watched: Arc<Watched>,
+}
+
+/// What one stream's watch and the registry share: the caller's standing as last looked at,
+/// and a signal that it changed.
+#[derive(Debug)]
+struct Watched {
+    standing: Mutex<Standing>,
+    changed: Notify,
+}
+
+impl Watched {
+    fn standing(&self) -> Standing {
+        *self.standing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records `now`, and wakes the stream if it differs from what it had.
+    fn update(&self, now: Standing) -> bool {
+        let mut standing = self.standing.lock().unwrap_or_else(PoisonError::into_inner);
+        if *standing == now {
+            return false;
+        }
+        *standing = now;
+        drop(standing);
+        // A permit is kept if the stream is not waiting: it looks when it next waits.
+        self.changed.notify_one();
+        true
+    }
 }
 
 impl OpenStreams {
@@ -124,52 +176,61 @@ impl OpenStreams {
         now: impl FnOnce() -> Option<Arc<crate::config::CompiledConfig>>,
     ) -> StreamAccess {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let revoked = CancellationToken::new();
         let grant = identity.grant;
         let mut streams = self.streams();
-        let refused = now().and_then(|config| grant.refused_by(&config.holdings));
-        if refused.is_some() {
-            revoked.cancel();
-        }
+        let config = now();
+        let standing = match &config {
+            Some(config) => grant.standing_in(&config.holdings),
+            None => Ok(instant(identity.ends)),
+        };
+        let watched = Arc::new(Watched {
+            standing: Mutex::new(standing),
+            changed: Notify::new(),
+        });
         streams.insert(
             id,
             Open {
                 grant,
-                revoked: revoked.clone(),
-                refused,
+                watched: watched.clone(),
             },
         );
         drop(streams);
+        // Dropped outside the lock: it may be the configuration's last holder.
+        drop(config);
         StreamAccess {
             id,
             streams: self.clone(),
-            revoked: Box::pin(revoked.clone().cancelled_owned()),
-            revoked_token: revoked,
-            expires: access_deadline(identity).map(|at| Box::pin(tokio::time::sleep_until(at))),
+            expires: deadline(standing.ok().flatten()),
+            seen: standing,
+            watched,
         }
     }
 
-    /// Looks at every open stream's grant in `held` (a configuration just applied), and ends
-    /// those it no longer admits. Returns how many it ended.
+    /// Looks at every open stream's grant in `held` (a configuration just applied): ends
+    /// those it no longer admits, and moves the end of those whose expiry it moved. Returns
+    /// how many it ended.
     pub fn recheck(&self, held: &Holdings) -> usize {
-        let mut ended = 0;
-        for (id, open) in self.streams().iter_mut() {
-            if open.refused.is_some() {
+        let mut ended = Vec::new();
+        for open in self.streams().values() {
+            if open.watched.standing().is_err() {
                 continue;
             }
-            if let Some(reason) = open.grant.refused_by(held) {
-                tracing::info!(
-                    stream = id,
-                    consumer = %uuid::Uuid::from_bytes(open.grant.consumer_id),
-                    reason,
-                    "event stream ended: its caller is no longer admitted"
-                );
-                open.refused = Some(reason);
-                open.revoked.cancel();
-                ended += 1;
+            let now = open.grant.standing_in(held);
+            if open.watched.update(now)
+                && let Err(reason) = now
+            {
+                ended.push((open.grant.consumer_id, reason));
             }
         }
-        ended
+        // Logged once the streams can open and close again.
+        for (consumer, reason) in &ended {
+            tracing::info!(
+                consumer = %uuid::Uuid::from_bytes(*consumer),
+                reason,
+                "event stream ended: its caller is no longer admitted"
+            );
+        }
+        ended.len()
     }
 
     /// Streams watched now.
@@ -188,88 +249,116 @@ impl OpenStreams {
 pub struct StreamAccess {
     id: u64,
     streams: Arc<OpenStreams>,
-    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// The same revocation, looked at without waiting (this stream's own lock, not the
-    /// node's).
-    revoked_token: CancellationToken,
+    watched: Arc<Watched>,
+    /// The standing `expires` was set for.
+    seen: Standing,
     expires: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// How a caller's access to an open stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessEnded {
-    /// The credential, token or subscription expired, as the admission said it would.
+    /// The credential, token or subscription expired.
     Expired,
     /// The configuration no longer admits the caller; the reason access control would give.
     Revoked(&'static str),
 }
 
+impl AccessEnded {
+    fn of(reason: &'static str) -> Self {
+        // An expiry a configuration moved into the past is an expiry all the same.
+        if reason.ends_with("_expired") {
+            AccessEnded::Expired
+        } else {
+            AccessEnded::Revoked(reason)
+        }
+    }
+}
+
 impl StreamAccess {
     /// Resolves when the caller's access ends.
     pub async fn ended(&mut self) -> AccessEnded {
-        let StreamAccess {
-            revoked, expires, ..
-        } = self;
-        let expired = async {
-            match expires {
-                Some(sleep) => sleep.as_mut().await,
-                None => std::future::pending().await,
+        loop {
+            // First, as registering may have found the caller refused already.
+            if let Some(ended) = self.looked_at() {
+                return ended;
             }
-        };
-        let revoked = tokio::select! {
-            () = revoked.as_mut() => true,
-            () = expired => false,
-        };
-        if revoked {
-            AccessEnded::Revoked(self.refused())
-        } else {
-            AccessEnded::Expired
+            let StreamAccess {
+                watched, expires, ..
+            } = self;
+            let expired = async {
+                match expires {
+                    Some(sleep) => sleep.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = watched.changed.notified() => {}
+                () = expired => return AccessEnded::Expired,
+            }
         }
     }
 
-    /// Why the stream's grant was refused, once it was.
-    fn refused(&self) -> &'static str {
-        let streams = self.streams.streams();
-        streams
-            .get(&self.id)
-            .and_then(|open| open.refused)
-            .unwrap_or("revoked")
-    }
-
-    /// Whether [`StreamAccess::ended`] would resolve now: for loops that do not wait.
-    pub fn has_ended(&self) -> Option<AccessEnded> {
-        if self.revoked_token.is_cancelled() {
-            return Some(AccessEnded::Revoked(self.refused()));
+    /// Whether the caller's access has ended, for loops that do not wait: a configuration
+    /// refused the caller, or the end of its access (as the last configuration has it)
+    /// passed.
+    pub fn has_ended(&mut self) -> Option<AccessEnded> {
+        if let Some(ended) = self.looked_at() {
+            return Some(ended);
         }
         self.expires
             .as_ref()
             .is_some_and(|sleep| sleep.is_elapsed())
             .then_some(AccessEnded::Expired)
     }
+
+    /// Takes in the standing the registry last found: how the access ended, if it did, else
+    /// its end moved where the configuration has it.
+    fn looked_at(&mut self) -> Option<AccessEnded> {
+        let now = self.watched.standing();
+        if now != self.seen {
+            self.seen = now;
+            if let Ok(ends) = now {
+                self.expires = deadline(ends);
+            }
+        }
+        // Once refused, for good: a configuration that admits the caller again does not
+        // reopen a stream that has ended.
+        self.seen.err().map(AccessEnded::of)
+    }
 }
 
 impl Drop for StreamAccess {
     fn drop(&mut self) {
-        self.streams.streams().remove(&self.id);
+        let mut streams = self.streams.streams();
+        streams.remove(&self.id);
+        // After a storm of reconnections, the memory back.
+        let open = streams.len();
+        if streams.capacity() > 1024 && open < streams.capacity() / 4 {
+            streams.shrink_to(open * 2);
+        }
     }
 }
 
-/// When a stream for `identity` ends by itself: its access's end ([`Identity::ends`]) on the
-/// runtime's clock. `None`: it does not (or not within any time a clock can hold).
-fn access_deadline(identity: &Identity) -> Option<tokio::time::Instant> {
-    let ends = identity.ends?;
+/// `ends` on the runtime's clock, as a timer. `None`: it does not end (or not within any
+/// time a clock can hold).
+fn deadline(ends: Option<(i64, i32)>) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    let (seconds, nanos) = ends?;
     let ends = std::time::UNIX_EPOCH.checked_add(std::time::Duration::new(
-        u64::try_from(ends.seconds).ok()?,
-        u32::try_from(ends.nanos).unwrap_or(0),
+        u64::try_from(seconds).ok()?,
+        u32::try_from(nanos).unwrap_or(0),
     ))?;
     let left = ends
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
-    tokio::time::Instant::now().checked_add(left)
+    let at = tokio::time::Instant::now().checked_add(left)?;
+    Some(Box::pin(tokio::time::sleep_until(at)))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, SystemTime};
+
     use sha2::{Digest, Sha256};
     use sluice_proto::declarative::{self, Format};
     use sluice_proto::pb::ResourceKind;
@@ -280,16 +369,42 @@ mod tests {
     const KEY: &str = "acme-key-0123456789";
     const ISSUER: &str = "https://auth.example.com/";
 
-    /// The registry with acme's key revoked, its JWT credential revoked, acme disabled, or
-    /// its subscription `status`; `None` leaves the subscription out.
-    fn holdings(
+    /// What acme's standing rests on, as the registry has it.
+    struct Registry {
         key_revoked: bool,
         jwt_revoked: bool,
         disabled: bool,
-        status: Option<&str>,
-    ) -> Holdings {
-        let subscription = status.map_or("[]".to_owned(), |status| {
-            format!("\n  - {{ consumer: acme, api: orders, plan: basic, status: {status} }}")
+        /// The subscription's status; `None` leaves it out.
+        status: Option<&'static str>,
+        key_expires: Option<SystemTime>,
+        subscription_expires: Option<SystemTime>,
+    }
+
+    impl Default for Registry {
+        fn default() -> Self {
+            Registry {
+                key_revoked: false,
+                jwt_revoked: false,
+                disabled: false,
+                status: Some("active"),
+                key_expires: None,
+                subscription_expires: None,
+            }
+        }
+    }
+
+    fn expires_at(at: Option<SystemTime>) -> String {
+        at.map_or(String::new(), |at| {
+            format!(", expires_at: \"{}\"", humantime::format_rfc3339_millis(at))
+        })
+    }
+
+    fn holdings(registry: Registry) -> Holdings {
+        let subscription = registry.status.map_or("[]".to_owned(), |status| {
+            format!(
+                "\n  - {{ consumer: acme, api: orders, plan: basic, status: {status}{} }}",
+                expires_at(registry.subscription_expires)
+            )
         });
         let text = format!(
             r#"format_version: 1
@@ -300,19 +415,22 @@ plans:
   - name: basic
 consumers:
   - name: acme
-    disabled: {disabled}
+    disabled: {}
     credentials:
-      - api_key: {{ key: {KEY} }}
-        revoked: {key_revoked}
+      - {{ api_key: {{ key: {KEY} }}, revoked: {}{} }}
       - jwt: {{ issuer: "{ISSUER}", subject: acme-service }}
-        revoked: {jwt_revoked}
+        revoked: {}
 apis:
   - name: orders
     policies: [keys]
     routes:
       - {{ name: watch, path: /orders, direct_response: {{ status: 204 }} }}
 subscriptions: {subscription}
-"#
+"#,
+            registry.disabled,
+            registry.key_revoked,
+            expires_at(registry.key_expires),
+            registry.jwt_revoked,
         );
         let resources = declarative::load(&text, Format::Yaml).expect("a valid file");
         Holdings::from_snapshot(&sluice_proto::snapshot::from_config(resources)).unwrap()
@@ -339,6 +457,7 @@ subscriptions: {subscription}
             consumer_id,
             api_id,
             subscription_id,
+            token_ends: None,
         };
         (
             grant(Presented::Key(Sha256::digest(KEY).into())),
@@ -350,31 +469,46 @@ subscriptions: {subscription}
 
     #[test]
     fn a_grant_holds_until_what_it_rested_on_is_revoked_disabled_suspended_or_gone() {
-        let admitted = holdings(false, false, false, Some("active"));
+        let admitted = holdings(Registry::default());
         let (by_key, by_jwt) = grants(&admitted);
-        assert_eq!(by_key.refused_by(&admitted), None);
-        assert_eq!(by_jwt.refused_by(&admitted), None);
+        assert_eq!(by_key.standing_in(&admitted), Ok(None));
+        assert_eq!(by_jwt.standing_in(&admitted), Ok(None));
 
-        let key_revoked = holdings(true, false, false, Some("active"));
+        let key_revoked = holdings(Registry {
+            key_revoked: true,
+            ..Registry::default()
+        });
         assert_eq!(by_key.refused_by(&key_revoked), Some("key_revoked"));
         assert_eq!(
             by_jwt.refused_by(&key_revoked),
             None,
             "the other credential"
         );
-        let jwt_revoked = holdings(false, true, false, Some("active"));
+        let jwt_revoked = holdings(Registry {
+            jwt_revoked: true,
+            ..Registry::default()
+        });
         assert_eq!(by_jwt.refused_by(&jwt_revoked), Some("credential_revoked"));
         assert_eq!(by_key.refused_by(&jwt_revoked), None);
 
-        let disabled = holdings(false, false, true, Some("active"));
+        let disabled = holdings(Registry {
+            disabled: true,
+            ..Registry::default()
+        });
         assert_eq!(by_key.refused_by(&disabled), Some("consumer_disabled"));
         assert_eq!(by_jwt.refused_by(&disabled), Some("consumer_disabled"));
-        let suspended = holdings(false, false, false, Some("suspended"));
+        let suspended = holdings(Registry {
+            status: Some("suspended"),
+            ..Registry::default()
+        });
         assert_eq!(
             by_key.refused_by(&suspended),
             Some("subscription_suspended")
         );
-        let unsubscribed = holdings(false, false, false, None);
+        let unsubscribed = holdings(Registry {
+            status: None,
+            ..Registry::default()
+        });
         assert_eq!(by_jwt.refused_by(&unsubscribed), Some("no_subscription"));
 
         let mut rekeyed = by_key;
@@ -383,6 +517,41 @@ subscriptions: {subscription}
         let mut elsewhere = by_jwt;
         elsewhere.consumer_id = [9; 16];
         assert_eq!(elsewhere.refused_by(&admitted), Some("unknown_credential"));
+    }
+
+    #[test]
+    fn a_grant_ends_at_the_soonest_of_its_expiries() {
+        let now = SystemTime::now();
+        let (soon, later) = (
+            now + Duration::from_secs(60),
+            now + Duration::from_secs(600),
+        );
+        let instant = |at: SystemTime| {
+            let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+            Some((
+                since.as_secs() as i64,
+                (since.subsec_millis() * 1_000_000) as i32,
+            ))
+        };
+        let held = holdings(Registry {
+            key_expires: Some(later),
+            subscription_expires: Some(soon),
+            ..Registry::default()
+        });
+        let (by_key, mut by_jwt) = grants(&held);
+        assert_eq!(by_key.standing_in(&held), Ok(instant(soon)));
+        assert_eq!(by_jwt.standing_in(&held), Ok(instant(soon)));
+        by_jwt.token_ends = Some((1, 0));
+        assert_eq!(
+            by_jwt.standing_in(&held),
+            Ok(Some((1, 0))),
+            "the token's own"
+        );
+        let lapsed = holdings(Registry {
+            key_expires: Some(now - Duration::from_secs(5)),
+            ..Registry::default()
+        });
+        assert_eq!(by_key.refused_by(&lapsed), Some("key_expired"));
     }
 
     fn identity(grant: Grant) -> Identity {
@@ -401,7 +570,7 @@ subscriptions: {subscription}
 
     #[tokio::test]
     async fn streams_end_when_a_configuration_refuses_their_caller_and_no_others() {
-        let admitted = holdings(false, false, false, Some("active"));
+        let admitted = holdings(Registry::default());
         let (by_key, by_jwt) = grants(&admitted);
         let streams = Arc::new(OpenStreams::default());
         let mut keyed = streams.watch(&identity(by_key), || None);
@@ -410,25 +579,58 @@ subscriptions: {subscription}
         assert_eq!(streams.recheck(&admitted), 0);
         assert_eq!(keyed.has_ended(), None);
 
-        assert_eq!(
-            streams.recheck(&holdings(true, false, false, Some("active"))),
-            1
-        );
+        let revoked = holdings(Registry {
+            key_revoked: true,
+            ..Registry::default()
+        });
+        assert_eq!(streams.recheck(&revoked), 1);
         assert_eq!(keyed.has_ended(), Some(AccessEnded::Revoked("key_revoked")));
-        let ended = tokio::time::timeout(std::time::Duration::from_secs(1), keyed.ended());
+        let ended = tokio::time::timeout(Duration::from_secs(1), keyed.ended());
         assert_eq!(ended.await, Ok(AccessEnded::Revoked("key_revoked")));
         assert_eq!(tokened.has_ended(), None);
-        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), tokened.ended());
+        let waiting = tokio::time::timeout(Duration::from_millis(50), tokened.ended());
         assert!(waiting.await.is_err(), "the JWT's stream goes on");
         // Told once: a later configuration does not end it again.
-        assert_eq!(
-            streams.recheck(&holdings(true, false, false, Some("active"))),
-            0
-        );
+        assert_eq!(streams.recheck(&revoked), 0);
 
         drop(keyed);
         assert_eq!(streams.len(), 1, "a stream closed is no longer watched");
         drop(tokened);
         assert!(streams.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_expiry_a_configuration_moves_moves_the_streams_end() {
+        let admitted = holdings(Registry::default());
+        let (by_key, _) = grants(&admitted);
+        let streams = Arc::new(OpenStreams::default());
+        let mut stream = streams.watch(&identity(by_key), || None);
+        // A rotation's grace period: the key now expires, shortly.
+        let graced = SystemTime::now() + Duration::from_millis(800);
+        assert_eq!(
+            streams.recheck(&holdings(Registry {
+                key_expires: Some(graced),
+                ..Registry::default()
+            })),
+            0
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(5), stream.ended());
+        assert_eq!(ended.await, Ok(AccessEnded::Expired));
+        assert!(SystemTime::now() >= graced, "not before the new end");
+
+        // A subscription renewed past its old end keeps the stream open past it.
+        let mut renewed = streams.watch(&identity(by_key), || None);
+        let ending = holdings(Registry {
+            subscription_expires: Some(SystemTime::now() + Duration::from_millis(300)),
+            ..Registry::default()
+        });
+        streams.recheck(&ending);
+        assert_eq!(renewed.has_ended(), None);
+        streams.recheck(&holdings(Registry {
+            subscription_expires: Some(SystemTime::now() + Duration::from_secs(3600)),
+            ..Registry::default()
+        }));
+        let waited = tokio::time::timeout(Duration::from_secs(1), renewed.ended());
+        assert!(waited.await.is_err(), "the stream outlives the old end");
     }
 }

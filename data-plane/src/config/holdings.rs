@@ -44,6 +44,15 @@ const STRUCTURAL: [ResourceKind; 6] = [
     ResourceKind::Certificate,
 ];
 
+/// The kinds a caller's standing rests on ([`crate::auth::standing`]): a delta that changes
+/// none of them (nor any API key) leaves every open stream's caller as it was.
+const STANDING: [ResourceKind; 4] = [
+    ResourceKind::Api,
+    ResourceKind::Consumer,
+    ResourceKind::Credential,
+    ResourceKind::Subscription,
+];
+
 /// A resource's encoding as a `Resource` message. The oneof's field numbers are the
 /// `ConfigSet`'s, so it is also the resource's encoding as an element of a `ConfigSet`.
 type Encoded = Box<[u8]>;
@@ -335,6 +344,8 @@ impl Indexes {
 pub struct Changed {
     /// An API, upstream, plan, policy, broker or certificate was added, changed or removed.
     pub structural: bool,
+    /// An API, consumer, credential (an API key among them) or subscription was.
+    pub standing: bool,
 }
 
 impl Holdings {
@@ -365,6 +376,7 @@ impl Holdings {
         for removed in &delta.removed {
             let kind = ResourceKind::try_from(removed.kind).unwrap_or(ResourceKind::Unspecified);
             changed.structural |= STRUCTURAL.contains(&kind);
+            changed.standing |= STANDING.contains(&kind);
             // An id that is no UUID names nothing held.
             if let Ok(id) = Uuid::parse_str(&removed.id) {
                 next.remove(kind, id);
@@ -379,6 +391,7 @@ impl Holdings {
         let mut errors = Vec::new();
         for resource in &resources {
             changed.structural |= STRUCTURAL.contains(&resource.kind());
+            changed.standing |= STANDING.contains(&resource.kind());
             // A malformed id is named by the check below.
             if let Ok(id) = Uuid::parse_str(resource.id()) {
                 next.remove(resource.kind(), id);
@@ -408,6 +421,7 @@ impl Holdings {
                 Err(reason) => errors.push(api_key_error(at, reason, None)),
             }
         }
+        changed.standing |= !keys_joining.is_empty();
         next.api_keys.update(&keys_leaving, &keys_joining);
         let checked = if changed.structural {
             validate::config_set(&next.config_set())

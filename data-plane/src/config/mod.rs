@@ -123,6 +123,10 @@ pub struct CompiledConfig {
     /// The resources it was compiled from, which the next delta applies to. Shares its
     /// structure with the previous config's.
     pub holdings: Holdings,
+    /// Whether callers' standing may differ from the configuration before (false only for a
+    /// delta that changed no API, consumer, credential or subscription): whether the open
+    /// event streams are looked at again when it is applied.
+    pub standing_changed: bool,
 }
 
 /// Why a configuration could not be loaded.
@@ -247,6 +251,7 @@ impl CompiledConfig {
             certificates: previous.certificates.clone(),
             access: previous.access.clone(),
             holdings,
+            standing_changed: changed.standing,
         })
     }
 
@@ -343,6 +348,7 @@ impl CompiledConfig {
             certificates: Arc::new(certificates),
             access: Arc::new(access),
             holdings,
+            standing_changed: true,
         })
     }
 }
@@ -388,6 +394,9 @@ impl ConfigStore {
         {
             self.forget_routes(&before.router, &now.router);
         }
+        if !before.is_some_and(|b| Arc::ptr_eq(&b.certificates, &now.certificates)) {
+            self.show_certificates(before, now);
+        }
         // The same runtimes (a delta of consumers, say): already shown.
         if before.is_some_and(|b| Arc::ptr_eq(&b.upstreams, &now.upstreams)) {
             return;
@@ -416,6 +425,24 @@ impl ConfigStore {
         }
     }
 
+    /// When each certificate `now` serves expires, and no expiry of one it no longer serves.
+    fn show_certificates(&self, before: Option<&CompiledConfig>, now: &CompiledConfig) {
+        for (name, not_after) in &now.certificates.expiries {
+            self.metrics.certificate_expires(name, *not_after);
+        }
+        let kept: HashSet<&str> = now
+            .certificates
+            .expiries
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        for (name, _) in before.map_or(&[][..], |b| &b.certificates.expiries[..]) {
+            if !kept.contains(name.as_str()) {
+                self.metrics.forget_certificate(name);
+            }
+        }
+    }
+
     /// Drops the series of the routes `before` had and `now` has not: routes renamed or
     /// removed would otherwise stay in every scrape until the node restarts.
     fn forget_routes(&self, before: &Router, now: &Router) {
@@ -437,10 +464,28 @@ impl ConfigStore {
 
     /// Publishes a fully built configuration.
     pub fn apply(&self, config: CompiledConfig) {
+        self.apply_unconfirmed(config);
+        self.confirm();
+    }
+
+    /// Publishes a configuration whose content is yet to be checked (a delta, checked
+    /// against its content hash after the swap): [`ConfigStore::confirm`] once it is,
+    /// [`ConfigStore::restore`] the one before if not. The open event streams are not looked
+    /// at until then: a configuration that does not stay must not end them.
+    pub fn apply_unconfirmed(&self, config: CompiledConfig) {
         let config = Arc::new(config);
         let before = self.current.swap(Some(config.clone()));
         self.show(before.as_deref(), &config, true);
-        self.streams.recheck(&config.holdings);
+    }
+
+    /// Looks at the open event streams in the running configuration, when it may have
+    /// changed their callers' standing.
+    pub fn confirm(&self) {
+        if let Some(config) = self.current()
+            && config.standing_changed
+        {
+            self.streams.recheck(&config.holdings);
+        }
     }
 
     /// Puts back a configuration that was replaced (a delta that proved wrong).

@@ -465,7 +465,10 @@ async fn apply_delta(
     swap(compiled, version, "delta", started, store, metrics);
     let to_check = holdings.clone();
     let checked = match worker::run(move || to_check.content_hash()).await {
-        Ok(held_hash) if held_hash == expected_hash => return Ok(holdings),
+        Ok(held_hash) if held_hash == expected_hash => {
+            store.confirm();
+            return Ok(holdings);
+        }
         Ok(held_hash) => hash_mismatch("delta", &held_hash, expected_hash),
         Err(e) => ConfigErrors::single("", format!("checking failed: {e}")),
     };
@@ -503,7 +506,12 @@ fn swap(
     metrics: &Metrics,
 ) {
     tracing::info!(version, kind, content_hash = %compiled.content_hash, "configuration applied");
-    store.apply(compiled);
+    // A snapshot was checked before it was compiled; a delta is once swapped in.
+    if kind == "delta" {
+        store.apply_unconfirmed(compiled);
+    } else {
+        store.apply(compiled);
+    }
     metrics.config_applied(kind, started.elapsed().as_secs_f64());
     metrics.config_swaps.inc();
     metrics

@@ -719,7 +719,7 @@ impl Subscriber {
             if self.stopping_token.is_cancelled() {
                 return Some(self.closed_for_stop(None));
             }
-            if let Some(ended) = self.access.as_ref().and_then(|access| access.has_ended()) {
+            if let Some(ended) = self.access.as_mut().and_then(|access| access.has_ended()) {
                 return Some(self.closed_for_access(ended, None));
             }
             let Some(event) = event.upgrade() else {

@@ -304,6 +304,12 @@ impl Session {
                                 let _ = sink.send(close(CloseCode::Policy, "this route does not take messages")).await;
                                 return Ending::Gone;
                             }
+                            // A caller whose access ended publishes nothing more, though the
+                            // stream has not yet woken to its end.
+                            if let Some(ended) = access.as_mut().and_then(|access| access.has_ended()) {
+                                let resume = resume_before(&position, next.as_deref());
+                                return close_with(&mut sink, &resume, access_closing(ended)).await;
+                            }
                             let (text, value) = (message.is_text(), message.into_data());
                             let bytes = value.len();
                             publishing_bytes += bytes;

@@ -45,6 +45,11 @@ struct UpstreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    certificate: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     upstream: String,
     target: String,
@@ -102,6 +107,7 @@ pub struct Metrics {
     request_duration: Family<RouteLabels, Histogram>,
     upstream_duration: Family<UpstreamLabels, Histogram>,
     circuit_state: Family<UpstreamLabels, Gauge>,
+    certificate_not_after: Family<CertificateLabels, Gauge>,
     target_healthy: Family<TargetLabels, Gauge>,
     ejections: Family<UpstreamLabels, Counter>,
     mirrored: Family<MirrorLabels, Counter>,
@@ -215,6 +221,13 @@ impl Metrics {
             "upstream_circuit_state",
             "Circuit breaker state per upstream: 0 closed, 1 open, 2 half-open",
             circuit_state.clone(),
+        );
+        let certificate_not_after = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "certificate_not_after_timestamp_seconds",
+            "When each certificate the TLS listener serves expires (its leaf's notAfter), Unix \
+             seconds",
+            certificate_not_after.clone(),
         );
         let target_healthy = Family::<TargetLabels, Gauge>::default();
         registry.register(
@@ -361,6 +374,7 @@ impl Metrics {
             request_duration,
             upstream_duration,
             circuit_state,
+            certificate_not_after,
             target_healthy,
             ejections,
             mirrored,
@@ -395,6 +409,22 @@ impl Metrics {
                 upstream: upstream.to_owned(),
             })
             .clone()
+    }
+
+    /// Shows when the served certificate `name` expires.
+    pub fn certificate_expires(&self, name: &str, not_after: i64) {
+        self.certificate_not_after
+            .get_or_create(&CertificateLabels {
+                certificate: name.to_owned(),
+            })
+            .set(not_after);
+    }
+
+    /// Drops the expiry of a certificate no longer served.
+    pub fn forget_certificate(&self, name: &str) {
+        self.certificate_not_after.remove(&CertificateLabels {
+            certificate: name.to_owned(),
+        });
     }
 
     pub fn circuit_state(&self, upstream: &str) -> Gauge {

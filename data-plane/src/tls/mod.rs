@@ -29,20 +29,20 @@ pub struct CertificateStore {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     /// The certificate whose `snis` holds "*".
     default: Option<Arc<CertifiedKey>>,
+    /// Each certificate's name and its leaf's notAfter (Unix seconds), for the metric.
+    pub expiries: Vec<(String, i64)>,
 }
 
-/// Says so when a certificate is served outside its dates: clients refuse it, and the
-/// handshake failures they see name no cause the node could log. (Served all the same: a
-/// certificate is replaced through the configuration, and a node must not stop serving the
-/// other names of a configuration because one certificate lapsed.) Said at every apply while
-/// it lasts.
-fn warn_if_out_of_date(
+/// When `leaf` expires (Unix seconds), and a warning when it is served outside its dates:
+/// clients refuse it, and the handshake failures they see name no cause the node could log.
+/// (Served all the same: a certificate is replaced through the configuration, and a node must
+/// not stop serving the other names of a configuration because one certificate lapsed.) Said
+/// at every apply while it lasts.
+fn not_after_checked(
     certificate: &pb::Certificate,
     leaf: &rustls::pki_types::CertificateDer<'_>,
-) {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(leaf) else {
-        return;
-    };
+) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let validity = parsed.validity();
     let name = certificate.meta.as_ref().map_or("", |m| m.name.as_str());
     if !validity.is_valid() {
@@ -53,6 +53,7 @@ fn warn_if_out_of_date(
             "a certificate is served outside its validity dates: clients will refuse it"
         );
     }
+    Some(validity.not_after.timestamp())
 }
 
 impl CertificateStore {
@@ -66,7 +67,10 @@ impl CertificateStore {
                 .map_err(|e| (i, format!("cert_pem: {e}")))?;
             let key = sluice_proto::tls::parse_private_key(&certificate.key_pem)
                 .map_err(|e| (i, format!("key_pem: {e}")))?;
-            warn_if_out_of_date(certificate, &chain[0]);
+            if let Some(not_after) = not_after_checked(certificate, &chain[0]) {
+                let name = certificate.meta.as_ref().map_or("", |m| m.name.as_str());
+                store.expiries.push((name.to_owned(), not_after));
+            }
             let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
                 (
                     i,
