@@ -306,9 +306,10 @@ impl StreamAccess {
         if let Some(ended) = self.looked_at() {
             return Some(ended);
         }
+        // By the deadline, not `is_elapsed`: a timer never polled has not elapsed.
         self.expires
             .as_ref()
-            .is_some_and(|sleep| sleep.is_elapsed())
+            .is_some_and(|sleep| sleep.deadline() <= tokio::time::Instant::now())
             .then_some(AccessEnded::Expired)
     }
 
@@ -575,7 +576,11 @@ subscriptions: {subscription}
         let streams = Arc::new(OpenStreams::default());
         let mut keyed = streams.watch(&identity(by_key), || None);
         let mut tokened = streams.watch(&identity(by_jwt), || None);
-        assert_eq!(streams.len(), 2);
+        // A stream already waiting for its end, as an idle one is.
+        let mut waiting = streams.watch(&identity(by_key), || None);
+        let waiting = tokio::spawn(async move { waiting.ended().await });
+        tokio::task::yield_now().await;
+        assert_eq!(streams.len(), 3);
         assert_eq!(streams.recheck(&admitted), 0);
         assert_eq!(keyed.has_ended(), None);
 
@@ -583,7 +588,12 @@ subscriptions: {subscription}
             key_revoked: true,
             ..Registry::default()
         });
-        assert_eq!(streams.recheck(&revoked), 1);
+        assert_eq!(streams.recheck(&revoked), 2);
+        let woken = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert_eq!(
+            woken.expect("woken").unwrap(),
+            AccessEnded::Revoked("key_revoked")
+        );
         assert_eq!(keyed.has_ended(), Some(AccessEnded::Revoked("key_revoked")));
         let ended = tokio::time::timeout(Duration::from_secs(1), keyed.ended());
         assert_eq!(ended.await, Ok(AccessEnded::Revoked("key_revoked")));
@@ -594,7 +604,7 @@ subscriptions: {subscription}
         assert_eq!(streams.recheck(&revoked), 0);
 
         drop(keyed);
-        assert_eq!(streams.len(), 1, "a stream closed is no longer watched");
+        assert_eq!(streams.len(), 1, "streams closed are no longer watched");
         drop(tokened);
         assert!(streams.is_empty());
     }

@@ -231,14 +231,16 @@ impl CompiledConfig {
         let (holdings, changed) = previous.holdings.apply(delta)?;
         let source = Source::ControlPlane { version };
         if changed.structural {
-            return Self::build(
+            let mut config = Self::build(
                 holdings,
                 content_hash,
                 source,
                 Some(previous),
                 metrics,
                 jwks,
-            );
+            )?;
+            config.standing_changed = changed.standing;
+            return Ok(config);
         }
         Ok(Self {
             source,
@@ -427,18 +429,18 @@ impl ConfigStore {
 
     /// When each certificate `now` serves expires, and no expiry of one it no longer serves.
     fn show_certificates(&self, before: Option<&CompiledConfig>, now: &CompiledConfig) {
-        for (name, not_after) in &now.certificates.expiries {
-            self.metrics.certificate_expires(name, *not_after);
+        for (group, name, not_after) in &now.certificates.expiries {
+            self.metrics.certificate_expires(group, name, *not_after);
         }
-        let kept: HashSet<&str> = now
+        let kept: HashSet<(&str, &str)> = now
             .certificates
             .expiries
             .iter()
-            .map(|(name, _)| name.as_str())
+            .map(|(group, name, _)| (group.as_str(), name.as_str()))
             .collect();
-        for (name, _) in before.map_or(&[][..], |b| &b.certificates.expiries[..]) {
-            if !kept.contains(name.as_str()) {
-                self.metrics.forget_certificate(name);
+        for (group, name, _) in before.map_or(&[][..], |b| &b.certificates.expiries[..]) {
+            if !kept.contains(&(group.as_str(), name.as_str())) {
+                self.metrics.forget_certificate(group, name);
             }
         }
     }
@@ -464,26 +466,26 @@ impl ConfigStore {
 
     /// Publishes a fully built configuration.
     pub fn apply(&self, config: CompiledConfig) {
-        self.apply_unconfirmed(config);
-        self.confirm();
+        let config = self.apply_unconfirmed(config);
+        self.confirm(&config);
     }
 
     /// Publishes a configuration whose content is yet to be checked (a delta, checked
     /// against its content hash after the swap): [`ConfigStore::confirm`] once it is,
-    /// [`ConfigStore::restore`] the one before if not. The open event streams are not looked
-    /// at until then: a configuration that does not stay must not end them.
-    pub fn apply_unconfirmed(&self, config: CompiledConfig) {
+    /// [`ConfigStore::restore`] the one before if not. The streams already open are not
+    /// looked at in it until then, so that one that does not stay ends none of them. (A
+    /// stream opened meanwhile is admitted by it, as every request meanwhile is.)
+    pub fn apply_unconfirmed(&self, config: CompiledConfig) -> Arc<CompiledConfig> {
         let config = Arc::new(config);
         let before = self.current.swap(Some(config.clone()));
         self.show(before.as_deref(), &config, true);
+        config
     }
 
-    /// Looks at the open event streams in the running configuration, when it may have
-    /// changed their callers' standing.
-    pub fn confirm(&self) {
-        if let Some(config) = self.current()
-            && config.standing_changed
-        {
+    /// Looks at the open event streams in `config`, applied and now checked, when it may
+    /// have changed their callers' standing.
+    pub fn confirm(&self, config: &CompiledConfig) {
+        if config.standing_changed {
             self.streams.recheck(&config.holdings);
         }
     }

@@ -412,7 +412,7 @@ async fn apply_snapshot(
     .await
     .map_err(|e| ConfigErrors::single("", format!("applying failed: {e}")))??;
     let holdings = compiled.holdings.clone();
-    swap(compiled, version, "snapshot", started, store, metrics);
+    let _ = swap(compiled, version, "snapshot", started, store, metrics);
     Ok(holdings)
 }
 
@@ -462,11 +462,11 @@ async fn apply_delta(
     .await
     .map_err(|e| ConfigErrors::single("", format!("applying failed: {e}")))??;
     let holdings = compiled.holdings.clone();
-    swap(compiled, version, "delta", started, store, metrics);
+    let applied = swap(compiled, version, "delta", started, store, metrics);
     let to_check = holdings.clone();
     let checked = match worker::run(move || to_check.content_hash()).await {
         Ok(held_hash) if held_hash == expected_hash => {
-            store.confirm();
+            store.confirm(&applied);
             return Ok(holdings);
         }
         Ok(held_hash) => hash_mismatch("delta", &held_hash, expected_hash),
@@ -497,6 +497,8 @@ fn hash_mismatch(what: &str, held: &str, expected: &str) -> ConfigErrors {
     )
 }
 
+/// Swaps `compiled` in. A snapshot was checked before it was compiled; a delta is checked
+/// once swapped in, and confirmed ([`ConfigStore::confirm`]) with what this returns.
 fn swap(
     compiled: CompiledConfig,
     version: u64,
@@ -504,19 +506,18 @@ fn swap(
     started: std::time::Instant,
     store: &ConfigStore,
     metrics: &Metrics,
-) {
+) -> Arc<CompiledConfig> {
     tracing::info!(version, kind, content_hash = %compiled.content_hash, "configuration applied");
-    // A snapshot was checked before it was compiled; a delta is once swapped in.
-    if kind == "delta" {
-        store.apply_unconfirmed(compiled);
-    } else {
-        store.apply(compiled);
+    let applied = store.apply_unconfirmed(compiled);
+    if kind != "delta" {
+        store.confirm(&applied);
     }
     metrics.config_applied(kind, started.elapsed().as_secs_f64());
     metrics.config_swaps.inc();
     metrics
         .config_version
         .set(i64::try_from(version).unwrap_or(i64::MAX));
+    applied
 }
 
 fn nack(nonce: String, store: &ConfigStore, errors: &ConfigErrors) -> RequestKind {

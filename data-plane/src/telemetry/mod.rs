@@ -46,6 +46,7 @@ struct UpstreamLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CertificateLabels {
+    group: String,
     certificate: String,
 }
 
@@ -411,18 +412,20 @@ impl Metrics {
             .clone()
     }
 
-    /// Shows when the served certificate `name` expires.
-    pub fn certificate_expires(&self, name: &str, not_after: i64) {
+    /// Shows when the served certificate `name` of `group` expires.
+    pub fn certificate_expires(&self, group: &str, name: &str, not_after: i64) {
         self.certificate_not_after
             .get_or_create(&CertificateLabels {
+                group: group.to_owned(),
                 certificate: name.to_owned(),
             })
             .set(not_after);
     }
 
     /// Drops the expiry of a certificate no longer served.
-    pub fn forget_certificate(&self, name: &str) {
+    pub fn forget_certificate(&self, group: &str, name: &str) {
         self.certificate_not_after.remove(&CertificateLabels {
+            group: group.to_owned(),
             certificate: name.to_owned(),
         });
     }

@@ -29,15 +29,16 @@ pub struct CertificateStore {
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     /// The certificate whose `snis` holds "*".
     default: Option<Arc<CertifiedKey>>,
-    /// Each certificate's name and its leaf's notAfter (Unix seconds), for the metric.
-    pub expiries: Vec<(String, i64)>,
+    /// Each certificate's group and name, and its leaf's notAfter (Unix seconds), for the
+    /// metric. A leaf the X.509 parser cannot read has none.
+    pub expiries: Vec<(String, String, i64)>,
 }
 
 /// When `leaf` expires (Unix seconds), and a warning when it is served outside its dates:
 /// clients refuse it, and the handshake failures they see name no cause the node could log.
 /// (Served all the same: a certificate is replaced through the configuration, and a node must
 /// not stop serving the other names of a configuration because one certificate lapsed.) Said
-/// at every apply while it lasts.
+/// each time the configuration's certificates are loaded, while it lasts.
 fn not_after_checked(
     certificate: &pb::Certificate,
     leaf: &rustls::pki_types::CertificateDer<'_>,
@@ -68,8 +69,8 @@ impl CertificateStore {
             let key = sluice_proto::tls::parse_private_key(&certificate.key_pem)
                 .map_err(|e| (i, format!("key_pem: {e}")))?;
             if let Some(not_after) = not_after_checked(certificate, &chain[0]) {
-                let name = certificate.meta.as_ref().map_or("", |m| m.name.as_str());
-                store.expiries.push((name.to_owned(), not_after));
+                let meta = certificate.meta.clone().unwrap_or_default();
+                store.expiries.push((meta.group, meta.name, not_after));
             }
             let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
                 (
