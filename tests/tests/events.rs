@@ -618,8 +618,6 @@ async fn the_memory_broker_publishes_and_streams_in_one_node() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_node_ends_its_streams_at_once_with_where_to_resume() -> anyhow::Result<()> {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
     let config = memory_config("retained_events: 100", ", start: earliest");
     let mut node = DataPlane::start(&config, &["--drain-timeout", "30s"])?;
     publish_to_memory(&node, 2).await?;
@@ -650,13 +648,7 @@ async fn a_stopping_node_ends_its_streams_at_once_with_where_to_resume() -> anyh
     assert_eq!(message["event"], "sluice-closed");
     assert_eq!(message["reason"], "node_stopping");
     assert_eq!(message["last_event_id"], "0:2");
-    let close = tokio::time::timeout(Duration::from_secs(5), socket.next())
-        .await?
-        .context("the socket ended without a close frame")??;
-    let Message::Close(Some(frame)) = close else {
-        anyhow::bail!("expected a close frame, got {close:?}");
-    };
-    assert_eq!(u16::from(frame.code), 1001);
+    assert_eq!(close_code(&mut socket).await?, 1001);
     drop(socket);
 
     // Nothing else held it: the node is gone long before its 30 s drain deadline.
@@ -671,8 +663,6 @@ async fn a_stopping_node_ends_its_streams_at_once_with_where_to_resume() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_end_when_the_callers_credential_expires() -> anyhow::Result<()> {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
     // Whole seconds, as the configuration writes it.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
     let ends = std::time::UNIX_EPOCH + Duration::from_secs(now.as_secs() + 6);
@@ -723,13 +713,7 @@ apis:
     assert_eq!(data["reason"], "access_expired", "{data}");
     let message = next_json(&mut socket).await?;
     assert_eq!(message["reason"], "access_expired", "{message}");
-    let close = tokio::time::timeout(Duration::from_secs(5), socket.next())
-        .await?
-        .context("the socket ended without a close frame")??;
-    let Message::Close(Some(frame)) = close else {
-        anyhow::bail!("expected a close frame, got {close:?}");
-    };
-    assert_eq!(u16::from(frame.code), 4003);
+    assert_eq!(close_code(&mut socket).await?, 4003);
     // And the key no longer opens one.
     let refused = client().get(node.url(url)).send().await?;
     assert_eq!(refused.status().as_u16(), 401);
@@ -738,9 +722,7 @@ apis:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_end_when_the_control_plane_revokes_their_caller() -> anyhow::Result<()> {
-    use futures_util::StreamExt;
     use sluice_tests::control_plane::ControlPlane;
-    use tokio_tungstenite::tungstenite::Message;
     let document = |revoked: bool, suspended: bool| {
         format!(
             r#"format_version: 1
@@ -829,13 +811,7 @@ apis:
     );
     assert_eq!(message["reason"], "access_revoked", "{message}");
     assert_eq!(message["cause"], "subscription_suspended", "{message}");
-    let close = tokio::time::timeout(Duration::from_secs(5), globex.next())
-        .await?
-        .context("the socket ended without a close frame")??;
-    let Message::Close(Some(frame)) = close else {
-        anyhow::bail!("expected a close frame, got {close:?}");
-    };
-    assert_eq!(u16::from(frame.code), 4004);
+    assert_eq!(close_code(&mut globex).await?, 4004);
 
     // A caller the changes did not touch streams on.
     let published = client()
@@ -987,6 +963,21 @@ async fn websocket(
     let (socket, response) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
     anyhow::ensure!(response.status() == 101, "handshake: {}", response.status());
     Ok(socket)
+}
+
+/// The code of the close frame that comes next (within 5 s).
+async fn close_code(
+    socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> anyhow::Result<u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let close = tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await?
+        .context("the socket ended without a close frame")??;
+    let Message::Close(Some(frame)) = close else {
+        anyhow::bail!("expected a close frame, got {close:?}");
+    };
+    Ok(u16::from(frame.code))
 }
 
 /// The next text message, as JSON (pings skipped).
