@@ -670,21 +670,21 @@ impl RouteAccess {
             tracing::debug!(reason = r.reason, detail = %r.detail, "token refused");
             bearer_error(r.reason, jwt::reason::told(r.reason).to_owned())
         })?;
-        let credential = held
-            .credential(&CredentialIdentity::Jwt {
-                issuer: &token.issuer,
-                subject: &token.subject,
-            })
-            .ok_or_else(|| {
-                bearer_error(
-                    "unknown_subject",
-                    format!(
-                        "no consumer has a JWT credential for issuer {:?} and subject {:?}",
-                        token.issuer, token.subject
-                    ),
-                )
-            })?;
-        let mut authenticated = self.by_credential(&credential)?;
+        let digest = CredentialIdentity::Jwt {
+            issuer: &token.issuer,
+            subject: &token.subject,
+        }
+        .digest();
+        let credential = held.credential_by_digest(&digest).ok_or_else(|| {
+            bearer_error(
+                "unknown_subject",
+                format!(
+                    "no consumer has a JWT credential for issuer {:?} and subject {:?}",
+                    token.issuer, token.subject
+                ),
+            )
+        })?;
+        let mut authenticated = self.by_credential(&credential, digest)?;
         let token_ends = Timestamp {
             seconds: i64::try_from(token.refused_from).unwrap_or(i64::MAX),
             nanos: 0,
@@ -718,27 +718,38 @@ impl RouteAccess {
             .map_err(|(reason, detail)| self.unauthorized(reason, detail, None))?;
         // The certificate itself, then its subject under a CA it chains to, then its subject
         // under any CA.
-        let by_subject = |ca| {
-            let subject = certificate.subject.as_deref()?;
-            held.credential(&CredentialIdentity::CertificateSubject { subject, ca })
-        };
-        let credential = held
-            .credential(&CredentialIdentity::CertificateFingerprint(
-                &certificate.fingerprint_sha256,
-            ))
-            .or_else(|| anchors.iter().find_map(|ca| by_subject(ca)))
-            .or_else(|| by_subject(""))
-            .ok_or_else(|| {
-                self.unauthorized(
-                    "unknown_certificate",
-                    "no consumer has a credential for this client certificate".into(),
-                    None,
-                )
-            })?;
-        self.by_credential(&credential)
+        let by_subject = certificate
+            .subject
+            .as_deref()
+            .into_iter()
+            .flat_map(|subject| {
+                let cas = anchors.iter().copied().chain([""]);
+                cas.map(move |ca| CredentialIdentity::CertificateSubject { subject, ca })
+            });
+        let (credential, digest) = std::iter::once(CredentialIdentity::CertificateFingerprint(
+            &certificate.fingerprint_sha256,
+        ))
+        .chain(by_subject)
+        .find_map(|identity| {
+            let digest = identity.digest();
+            Some((held.credential_by_digest(&digest)?, digest))
+        })
+        .ok_or_else(|| {
+            self.unauthorized(
+                "unknown_certificate",
+                "no consumer has a credential for this client certificate".into(),
+                None,
+            )
+        })?;
+        self.by_credential(&credential, digest)
     }
 
-    fn by_credential(&self, credential: &pb::Credential) -> Result<Authenticated, Box<Denial>> {
+    /// `credential`, found under `digest` ([`CredentialIdentity::digest`]), if it is in force.
+    fn by_credential(
+        &self,
+        credential: &pb::Credential,
+        digest: [u8; 32],
+    ) -> Result<Authenticated, Box<Denial>> {
         if credential.revoked {
             return Err(self.unauthorized(
                 "credential_revoked",
@@ -758,7 +769,7 @@ impl RouteAccess {
             uuid_bytes(&credential.consumer_id),
             id,
             credential.expires_at,
-            Presented::Credential(id),
+            Presented::Credential(digest),
         ))
     }
 

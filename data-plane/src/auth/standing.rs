@@ -39,8 +39,10 @@ pub struct Grant {
 pub enum Presented {
     /// An API key, by its SHA-256: keys are held by their hash.
     Key([u8; 32]),
-    /// A JWT or client-certificate credential, by id.
-    Credential([u8; 16]),
+    /// A JWT or client-certificate credential, by what it was found under (its issuer and
+    /// subject, its certificate's fingerprint or subject): as access control finds it, so a
+    /// credential replaced by an equal one under another id still admits the caller.
+    Credential([u8; 32]),
 }
 
 /// A caller's access to a stream, in one configuration: when it ends (seconds and nanos
@@ -78,8 +80,10 @@ impl Grant {
                 }
                 instant(key.expires_at())
             }
-            Presented::Credential(id) => {
-                let credential = held.credential_by_id(&id).ok_or("unknown_credential")?;
+            Presented::Credential(digest) => {
+                let credential = held
+                    .credential_by_digest(&digest)
+                    .ok_or("unknown_credential")?;
                 if super::uuid_bytes(&credential.consumer_id) != self.consumer_id {
                     return Err("unknown_credential");
                 }
@@ -374,6 +378,8 @@ mod tests {
     struct Registry {
         key_revoked: bool,
         jwt_revoked: bool,
+        /// The JWT credential's name, which its id is derived from.
+        jwt_name: &'static str,
         disabled: bool,
         /// The subscription's status; `None` leaves it out.
         status: Option<&'static str>,
@@ -386,6 +392,7 @@ mod tests {
             Registry {
                 key_revoked: false,
                 jwt_revoked: false,
+                jwt_name: "service",
                 disabled: false,
                 status: Some("active"),
                 key_expires: None,
@@ -420,6 +427,7 @@ consumers:
     credentials:
       - {{ api_key: {{ key: {KEY} }}, revoked: {}{} }}
       - jwt: {{ issuer: "{ISSUER}", subject: acme-service }}
+        name: {}
         revoked: {}
 apis:
   - name: orders
@@ -431,6 +439,7 @@ subscriptions: {subscription}
             registry.disabled,
             registry.key_revoked,
             expires_at(registry.key_expires),
+            registry.jwt_name,
             registry.jwt_revoked,
         );
         let resources = declarative::load(&text, Format::Yaml).expect("a valid file");
@@ -447,12 +456,11 @@ subscriptions: {subscription}
         let consumer_id = uuid(ResourceKind::Consumer, "acme");
         let api_id = uuid(ResourceKind::Api, "orders");
         let subscription_id = held.subscription(&consumer_id, &api_id).unwrap().id;
-        let jwt = held
-            .credential(&CredentialIdentity::Jwt {
-                issuer: ISSUER,
-                subject: "acme-service",
-            })
-            .unwrap();
+        let jwt = CredentialIdentity::Jwt {
+            issuer: ISSUER,
+            subject: "acme-service",
+        };
+        assert!(held.credential(&jwt).is_some());
         let grant = |presented| Grant {
             presented,
             consumer_id,
@@ -462,9 +470,7 @@ subscriptions: {subscription}
         };
         (
             grant(Presented::Key(Sha256::digest(KEY).into())),
-            grant(Presented::Credential(super::super::uuid_bytes(
-                &jwt.meta.unwrap().id,
-            ))),
+            grant(Presented::Credential(jwt.digest())),
         )
     }
 
@@ -491,6 +497,21 @@ subscriptions: {subscription}
         });
         assert_eq!(by_jwt.refused_by(&jwt_revoked), Some("credential_revoked"));
         assert_eq!(by_key.refused_by(&jwt_revoked), None);
+        // Deleted and created again, under another id: the same token is admitted, and so is
+        // its stream.
+        let recreated = holdings(Registry {
+            jwt_name: "service-again",
+            ..Registry::default()
+        });
+        let ids = |held: &Holdings| {
+            let jwt = CredentialIdentity::Jwt {
+                issuer: ISSUER,
+                subject: "acme-service",
+            };
+            held.credential(&jwt).unwrap().meta.unwrap().id
+        };
+        assert_ne!(ids(&recreated), ids(&admitted));
+        assert_eq!(by_jwt.refused_by(&recreated), None);
 
         let disabled = holdings(Registry {
             disabled: true,

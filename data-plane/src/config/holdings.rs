@@ -100,7 +100,8 @@ pub enum CredentialIdentity<'a> {
 }
 
 impl CredentialIdentity<'_> {
-    fn digest(&self) -> [u8; 32] {
+    /// What the credential is held under ([`Holdings::credential_by_digest`]).
+    pub fn digest(&self) -> [u8; 32] {
         let mut hasher = Sha256::new();
         // A tag and separators that cannot occur inside the parts keep the kinds apart.
         match self {
@@ -539,8 +540,13 @@ impl Holdings {
 
     /// The JWT or client-certificate credential `identity` names.
     pub fn credential(&self, identity: &CredentialIdentity<'_>) -> Option<pb::Credential> {
-        let id = self.indexes.identities.get(&identity.digest())?;
-        self.credential_by_id(id)
+        self.credential_by_digest(&identity.digest())
+    }
+
+    /// The JWT or client-certificate credential whose identity has `digest`
+    /// ([`CredentialIdentity::digest`]).
+    pub fn credential_by_digest(&self, digest: &[u8; 32]) -> Option<pb::Credential> {
+        self.credential_by_id(self.indexes.identities.get(digest)?)
     }
 
     /// The credential held under `id` (a JWT or client-certificate one: API keys are held by
