@@ -1139,6 +1139,73 @@ apis:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_publishes_count_against_the_callers_plan() -> anyhow::Result<()> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let config = r#"format_version: 1
+brokers:
+  - name: local
+    memory: {}
+policies:
+  - name: keys
+    key_auth: { query_params: [api_key] }
+plans:
+  - name: basic
+    rate_limits: [{ limit: 3, per: minute, burst: 2 }]
+consumers:
+  - name: acme
+    credentials:
+      - api_key: { key: acme-key-0123456789 }
+subscriptions:
+  - { consumer: acme, api: orders, plan: basic }
+apis:
+  - name: orders
+    policies: [keys]
+    routes:
+      - name: talk
+        methods: [GET]
+        path: /orders
+        path_match: exact
+        subscribe: { broker: local, topic: orders, websocket_publish: true }
+"#;
+    let node = DataPlane::start(config, &[])?;
+    let url = "/orders?api_key=acme-key-0123456789";
+    // The handshake is one request of the plan's three; each message is one more.
+    let mut talk = websocket(&node, url).await?;
+    let mut answers = Vec::new();
+    for n in 1..=3 {
+        talk.send(Message::text(format!(r#"{{"n":{n}}}"#))).await?;
+        let answer = loop {
+            let message = next_json(&mut talk).await?;
+            if message.get("ack").is_some() || message.get("nack").is_some() {
+                break message;
+            }
+        };
+        answers.push(answer);
+    }
+    assert_eq!(answers[0]["ack"], 1, "{answers:?}");
+    assert_eq!(answers[1]["ack"], 2, "{answers:?}");
+    assert_eq!(answers[2]["nack"], 3, "{answers:?}");
+    let error = answers[2]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("rate_limited"), "{error}");
+    assert!(
+        answers[2]["retry_after_ms"].as_u64() > Some(0),
+        "{answers:?}"
+    );
+    let limited = node
+        .metric(
+            "sluice_event_publishes_total",
+            r#"topic="orders",outcome="rate_limited""#,
+        )
+        .await?;
+    assert_eq!(limited, 1.0);
+    // The budget is the one the caller's requests draw on.
+    let refused = client().get(node.url(url)).send().await?;
+    assert_eq!(refused.status().as_u16(), 429);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_control_guards_event_routes_and_identity_filters_bind_each_stream()
 -> anyhow::Result<()> {
     let config = r#"format_version: 1

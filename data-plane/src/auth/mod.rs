@@ -42,7 +42,7 @@ use sluice_proto::{ConfigErrors, FieldError, pb};
 use smallvec::SmallVec;
 use uuid::Uuid;
 
-use crate::config::holdings::{CredentialIdentity, HeldSubscription, Holdings};
+use crate::config::holdings::{CredentialIdentity, HeldConsumer, HeldSubscription, Holdings};
 use crate::ratelimit::{
     Budget, BudgetKey, Decision, LocalLimiter, Quota, Rate, RedisLimiter, Subject,
 };
@@ -474,7 +474,7 @@ impl RouteAccess {
                     "the route needs scopes but authenticates nobody".to_owned(),
                 ));
             }
-            let rate = self.limit(caller, None, guard).await?;
+            let rate = self.limit(caller.ip, None, guard).await?;
             return Ok(Admission {
                 identity: None,
                 rate,
@@ -524,25 +524,7 @@ impl RouteAccess {
         if consumer.disabled {
             return Err(self.forbidden("consumer_disabled", "the consumer is disabled".to_owned()));
         }
-        let mut consumer_limits: Vec<&LimitPolicy> = Vec::new();
-        for policy_id in consumer.policy_ids() {
-            match policies.policies.get(&**policy_id) {
-                Some(Compiled::Ip(rules)) if !rules.admits(caller.ip) => {
-                    return Err(self.forbidden(
-                        "ip_denied",
-                        format!("the address {} may not be used by this consumer", caller.ip),
-                    ));
-                }
-                Some(Compiled::RateLimit(limit))
-                    if !consumer_limits
-                        .iter()
-                        .any(|held| std::ptr::eq(*held, &**limit)) =>
-                {
-                    consumer_limits.push(&**limit);
-                }
-                _ => {}
-            }
-        }
+        let consumer_limits = self.consumer_policies(consumer, policies, caller.ip)?;
         let subscription = self.admit_subscription(subscription)?;
         let plan = policies.plans.get(&subscription.plan_id);
         for scope in &self.scopes {
@@ -562,7 +544,7 @@ impl RouteAccess {
             plan: plan.map(|plan| &**plan),
             consumer_limits,
         };
-        let rate = self.limit(caller, Some(&subscriber), guard).await?;
+        let rate = self.limit(caller.ip, Some(&subscriber), guard).await?;
         Ok(Admission {
             identity: Some(Identity {
                 consumer_id: Uuid::from_bytes(consumer_id),
@@ -588,6 +570,71 @@ impl RouteAccess {
                 "authenticated"
             },
         })
+    }
+
+    /// The consumer's own policies for a call from `ip`: its rate limits, each once, or a 403
+    /// when its IP lists refuse the address.
+    fn consumer_policies<'p>(
+        &self,
+        consumer: &HeldConsumer,
+        policies: &'p AccessPolicies,
+        ip: IpAddr,
+    ) -> Result<Vec<&'p LimitPolicy>, Box<Denial>> {
+        let mut limits: Vec<&LimitPolicy> = Vec::new();
+        for policy_id in consumer.policy_ids() {
+            match policies.policies.get(&**policy_id) {
+                Some(Compiled::Ip(rules)) if !rules.admits(ip) => {
+                    return Err(self.forbidden(
+                        "ip_denied",
+                        format!("the address {ip} may not be used by this consumer"),
+                    ));
+                }
+                Some(Compiled::RateLimit(limit))
+                    if !limits.iter().any(|held| std::ptr::eq(*held, &**limit)) =>
+                {
+                    limits.push(&**limit);
+                }
+                _ => {}
+            }
+        }
+        Ok(limits)
+    }
+
+    /// Counts one message a WebSocket client of this route publishes against the budgets a
+    /// request of the same caller counts against (its plan's, the API's and route's
+    /// policies, its consumer's, its plan's monthly quota), in the configuration running now
+    /// (`held`, `policies`): a socket is no way around a plan's limits. The refusal is a
+    /// request's (429 with when to retry; 503 when Redis is down and the policy fails
+    /// closed). `grant`: the caller's, `None` for an anonymous one.
+    pub async fn charge_message(
+        &self,
+        ip: IpAddr,
+        grant: Option<&Grant>,
+        held: &Holdings,
+        policies: &AccessPolicies,
+        guard: &AccessGuard,
+    ) -> Result<(), Box<Denial>> {
+        let Some(grant) = grant else {
+            return self.limit(ip, None, guard).await.map(drop);
+        };
+        let Some(consumer) = held.consumer(&grant.consumer_id) else {
+            return Err(self.unauthorized(
+                "unknown_consumer",
+                "the credential's consumer does not exist".to_owned(),
+                None,
+            ));
+        };
+        let consumer_limits = self.consumer_policies(consumer, policies, ip)?;
+        let plan = held
+            .subscription(&grant.consumer_id, &grant.api_id)
+            .and_then(|subscription| policies.plans.get(&subscription.plan_id));
+        let subscriber = Subscriber {
+            consumer_id: grant.consumer_id,
+            subscription_id: grant.subscription_id,
+            plan: plan.map(|plan| &**plan),
+            consumer_limits,
+        };
+        self.limit(ip, Some(&subscriber), guard).await.map(drop)
     }
 
     /// Tries each method whose credential the request carries; the first that succeeds
@@ -803,7 +850,7 @@ impl RouteAccess {
     /// then in Redis (one round trip for all of them).
     async fn limit(
         &self,
-        caller: &Caller<'_>,
+        ip: IpAddr,
         subscriber: Option<&Subscriber<'_>>,
         guard: &AccessGuard,
     ) -> Result<Option<RateHeaders>, Box<Denial>> {
@@ -811,7 +858,7 @@ impl RouteAccess {
         let consumer = subscriber.map(|s| s.consumer_id);
         let subject_of = |scope: Scope| match (scope, consumer) {
             (Scope::Api, _) => Subject::Whole,
-            (Scope::Ip, _) | (_, None) => Subject::Ip(budget_address(caller.ip)),
+            (Scope::Ip, _) | (_, None) => Subject::Ip(budget_address(ip)),
             (_, Some(consumer)) => Subject::Consumer(consumer),
         };
         // On the stack for the usual few: this runs on every request of a limited route.

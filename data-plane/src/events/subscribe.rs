@@ -227,7 +227,7 @@ pub struct SubscribeRoute {
     default_start: Start,
     pub(super) heartbeat: Duration,
     /// WebSocket subscribers may publish to the topic.
-    pub(super) websocket_publish: bool,
+    pub websocket_publish: bool,
     /// What the messages they publish must satisfy (`websocket_json_schema`).
     pub(super) websocket_schema: Option<Arc<jsonschema::Validator>>,
     /// Filters every subscriber gets, bound to its identity.

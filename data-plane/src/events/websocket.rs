@@ -14,6 +14,7 @@
 //! or `{"nack":N,"error":…}`, where N counts the client's messages from 1. Up to
 //! [`MAX_PUBLISHING`] messages are published at once; answers come back in the messages' order.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +41,10 @@ use super::subscribe::{
     access_closing, access_ended, resume_before, take_in, wanted,
 };
 use super::{Acks, Broker, Delivery, Record, now_ms};
-use crate::auth::standing::StreamAccess;
+use crate::auth::standing::{Grant, StreamAccess};
+use crate::auth::{AccessGuard, Denial};
+use crate::config::ConfigStore;
+use crate::router::Route;
 use crate::server::error::{GatewayError, SchemaError};
 use crate::telemetry::Metrics;
 use crate::upstream::{ProxyBody, empty_body};
@@ -84,6 +88,38 @@ pub struct WebSocketContext {
     pub access: Option<Box<StreamAccess>>,
     /// Where the session runs once upgraded: the node's drain waits for it.
     pub tasks: TaskTracker,
+    /// Each message published counted against the caller's request budgets, on a route
+    /// with access control.
+    pub charge: Option<MessageCharge>,
+}
+
+/// What counting a WebSocket client's messages against its caller's request budgets needs
+/// ([`RouteAccess::charge_message`]).
+#[derive(Debug)]
+pub struct MessageCharge {
+    pub route: Arc<Route>,
+    pub store: Arc<ConfigStore>,
+    pub guard: Arc<AccessGuard>,
+    pub client: IpAddr,
+    pub grant: Option<Grant>,
+}
+
+impl MessageCharge {
+    async fn charge(&self) -> Result<(), Box<Denial>> {
+        let Some(config) = self.store.current() else {
+            return Ok(());
+        };
+        self.route
+            .access
+            .charge_message(
+                self.client,
+                self.grant.as_ref(),
+                &config.holdings,
+                &config.access,
+                &self.guard,
+            )
+            .await
+    }
 }
 
 /// Whether `request` asks to become a WebSocket.
@@ -386,6 +422,29 @@ impl Session {
                 "error": "rate limited: the route's message_rate_limits",
                 "retry_after_ms": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
             });
+        }
+        if let Some(charge) = &self.context.charge
+            && let Err(denial) = charge.charge().await
+        {
+            let outcome = if denial.status == StatusCode::TOO_MANY_REQUESTS {
+                "rate_limited"
+            } else {
+                "unavailable"
+            };
+            self.context
+                .metrics
+                .event_published(&self.topic, outcome, 0.0);
+            let mut nack = json!({
+                "nack": number,
+                "error": format!("{}: {}", denial.reason, denial.detail),
+            });
+            if let Some(wait) = denial
+                .retry_after
+                .or(denial.rate.and_then(|rate| rate.retry_after))
+            {
+                nack["retry_after_ms"] = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).into();
+            }
+            return nack;
         }
         if let Some(schema) = &self.schema {
             let errors = match serde_json::from_slice::<Value>(&value) {

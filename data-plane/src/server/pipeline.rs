@@ -48,7 +48,7 @@ use crate::events::caller_headers;
 use crate::events::idempotency::Idempotency;
 use crate::events::publish::PublishContext;
 use crate::events::subscribe::SubscribeContext;
-use crate::events::websocket::{self, WebSocketContext};
+use crate::events::websocket::{self, MessageCharge, WebSocketContext};
 use crate::ratelimit::Decision;
 use crate::router::path;
 use crate::router::{Action, DirectResponse, Matched, ProxyAction, RequestParts, Route};
@@ -439,6 +439,15 @@ impl Gateway {
                     access: identity
                         .as_ref()
                         .map(|identity| self.store.watch_stream(identity)),
+                    charge: (subscribe.websocket_publish && !access.is_open()).then(|| {
+                        MessageCharge {
+                            route: route.clone(),
+                            store: self.store.clone(),
+                            guard: self.guard.clone(),
+                            client: origin.client,
+                            grant: identity.as_ref().map(|identity| identity.grant),
+                        }
+                    }),
                     tasks: self.tasks.clone(),
                 };
                 subscribe.serve_websocket(request, context).await
