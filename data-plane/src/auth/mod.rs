@@ -524,7 +524,7 @@ impl RouteAccess {
         if consumer.disabled {
             return Err(self.forbidden("consumer_disabled", "the consumer is disabled".to_owned()));
         }
-        let consumer_limits = self.consumer_policies(consumer, policies, caller.ip)?;
+        let consumer_limits = self.consumer_policies(consumer, policies, Some(caller.ip))?;
         let subscription = self.admit_subscription(subscription)?;
         let plan = policies.plans.get(&subscription.plan_id);
         for scope in &self.scopes {
@@ -572,22 +572,26 @@ impl RouteAccess {
         })
     }
 
-    /// The consumer's own policies for a call from `ip`: its rate limits, each once, or a 403
-    /// when its IP lists refuse the address.
+    /// The consumer's own rate-limit policies, each once; with `ip`, a 403 instead when the
+    /// consumer's IP lists refuse that address.
     fn consumer_policies<'p>(
         &self,
         consumer: &HeldConsumer,
         policies: &'p AccessPolicies,
-        ip: IpAddr,
+        ip: Option<IpAddr>,
     ) -> Result<Vec<&'p LimitPolicy>, Box<Denial>> {
         let mut limits: Vec<&LimitPolicy> = Vec::new();
         for policy_id in consumer.policy_ids() {
             match policies.policies.get(&**policy_id) {
-                Some(Compiled::Ip(rules)) if !rules.admits(ip) => {
-                    return Err(self.forbidden(
-                        "ip_denied",
-                        format!("the address {ip} may not be used by this consumer"),
-                    ));
+                Some(Compiled::Ip(rules)) => {
+                    if let Some(ip) = ip
+                        && !rules.admits(ip)
+                    {
+                        return Err(self.forbidden(
+                            "ip_denied",
+                            format!("the address {ip} may not be used by this consumer"),
+                        ));
+                    }
                 }
                 Some(Compiled::RateLimit(limit))
                     if !limits.iter().any(|held| std::ptr::eq(*held, &**limit)) =>
@@ -602,10 +606,13 @@ impl RouteAccess {
 
     /// Counts one message a WebSocket client of this route publishes against the budgets a
     /// request of the same caller counts against (its plan's, the API's and route's
-    /// policies, its consumer's, its plan's monthly quota), in the configuration running now
-    /// (`held`, `policies`): a socket is no way around a plan's limits. The refusal is a
-    /// request's (429 with when to retry; 503 when Redis is down and the policy fails
-    /// closed). `grant`: the caller's, `None` for an anonymous one.
+    /// policies, its consumer's, its plan's monthly quota): a socket is no way around a
+    /// plan's limits. The route's policies are this route's (as the session was opened on
+    /// it); the consumer's and its plan's are `held`'s and `policies'`, the configuration
+    /// running now. The refusal is a request's (429 with when to retry; 503 when Redis is
+    /// down and the policy fails closed). `grant`: the caller's, `None` for an anonymous
+    /// one. Only budgets are looked at: the caller's standing is the stream's
+    /// ([`standing`]), and IP lists were checked at the handshake.
     pub async fn charge_message(
         &self,
         ip: IpAddr,
@@ -624,10 +631,16 @@ impl RouteAccess {
                 None,
             ));
         };
-        let consumer_limits = self.consumer_policies(consumer, policies, ip)?;
-        let plan = held
+        let consumer_limits = self.consumer_policies(consumer, policies, None)?;
+        let subscription = held
             .subscription(&grant.consumer_id, &grant.api_id)
-            .and_then(|subscription| policies.plans.get(&subscription.plan_id));
+            .ok_or_else(|| {
+                self.forbidden(
+                    "no_subscription",
+                    "the consumer has no subscription to this API".into(),
+                )
+            })?;
+        let plan = policies.plans.get(&subscription.plan_id);
         let subscriber = Subscriber {
             consumer_id: grant.consumer_id,
             subscription_id: grant.subscription_id,

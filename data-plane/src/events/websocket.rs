@@ -426,10 +426,10 @@ impl Session {
         if let Some(charge) = &self.context.charge
             && let Err(denial) = charge.charge().await
         {
-            let outcome = if denial.status == StatusCode::TOO_MANY_REQUESTS {
-                "rate_limited"
-            } else {
-                "unavailable"
+            let outcome = match denial.status {
+                StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+                StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+                _ => "rejected",
             };
             self.context
                 .metrics
