@@ -44,8 +44,11 @@ use crate::unique_name;
 /// when the machine is idle; a loaded CI machine gets far more.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The storage URL: a SQLite file in the broker's working directory.
+/// The storage URL: a SQLite file in the broker's working directory...
 const STORAGE_ENGINE: &str = "sqlite://tansu.db";
+
+/// ...this one.
+const STORAGE_FILE: &str = "tansu.db";
 
 /// A tansu broker on a port of its own, its records in a SQLite file that outlives the
 /// process. Killed when dropped; the storage is deleted with it.
@@ -117,6 +120,47 @@ impl TestBroker {
             }
         }
         Ok(name)
+    }
+
+    /// Adds partitions to `topic` until it has `partitions`, while the broker runs. tansu
+    /// 0.6.0 does not implement CreatePartitions, so this writes what its CreateTopics writes
+    /// for each partition (tansu-storage's `topition_insert.sql` and `watermark_insert.sql`:
+    /// a partition row and its empty watermarks) and the topic's partition count, in one
+    /// transaction on the broker's storage (SQLite in WAL mode takes another process's
+    /// writes). The broker reads both afresh for every metadata, produce and fetch request.
+    pub async fn add_partitions(&self, topic: &str, partitions: i32) -> anyhow::Result<()> {
+        use sqlx::{Connection, SqliteConnection};
+        let url = format!("sqlite://{}", self.dir.path().join(STORAGE_FILE).display());
+        let mut db = SqliteConnection::connect(&url)
+            .await
+            .with_context(|| format!("cannot open the broker's storage {url}"))?;
+        let mut tx = db.begin().await?;
+        let (id, had): (i64, i32) =
+            sqlx::query_as("select id, partitions from topic where name = ?")
+                .bind(topic)
+                .fetch_one(&mut *tx)
+                .await
+                .with_context(|| format!("the broker's storage has no topic {topic}"))?;
+        for partition in had..partitions {
+            let topition: i64 = sqlx::query_scalar(
+                "insert into topition (topic, partition) values (?, ?) returning id",
+            )
+            .bind(id)
+            .bind(partition)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query("insert into watermark (topition) values (?)")
+                .bind(topition)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("update topic set partitions = ? where id = ?")
+            .bind(partitions.max(had))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// A consumer of every partition of `topic` from the beginning, with no consumer group

@@ -12,6 +12,7 @@ use sluice_tests::data_plane::DataPlane;
 use sluice_tests::kafka::TestTopic;
 use sluice_tests::kafka_bootstrap;
 use sluice_tests::ports::free_addr;
+use sluice_tests::tansu::TestBroker;
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -492,6 +493,81 @@ async fn live_subscribers_get_new_events_and_a_bad_position_is_named() -> anyhow
             "{id}: {problem}"
         );
     }
+    Ok(())
+}
+
+/// Partitions added to a topic while its feed runs are read from their first event: by the
+/// streams already open, and by a client resuming from a position that does not name them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_added_to_a_topic_reach_open_streams_from_their_first_event()
+-> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let topic = broker.create_topic(1).await?;
+    // The node looks for added partitions every 300 ms (30 s unless the broker's properties
+    // say).
+    let config = kafka_config(&broker.bootstrap(), &topic, "").replace(
+        r#"message.timeout.ms: "3000""#,
+        r#"message.timeout.ms: "3000", topic.metadata.refresh.interval.ms: "300""#,
+    );
+    let node = DataPlane::start(&config, &[])?;
+    let mut stream = client().get(node.url("/stream")).send().await?;
+    assert_eq!(stream.status().as_u16(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.chunk()).await??;
+    assert_eq!(first.as_deref(), Some(&b": ok\n\n"[..]));
+    let (status, _) = post_event(&node, "k1", r#"{"n":1}"#).await?;
+    assert_eq!(status, 202);
+    let mut buffer = String::new();
+    let before = read_events(&mut stream, &mut buffer, 1, Duration::from_secs(20)).await?;
+    let before_id = before[0].id.clone().context("an id")?;
+    assert!(!before_id.contains(','), "one partition: {before_id}");
+
+    broker.add_partitions(&topic, 2).await?;
+    // Written straight to the new partition by another client: the node's own producer may
+    // not know of it yet, and a client of the topic need not publish through the gateway.
+    let producer: rdkafka::producer::FutureProducer =
+        sluice_tests::kafka::client_config(&broker.bootstrap()).create()?;
+    let delivered = producer
+        .send(
+            rdkafka::producer::FutureRecord::<str, str>::to(&topic)
+                .partition(1)
+                .payload(r#"{"n":2}"#),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(error, _)| error)
+        .with_context(|| {
+            format!(
+                "producing to the added partition; broker log:\n{}",
+                broker.log_text()
+            )
+        })?;
+    assert_eq!((delivered.partition, delivered.offset), (1, 0));
+
+    let added = read_events(&mut stream, &mut buffer, 1, Duration::from_secs(10))
+        .await
+        .context("the open stream never read the added partition")?;
+    assert_eq!(added[0].data, r#"{"n":2}"#);
+    assert_eq!(
+        added[0].id.as_deref(),
+        Some(format!("{before_id},1:1").as_str()),
+        "the id names the added partition too"
+    );
+    // A client that resumes from before the partition was added misses nothing in it.
+    let mut resumed = client()
+        .get(node.url("/stream"))
+        .header("last-event-id", &before_id)
+        .send()
+        .await?;
+    assert_eq!(resumed.status().as_u16(), 200);
+    let mut resumed_buffer = String::new();
+    let caught_up = read_events(
+        &mut resumed,
+        &mut resumed_buffer,
+        1,
+        Duration::from_secs(10),
+    )
+    .await?;
+    assert_eq!(caught_up, added);
     Ok(())
 }
 

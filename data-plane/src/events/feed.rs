@@ -27,9 +27,13 @@
 //!
 //! Consumers are assigned partitions explicitly (no consumer-group rebalancing, nothing
 //! committed): a subscriber's position lives in its client's `Last-Event-ID`, not in Kafka.
-//! Partitions added to a topic after its feed started are not read until the feed restarts.
+//! Every reader asks the broker every [`PARTITION_CHECK`] (or the broker's
+//! `topic.metadata.refresh.interval.ms`) whether its topic has gained partitions, and reads
+//! each one added from its first event: an event written to a new partition before the reader
+//! saw it is late, never missed. A position that does not name a partition reads it from its
+//! first event too, so a client that resumes across the change misses nothing either.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -89,6 +93,20 @@ const HANDOVER_BEHIND: usize = 64;
 /// How often an idle feed checks whether anyone still listens.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 
+/// How often a reader asks whether its topic has gained partitions, unless the broker's
+/// `topic.metadata.refresh.interval.ms` says (a value of 0 or less: never). A Kafka
+/// consumer in a group learns of new partitions more seldom (`metadata.max.age.ms`, 5
+/// minutes); one metadata request per reader (a topic's shared feed, and each private reader
+/// while it catches up) every 30 s costs the broker nothing that matters...
+const PARTITION_CHECK: Duration = Duration::from_secs(30);
+
+/// ...and never more often than this, whatever the setting says.
+const PARTITION_CHECK_MIN: Duration = Duration::from_millis(100);
+
+/// The broker setting that changes [`PARTITION_CHECK`]: librdkafka's own name for how often
+/// a client refreshes what it knows of its topics.
+const PARTITION_CHECK_SETTING: &str = "topic.metadata.refresh.interval.ms";
+
 /// One running consumer and the subscribers it feeds.
 #[derive(Debug)]
 pub struct Feed {
@@ -97,8 +115,14 @@ pub struct Feed {
 
 #[derive(Debug)]
 struct FeedState {
-    /// After the last event sent: what a subscriber joining now starts from.
+    /// After the last event sent: what a subscriber joining now starts from. A partition added
+    /// to the topic since the feed opened is in it from the partition's first event on, as it
+    /// is in the position of every subscriber who saw that event: every live subscriber is at
+    /// this position, so that an event's frame is made once for all of them.
     position: Position,
+    /// Each partition added to the topic since the feed opened, and where the feed began to
+    /// read it (its first offset then).
+    added: BTreeMap<i32, i64>,
     /// Each event by weak reference: what `held` let go of is gone for a subscriber behind it.
     live: broadcast::Sender<Weak<StoredEvent>>,
     /// The last events, as many as subscribers behind may still be given.
@@ -113,6 +137,7 @@ impl FeedState {
     fn new(position: Position) -> Self {
         FeedState {
             position,
+            added: BTreeMap::new(),
             live: broadcast::channel(FEED_CAPACITY).0,
             held: VecDeque::new(),
             held_bytes: 0,
@@ -200,24 +225,40 @@ impl Feed {
 }
 
 impl FeedState {
-    /// Whether the events this feed holds are all of the topic's since `after`: it names the
-    /// feed's partitions and no others, none past where the feed is, and in each partition
-    /// it is behind, the feed holds the events from there on. Held events leave oldest first,
-    /// so a partition's held events are all it read since its first held one.
+    /// Whether the events this feed holds are all of the topic's since `after`: it names no
+    /// partition the feed does not read, none past where the feed is, and in each partition it
+    /// is behind, the feed holds the events from there on. A partition `after` does not name is
+    /// read from its start, which the feed holds only for a partition added since it opened
+    /// (it read that one from its first event). Held events leave oldest first, so a
+    /// partition's held events are all it read since its first held one.
     fn holds_since(&self, after: &Position) -> bool {
-        after.0.len() == self.position.0.len()
-            && after.0.iter().all(|(partition, offset)| {
-                let Some(&at) = self.position.0.get(partition) else {
-                    return false;
-                };
-                *offset == at
-                    || (*offset < at
-                        && self
-                            .held
-                            .iter()
-                            .find(|event| event.partition == *partition)
-                            .is_some_and(|first| first.offset <= *offset))
-            })
+        let reads = |partition: &i32| {
+            self.position.0.contains_key(partition) || self.added.contains_key(partition)
+        };
+        if !after.0.keys().all(reads) {
+            return false;
+        }
+        let mut partitions = self.position.0.keys().chain(self.added.keys());
+        partitions.all(|partition| {
+            let Some(&at) = self
+                .position
+                .0
+                .get(partition)
+                .or_else(|| self.added.get(partition))
+            else {
+                return false;
+            };
+            let Some(&offset) = after.0.get(partition).or_else(|| self.added.get(partition)) else {
+                return false;
+            };
+            offset == at
+                || (offset < at
+                    && self
+                        .held
+                        .iter()
+                        .find(|event| event.partition == *partition)
+                        .is_some_and(|first| first.offset <= offset))
+        })
     }
 }
 
@@ -301,6 +342,7 @@ impl SharedFeeds {
                 *failed = Some((tokio::time::Instant::now(), reason.clone()));
             }
         })?;
+        let mut watch = PartitionWatch::new(&consumer, topic, &position, partition_check(settings));
         let feed = Arc::new(Feed {
             state: Mutex::new(FeedState::new(position)),
         });
@@ -308,7 +350,8 @@ impl SharedFeeds {
         // The feed's first subscriber has until its first idle check to join.
         let running = feed.clone();
         tokio::spawn(async move {
-            run(&running, &consumer).await;
+            run(&running, &consumer, &mut watch).await;
+            watch.settle().await;
             close_off_the_workers(consumer);
         });
         Ok(feed)
@@ -385,8 +428,11 @@ impl Feeds {
             feed,
             keep_running,
         };
+        let mut watch = PartitionWatch::new(&consumer, topic, &position, partition_check(settings));
         tokio::spawn(async move {
-            reader.read(&consumer).await;
+            reader.read(&consumer, &mut watch).await;
+            // The reader's permit goes back only once nothing uses its consumer.
+            watch.settle().await;
             close_off_the_workers(consumer);
             drop(permit);
         });
@@ -400,8 +446,172 @@ impl Feeds {
 
 /// Drops `consumer` where blocking is allowed: rdkafka's drop waits for its queue to close
 /// and librdkafka to wind the client down, which would stall every stream on the worker.
-fn close_off_the_workers(consumer: StreamConsumer) {
+/// Called once its reader's [`PartitionWatch`] has settled, so this is the last reference.
+fn close_off_the_workers(consumer: Arc<StreamConsumer>) {
     tokio::task::spawn_blocking(move || drop(consumer));
+}
+
+/// How often readers of a broker look for partitions added to their topic; `None`: never.
+fn partition_check(settings: &BTreeMap<String, String>) -> Option<Duration> {
+    match settings.get(PARTITION_CHECK_SETTING) {
+        None => Some(PARTITION_CHECK),
+        // librdkafka refuses a value that is not a number when the reader is created, before
+        // this is read.
+        Some(ms) => match ms.trim().parse::<i64>() {
+            Ok(ms) if ms <= 0 => None,
+            Ok(ms) => Some(Duration::from_millis(ms.unsigned_abs()).max(PARTITION_CHECK_MIN)),
+            Err(_) => Some(PARTITION_CHECK),
+        },
+    }
+}
+
+/// Partitions added to a topic, each with its first offset (low watermark).
+type Added = Vec<(i32, i64)>;
+
+/// A reader's watch for partitions added to its topic after it opened.
+struct PartitionWatch {
+    consumer: Arc<StreamConsumer>,
+    topic: Arc<str>,
+    /// The partitions the reader is assigned.
+    known: BTreeSet<i32>,
+    /// `None`: the broker's settings turned the check off.
+    every: Option<tokio::time::Interval>,
+    /// The metadata request in flight, off the async workers.
+    checking: Option<tokio::task::JoinHandle<Result<Added, String>>>,
+}
+
+impl PartitionWatch {
+    fn new(
+        consumer: &Arc<StreamConsumer>,
+        topic: &Arc<str>,
+        position: &Position,
+        every: Option<Duration>,
+    ) -> Self {
+        let every = every.map(|every| {
+            let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        });
+        PartitionWatch {
+            consumer: consumer.clone(),
+            topic: topic.clone(),
+            known: position.0.keys().copied().collect(),
+            every,
+            checking: None,
+        }
+    }
+
+    /// Waits for the check in flight, if any, so that the reader's consumer is not used
+    /// once this returns (the check holds a reference to it).
+    async fn settle(self) {
+        if let Some(checking) = self.checking {
+            let _ = checking.await;
+        }
+    }
+
+    /// The partitions added to the topic since the last call, each with its first offset,
+    /// once the reader is assigned them from there; pending until there are some. Cancel-safe:
+    /// a check in flight when the caller moves on is picked up by the next call.
+    async fn added(&mut self) -> Added {
+        loop {
+            if self.checking.is_none() {
+                let Some(every) = &mut self.every else {
+                    return std::future::pending().await;
+                };
+                every.tick().await;
+                let (consumer, topic, known) = (
+                    self.consumer.clone(),
+                    self.topic.clone(),
+                    self.known.clone(),
+                );
+                self.checking = Some(tokio::task::spawn_blocking(move || {
+                    assign_added(&consumer, &topic, &known)
+                }));
+            }
+            let checked = self.checking.as_mut().expect("set above").await;
+            self.checking = None;
+            match checked {
+                Ok(Ok(added)) if !added.is_empty() => {
+                    self.known
+                        .extend(added.iter().map(|(partition, _)| *partition));
+                    tracing::info!(
+                        topic = %self.topic,
+                        partitions = ?added,
+                        "subscribe feed: reading the partitions added to the topic from their first event"
+                    );
+                    return added;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(reason)) => tracing::warn!(
+                    topic = %self.topic,
+                    %reason,
+                    "subscribe feed: cannot look for partitions added to the topic; trying again later"
+                ),
+                Err(error) => tracing::warn!(
+                    topic = %self.topic,
+                    %error,
+                    "subscribe feed: the check for added partitions failed"
+                ),
+            }
+        }
+    }
+}
+
+/// Asks the broker for `topic`'s partitions and assigns `consumer` each one not in `known`
+/// whose first offset (low watermark) it can read, from there, and returns those; one it
+/// cannot read is left for the next check. Blocking, within [`OPEN_DEADLINE`] in all and each
+/// request within [`OPEN_TIMEOUT`].
+fn assign_added(
+    consumer: &StreamConsumer,
+    topic: &str,
+    known: &BTreeSet<i32>,
+) -> Result<Added, String> {
+    let deadline = std::time::Instant::now() + OPEN_DEADLINE;
+    let left = || {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        (!left.is_zero()).then(|| left.min(OPEN_TIMEOUT))
+    };
+    let metadata = consumer
+        .fetch_metadata(Some(topic), OPEN_TIMEOUT)
+        .map_err(|e| format!("cannot read the topic's metadata: {e}"))?;
+    let Some(described) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Err("the broker did not describe the topic".to_owned());
+    };
+    if let Some(error) = described.error() {
+        return Err(format!("the topic is not available: {error:?}"));
+    }
+    let mut added = Vec::new();
+    let mut assignment = TopicPartitionList::new();
+    for partition in described.partitions() {
+        let id = partition.id();
+        if known.contains(&id) {
+            continue;
+        }
+        let Some(timeout) = left() else {
+            break;
+        };
+        match consumer.fetch_watermarks(topic, id, timeout) {
+            Ok((low, _)) => {
+                assignment
+                    .add_partition_offset(topic, id, Offset::Offset(low))
+                    .map_err(|e| e.to_string())?;
+                added.push((id, low));
+            }
+            Err(error) => tracing::warn!(
+                topic,
+                partition = id,
+                %error,
+                "subscribe feed: cannot read the offsets of a partition added to the topic; \
+                 trying again at the next check"
+            ),
+        }
+    }
+    if !added.is_empty() {
+        consumer
+            .incremental_assign(&assignment)
+            .map_err(|e| format!("cannot assign the added partitions: {e}"))?;
+    }
+    Ok(added)
 }
 
 /// Why a reader could not open.
@@ -433,7 +643,7 @@ async fn open(
     settings: &BTreeMap<String, String>,
     topic: &Arc<str>,
     start: Start,
-) -> Result<(Position, StreamConsumer), OpenError> {
+) -> Result<(Position, Arc<StreamConsumer>), OpenError> {
     let config = consumer_config(settings, &start);
     let topic = topic.clone();
     let deadline = std::time::Instant::now() + OPEN_DEADLINE;
@@ -523,7 +733,7 @@ async fn open(
         consumer
             .assign(&assignment)
             .map_err(|e| format!("cannot assign the topic's partitions: {e}"))?;
-        Ok((Position(position), consumer))
+        Ok((Position(position), Arc::new(consumer)))
     })
     .await
     .map_err(|e| OpenError::Unavailable(format!("opening the feed failed: {e}")))?
@@ -568,7 +778,7 @@ fn consumer_config(settings: &BTreeMap<String, String>, start: &Start) -> Client
 }
 
 /// Reads the topic and broadcasts each event until no subscriber is left.
-async fn run(feed: &Feed, consumer: &StreamConsumer) {
+async fn run(feed: &Feed, consumer: &StreamConsumer, watch: &mut PartitionWatch) {
     // Not at once: the subscriber that opened the feed joins it after this starts.
     let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + IDLE_CHECK, IDLE_CHECK);
     loop {
@@ -594,6 +804,10 @@ async fn run(feed: &Feed, consumer: &StreamConsumer) {
                     state.closed = true;
                     return;
                 }
+            }
+            added = watch.added() => {
+                let mut state = feed.state.lock().unwrap_or_else(|e| e.into_inner());
+                state.added.extend(added);
             }
         }
     }
@@ -644,7 +858,7 @@ struct PrivateReader {
 impl PrivateReader {
     /// Waits while the subscriber has [`OWN_BUFFER`] events or [`OWN_BUFFER_BYTES`] not yet
     /// taken; stops when it has gone, or once it is handed over to the shared feed.
-    async fn read(self, consumer: &StreamConsumer) {
+    async fn read(self, consumer: &StreamConsumer, watch: &mut PartitionWatch) {
         let PrivateReader {
             events,
             bytes,
@@ -676,6 +890,9 @@ impl PrivateReader {
                     continue;
                 }
                 () = events.closed() => return,
+                // Read from their first event; in the position from their first event on, as
+                // on the shared feed.
+                _ = watch.added() => continue,
             };
             position.advance(&event);
             // An event larger than the whole allowance waits for all of it.
@@ -817,6 +1034,48 @@ mod tests {
         assert_eq!(backlog, [(0, 12), (1, 6)]);
         assert_eq!(source.position, at(&[(0, 12), (1, 6)]));
         assert!(feed.resume(&at(&[(0, 9), (1, 5)])).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_resume_that_names_no_added_partition_joins_the_feed_that_read_it_all() {
+        let feed = Feed {
+            state: Mutex::new(FeedState::new(at(&[(0, 10)]))),
+        };
+        let _keep_open = feed.keep_running().unwrap();
+        {
+            let mut state = feed.state.lock().unwrap();
+            state.added.insert(1, 3);
+            // Until the added partition's first event, a subscriber joins at a position that
+            // does not name it, as those who joined before.
+            assert_eq!(state.position, at(&[(0, 10)]));
+            for (after, holds) in [
+                (at(&[(0, 10)]), true),
+                (at(&[(0, 10), (1, 3)]), true),
+                (at(&[(0, 10), (1, 2)]), false),
+                (at(&[(0, 10), (2, 0)]), false),
+                (at(&[(1, 3)]), false),
+            ] {
+                assert_eq!(state.holds_since(&after), holds, "{after:?}");
+            }
+            let record = event(0, 1).record.clone();
+            state.send(Arc::new(StoredEvent::new(1, 3, record)));
+            assert_eq!(state.position, at(&[(0, 10), (1, 4)]));
+            assert!(
+                state.holds_since(&at(&[(0, 10)])),
+                "read from its first event"
+            );
+        }
+        let source = feed.resume(&at(&[(0, 10)])).unwrap();
+        let backlog: Vec<(i32, i64)> = source
+            .backlog
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|e| (e.partition, e.offset))
+            .collect();
+        assert_eq!(backlog, [(1, 3)]);
+        // A partition the feed read from its start only if it was added.
+        let opened_with_it = FeedState::new(at(&[(0, 10), (1, 4)]));
+        assert!(!opened_with_it.holds_since(&at(&[(0, 10)])));
     }
 
     #[tokio::test]
