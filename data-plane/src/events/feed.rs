@@ -998,6 +998,16 @@ mod tests {
         Position(pairs.iter().copied().collect())
     }
 
+    /// The partition and offset of each held event a resumed subscriber is given first.
+    fn backlog(source: &Source) -> Vec<(i32, i64)> {
+        source
+            .backlog
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|e| (e.partition, e.offset))
+            .collect()
+    }
+
     #[tokio::test]
     async fn a_resume_joins_the_feed_while_it_holds_every_event_since() {
         let feed = Feed {
@@ -1025,13 +1035,7 @@ mod tests {
             }
         }
         let source = feed.resume(&at(&[(0, 12), (1, 6)])).unwrap();
-        let backlog: Vec<(i32, i64)> = source
-            .backlog
-            .iter()
-            .filter_map(Weak::upgrade)
-            .map(|e| (e.partition, e.offset))
-            .collect();
-        assert_eq!(backlog, [(0, 12), (1, 6)]);
+        assert_eq!(backlog(&source), [(0, 12), (1, 6)]);
         assert_eq!(source.position, at(&[(0, 12), (1, 6)]));
         assert!(feed.resume(&at(&[(0, 9), (1, 5)])).is_none());
     }
@@ -1066,13 +1070,7 @@ mod tests {
             );
         }
         let source = feed.resume(&at(&[(0, 10)])).unwrap();
-        let backlog: Vec<(i32, i64)> = source
-            .backlog
-            .iter()
-            .filter_map(Weak::upgrade)
-            .map(|e| (e.partition, e.offset))
-            .collect();
-        assert_eq!(backlog, [(1, 3)]);
+        assert_eq!(backlog(&source), [(1, 3)]);
         // A partition the feed read from its start only if it was added.
         let opened_with_it = FeedState::new(at(&[(0, 10), (1, 4)]));
         assert!(!opened_with_it.holds_since(&at(&[(0, 10)])));
